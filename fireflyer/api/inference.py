@@ -1,0 +1,239 @@
+"""InferenceDeployment: a DeepSeek-V3/R1-style MoE service with prefill/decode disaggregation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from fireflyer.api.base import (
+    ApiModel,
+    Architecture,
+    Network,
+    ObjectMeta,
+    Placement,
+    StatusBase,
+    cel,
+    defaulted,
+    validations,
+)
+
+KernelBackend = Literal["auto", "triton", "torch", "official"]
+
+
+class ModelSource(ApiModel):
+    name: str = Field(min_length=1, max_length=253)
+    """Served model name (what clients ask for)."""
+    source: str = Field(min_length=1, max_length=2048)
+    """Where the weights are: a path on a mounted volume or 3FS (/3fs/models/DeepSeek-V3), or
+    hf://org/name for engines that download themselves."""
+    architecture: Architecture = defaulted(
+        Architecture,
+        **validations(
+            cel("self == oldSelf", "model.architecture is immutable; create a new deployment")
+        ),
+    )
+    """The model's shape; it fixes expert counts for placement and validation."""
+
+
+class Engine(ApiModel):
+    kind: Literal["fireflyer", "sglang", "vllm"] = "fireflyer"
+    """Which inference engine runs the units."""
+    image: str | None = Field(default=None, max_length=1024)
+    """Container image; required for sglang and vllm, defaults to the fireflyer workload image."""
+    args: list[str] = Field(default_factory=list, max_length=256)
+    """Extra engine arguments appended to the rendered command line."""
+
+
+class Kernels(ApiModel):
+    attention: KernelBackend = "auto"
+    """MLA decode kernel backend (official = FlashMLA when installed)."""
+    gemm: KernelBackend = "auto"
+    """FP8 GEMM backend (official = DeepGEMM when installed)."""
+    dispatch: KernelBackend = "auto"
+    """Expert-parallel dispatch/combine backend (official = DeepEP when installed)."""
+
+
+class Parallelism(ApiModel):
+    tensor: int = Field(default=1, ge=1, le=1024)
+    """Tensor-parallel size of attention."""
+    data: int = Field(ge=1, le=4096)
+    """Data-parallel size of attention (DP attention)."""
+    expert: int = Field(ge=1, le=4096)
+    """Expert-parallel size: the GPUs one unit spreads its experts over."""
+
+
+class Role(ApiModel):
+    """One role (prefill or decode): identical units, each placed whole on the fabric."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.parallelism.expert == self.nodesPerUnit * self.gpusPerNode",
+                "parallelism.expert must equal nodesPerUnit × gpusPerNode",
+                ".parallelism.expert",
+                message_expression="'parallelism.expert (' + string(self.parallelism.expert) + "
+                "') must equal nodesPerUnit × gpusPerNode (' + "
+                "string(self.nodesPerUnit * self.gpusPerNode) + ')'"),
+            cel("self.parallelism.tensor * self.parallelism.data == self.nodesPerUnit * self.gpusPerNode",
+                "parallelism.tensor × parallelism.data must equal nodesPerUnit × gpusPerNode",
+                ".parallelism.data",
+                message_expression="'parallelism.tensor × parallelism.data (' + "
+                "string(self.parallelism.tensor * self.parallelism.data) + ') must equal "
+                "nodesPerUnit × gpusPerNode (' + string(self.nodesPerUnit * self.gpusPerNode) + ')'"),
+        )
+    )
+
+    units: int = Field(default=1, ge=0, le=1024)
+    """Number of units of this role."""
+    nodes_per_unit: int = Field(ge=1, le=1024)
+    """Nodes in one unit (DeepSeek-V3: prefill 4, decode 18)."""
+    gpus_per_node: int = Field(default=8, ge=1, le=16)
+    """GPUs each pod of a unit uses (one pod per node)."""
+    parallelism: Parallelism
+    """Parallel layout inside a unit."""
+    dispatch_mode: Literal["normal", "lowLatency"] | None = None
+    """Expert dispatch kernels: normal (throughput) or lowLatency (decode). Default: normal for
+    prefill, lowLatency for decode."""
+    max_unavailable_units: int = Field(default=1, ge=1, le=1024)
+    """Units that may be down at once during a rollout."""
+    resources: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """Extra pod resources (requests/limits). GPU and RDMA requests are added by the operator."""
+
+
+class Router(ApiModel):
+    replicas: int = Field(default=2, ge=0, le=64)
+    """Router replicas in front of the units."""
+    policy: Literal["round-robin", "least-load", "cache-aware"] = "cache-aware"
+    """How requests are spread over prefill and decode units."""
+
+
+class Eplb(ApiModel):
+    """Expert-parallel load balancing, managed by the operator."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.windowSeconds >= self.intervalSeconds",
+                "eplb.windowSeconds must be at least eplb.intervalSeconds", ".windowSeconds"),
+        )
+    )
+
+    mode: Literal["dynamic", "static", "off"] = "dynamic"
+    """dynamic: the operator rewrites ExpertPlacements from measured load; static: a
+    user-written ExpertPlacement is used as is; off: no redundant placement."""
+    interval_seconds: int = Field(default=600, ge=10, le=86400)
+    """How often a dynamic rebalance is considered."""
+    window_seconds: int = Field(default=600, ge=10, le=86400)
+    """The load window the rebalance looks at."""
+    redundant_experts: int = Field(default=32, ge=0, le=4096)
+    """Extra expert replicas per MoE layer, spread over the unit's GPUs."""
+    policy: Literal["auto", "hierarchical", "global"] = "auto"
+    """Rebalance policy: hierarchical when expert groups divide evenly by nodes (auto)."""
+    min_gain: float = Field(default=0.02, ge=0, le=1)
+    """Publish a new placement only when predicted balancedness improves by at least this."""
+
+
+class KvCache(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.path.startsWith('/')", "kvCache.path must be an absolute path", ".path"),
+        )
+    )
+
+    three_fs_cluster: str = Field(alias="threeFSCluster", min_length=1, max_length=253)
+    """Name of a ThreeFSCluster in the same namespace whose mount holds the KV cache."""
+    path: str = Field(default="/3fs/stage/kvcache", max_length=1024)
+    """Directory for KV-cache blocks on that mount."""
+
+
+def _divides(role: str) -> dict[str, str]:
+    return cel(
+        f"(self.model.architecture.routedExperts + self.eplb.redundantExperts) "
+        f"% self.{role}.parallelism.expert == 0",
+        f"routedExperts + eplb.redundantExperts must be divisible by {role}.parallelism.expert",
+        f".{role}.parallelism.expert",
+        message_expression=(
+            f"'routedExperts + eplb.redundantExperts (' + string(self.model.architecture.routedExperts"
+            f" + self.eplb.redundantExperts) + ') must be divisible by {role}.parallelism.expert (' + "
+            f"string(self.{role}.parallelism.expert) + ')'"
+        ),
+    )
+
+
+class InferenceDeploymentSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            _divides("prefill"),
+            _divides("decode"),
+            cel("self.prefill.units + self.decode.units >= 1",
+                "at least one prefill or decode unit is needed", ".decode.units"),
+            cel("self.engine.kind == 'fireflyer' || has(self.engine.image)",
+                "engine.image is required for sglang and vllm engines", ".engine.image"),
+        )
+    )
+
+    model: ModelSource
+    """The model served and its architecture."""
+    engine: Engine = defaulted(Engine)
+    """The inference engine and its extra arguments."""
+    kernels: Kernels = defaulted(Kernels)
+    """Kernel backends for the fireflyer engine."""
+    prefill: Role
+    """Prefill units (DeepSeek-V3: 4 nodes, EP32, normal dispatch)."""
+    decode: Role
+    """Decode units (DeepSeek-V3: 18 nodes, EP144, low-latency dispatch)."""
+    router: Router = defaulted(Router)
+    """The request router in front of the units."""
+    eplb: Eplb = defaulted(Eplb)
+    """Expert-parallel load balancing."""
+    placement: Placement = defaulted(Placement)
+    """RDMA-aware gang placement of units."""
+    network: Network = defaulted(Network)
+    """RDMA and bootstrap networking of unit pods."""
+    kv_cache: KvCache | None = None
+    """Optional KV-cache offload to a 3FS cluster."""
+
+
+class UnitStatus(ApiModel):
+    role: Literal["prefill", "decode"]
+    index: int = Field(ge=0)
+    domain: str = ""
+    """The topology domain the unit is placed in (e.g. leaf-03)."""
+    nodes: list[str] = Field(default_factory=list)
+    """Nodes holding the unit's pods, by rank."""
+    ready: bool = False
+    """All pods of the unit are Running and Ready."""
+    leader: str = ""
+    """Address of rank 0."""
+
+
+class RoleStatus(ApiModel):
+    units: int = 0
+    ready_units: int = 0
+    placement_generation: int | None = None
+    """The ExpertPlacement generation the role runs."""
+    balancedness: float | None = None
+    """Mean over layers of mean GPU load / max GPU load for the current placement."""
+
+
+class InferenceDeploymentStatus(StatusBase):
+    prefill: RoleStatus | None = None
+    decode: RoleStatus | None = None
+    prefill_ready: str = ""
+    """Ready/desired prefill units, e.g. 4/4 (printer column)."""
+    decode_ready: str = ""
+    """Ready/desired decode units (printer column)."""
+    balancedness: str = ""
+    """Decode balancedness, printed with two decimals."""
+    units: list[UnitStatus] = Field(default_factory=list)
+    endpoints: dict[str, str] = Field(default_factory=dict)
+    """Router and unit leader addresses."""
+
+
+class InferenceDeployment(ApiModel):
+    api_version: Literal["fireflyer.dev/v1alpha1"] = "fireflyer.dev/v1alpha1"
+    kind: Literal["InferenceDeployment"] = "InferenceDeployment"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: InferenceDeploymentSpec
+    status: InferenceDeploymentStatus | None = None

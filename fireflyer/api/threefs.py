@@ -1,0 +1,196 @@
+"""ThreeFSCluster: a 3FS file system (FoundationDB, mgmtd, meta, storage, FUSE clients, monitor)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from fireflyer.api.base import ApiModel, ObjectMeta, StatusBase, cel, defaulted, validations
+
+# 3FS chunk sizes are powers of two; CEL has no bitwise operators, so the allowed set is listed.
+CHUNK_SIZES = [1 << shift for shift in range(16, 27)]  # 64 KiB … 64 MiB
+
+
+class ManagedFoundationDB(ApiModel):
+    replicas: int = Field(default=3, ge=1, le=9)
+    """FoundationDB server pods (coordinators are chosen among them)."""
+    storage: str = Field(default="100Gi", max_length=64)
+    """Persistent volume size per FoundationDB pod."""
+    storage_class_name: str | None = Field(default=None, max_length=253)
+    """Storage class for FoundationDB volumes (default: the cluster default)."""
+
+
+class ExternalFoundationDB(ApiModel):
+    cluster_file: str = Field(min_length=1, max_length=4096)
+    """Contents of the fdb.cluster file of an existing FoundationDB cluster
+    (description:id@host:port,…)."""
+
+
+class FoundationDB(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.managed) != has(self.external)",
+                "set exactly one of foundationdb.managed and foundationdb.external", ".managed"),
+        )
+    )
+
+    managed: ManagedFoundationDB | None = None
+    """Run FoundationDB as part of this cluster."""
+    external: ExternalFoundationDB | None = None
+    """Use an existing FoundationDB cluster."""
+
+
+class Replicated(ApiModel):
+    replicas: int = Field(default=1, ge=1, le=64)
+
+
+class Mgmtd(ApiModel):
+    replicas: int = Field(default=3, ge=1, le=3)
+    """mgmtd servers; 3FS elects one primary among them."""
+
+
+class ErasureCoding(ApiModel):
+    data_shards: int = Field(ge=1, le=32)
+    parity_shards: int = Field(ge=1, le=8)
+
+
+class Storage(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.chainTableType != 'CR' || has(self.replicationFactor)",
+                "storage.replicationFactor is required for chainTableType CR", ".replicationFactor"),
+            cel("!has(self.replicationFactor) || self.replicationFactor <= self.nodes",
+                "storage.replicationFactor must not exceed storage.nodes", ".replicationFactor",
+                message_expression="'storage.replicationFactor (' + string(self.replicationFactor) + "
+                "') must not exceed storage.nodes (' + string(self.nodes) + ')'"),
+            cel("self.chainTableType != 'EC' || !has(self.replicationFactor)",
+                "chainTableType EC takes storage.erasureCoding, not storage.replicationFactor",
+                ".replicationFactor"),
+            cel("self.chainTableType != 'EC' || has(self.erasureCoding)",
+                "chainTableType EC needs storage.erasureCoding {dataShards, parityShards}",
+                ".erasureCoding"),
+            cel("!has(self.erasureCoding) || self.erasureCoding.dataShards + "
+                "self.erasureCoding.parityShards <= self.nodes",
+                "erasureCoding.dataShards + parityShards must not exceed storage.nodes",
+                ".erasureCoding"),
+            cel(f"self.chunkSize in {CHUNK_SIZES}",
+                "storage.chunkSize must be a power of two between 64KiB (65536) and 64MiB (67108864)",
+                ".chunkSize"),
+            cel("self.diskPathTemplate.contains('{disk}')",
+                "storage.diskPathTemplate must contain the {disk} placeholder", ".diskPathTemplate"),
+            cel("self.stripeSize * (has(self.replicationFactor) ? self.replicationFactor : "
+                "(has(self.erasureCoding) ? self.erasureCoding.dataShards + "
+                "self.erasureCoding.parityShards : 1)) <= self.nodes * self.disksPerNode * "
+                "self.targetsPerDisk",
+                "storage.stripeSize must not exceed the number of chains "
+                "(nodes × disksPerNode × targetsPerDisk / replicas)", ".stripeSize"),
+        )
+    )
+
+    nodes: int = Field(ge=1, le=4096)
+    """Storage nodes (one storage pod per node)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Labels that pick the storage nodes."""
+    disks_per_node: int = Field(ge=1, le=64)
+    """NVMe disks per storage node."""
+    disk_path_template: str = Field(default="/storage/data{disk}", max_length=1024)
+    """Host path of each disk; {disk} is replaced by the disk index (0-based)."""
+    targets_per_disk: int = Field(default=1, ge=1, le=99)
+    """Storage targets on each disk."""
+    replication_factor: int | None = Field(default=None, ge=1, le=16)
+    """Replicas per chain for CR (chain replication)."""
+    erasure_coding: ErasureCoding | None = None
+    """Shards per chain for EC."""
+    chain_table_type: Literal["CR", "EC"] = "CR"
+    """CR (CRAQ chain replication) or EC (erasure coding)."""
+    chunk_size: int = Field(default=1048576, ge=65536, le=67108864)
+    """File chunk size in bytes (a power of two)."""
+    stripe_size: int = Field(default=16, ge=1, le=4096)
+    """Chains a file is striped across."""
+
+
+class Clients(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.mountPoint.startsWith('/')", "clients.mountPoint must be an absolute path",
+                ".mountPoint"),
+        )
+    )
+
+    mount_point: str = Field(default="/3fs/stage", max_length=1024)
+    """Where the FUSE client mounts the file system on each client node."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Labels that pick the client nodes (default: every GPU node)."""
+
+
+class Monitor(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.clickhouse != 'external' || has(self.externalAddress)",
+                "monitor.externalAddress is required when monitor.clickhouse is external",
+                ".externalAddress"),
+        )
+    )
+
+    clickhouse: Literal["managed", "external", "disabled"] = "managed"
+    """Where the monitor collector writes metrics."""
+    external_address: str | None = Field(default=None, max_length=1024)
+    """host:port of an existing ClickHouse for clickhouse: external."""
+
+
+class ThreeFSNetwork(ApiModel):
+    transport: Literal["rdma", "tcp"] = "rdma"
+    """RDMA (InfiniBand/RoCE) or TCP between 3FS services."""
+    ib_devices: list[str] = Field(default_factory=list, max_length=16)
+    """RDMA device names each service uses (device_filter); empty: all."""
+    host_network: bool = True
+    """Run 3FS services in the host network namespace."""
+
+
+class ThreeFSClusterSpec(ApiModel):
+    image: str = Field(min_length=1, max_length=1024)
+    """3FS image holding the service binaries and admin_cli."""
+    foundationdb: FoundationDB
+    """Metadata store."""
+    mgmtd: Mgmtd = defaulted(Mgmtd)
+    """Management service."""
+    meta: Replicated = defaulted(Replicated)
+    """Metadata service (stateless over FoundationDB)."""
+    storage: Storage
+    """Storage service and chain table layout."""
+    clients: Clients = defaulted(Clients)
+    """FUSE clients."""
+    monitor: Monitor = defaulted(Monitor)
+    """Monitor collector."""
+    network: ThreeFSNetwork = defaulted(ThreeFSNetwork)
+    """Transport between services."""
+    reclaim_policy: Literal["Retain", "Delete"] = "Retain"
+    """What happens to disks and FoundationDB data when the cluster is deleted."""
+
+
+class ChainSummary(ApiModel):
+    total: int = 0
+    serving: int = 0
+    degraded: int = 0
+
+
+class ThreeFSClusterStatus(StatusBase):
+    phase: str = ""
+    """Bootstrapping, Ready, Degraded, Deleting."""
+    bootstrap_steps: list[str] = Field(default_factory=list)
+    """Bootstrap steps already finished (a restarted operator resumes after them)."""
+    chains: ChainSummary | None = None
+    targets: dict[str, int] = Field(default_factory=dict)
+    """Targets by state (serving, syncing, waiting, lastsrv, offline)."""
+    mgmtd_addresses: list[str] = Field(default_factory=list)
+    storage_ready: str = ""
+    """Ready/desired storage nodes (printer column)."""
+
+
+class ThreeFSCluster(ApiModel):
+    api_version: Literal["fireflyer.dev/v1alpha1"] = "fireflyer.dev/v1alpha1"
+    kind: Literal["ThreeFSCluster"] = "ThreeFSCluster"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: ThreeFSClusterSpec
+    status: ThreeFSClusterStatus | None = None
