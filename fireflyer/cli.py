@@ -53,11 +53,14 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _crds(args: argparse.Namespace) -> int:
-    from fireflyer.api import crd
+    from fireflyer.api import crd, docs
 
     outs = [Path(d) for d in (args.out or [str(p) for p in crd.DEFAULT_OUT_DIRS])]
+    api_doc = crd.REPO_ROOT / "docs" / "api.md"
     if args.check:
         problems = crd.stale(outs)
+        if not args.out and (not api_doc.is_file() or api_doc.read_text() != docs.render()):
+            problems.append(f"{api_doc}: differs from the models")
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
@@ -66,6 +69,10 @@ def _crds(args: argparse.Namespace) -> int:
         return 0
     for path in crd.write(outs):
         print(path)
+    if not args.out:
+        api_doc.parent.mkdir(exist_ok=True)
+        api_doc.write_text(docs.render())
+        print(api_doc)
     return 0
 
 
@@ -78,11 +85,75 @@ def _add_crds(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_crds)
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from fireflyer.operator.main import run
+
+    run(
+        namespace=args.namespace,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        standalone=args.standalone,
+    )
+    return 0
+
+
+def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("operator", help="run the operator (kopf)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", help="watch one namespace")
+    scope.add_argument("--all-namespaces", action="store_true",
+                       help="watch every namespace (default)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics (0: off)")
+    p.add_argument("--health-port", type=int, default=8080, help="liveness probe /healthz (0: off)")
+    p.add_argument("--standalone", action="store_true",
+                   help="no peering (one replica; no KopfPeering objects needed)")
+    p.set_defaults(handler=_operator)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fireflyer.dev import demo
+
+    return demo.run(Path(args.state_dir), args.topology, args.timeout)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from fireflyer.dev.cluster import DEFAULT_STATE_DIR
+
+    p = sub.add_parser("demo", help="local cluster + operator + small samples, with a live table")
+    p.add_argument("--topology", default="small")
+    p.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    p.add_argument("--timeout", type=float, default=180.0,
+                   help="stop watching after this many seconds")
+    p.set_defaults(handler=_demo)
+
+
+def _manifests(args: argparse.Namespace) -> int:
+    from fireflyer.dev import manifests
+
+    if args.check:
+        if manifests.stale():
+            print(f"{manifests.OPERATOR_YAML} is stale: run `fireflyer manifests`", file=sys.stderr)
+            return 1
+        return 0
+    manifests.write()
+    print(manifests.OPERATOR_YAML)
+    return 0
+
+
+def _add_manifests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("manifests", help="render manifests/base/operator.yaml from the Helm chart")
+    p.add_argument("--check", action="store_true", help="exit 1 when the file is stale")
+    p.set_defaults(handler=_manifests)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireflyer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_dev(sub)
     _add_crds(sub)
+    _add_operator(sub)
+    _add_demo(sub)
+    _add_manifests(sub)
     return parser
 
 

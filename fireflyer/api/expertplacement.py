@@ -31,6 +31,7 @@ class ExpertPlacementSpec(ApiModel):
     deployment: str = Field(min_length=1, max_length=253)
     """The InferenceDeployment this placement belongs to."""
     role: Literal["prefill", "decode"]
+    """The role of the deployment this placement is for."""
     generation: int = Field(ge=1)
     """Placement generation; workloads switch to higher generations."""
     layers: int = Field(ge=1, le=MAX_LAYERS)

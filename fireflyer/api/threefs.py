@@ -43,6 +43,7 @@ class FoundationDB(ApiModel):
 
 class Replicated(ApiModel):
     replicas: int = Field(default=1, ge=1, le=64)
+    """Pods of this service."""
 
 
 class Mgmtd(ApiModel):
@@ -52,7 +53,9 @@ class Mgmtd(ApiModel):
 
 class ErasureCoding(ApiModel):
     data_shards: int = Field(ge=1, le=32)
+    """Data shards per EC chain."""
     parity_shards: int = Field(ge=1, le=8)
+    """Parity shards per EC chain."""
 
 
 class Storage(ApiModel):

@@ -32,16 +32,20 @@ class TrainingParallelism(ApiModel):
     )
 
     data: int = Field(default=1, ge=1, le=65536)
+    """Data-parallel size."""
     tensor: int = Field(default=1, ge=1, le=64)
+    """Tensor-parallel size."""
     expert: int = Field(default=1, ge=1, le=4096)
     """Expert-parallel size, carved out of data × tensor ranks."""
     pipeline: int = Field(default=1, ge=1, le=512)
+    """Pipeline-parallel stages."""
     schedule: Literal["dualpipe", "1f1b", "none"] = "none"
     """Pipeline schedule."""
 
 
 class TrainingModel(ApiModel):
     architecture: Architecture = defaulted(Architecture)
+    """The model's shape."""
 
 
 class Dataset(ApiModel):
@@ -53,6 +57,7 @@ class Checkpoint(ApiModel):
     path: str = Field(min_length=1, max_length=2048)
     """Checkpoint directory (usually on a 3FS mount)."""
     interval_steps: int = Field(default=1000, ge=1)
+    """Steps between checkpoints."""
     keep: int = Field(default=3, ge=1, le=1000)
     """Checkpoints kept; older ones are removed."""
 
@@ -86,17 +91,29 @@ class TrainingJobSpec(ApiModel):
     )
 
     image: str = Field(min_length=1, max_length=1024)
+    """Workload image (torch and the fireflyer trainer)."""
     command: list[str] = Field(default_factory=list, max_length=64)
+    """Entrypoint override (default: fireflyer-train)."""
     args: list[str] = Field(default_factory=list, max_length=256)
+    """Arguments to the command."""
     nodes: int = Field(ge=1, le=8192)
+    """Nodes in the job (one pod per node)."""
     gpus_per_node: int = Field(default=8, ge=1, le=16)
+    """GPUs each pod uses."""
     parallelism: TrainingParallelism = defaulted(TrainingParallelism)
+    """Data, tensor, expert and pipeline parallel layout."""
     model: TrainingModel = defaulted(TrainingModel)
+    """The model being trained."""
     dataset: Dataset | None = None
+    """Training data."""
     checkpoint: Checkpoint | None = None
+    """Where and how often to checkpoint."""
     restart: Restart = defaulted(Restart)
+    """Failure handling."""
     placement: Placement = defaulted(Placement)
+    """RDMA-aware placement of the job's nodes."""
     network: Network = defaulted(Network)
+    """RDMA and bootstrap networking."""
 
 
 class TrainingJobStatus(StatusBase):

@@ -23,6 +23,8 @@ STAGES_FILE = build.REPO_ROOT / "hack" / "kwok" / "stages.yaml"
 # cluster shortens it so that node-failure behaviour is observable in tests and demos.
 NOT_READY_TOLERATION_SECONDS = 15
 START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# Processes started beside the control plane (the demo's operator) are stopped first.
+EXTRA_PROCESSES = ("fireflyer",)
 
 
 class ClusterError(RuntimeError):
@@ -83,7 +85,9 @@ class State:
 
     def running(self) -> dict[str, bool]:
         return {
-            name: processes.is_ours(pid, name) for name, pid in self.pids.items()
+            name: processes.is_ours(pid, _binary_of(name))
+            for name, pid in self.pids.items()
+            if name in START_ORDER
         }
 
 
@@ -193,10 +197,15 @@ def _component_args(state: State, name: str) -> list[str]:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={topology.KWOK_ANNOTATION}=fake",
             "--node-lease-duration-seconds=40",
-            "--cidr=10.244.0.1/16", "--node-ip=10.240.0.1",
+            "--cidr=10.244.0.0/16", "--node-ip=10.240.0.1",
             f"--server-address=127.0.0.1:{p.kwok}",
         ]
     raise KeyError(name)
+
+
+def _binary_of(component: str) -> str:
+    """The executable name a component's pid should show (the operator runs under Python)."""
+    return Path(sys.executable).resolve().name if component in EXTRA_PROCESSES else component
 
 
 def _running_state(state_dir: Path) -> State | None:
@@ -311,9 +320,9 @@ def down(state_dir: Path, quiet: bool = False, keep_logs: bool = False) -> bool:
         if not quiet:
             _log(f"no dev cluster state in {state_dir}")
         return False
-    for name in reversed(START_ORDER):
+    for name in (*EXTRA_PROCESSES, *reversed(START_ORDER)):
         pid = state.pids.get(name)
-        if pid is not None and processes.stop(pid, name) and not quiet:
+        if pid is not None and processes.stop(pid, _binary_of(name)) and not quiet:
             _log(f"stopped {name} (pid {pid})")
     if keep_logs:
         for child in state_dir.iterdir():
@@ -336,7 +345,12 @@ def status(state_dir: Path) -> dict[str, Any]:
         "kubeconfig": str(state.kubeconfig),
         "running": all(alive.values()),
         "components": {
-            name: {"pid": state.pids[name], "running": alive[name]} for name in state.pids
+            name: {
+                "pid": pid,
+                "running": processes.is_ours(pid, _binary_of(name)),
+                "log": str(Path(state.state_dir) / "logs" / f"{name if name in START_ORDER else 'operator'}.log"),
+            }
+            for name, pid in state.pids.items()
         },
     }
     if alive.get("kube-apiserver"):

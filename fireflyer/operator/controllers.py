@@ -1,0 +1,1 @@
+"""Every per-kind controller. Importing this module registers their kopf handlers."""
