@@ -41,8 +41,12 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = dev_sub.add_parser("up", help="build or reuse the binaries and start the cluster")
     up.add_argument("--topology", default="small", help="a name in hack/topologies or a file")
     up.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
-    up.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
-                    help="first of the loopback ports the components use (API server: base+63)")
+    up.add_argument(
+        "--port-base",
+        type=int,
+        default=DEFAULT_PORT_BASE,
+        help="first of the loopback ports the components use (API server: base+63)",
+    )
     up.set_defaults(handler=_dev_up)
     down = dev_sub.add_parser("down", help="stop the processes `dev up` started; remove the state")
     down.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
@@ -78,10 +82,14 @@ def _crds(args: argparse.Namespace) -> int:
 
 def _add_crds(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("crds", help="generate the CRDs from the API models")
-    p.add_argument("--out", action="append", help="output directory (repeatable); default: "
-                   "crds/ and charts/fireflyer/crds/")
-    p.add_argument("--check", action="store_true",
-                   help="exit 1 when the files differ from what the models generate")
+    p.add_argument(
+        "--out",
+        action="append",
+        help="output directory (repeatable); default: crds/ and charts/fireflyer/crds/",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 when the files differ from what the models generate"
+    )
     p.set_defaults(handler=_crds)
 
 
@@ -101,12 +109,12 @@ def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser("operator", help="run the operator (kopf)")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", help="watch one namespace")
-    scope.add_argument("--all-namespaces", action="store_true",
-                       help="watch every namespace (default)")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (default)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics (0: off)")
     p.add_argument("--health-port", type=int, default=8080, help="liveness probe /healthz (0: off)")
-    p.add_argument("--standalone", action="store_true",
-                   help="no peering (one replica; no KopfPeering objects needed)")
+    p.add_argument(
+        "--standalone", action="store_true", help="no peering (one replica; no KopfPeering objects needed)"
+    )
     p.set_defaults(handler=_operator)
 
 
@@ -122,8 +130,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="local cluster + operator + small samples, with a live table")
     p.add_argument("--topology", default="small")
     p.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
-    p.add_argument("--timeout", type=float, default=180.0,
-                   help="stop watching after this many seconds")
+    p.add_argument("--timeout", type=float, default=180.0, help="stop watching after this many seconds")
     p.set_defaults(handler=_demo)
 
 

@@ -18,8 +18,9 @@ class Kube:
     kubeconfig: Path
     namespace: str = "default"
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True,
-            namespaced: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True, namespaced: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         cmd = ["kubectl", "--kubeconfig", str(self.kubeconfig)]
         if namespaced:
             cmd += ["-n", self.namespace]
@@ -28,19 +29,22 @@ class Kube:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def apply(self, manifest: str | dict[str, Any] | list[dict[str, Any]], *extra: str,
-              check: bool = True) -> subprocess.CompletedProcess[str]:
+    def apply(
+        self, manifest: str | dict[str, Any] | list[dict[str, Any]], *extra: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         if isinstance(manifest, dict):
             text = yaml.safe_dump(manifest)
         elif isinstance(manifest, list):
             text = yaml.safe_dump_all(manifest)
         else:
             text = manifest
-        return self.run("apply", "--server-side", "--force-conflicts", "-f", "-", *extra,
-                        stdin=text, check=check)
+        return self.run(
+            "apply", "--server-side", "--force-conflicts", "-f", "-", *extra, stdin=text, check=check
+        )
 
-    def get(self, kind: str, name: str | None = None, *, selector: str | None = None,
-            namespaced: bool = True) -> Any:
+    def get(
+        self, kind: str, name: str | None = None, *, selector: str | None = None, namespaced: bool = True
+    ) -> Any:
         args = ["get", kind, "-o", "json"]
         if name:
             args.insert(2, name)

@@ -12,12 +12,13 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
-def cel(rule: str, message: str, field_path: str | None = None, *, message_expression: str | None = None,
-        reason: str | None = None) -> dict[str, str]:
-    """One x-kubernetes-validations entry. field_path points the error at the offending field."""
+def cel(
+    rule: str, message: str, field_path: str | None = None, *, reason: str | None = None
+) -> dict[str, str]:
+    """One x-kubernetes-validations entry. field_path points the error at the offending field.
+    Messages are static: the API server's cost estimate for string(int) in a messageExpression
+    exceeds its budget."""
     entry = {"rule": rule, "message": message}
-    if message_expression:
-        entry["messageExpression"] = message_expression
     if field_path:
         entry["fieldPath"] = field_path
     if reason:
@@ -70,7 +71,8 @@ class StatusBase(ApiModel):
     observed_generation: int | None = Field(default=None, ge=0)
     """The .metadata.generation the operator last reconciled."""
     conditions: list[Condition] = Field(
-        default_factory=list, max_length=32,
+        default_factory=list,
+        max_length=32,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     """Ready, Progressing, Degraded and the per-part conditions of the kind."""
@@ -91,17 +93,26 @@ class Architecture(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.routedExperts % self.expertGroups == 0",
+            cel(
+                "self.routedExperts % self.expertGroups == 0",
                 "routedExperts must be divisible by expertGroups",
                 ".expertGroups",
-                message_expression="'expertGroups (' + string(self.expertGroups) + ') must divide "
-                "routedExperts (' + string(self.routedExperts) + ')'"),
-            cel("self.topKGroups <= self.expertGroups",
-                "topKGroups must not exceed expertGroups", ".topKGroups"),
-            cel("self.topK <= self.topKGroups * (self.routedExperts / self.expertGroups)",
-                "topK must not exceed the experts in the topKGroups selected groups", ".topK"),
-            cel("self.firstDenseLayers < self.numLayers",
-                "firstDenseLayers must be smaller than numLayers", ".firstDenseLayers"),
+            ),
+            cel(
+                "self.topKGroups <= self.expertGroups",
+                "topKGroups must not exceed expertGroups",
+                ".topKGroups",
+            ),
+            cel(
+                "self.topK <= self.topKGroups * (self.routedExperts / self.expertGroups)",
+                "topK must not exceed the experts in the topKGroups selected groups",
+                ".topK",
+            ),
+            cel(
+                "self.firstDenseLayers < self.numLayers",
+                "firstDenseLayers must be smaller than numLayers",
+                ".firstDenseLayers",
+            ),
         )
     )
 
@@ -137,13 +148,17 @@ class Placement(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel(f"!has(self.preferredLevel) || {_LEVEL_MAP}[self.preferredLevel] <= "
+            cel(
+                f"!has(self.preferredLevel) || {_LEVEL_MAP}[self.preferredLevel] <= "
                 f"{_LEVEL_MAP}[self.requiredLevel]",
                 "preferredLevel must be at or below requiredLevel (accelerator < leaf < spine < core)",
-                ".preferredLevel"),
-            cel("self.topologyProfile != 'custom' || size(self.customLevelKeys) > 0",
+                ".preferredLevel",
+            ),
+            cel(
+                "self.topologyProfile != 'custom' || (has(self.customLevelKeys) && size(self.customLevelKeys) > 0)",
                 "topologyProfile custom needs customLevelKeys (node label keys, lowest level first)",
-                ".customLevelKeys"),
+                ".customLevelKeys",
+            ),
         )
     )
 
@@ -186,5 +201,6 @@ class Network(ApiModel):
 def defaulted(model: type[ApiModel], **extra: Any) -> Any:
     """A nested object the API server defaults to {} so that its own field defaults apply
     (and CEL rules see them) when a user leaves it out."""
-    schema_extra = {"default": {}, **extra}
+    # The API server checks a default against the rules as written, so it must be complete.
+    schema_extra = {"default": model().to_wire(), **extra}
     return Field(default_factory=model, json_schema_extra=schema_extra)

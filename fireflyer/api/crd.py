@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from fireflyer.api.base import GROUP, VERSION
-from fireflyer.dev.build import REPO_ROOT
 from fireflyer.api.kinds import CATEGORY, KINDS, Kind
+from fireflyer.dev.build import REPO_ROOT
 
 DEFAULT_OUT_DIRS = (REPO_ROOT / "crds", REPO_ROOT / "charts" / "fireflyer" / "crds")
 
@@ -73,6 +74,8 @@ def _model_schema(kind: Kind, part: str) -> dict[str, Any]:
     annotation = field.annotation
     args = getattr(annotation, "__args__", None)
     model = next(a for a in args if a is not type(None)) if args else annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"{kind.kind}.{part} is not a model")
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     return _structural(_resolve(raw, defs))
@@ -142,26 +145,40 @@ def kopf_peering_crds() -> list[dict[str, Any]]:
     docs = []
     for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
         plural = kind.lower() + "s"
-        docs.append({
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.kopf.dev",
-                         "labels": {"app.kubernetes.io/part-of": "fireflyer"}},
-            "spec": {
-                "group": "kopf.dev",
-                "scope": scope,
-                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                "versions": [{
-                    "name": "v1", "served": True, "storage": True,
-                    "schema": {"openAPIV3Schema": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                        "properties": {"status": {"type": "object",
-                                                  "x-kubernetes-preserve-unknown-fields": True}},
-                    }},
-                }],
-            },
-        })
+        docs.append(
+            {
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {
+                    "name": f"{plural}.kopf.dev",
+                    "labels": {"app.kubernetes.io/part-of": "fireflyer"},
+                },
+                "spec": {
+                    "group": "kopf.dev",
+                    "scope": scope,
+                    "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                    "versions": [
+                        {
+                            "name": "v1",
+                            "served": True,
+                            "storage": True,
+                            "schema": {
+                                "openAPIV3Schema": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                    "properties": {
+                                        "status": {
+                                            "type": "object",
+                                            "x-kubernetes-preserve-unknown-fields": True,
+                                        }
+                                    },
+                                }
+                            },
+                        }
+                    ],
+                },
+            }
+        )
     return docs
 
 

@@ -8,23 +8,30 @@ from pydantic import ConfigDict, Field
 
 from fireflyer.api.base import ApiModel, ObjectMeta, StatusBase, cel, validations
 
-MAX_LAYERS = 256
-MAX_SLOTS = 4096
+# Bounds keep the CEL rules' estimated cost within the API server's budget.
+MAX_LAYERS = 128
+MAX_SLOTS = 1024
 
 
 class ExpertPlacementSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("size(self.phy2log) == self.layers", "phy2log must have `layers` rows", ".phy2log",
-                message_expression="'phy2log has ' + string(size(self.phy2log)) + ' rows but layers is '"
-                " + string(self.layers)"),
-            cel("self.phy2log.all(row, size(row) == self.gpus * self.slotsPerGpu)",
-                "every phy2log row must have gpus × slotsPerGpu entries", ".phy2log"),
-            cel("self.phy2log.all(row, row.all(e, e < self.logicalExperts))",
-                "phy2log entries must be logical expert ids below logicalExperts", ".phy2log"),
-            cel("self.gpus * self.slotsPerGpu >= self.logicalExperts",
+            cel("size(self.phy2log) == self.layers", "phy2log must have `layers` rows", ".phy2log"),
+            cel(
+                "self.phy2log.all(row, size(row) == self.gpus * self.slotsPerGpu)",
+                "every phy2log row must have gpus × slotsPerGpu entries",
+                ".phy2log",
+            ),
+            cel(
+                "self.phy2log.all(row, row.all(e, e < self.logicalExperts))",
+                "phy2log entries must be logical expert ids below logicalExperts",
+                ".phy2log",
+            ),
+            cel(
+                "self.gpus * self.slotsPerGpu >= self.logicalExperts",
                 "gpus × slotsPerGpu must be at least logicalExperts (every expert needs a slot)",
-                ".slotsPerGpu"),
+                ".slotsPerGpu",
+            ),
         )
     )
 
@@ -45,8 +52,9 @@ class ExpertPlacementSpec(ApiModel):
     phy2log: list[list[int]] = Field(
         alias="phy2log",
         max_length=MAX_LAYERS,
-        json_schema_extra={"items": {"type": "array", "maxItems": MAX_SLOTS,
-                                     "items": {"type": "integer", "minimum": 0}}},
+        json_schema_extra={
+            "items": {"type": "array", "maxItems": MAX_SLOTS, "items": {"type": "integer", "minimum": 0}}
+        },
     )
     """layers × (gpus·slotsPerGpu) table: the logical expert held by each physical slot."""
 

@@ -29,9 +29,7 @@ class ModelSource(ApiModel):
     hf://org/name for engines that download themselves."""
     architecture: Architecture = defaulted(
         Architecture,
-        **validations(
-            cel("self == oldSelf", "model.architecture is immutable; create a new deployment")
-        ),
+        **validations(cel("self == oldSelf", "model.architecture is immutable; create a new deployment")),
     )
     """The model's shape; it fixes expert counts for placement and validation."""
 
@@ -68,18 +66,16 @@ class Role(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.parallelism.expert == self.nodesPerUnit * self.gpusPerNode",
+            cel(
+                "self.parallelism.expert == self.nodesPerUnit * self.gpusPerNode",
                 "parallelism.expert must equal nodesPerUnit × gpusPerNode",
                 ".parallelism.expert",
-                message_expression="'parallelism.expert (' + string(self.parallelism.expert) + "
-                "') must equal nodesPerUnit × gpusPerNode (' + "
-                "string(self.nodesPerUnit * self.gpusPerNode) + ')'"),
-            cel("self.parallelism.tensor * self.parallelism.data == self.nodesPerUnit * self.gpusPerNode",
+            ),
+            cel(
+                "self.parallelism.tensor * self.parallelism.data == self.nodesPerUnit * self.gpusPerNode",
                 "parallelism.tensor × parallelism.data must equal nodesPerUnit × gpusPerNode",
                 ".parallelism.data",
-                message_expression="'parallelism.tensor × parallelism.data (' + "
-                "string(self.parallelism.tensor * self.parallelism.data) + ') must equal "
-                "nodesPerUnit × gpusPerNode (' + string(self.nodesPerUnit * self.gpusPerNode) + ')'"),
+            ),
         )
     )
 
@@ -114,8 +110,11 @@ class Eplb(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.windowSeconds >= self.intervalSeconds",
-                "eplb.windowSeconds must be at least eplb.intervalSeconds", ".windowSeconds"),
+            cel(
+                "self.windowSeconds >= self.intervalSeconds",
+                "eplb.windowSeconds must be at least eplb.intervalSeconds",
+                ".windowSeconds",
+            ),
         )
     )
 
@@ -153,11 +152,6 @@ def _divides(role: str) -> dict[str, str]:
         f"% self.{role}.parallelism.expert == 0",
         f"routedExperts + eplb.redundantExperts must be divisible by {role}.parallelism.expert",
         f".{role}.parallelism.expert",
-        message_expression=(
-            f"'routedExperts + eplb.redundantExperts (' + string(self.model.architecture.routedExperts"
-            f" + self.eplb.redundantExperts) + ') must be divisible by {role}.parallelism.expert (' + "
-            f"string(self.{role}.parallelism.expert) + ')'"
-        ),
     )
 
 
@@ -166,10 +160,16 @@ class InferenceDeploymentSpec(ApiModel):
         json_schema_extra=validations(
             _divides("prefill"),
             _divides("decode"),
-            cel("self.prefill.units + self.decode.units >= 1",
-                "at least one prefill or decode unit is needed", ".decode.units"),
-            cel("self.engine.kind == 'fireflyer' || has(self.engine.image)",
-                "engine.image is required for sglang and vllm engines", ".engine.image"),
+            cel(
+                "self.prefill.units + self.decode.units >= 1",
+                "at least one prefill or decode unit is needed",
+                ".decode.units",
+            ),
+            cel(
+                "self.engine.kind == 'fireflyer' || has(self.engine.image)",
+                "engine.image is required for sglang and vllm engines",
+                ".engine.image",
+            ),
         )
     )
 

@@ -37,7 +37,10 @@ def _age() -> dict[str, object]:
 
 KINDS: tuple[Kind, ...] = (
     Kind(
-        "InferenceDeployment", "inferencedeployments", "infd", InferenceDeployment,
+        "InferenceDeployment",
+        "inferencedeployments",
+        "infd",
+        InferenceDeployment,
         "A DeepSeek-V3/R1-style MoE inference service: prefill and decode units placed whole on "
         "the RDMA fabric, a router, and managed EPLB.",
         [
@@ -50,7 +53,10 @@ KINDS: tuple[Kind, ...] = (
         ],
     ),
     Kind(
-        "ThreeFSCluster", "threefsclusters", "tfs", ThreeFSCluster,
+        "ThreeFSCluster",
+        "threefsclusters",
+        "tfs",
+        ThreeFSCluster,
         "A 3FS file system: FoundationDB, mgmtd, meta, storage, FUSE clients and monitor.",
         [
             _ready(),
@@ -62,9 +68,11 @@ KINDS: tuple[Kind, ...] = (
         ],
     ),
     Kind(
-        "TrainingJob", "trainingjobs", "tj", TrainingJob,
-        "An MoE training run with data, expert and pipeline (DualPipe) parallelism and "
-        "checkpoints on 3FS.",
+        "TrainingJob",
+        "trainingjobs",
+        "tj",
+        TrainingJob,
+        "An MoE training run with data, expert and pipeline (DualPipe) parallelism and checkpoints on 3FS.",
         [
             _ready(),
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -75,9 +83,11 @@ KINDS: tuple[Kind, ...] = (
         ],
     ),
     Kind(
-        "ExpertPlacement", "expertplacements", "xp", ExpertPlacement,
-        "The expert-to-GPU assignment of one role of one InferenceDeployment, one generation "
-        "per object.",
+        "ExpertPlacement",
+        "expertplacements",
+        "xp",
+        ExpertPlacement,
+        "The expert-to-GPU assignment of one role of one InferenceDeployment, one generation per object.",
         [
             {"name": "Deployment", "type": "string", "jsonPath": ".spec.deployment"},
             {"name": "Role", "type": "string", "jsonPath": ".spec.role"},

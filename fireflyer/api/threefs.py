@@ -30,8 +30,11 @@ class ExternalFoundationDB(ApiModel):
 class FoundationDB(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("has(self.managed) != has(self.external)",
-                "set exactly one of foundationdb.managed and foundationdb.external", ".managed"),
+            cel(
+                "has(self.managed) != has(self.external)",
+                "set exactly one of foundationdb.managed and foundationdb.external",
+                ".managed",
+            ),
         )
     )
 
@@ -61,33 +64,51 @@ class ErasureCoding(ApiModel):
 class Storage(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.chainTableType != 'CR' || has(self.replicationFactor)",
-                "storage.replicationFactor is required for chainTableType CR", ".replicationFactor"),
-            cel("!has(self.replicationFactor) || self.replicationFactor <= self.nodes",
-                "storage.replicationFactor must not exceed storage.nodes", ".replicationFactor",
-                message_expression="'storage.replicationFactor (' + string(self.replicationFactor) + "
-                "') must not exceed storage.nodes (' + string(self.nodes) + ')'"),
-            cel("self.chainTableType != 'EC' || !has(self.replicationFactor)",
+            cel(
+                "self.chainTableType != 'CR' || has(self.replicationFactor)",
+                "storage.replicationFactor is required for chainTableType CR",
+                ".replicationFactor",
+            ),
+            cel(
+                "!has(self.replicationFactor) || self.replicationFactor <= self.nodes",
+                "storage.replicationFactor must not exceed storage.nodes",
+                ".replicationFactor",
+            ),
+            cel(
+                "self.chainTableType != 'EC' || !has(self.replicationFactor)",
                 "chainTableType EC takes storage.erasureCoding, not storage.replicationFactor",
-                ".replicationFactor"),
-            cel("self.chainTableType != 'EC' || has(self.erasureCoding)",
+                ".replicationFactor",
+            ),
+            cel(
+                "self.chainTableType != 'EC' || has(self.erasureCoding)",
                 "chainTableType EC needs storage.erasureCoding {dataShards, parityShards}",
-                ".erasureCoding"),
-            cel("!has(self.erasureCoding) || self.erasureCoding.dataShards + "
+                ".erasureCoding",
+            ),
+            cel(
+                "!has(self.erasureCoding) || self.erasureCoding.dataShards + "
                 "self.erasureCoding.parityShards <= self.nodes",
                 "erasureCoding.dataShards + parityShards must not exceed storage.nodes",
-                ".erasureCoding"),
-            cel(f"self.chunkSize in {CHUNK_SIZES}",
+                ".erasureCoding",
+            ),
+            cel(
+                f"self.chunkSize in {CHUNK_SIZES}",
                 "storage.chunkSize must be a power of two between 64KiB (65536) and 64MiB (67108864)",
-                ".chunkSize"),
-            cel("self.diskPathTemplate.contains('{disk}')",
-                "storage.diskPathTemplate must contain the {disk} placeholder", ".diskPathTemplate"),
-            cel("self.stripeSize * (has(self.replicationFactor) ? self.replicationFactor : "
+                ".chunkSize",
+            ),
+            cel(
+                "self.diskPathTemplate.contains('{disk}')",
+                "storage.diskPathTemplate must contain the {disk} placeholder",
+                ".diskPathTemplate",
+            ),
+            cel(
+                "self.stripeSize * (has(self.replicationFactor) ? self.replicationFactor : "
                 "(has(self.erasureCoding) ? self.erasureCoding.dataShards + "
                 "self.erasureCoding.parityShards : 1)) <= self.nodes * self.disksPerNode * "
                 "self.targetsPerDisk",
                 "storage.stripeSize must not exceed the number of chains "
-                "(nodes × disksPerNode × targetsPerDisk / replicas)", ".stripeSize"),
+                "(nodes × disksPerNode × targetsPerDisk / replicas)",
+                ".stripeSize",
+            ),
         )
     )
 
@@ -116,8 +137,11 @@ class Storage(ApiModel):
 class Clients(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.mountPoint.startsWith('/')", "clients.mountPoint must be an absolute path",
-                ".mountPoint"),
+            cel(
+                "self.mountPoint.startsWith('/')",
+                "clients.mountPoint must be an absolute path",
+                ".mountPoint",
+            ),
         )
     )
 
@@ -130,9 +154,11 @@ class Clients(ApiModel):
 class Monitor(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.clickhouse != 'external' || has(self.externalAddress)",
+            cel(
+                "self.clickhouse != 'external' || has(self.externalAddress)",
                 "monitor.externalAddress is required when monitor.clickhouse is external",
-                ".externalAddress"),
+                ".externalAddress",
+            ),
         )
     )
 

@@ -22,12 +22,21 @@ from fireflyer.api.base import (
 class TrainingParallelism(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.schedule != 'dualpipe' || self.pipeline % 2 == 0",
-                "schedule dualpipe needs an even parallelism.pipeline", ".pipeline"),
-            cel("self.schedule != 'none' || self.pipeline == 1",
-                "parallelism.pipeline > 1 needs a pipeline schedule (dualpipe or 1f1b)", ".schedule"),
-            cel("(self.data * self.tensor) % self.expert == 0",
-                "parallelism.expert must divide parallelism.data × parallelism.tensor", ".expert"),
+            cel(
+                "self.schedule != 'dualpipe' || self.pipeline % 2 == 0",
+                "schedule dualpipe needs an even parallelism.pipeline",
+                ".pipeline",
+            ),
+            cel(
+                "self.schedule != 'none' || self.pipeline == 1",
+                "parallelism.pipeline > 1 needs a pipeline schedule (dualpipe or 1f1b)",
+                ".schedule",
+            ),
+            cel(
+                "(self.data * self.tensor) % self.expert == 0",
+                "parallelism.expert must divide parallelism.data × parallelism.tensor",
+                ".expert",
+            ),
         )
     )
 
@@ -72,21 +81,27 @@ class Restart(ApiModel):
 class TrainingJobSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.parallelism.data * self.parallelism.tensor * self.parallelism.pipeline == "
+            cel(
+                "self.parallelism.data * self.parallelism.tensor * self.parallelism.pipeline == "
                 "self.nodes * self.gpusPerNode",
                 "parallelism.data × tensor × pipeline must equal nodes × gpusPerNode",
                 ".parallelism",
-                message_expression="'parallelism.data × tensor × pipeline (' + string(self.parallelism.data"
-                " * self.parallelism.tensor * self.parallelism.pipeline) + ') must equal nodes × "
-                "gpusPerNode (' + string(self.nodes * self.gpusPerNode) + ')'"),
-            cel("self.model.architecture.routedExperts % self.parallelism.expert == 0",
+            ),
+            cel(
+                "self.model.architecture.routedExperts % self.parallelism.expert == 0",
                 "parallelism.expert must divide model.architecture.routedExperts",
-                ".parallelism.expert"),
-            cel("self.parallelism.pipeline <= self.model.architecture.numLayers",
+                ".parallelism.expert",
+            ),
+            cel(
+                "self.parallelism.pipeline <= self.model.architecture.numLayers",
                 "parallelism.pipeline must not exceed model.architecture.numLayers",
-                ".parallelism.pipeline"),
-            cel("self.restart.resume != 'latest' || has(self.checkpoint)",
-                "restart.resume latest needs checkpoint.path", ".checkpoint"),
+                ".parallelism.pipeline",
+            ),
+            cel(
+                "self.restart.resume != 'latest' || has(self.checkpoint)",
+                "restart.resume latest needs checkpoint.path",
+                ".checkpoint",
+            ),
         )
     )
 

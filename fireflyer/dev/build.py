@@ -62,9 +62,7 @@ def targets() -> list[BuildTarget]:
             True,
         ),
         BuildTarget("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver", k8s, True),
-        BuildTarget(
-            "kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager", k8s, True
-        ),
+        BuildTarget("kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager", k8s, True),
         BuildTarget("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler", k8s, True),
         BuildTarget(
             "kwok",

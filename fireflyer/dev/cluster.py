@@ -143,52 +143,69 @@ def _component_args(state: State, name: str) -> list[str]:
     if name == "etcd":
         peer = f"http://127.0.0.1:{p.etcd_peer}"
         return [
-            "--name=fireflyer-dev", f"--data-dir={d / 'etcd'}",
+            "--name=fireflyer-dev",
+            f"--data-dir={d / 'etcd'}",
             f"--listen-client-urls=http://127.0.0.1:{p.etcd_client}",
             f"--advertise-client-urls=http://127.0.0.1:{p.etcd_client}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=fireflyer-dev={peer}",
             # A throwaway cluster: skipping fsync makes every write (and so every test) faster.
-            "--unsafe-no-fsync", "--quota-backend-bytes=4294967296", "--log-level=warn",
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
         ]
     if name == "kube-apiserver":
         return [
             f"--etcd-servers=http://127.0.0.1:{p.etcd_client}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
             f"--secure-port={p.apiserver}",
-            f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
+            f"--tls-cert-file={k / 'apiserver.crt'}",
+            f"--tls-private-key-file={k / 'apiserver.key'}",
             f"--client-ca-file={k / 'ca.crt'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={k / 'sa.pub'}",
             f"--service-account-signing-key-file={k / 'sa.key'}",
-            "--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.96.0.0/16",
+            "--authorization-mode=Node,RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=true",
             # The loopback address cannot be an endpoint of the `kubernetes` Service.
             "--endpoint-reconciler-type=none",
             f"--default-not-ready-toleration-seconds={NOT_READY_TOLERATION_SECONDS}",
             f"--default-unreachable-toleration-seconds={NOT_READY_TOLERATION_SECONDS}",
-            "--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000",
+            "--max-requests-inflight=2000",
+            "--max-mutating-requests-inflight=1000",
             "--v=1",
         ]
     if name == "kube-controller-manager":
         return [
             f"--kubeconfig={d / 'controller-manager.kubeconfig'}",
-            "--bind-address=127.0.0.1", f"--secure-port={p.controller_manager}",
-            "--leader-elect=false", "--use-service-account-credentials=true",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={p.controller_manager}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
             f"--service-account-private-key-file={k / 'sa.key'}",
             f"--root-ca-file={k / 'ca.crt'}",
             f"--cluster-signing-cert-file={k / 'ca.crt'}",
             f"--cluster-signing-key-file={k / 'ca.key'}",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
-            "--node-monitor-grace-period=20s", "--node-monitor-period=2s",
-            "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-statefulset-syncs=20",
+            "--node-monitor-grace-period=20s",
+            "--node-monitor-period=2s",
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
+            "--concurrent-statefulset-syncs=20",
             "--v=1",
         ]
     if name == "kube-scheduler":
         return [
             f"--kubeconfig={d / 'scheduler.kubeconfig'}",
-            "--bind-address=127.0.0.1", f"--secure-port={p.scheduler}",
-            "--leader-elect=false", "--kube-api-qps=200", "--kube-api-burst=400", "--v=1",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={p.scheduler}",
+            "--leader-elect=false",
+            "--kube-api-qps=200",
+            "--kube-api-burst=400",
+            "--v=1",
         ]
     if name == "kwok":
         return [
@@ -197,7 +214,8 @@ def _component_args(state: State, name: str) -> list[str]:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={topology.KWOK_ANNOTATION}=fake",
             "--node-lease-duration-seconds=40",
-            "--cidr=10.244.0.0/16", "--node-ip=10.240.0.1",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.240.0.1",
             f"--server-address=127.0.0.1:{p.kwok}",
         ]
     raise KeyError(name)
@@ -256,10 +274,18 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
         _wait(
             "etcd health",
             lambda: _get(f"http://127.0.0.1:{ports.etcd_client}/health")[0] == 200,
-            30, state, "etcd",
+            30,
+            state,
+            "etcd",
         )
         launch("kube-apiserver")
-        _wait("the API server to be ready", lambda: _api(state, "/readyz") is not None, 90, state, "kube-apiserver")
+        _wait(
+            "the API server to be ready",
+            lambda: _api(state, "/readyz") is not None,
+            90,
+            state,
+            "kube-apiserver",
+        )
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             launch(name)
         _log(f"control plane up in {time.monotonic() - started:.1f}s; creating {topo.node_count} nodes")
@@ -267,18 +293,25 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
         _wait(
             f"{topo.node_count} simulated nodes to be Ready",
             lambda: _ready_nodes(state) >= topo.node_count,
-            120, state, "kwok",
+            120,
+            state,
+            "kwok",
         )
         _wait(
             "the default ServiceAccount",
             lambda: _api(state, "/api/v1/namespaces/default/serviceaccounts/default") is not None,
-            60, state, "kube-controller-manager",
+            60,
+            state,
+            "kube-controller-manager",
         )
     except BaseException:
         _log(f"dev cluster failed to start; component logs are in {logs}")
         down(state_dir, quiet=True, keep_logs=True)
         raise
-    _log(f"dev cluster ready in {time.monotonic() - started:.1f}s ({topo.node_count} nodes, topology {topo.name})")
+    _log(
+        f"dev cluster ready in {time.monotonic() - started:.1f}s "
+        f"({topo.node_count} nodes, topology {topo.name})"
+    )
     return state
 
 
@@ -298,7 +331,9 @@ def _create_nodes(state: State, node_objects: list[dict[str, Any]]) -> None:
 
     def create(node: dict[str, Any]) -> None:
         request = urllib.request.Request(
-            url, data=json.dumps(node).encode(), method="POST",
+            url,
+            data=json.dumps(node).encode(),
+            method="POST",
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -348,7 +383,9 @@ def status(state_dir: Path) -> dict[str, Any]:
             name: {
                 "pid": pid,
                 "running": processes.is_ours(pid, _binary_of(name)),
-                "log": str(Path(state.state_dir) / "logs" / f"{name if name in START_ORDER else 'operator'}.log"),
+                "log": str(
+                    Path(state.state_dir) / "logs" / f"{name if name in START_ORDER else 'operator'}.log"
+                ),
             }
             for name, pid in state.pids.items()
         },

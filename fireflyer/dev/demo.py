@@ -18,8 +18,9 @@ CRDS = build.REPO_ROOT / "crds"
 
 
 def _kubectl(kubeconfig: Path, *args: str) -> str:
-    result = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), *args],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise cluster.ClusterError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout
@@ -35,10 +36,22 @@ def start_operator(state: cluster.State) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fireflyer.cli", "operator", "--standalone",
-             "--metrics-port", "0", "--health-port", "0"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "fireflyer.cli",
+                "operator",
+                "--standalone",
+                "--metrics-port",
+                "0",
+                "--health-port",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     state.pids["fireflyer"] = proc.pid
     state.save()
@@ -52,12 +65,16 @@ def _rows(kubeconfig: Path) -> list[tuple[str, str, str, str]]:
         status: dict[str, Any] = item.get("status") or {}
         conditions = {c["type"]: c for c in status.get("conditions", [])}
         ready = conditions.get("Ready", {})
-        others = " ".join(
-            f"{t}={c['status']}" for t, c in sorted(conditions.items()) if t != "Ready"
-        )
+        others = " ".join(f"{t}={c['status']}" for t, c in sorted(conditions.items()) if t != "Ready")
         detail = ready.get("message") or others or "accepted (no status yet)"
-        rows.append((f"{item['kind']}/{item['metadata']['name']}", ready.get("status", "-"),
-                     ready.get("reason", ""), detail[:90]))
+        rows.append(
+            (
+                f"{item['kind']}/{item['metadata']['name']}",
+                ready.get("status", "-"),
+                ready.get("reason", ""),
+                detail[:90],
+            )
+        )
     return sorted(rows)
 
 
@@ -74,9 +91,16 @@ def _print_table(rows: list[tuple[str, str, str, str]], elapsed: float) -> None:
 def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 8.0) -> int:
     state = cluster.up(state_dir, topology)
     kubeconfig = state.kubeconfig
-    _kubectl(kubeconfig, "apply", "--server-side", "-f", str(CRDS))
-    _kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "crd",
-             "-l", "app.kubernetes.io/part-of=fireflyer")
+    _kubectl(kubeconfig, "apply", "--server-side", "-k", str(CRDS))
+    _kubectl(
+        kubeconfig,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=fireflyer",
+    )
     start_operator(state)
     _kubectl(kubeconfig, "apply", "--server-side", "-n", "default", "-f", str(SAMPLES))
     started = time.monotonic()

@@ -11,8 +11,17 @@ FAULT_LABEL = "fireflyer.dev/fault"
 
 def _label(kubeconfig: Path, kind: str, name: str, value: str | None, namespace: str | None = None) -> None:
     patch = {"metadata": {"labels": {FAULT_LABEL: value}}}
-    cmd = ["kubectl", "--kubeconfig", str(kubeconfig), "patch", kind, name, "--type=merge",
-           "-p", json.dumps(patch)]
+    cmd = [
+        "kubectl",
+        "--kubeconfig",
+        str(kubeconfig),
+        "patch",
+        kind,
+        name,
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+    ]
     if namespace:
         cmd += ["-n", namespace]
     subprocess.run(cmd, check=True, capture_output=True, text=True)

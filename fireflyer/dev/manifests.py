@@ -17,7 +17,8 @@ def render() -> str:
     helm = build.ensure_binaries() / "helm"
     result = subprocess.run(
         [str(helm), "template", "fireflyer", str(CHART), "--namespace", NAMESPACE, "--skip-crds"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise build.BuildError(f"helm template failed: {result.stderr}")

@@ -30,8 +30,20 @@ def generate(pki: Path) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("genrsa", "-out", "ca.key", "2048", cwd=pki)
     _openssl(
-        "req", "-x509", "-new", "-nodes", "-key", "ca.key", "-sha256", "-days", "3650",
-        "-subj", "/CN=fireflyer-dev-ca", "-out", "ca.crt", cwd=pki,
+        "req",
+        "-x509",
+        "-new",
+        "-nodes",
+        "-key",
+        "ca.key",
+        "-sha256",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=fireflyer-dev-ca",
+        "-out",
+        "ca.crt",
+        cwd=pki,
     )
     (pki / "apiserver.ext").write_text(
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
@@ -39,8 +51,7 @@ def generate(pki: Path) -> None:
         "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
     )
     (pki / "client.ext").write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=clientAuth\n"
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
     )
     _sign(pki, "apiserver", "/CN=kube-apiserver", "apiserver.ext")
     for stem, cn, org in CLIENTS:
@@ -54,8 +65,22 @@ def _sign(pki: Path, stem: str, subject: str, ext: str) -> None:
     _openssl("genrsa", "-out", f"{stem}.key", "2048", cwd=pki)
     _openssl("req", "-new", "-key", f"{stem}.key", "-subj", subject, "-out", f"{stem}.csr", cwd=pki)
     _openssl(
-        "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", f"{stem}.crt", "-days", "3650", "-sha256", "-extfile", ext,
+        "x509",
+        "-req",
+        "-in",
+        f"{stem}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        f"{stem}.crt",
+        "-days",
+        "3650",
+        "-sha256",
+        "-extfile",
+        ext,
         cwd=pki,
     )
 

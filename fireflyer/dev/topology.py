@@ -79,9 +79,7 @@ class Fabric(_Strict):
     @model_validator(mode="after")
     def _fanout_matches_levels(self) -> Fabric:
         if len(self.fanout) != len(self.levels):
-            raise ValueError(
-                f"fanout has {len(self.fanout)} entries but levels has {len(self.levels)}"
-            )
+            raise ValueError(f"fanout has {len(self.fanout)} entries but levels has {len(self.levels)}")
         if any(f < 1 for f in self.fanout):
             raise ValueError("every fanout entry must be ≥ 1")
         return self
@@ -124,8 +122,7 @@ def load(name_or_path: str) -> Topology:
         return Topology.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise TopologyError(f"{path}: {problems}") from exc
 

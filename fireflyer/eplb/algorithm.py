@@ -155,8 +155,9 @@ def _global(load: FloatArray, num_slots: int, num_gpus: int, refine: bool) -> In
     return _place(load, num_slots, num_gpus, refine)
 
 
-def _hierarchical(load: FloatArray, num_slots: int, num_groups: int, num_nodes: int,
-                  num_gpus: int, refine: bool) -> IntArray:
+def _hierarchical(
+    load: FloatArray, num_slots: int, num_groups: int, num_nodes: int, num_gpus: int, refine: bool
+) -> IntArray:
     layers, experts = load.shape
     group_size = experts // num_groups
     groups_per_node = num_groups // num_nodes
@@ -177,9 +178,8 @@ def _hierarchical(load: FloatArray, num_slots: int, num_groups: int, num_nodes: 
     return np.take_along_axis(node_experts, local, axis=2).reshape(layers, num_slots)
 
 
-def _validate_shape(load: FloatArray, num_slots: int, num_groups: int, num_nodes: int,
-                    num_gpus: int) -> None:
-    layers, experts = load.shape
+def _validate_shape(load: FloatArray, num_slots: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
+    experts = load.shape[1]
     problems = []
     if num_slots < experts:
         problems.append(f"num_slots ({num_slots}) < experts ({experts})")
@@ -206,8 +206,16 @@ def choose_policy(policy: Policy, num_groups: int, num_nodes: int, num_slots: in
     return policy
 
 
-def rebalance(load: npt.ArrayLike, num_slots: int, num_groups: int, num_nodes: int, num_gpus: int,
-              policy: Policy = "auto", *, refine: bool = True) -> Placement:
+def rebalance(
+    load: npt.ArrayLike,
+    num_slots: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    policy: Policy = "auto",
+    *,
+    refine: bool = True,
+) -> Placement:
     """Compute a placement of L layers × E logical experts onto num_slots physical slots spread
     evenly over num_gpus GPUs on num_nodes nodes. load[l, e] is tokens routed to expert e."""
     weights = np.asarray(load, dtype=np.float64)

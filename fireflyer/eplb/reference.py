@@ -44,12 +44,11 @@ def _replicate(weights: Sequence[float], num_slots: int) -> tuple[list[int], lis
     return slots, counts
 
 
-def _layer(weights: list[float], num_slots: int, num_groups: int, num_nodes: int,
-           num_gpus: int) -> list[int]:
+def _layer(weights: list[float], num_slots: int, num_groups: int, num_nodes: int, num_gpus: int) -> list[int]:
     experts = len(weights)
     group_size = experts // num_groups
     groups_per_node = num_groups // num_nodes
-    group_load = [sum(weights[g * group_size:(g + 1) * group_size]) for g in range(num_groups)]
+    group_load = [sum(weights[g * group_size : (g + 1) * group_size]) for g in range(num_groups)]
     group_pack, group_rank = _pack(group_load, num_nodes)
     # "meta" experts: node-major order of the logical experts
     meta_to_log = [0] * experts
@@ -74,11 +73,16 @@ def _layer(weights: list[float], num_slots: int, num_groups: int, num_nodes: int
     return result
 
 
-def rebalance_reference(load: Sequence[Sequence[float]], num_slots: int, num_groups: int,
-                        num_nodes: int, num_gpus: int, policy: str = "auto") -> list[list[int]]:
+def rebalance_reference(
+    load: Sequence[Sequence[float]],
+    num_slots: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    policy: str = "auto",
+) -> list[list[int]]:
     """phy2log [L][S] by the published greedy."""
     hierarchical = policy == "hierarchical" or (policy == "auto" and num_groups % num_nodes == 0)
     if not hierarchical:
         num_groups, num_nodes = 1, 1
-    return [_layer([float(x) for x in row], num_slots, num_groups, num_nodes, num_gpus)
-            for row in load]
+    return [_layer([float(x) for x in row], num_slots, num_groups, num_nodes, num_gpus) for row in load]

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
 
-RECONCILES = Counter(
-    "fireflyer_reconcile_total", "Reconciles by kind and outcome", ["kind", "outcome"]
-)
+RECONCILES = Counter("fireflyer_reconcile_total", "Reconciles by kind and outcome", ["kind", "outcome"])
 RECONCILE_SECONDS = Histogram(
-    "fireflyer_reconcile_duration_seconds", "Reconcile duration by kind", ["kind"],
+    "fireflyer_reconcile_duration_seconds",
+    "Reconcile duration by kind",
+    ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 

@@ -68,6 +68,7 @@ def _eligible(node: NodeInfo, unit: UnitRequest, taken: set[str]) -> bool:
 def _pick_nodes(candidates: list[NodeInfo], count: int, levels_below: Sequence[str]) -> list[NodeInfo]:
     """Choose `count` nodes inside one domain: keep them in as few lower-level domains as
     possible (largest sub-domains first) and prefer nodes with the fewest free GPUs (best fit)."""
+
     def sub_key(node: NodeInfo) -> tuple[str, ...]:
         return tuple(node.domains.get(level, "") for level in reversed(levels_below))
 
@@ -95,8 +96,10 @@ def _place_one(
     eligible = [n for n in topology.usable() if _eligible(n, unit, taken)]
     if len(eligible) < unit.nodes:
         free = len(eligible)
-        return (f"needs {unit.nodes} nodes with {unit.gpus_per_node} free GPUs and "
-                f"{unit.rdma_per_node} free RDMA devices; {free} such nodes are free in the cluster")
+        return (
+            f"needs {unit.nodes} nodes with {unit.gpus_per_node} free GPUs and "
+            f"{unit.rdma_per_node} free RDMA devices; {free} such nodes are free in the cluster"
+        )
     max_rank = LEVELS.index(required_level) if required_level in LEVELS else len(LEVELS)
     levels = [lv for lv in topology.levels if LEVELS.index(lv) <= max_rank]
     best_shortfall = ""
@@ -108,12 +111,15 @@ def _place_one(
         fitting = {d: members for d, members in domains.items() if len(members) >= unit.nodes}
         if not fitting:
             largest = max((len(m) for m in domains.values()), default=0)
-            best_shortfall = (f"needs {unit.nodes} nodes inside one {level}; the largest {level} "
-                              f"has {largest} eligible nodes")
+            best_shortfall = (
+                f"needs {unit.nodes} nodes inside one {level}; the largest {level} "
+                f"has {largest} eligible nodes"
+            )
             continue
         if spread:
             fresh = {d: m for d, m in fitting.items() if d not in used_domains.get(level, set())}
             fitting = fresh or fitting
+
         # Best fit: the domain that strands the fewest free GPUs once the unit is in it.
         def stranded(item: tuple[str, list[NodeInfo]]) -> tuple[int, str]:
             domain, members = item
@@ -146,8 +152,10 @@ def plan_units(
     pending: list[UnitRequest] = []
     for unit in units:
         existing = keep.get(unit.name)
-        if existing and len(existing) == unit.nodes and all(
-            topology.nodes.get(n) is not None and topology.nodes[n].usable for n in existing
+        if (
+            existing
+            and len(existing) == unit.nodes
+            and all(topology.nodes.get(n) is not None and topology.nodes[n].usable for n in existing)
         ):
             level, domain = _common_domain([topology.nodes[n] for n in existing], topology.levels)
             placement = UnitPlacement(unit, level, domain, tuple(existing))
@@ -162,11 +170,15 @@ def plan_units(
         if isinstance(result, str):
             plan.unplaced.append((unit, result))
             continue
-        if preferred_level and result.level != CLUSTER and \
-                LEVELS.index(result.level) > LEVELS.index(preferred_level):
+        if (
+            preferred_level
+            and result.level != CLUSTER
+            and LEVELS.index(result.level) > LEVELS.index(preferred_level)
+        ):
             result = UnitPlacement(result.unit, result.level, result.domain, result.nodes, True)
-            plan.notes.append(f"{unit.name} placed in a {result.level}: no {preferred_level} "
-                              f"had {unit.nodes} free nodes")
+            plan.notes.append(
+                f"{unit.name} placed in a {result.level}: no {preferred_level} had {unit.nodes} free nodes"
+            )
         plan.placed.append(result)
         taken.update(result.nodes)
         used_domains[result.level].add(result.domain)

@@ -50,8 +50,20 @@ def parse_quantity(value: str | int | float | None) -> float:
         return float(value)
     text = str(value).strip()
     suffixes = {
-        "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-        "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "Ei": 2**60,
+        "n": 1e-9,
+        "u": 1e-6,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
         "E": 1e18,
     }
     for suffix in sorted(suffixes, key=len, reverse=True):
@@ -142,8 +154,10 @@ def build_topology(
             why = "not Ready"
         else:
             for taint in node.get("spec", {}).get("taints", []) or []:
-                if taint.get("effect") in ("NoSchedule", "NoExecute") and \
-                        taint.get("key") not in TOLERATED_TAINTS:
+                if (
+                    taint.get("effect") in ("NoSchedule", "NoExecute")
+                    and taint.get("key") not in TOLERATED_TAINTS
+                ):
                     why = f"tainted {taint.get('key')}"
                     break
         infos[name] = NodeInfo(

@@ -21,9 +21,16 @@ _DELETE = object()
 
 @pytest.fixture(scope="session")
 def crds(cluster: Kube) -> Iterator[Kube]:
-    cluster.run("apply", "--server-side", "-f", str(REPO_ROOT / "crds"), namespaced=False)
-    cluster.run("wait", "--for=condition=Established", "--timeout=60s", "crd", "-l",
-                "app.kubernetes.io/part-of=fireflyer", namespaced=False)
+    cluster.run("apply", "--server-side", "-k", str(REPO_ROOT / "crds"), namespaced=False)
+    cluster.run(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=fireflyer",
+        namespaced=False,
+    )
     yield cluster
 
 
@@ -58,99 +65,172 @@ XP = "small/expertplacement.yaml"
 
 # (sample, changes, substrings the API server's message must contain)
 MALFORMED: list[tuple[str, dict[str, Any], list[str]]] = [
-    (INFD, {"spec.decode.parallelism": {"tensor": 1, "data": 144, "expert": 128}},
-     ["spec.decode.parallelism.expert", "must equal nodesPerUnit × gpusPerNode (144)"]),
-    (INFD, {"spec.prefill.parallelism": {"tensor": 2, "data": 32, "expert": 32}},
-     ["spec.prefill.parallelism.data", "tensor × parallelism.data (64)"]),
-    (INFD, {"spec.eplb.redundantExperts": 16},
-     ["spec.decode.parallelism.expert", "(272) must be divisible by decode.parallelism.expert (144)"]),
-    (INFD, {"spec.eplb.redundantExperts": 8, "spec.decode.units": 0},
-     ["spec.prefill.parallelism.expert", "must be divisible by prefill.parallelism.expert (32)"]),
-    (INFD, {"spec.model.architecture.expertGroups": 7},
-     ["spec.model.architecture.expertGroups", "must divide routedExperts"]),
-    (INFD, {"spec.model.architecture.topKGroups": 9},
-     ["spec.model.architecture.topKGroups", "must not exceed expertGroups"]),
-    (INFD, {"spec.model.architecture.topK": 40},
-     ["spec.model.architecture.topK"]),
-    (INFD, {"spec.model.architecture.firstDenseLayers": 61},
-     ["spec.model.architecture.firstDenseLayers", "smaller than numLayers"]),
-    (INFD, {"spec.prefill.units": 0, "spec.decode.units": 0},
-     ["spec.decode.units", "at least one prefill or decode unit"]),
-    (INFD, {"spec.engine": {"kind": "sglang"}},
-     ["spec.engine.image", "required for sglang and vllm"]),
+    (
+        INFD,
+        {"spec.decode.parallelism": {"tensor": 1, "data": 144, "expert": 128}},
+        ["spec.decode.parallelism.expert", "parallelism.expert must equal nodesPerUnit × gpusPerNode"],
+    ),
+    (
+        INFD,
+        {"spec.prefill.parallelism": {"tensor": 2, "data": 32, "expert": 32}},
+        ["spec.prefill.parallelism.data", "parallelism.tensor × parallelism.data must equal"],
+    ),
+    (
+        INFD,
+        {"spec.eplb.redundantExperts": 16},
+        ["spec.decode.parallelism.expert", "must be divisible by decode.parallelism.expert"],
+    ),
+    (
+        INFD,
+        {"spec.eplb.redundantExperts": 8, "spec.decode.units": 0},
+        ["spec.prefill.parallelism.expert", "must be divisible by prefill.parallelism.expert"],
+    ),
+    (
+        INFD,
+        {"spec.model.architecture.expertGroups": 7},
+        ["spec.model.architecture.expertGroups", "routedExperts must be divisible by expertGroups"],
+    ),
+    (
+        INFD,
+        {"spec.model.architecture.topKGroups": 9},
+        ["spec.model.architecture.topKGroups", "must not exceed expertGroups"],
+    ),
+    (
+        INFD,
+        {"spec.model.architecture.topKGroups": 1, "spec.model.architecture.topK": 40},
+        ["spec.model.architecture.topK", "experts in the topKGroups selected groups"],
+    ),
+    (
+        INFD,
+        {"spec.model.architecture.firstDenseLayers": 61},
+        ["spec.model.architecture.firstDenseLayers", "smaller than numLayers"],
+    ),
+    (
+        INFD,
+        {"spec.prefill.units": 0, "spec.decode.units": 0},
+        ["spec.decode.units", "at least one prefill or decode unit"],
+    ),
+    (INFD, {"spec.engine": {"kind": "sglang"}}, ["spec.engine.image", "required for sglang and vllm"]),
     (INFD, {"spec.engine.kind": "tensorrt"}, ["spec.engine.kind", "Unsupported value"]),
     (INFD, {"spec.prefill.dispatchMode": "fast"}, ["spec.prefill.dispatchMode"]),
     (INFD, {"spec.decode.gpusPerNode": 0}, ["spec.decode.gpusPerNode"]),
     (INFD, {"spec.decode.nodesPerUnit": _DELETE}, ["spec.decode.nodesPerUnit", "Required value"]),
-    (INFD, {"spec.eplb.windowSeconds": 60, "spec.eplb.intervalSeconds": 600},
-     ["spec.eplb.windowSeconds", "at least eplb.intervalSeconds"]),
+    (
+        INFD,
+        {"spec.eplb.windowSeconds": 60, "spec.eplb.intervalSeconds": 600},
+        ["spec.eplb.windowSeconds", "at least eplb.intervalSeconds"],
+    ),
     (INFD, {"spec.eplb.minGain": 2}, ["spec.eplb.minGain"]),
     (INFD, {"spec.eplb.mode": "sometimes"}, ["spec.eplb.mode"]),
-    (INFD, {"spec.placement.requiredLevel": "leaf", "spec.placement.preferredLevel": "spine"},
-     ["spec.placement.preferredLevel", "at or below requiredLevel"]),
-    (INFD, {"spec.placement.topologyProfile": "custom"},
-     ["spec.placement.customLevelKeys", "needs customLevelKeys"]),
+    (
+        INFD,
+        {"spec.placement.requiredLevel": "leaf", "spec.placement.preferredLevel": "spine"},
+        ["spec.placement.preferredLevel", "at or below requiredLevel"],
+    ),
+    (
+        INFD,
+        {"spec.placement.topologyProfile": "custom"},
+        ["spec.placement.customLevelKeys", "needs customLevelKeys"],
+    ),
     (INFD, {"spec.kvCache.path": "relative/dir"}, ["spec.kvCache.path", "absolute path"]),
     (INFD, {"spec.network.rdmaPerPod": -1}, ["spec.network.rdmaPerPod"]),
     (INFD, {"spec.router.policy": "random"}, ["spec.router.policy"]),
-    (INFD, {"spec.prefill.replicas": 3}, ["spec.prefill.replicas", "unknown field"]),
-    (TFS, {"spec.storage.replicationFactor": 6},
-     ["spec.storage.replicationFactor", "must not exceed storage.nodes (5)"]),
+    (INFD, {"spec.prefill.replicas": 3}, ["spec.prefill.replicas", "field not declared in schema"]),
+    (
+        TFS,
+        {"spec.storage.replicationFactor": 6},
+        ["spec.storage.replicationFactor", "must not exceed storage.nodes"],
+    ),
     (TFS, {"spec.storage.disksPerNode": 0}, ["spec.storage.disksPerNode"]),
     (TFS, {"spec.storage.targetsPerDisk": 100}, ["spec.storage.targetsPerDisk"]),
-    (TFS, {"spec.storage.chunkSize": 1000000},
-     ["spec.storage.chunkSize", "power of two"]),
-    (TFS, {"spec.storage.chainTableType": "EC"},
-     ["spec.storage.replicationFactor", "EC takes storage.erasureCoding"]),
-    (TFS, {"spec.storage.chainTableType": "EC", "spec.storage.replicationFactor": _DELETE},
-     ["spec.storage.erasureCoding", "needs storage.erasureCoding"]),
-    (TFS, {"spec.storage.chainTableType": "EC", "spec.storage.replicationFactor": _DELETE,
-           "spec.storage.erasureCoding": {"dataShards": 4, "parityShards": 2}},
-     ["spec.storage.erasureCoding", "must not exceed storage.nodes"]),
-    (TFS, {"spec.storage.replicationFactor": _DELETE},
-     ["spec.storage.replicationFactor", "required for chainTableType CR"]),
-    (TFS, {"spec.foundationdb": {"managed": {"replicas": 3},
-                                 "external": {"clusterFile": "fdb:abc@10.0.0.1:4500"}}},
-     ["spec.foundationdb.managed", "exactly one of"]),
+    (TFS, {"spec.storage.chunkSize": 1000000}, ["spec.storage.chunkSize", "power of two"]),
+    (
+        TFS,
+        {"spec.storage.chainTableType": "EC"},
+        ["spec.storage.replicationFactor", "EC takes storage.erasureCoding"],
+    ),
+    (
+        TFS,
+        {"spec.storage.chainTableType": "EC", "spec.storage.replicationFactor": _DELETE},
+        ["spec.storage.erasureCoding", "needs storage.erasureCoding"],
+    ),
+    (
+        TFS,
+        {
+            "spec.storage.chainTableType": "EC",
+            "spec.storage.replicationFactor": _DELETE,
+            "spec.storage.erasureCoding": {"dataShards": 4, "parityShards": 2},
+        },
+        ["spec.storage.erasureCoding", "must not exceed storage.nodes"],
+    ),
+    (
+        TFS,
+        {"spec.storage.replicationFactor": _DELETE},
+        ["spec.storage.replicationFactor", "required for chainTableType CR"],
+    ),
+    (
+        TFS,
+        {
+            "spec.foundationdb": {
+                "managed": {"replicas": 3},
+                "external": {"clusterFile": "fdb:abc@10.0.0.1:4500"},
+            }
+        },
+        ["spec.foundationdb.managed", "exactly one of"],
+    ),
     (TFS, {"spec.foundationdb": {}}, ["spec.foundationdb.managed", "exactly one of"]),
     (TFS, {"spec.mgmtd.replicas": 4}, ["spec.mgmtd.replicas"]),
-    (TFS, {"spec.storage.diskPathTemplate": "/storage/data"},
-     ["spec.storage.diskPathTemplate", "{disk}"]),
+    (TFS, {"spec.storage.diskPathTemplate": "/storage/data"}, ["spec.storage.diskPathTemplate", "{disk}"]),
     (TFS, {"spec.storage.stripeSize": 1000}, ["spec.storage.stripeSize", "number of chains"]),
     (TFS, {"spec.clients.mountPoint": "3fs"}, ["spec.clients.mountPoint", "absolute path"]),
-    (TFS, {"spec.monitor.clickhouse": "external"},
-     ["spec.monitor.externalAddress", "required when monitor.clickhouse is external"]),
+    (
+        TFS,
+        {"spec.monitor.clickhouse": "external"},
+        ["spec.monitor.externalAddress", "required when monitor.clickhouse is external"],
+    ),
     (TFS, {"spec.reclaimPolicy": "Recycle"}, ["spec.reclaimPolicy"]),
     (TFS, {"spec.image": _DELETE}, ["spec.image", "Required value"]),
-    (TJ, {"spec.parallelism.schedule": "dualpipe", "spec.parallelism.pipeline": 15,
-          "spec.nodes": 30},
-     ["spec.parallelism.pipeline", "even"]),
-    (TJ, {"spec.nodes": 16},
-     ["spec.parallelism", "(256) must equal nodes × gpusPerNode (128)"]),
-    (TJ, {"spec.parallelism.expert": 3},
-     ["spec.parallelism.expert", "must divide parallelism.data × parallelism.tensor"]),
-    (TJ, {"spec.parallelism.schedule": "none"},
-     ["spec.parallelism.schedule", "needs a pipeline schedule"]),
+    (
+        TJ,
+        {"spec.parallelism.schedule": "dualpipe", "spec.parallelism.pipeline": 15, "spec.nodes": 30},
+        ["spec.parallelism.pipeline", "even"],
+    ),
+    (TJ, {"spec.nodes": 16}, ["spec.parallelism", "must equal nodes × gpusPerNode"]),
+    (
+        TJ,
+        {"spec.parallelism.expert": 3},
+        ["spec.parallelism.expert", "must divide parallelism.data × parallelism.tensor"],
+    ),
+    (TJ, {"spec.parallelism.schedule": "none"}, ["spec.parallelism.schedule", "needs a pipeline schedule"]),
     (TJ, {"spec.checkpoint": _DELETE}, ["spec.checkpoint", "resume latest needs checkpoint.path"]),
-    (XP, {"spec.layers": 57}, ["spec.phy2log", "phy2log has 58 rows but layers is 57"]),
+    (XP, {"spec.layers": 57}, ["spec.phy2log", "phy2log must have `layers` rows"]),
     (XP, {"spec.gpus": 31}, ["spec.phy2log", "gpus × slotsPerGpu entries"]),
-    (XP, {"spec.logicalExperts": 255, "spec.slotsPerGpu": 9},
-     ["spec.phy2log", "below logicalExperts"]),
+    (XP, {"spec.logicalExperts": 255, "spec.slotsPerGpu": 9}, ["spec.phy2log", "below logicalExperts"]),
     (XP, {"spec.role": "router"}, ["spec.role"]),
     (XP, {"spec.generation": 0}, ["spec.generation"]),
 ]
 
 
 @pytest.mark.parametrize(
-    "sample,changes,expected", MALFORMED,
-    ids=[f"{i:02d}-{s.split('/')[-1].split('.')[0]}-{next(iter(c))}" for i, (s, c, _) in enumerate(MALFORMED)],
+    "sample,changes,expected",
+    MALFORMED,
+    ids=[
+        f"{i:02d}-{s.split('/')[-1].split('.')[0]}-{next(iter(c))}" for i, (s, c, _) in enumerate(MALFORMED)
+    ],
 )
 def test_malformed_resource_is_rejected_naming_the_field(
     crds: Kube, kube: Kube, sample: str, changes: dict[str, Any], expected: list[str]
 ) -> None:
     doc = _mutate(_load(sample), changes)
-    result = kube.run("apply", "--server-side", "--dry-run=server", "-f", "-",
-                      stdin=yaml.safe_dump(doc, allow_unicode=True), check=False)
+    result = kube.run(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-f",
+        "-",
+        stdin=yaml.safe_dump(doc, allow_unicode=True),
+        check=False,
+    )
     assert result.returncode != 0, f"accepted: {changes}"
     for text in expected:
         assert text in result.stderr, f"{text!r} not in {result.stderr!r}"

@@ -20,10 +20,18 @@ def _pod(name: str, gpus: int, rdma: int = 0, node: str | None = None) -> dict:
     spec: dict = {
         "containers": [{"name": "main", "image": "busybox", "resources": {"limits": resources}}],
         "tolerations": [
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 2},
-            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 2},
+            {
+                "key": "node.kubernetes.io/not-ready",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 2,
+            },
+            {
+                "key": "node.kubernetes.io/unreachable",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 2,
+            },
         ],
     }
     if node:
@@ -48,20 +56,29 @@ def test_nodes_carry_gpu_rdma_and_topology(cluster: Kube) -> None:
 
 
 def test_deployment_pods_run_and_are_garbage_collected(kube: Kube) -> None:
-    kube.apply({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "gpu-app"},
-        "spec": {
-            "replicas": 3,
-            "selector": {"matchLabels": {"app": "gpu-app"}},
-            "template": {
-                "metadata": {"labels": {"app": "gpu-app"}},
-                "spec": {"containers": [{
-                    "name": "main", "image": "busybox",
-                    "resources": {"limits": {"nvidia.com/gpu": "4", "rdma/ib": "4"}},
-                }]},
+    kube.apply(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "gpu-app"},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": {"app": "gpu-app"}},
+                "template": {
+                    "metadata": {"labels": {"app": "gpu-app"}},
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "busybox",
+                                "resources": {"limits": {"nvidia.com/gpu": "4", "rdma/ib": "4"}},
+                            }
+                        ]
+                    },
+                },
             },
-        },
-    })
+        }
+    )
 
     def running() -> list:
         pods = kube.get("pods", selector="app=gpu-app")["items"]
@@ -72,19 +89,21 @@ def test_deployment_pods_run_and_are_garbage_collected(kube: Kube) -> None:
     assert all(p["status"].get("podIP") for p in pods)
     kube.run("delete", "deployment", "gpu-app", "--wait=false")
     # The garbage collector removes the ReplicaSet and then its pods.
-    wait_for("gpu-app pods to be garbage-collected",
-             lambda: not kube.get("pods", selector="app=gpu-app")["items"])
+    wait_for(
+        "gpu-app pods to be garbage-collected", lambda: not kube.get("pods", selector="app=gpu-app")["items"]
+    )
     assert not kube.get("replicasets", selector="app=gpu-app")["items"]
 
 
 def test_eight_gpus_bind_nine_stay_pending(kube: Kube) -> None:
     kube.apply(_pod("eight", 8))
     kube.apply(_pod("nine", 9))
-    wait_for("the 8-GPU pod to be Running",
-             lambda: kube.get("pod", "eight")["status"].get("phase") == "Running")
+    wait_for(
+        "the 8-GPU pod to be Running", lambda: kube.get("pod", "eight")["status"].get("phase") == "Running"
+    )
     nine = wait_for(
         "the 9-GPU pod to be marked unschedulable",
-        lambda: (p := kube.get("pod", "nine")) if condition(p, "PodScheduled") else None,
+        lambda: (pod := kube.get("pod", "nine")) and condition(pod, "PodScheduled") and pod,
     )
     scheduled = condition(nine, "PodScheduled")
     assert scheduled["status"] == "False"
@@ -102,25 +121,28 @@ def test_not_ready_node_gets_its_pods_evicted(kube: Kube, cluster: Kube) -> None
     wait_for("the pod to run", lambda: kube.get("pod", "doomed")["status"].get("phase") == "Running")
     faults.make_node_not_ready(cluster.kubeconfig, victim)
     try:
+
         def tainted() -> bool:
             node = cluster.get("node", victim, namespaced=False)
-            return any(t["key"] == "node.kubernetes.io/not-ready"
-                       for t in node["spec"].get("taints", []))
+            return any(t["key"] == "node.kubernetes.io/not-ready" for t in node["spec"].get("taints", []))
 
         wait_for("the node lifecycle controller to taint the node", tainted, timeout=60)
         wait_for("the pod to be evicted", lambda: not kube.exists("pod", "doomed"), timeout=60)
     finally:
         faults.heal_node(cluster.kubeconfig, victim)
-    wait_for("the node to be Ready again",
-             lambda: condition(cluster.get("node", victim, namespaced=False), "Ready")["status"] == "True")
+    wait_for(
+        "the node to be Ready again",
+        lambda: condition(cluster.get("node", victim, namespaced=False), "Ready")["status"] == "True",
+    )
 
 
 def test_failed_pod_fault(kube: Kube, cluster: Kube) -> None:
     kube.apply(_pod("fragile", 1))
     wait_for("the pod to run", lambda: kube.get("pod", "fragile")["status"].get("phase") == "Running")
     faults.fail_pod(cluster.kubeconfig, kube.namespace, "fragile")
-    pod = wait_for("the pod to fail",
-                   lambda: (p := kube.get("pod", "fragile"))["status"].get("phase") == "Failed" and p)
+    pod = wait_for(
+        "the pod to fail", lambda: (p := kube.get("pod", "fragile"))["status"].get("phase") == "Failed" and p
+    )
     state = pod["status"]["containerStatuses"][0]["state"]
     assert state["terminated"]["exitCode"] == 1
 
@@ -133,6 +155,7 @@ def test_helm_works_against_the_cluster(cluster: Kube) -> None:
     helm = build.bin_dir() / "helm"
     result = subprocess.run([str(helm), "version", "--short"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith(build.HELM_VERSION), result
-    listed = subprocess.run([str(helm), "list", "-A", "--kubeconfig", str(cluster.kubeconfig)],
-                            capture_output=True, text=True)
+    listed = subprocess.run(
+        [str(helm), "list", "-A", "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True
+    )
     assert listed.returncode == 0, listed.stderr

@@ -56,8 +56,9 @@ def test_schema_is_structural(kind: Any) -> None:
         if "properties" in node and not path.endswith(".properties"):
             assert node.get("type") == "object", path
             for name, prop in node["properties"].items():
-                assert "type" in prop or prop.get("x-kubernetes-preserve-unknown-fields"), \
+                assert "type" in prop or prop.get("x-kubernetes-preserve-unknown-fields"), (
                     f"{path}.{name} has no type"
+                )
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.kind)

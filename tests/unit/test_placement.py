@@ -18,8 +18,13 @@ def _nodes(name: str) -> list[dict[str, Any]]:
 
 
 def _pod(node: str, gpus: int) -> dict[str, Any]:
-    return {"spec": {"nodeName": node, "containers": [
-        {"resources": {"requests": {"nvidia.com/gpu": str(gpus)}}}]}, "status": {"phase": "Running"}}
+    return {
+        "spec": {
+            "nodeName": node,
+            "containers": [{"resources": {"requests": {"nvidia.com/gpu": str(gpus)}}}],
+        },
+        "status": {"phase": "Running"},
+    }
 
 
 def _leaf(nodes: list[dict[str, Any]], name: str) -> str:
@@ -46,10 +51,9 @@ def test_unit_goes_to_the_spine_when_no_leaf_fits() -> None:
 
 def test_required_level_is_never_crossed() -> None:
     nodes = _nodes("small")
-    plan = plan_units([UnitRequest("decode", 0, 5, 8)], build_topology(nodes, []),
-                      required_level="leaf")
+    plan = plan_units([UnitRequest("decode", 0, 5, 8)], build_topology(nodes, []), required_level="leaf")
     assert not plan.complete
-    unit, why = plan.unplaced[0]
+    _, why = plan.unplaced[0]
     assert "inside one leaf" in why and "largest leaf has 4" in why
 
 
@@ -99,8 +103,9 @@ def test_existing_units_keep_their_nodes() -> None:
 
 def test_plan_is_deterministic_and_fast_at_deepseek_scale() -> None:
     nodes = _nodes("deepseek")
-    units = [UnitRequest("prefill", i, 4, 8, 8) for i in range(4)] + \
-        [UnitRequest("decode", i, 18, 8, 8) for i in range(2)]
+    units = [UnitRequest("prefill", i, 4, 8, 8) for i in range(4)] + [
+        UnitRequest("decode", i, 18, 8, 8) for i in range(2)
+    ]
     topo = build_topology(nodes, [])
     started = time.perf_counter()
     first = plan_units(units, topo)

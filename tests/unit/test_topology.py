@@ -31,8 +31,10 @@ def test_deepseek_topology_has_256_nodes_in_three_levels() -> None:
     leaf_to_spine = {}
     for lab in labels:
         leaf = lab["network.topology.nvidia.com/leaf"]
-        assert leaf_to_spine.setdefault(leaf, lab["network.topology.nvidia.com/spine"]) == \
-            lab["network.topology.nvidia.com/spine"]
+        assert (
+            leaf_to_spine.setdefault(leaf, lab["network.topology.nvidia.com/spine"])
+            == lab["network.topology.nvidia.com/spine"]
+        )
 
 
 def test_malformed_topology_names_file_and_field(tmp_path: Path) -> None:
@@ -52,7 +54,7 @@ def test_fanout_must_match_levels(tmp_path: Path) -> None:
         "name: bad\nfabric: {levels: [spine, leaf], fanout: [2], nodesPerLeaf: 2}\n"
         "node: {namePrefix: gpu, gpu: {product: H100, count: 8}}\n"
     )
-    with pytest.raises(topology.TopologyError, match="fabric.*fanout has 1 entries"):
+    with pytest.raises(topology.TopologyError, match=r"fabric.*fanout has 1 entries"):
         topology.load(str(bad))
 
 
