@@ -155,7 +155,8 @@ class Placement(ApiModel):
                 ".preferredLevel",
             ),
             cel(
-                "self.topologyProfile != 'custom' || (has(self.customLevelKeys) && size(self.customLevelKeys) > 0)",
+                "self.topologyProfile != 'custom' || "
+                "(has(self.customLevelKeys) && size(self.customLevelKeys) > 0)",
                 "topologyProfile custom needs customLevelKeys (node label keys, lowest level first)",
                 ".customLevelKeys",
             ),

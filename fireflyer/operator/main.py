@@ -49,7 +49,7 @@ def run(namespace: str | None, metrics_port: int, health_port: int, standalone: 
         clusterwide=namespace is None,
         namespaces=[namespace] if namespace else (),
         standalone=standalone,
-        peering_name=PEERING_NAME,
+        peering_name=None if standalone else PEERING_NAME,
         # Distinct priorities let one replica lead and the other wait (kopf peering).
         priority=random.randint(1, 1_000_000),
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,

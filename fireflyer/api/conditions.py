@@ -1,0 +1,50 @@
+"""Condition types, reasons (CamelCase constants kept in one place) and the transition rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Types
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+PLACED = "Placed"
+PREFILL_READY = "PrefillReady"
+DECODE_READY = "DecodeReady"
+ROUTER_READY = "RouterReady"
+
+# Reasons
+ALL_UNITS_READY = "AllUnitsReady"
+UNITS_NOT_READY = "UnitsNotReady"
+NO_UNITS = "NoUnits"
+UNITS_PLACED = "UnitsPlaced"
+PLACED_ABOVE_PREFERRED_LEVEL = "PlacedAbovePreferredLevel"
+INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+ROLLING_OUT = "RollingOut"
+PLACING = "Placing"
+RECONCILED = "Reconciled"
+UNIT_RECREATED = "UnitRecreated"
+UNIT_BIND_TIMEOUT = "UnitBindTimeout"
+ROUTER_AVAILABLE = "RouterAvailable"
+ROUTER_UNAVAILABLE = "RouterUnavailable"
+HEALTHY = "Healthy"
+INVALID_SPEC = "InvalidSpec"
+
+
+def condition(type_: str, status: bool | str, reason: str, message: str = "") -> dict[str, Any]:
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    return {"type": type_, "status": value, "reason": reason, "message": message}
+
+
+def merge(
+    previous: Sequence[dict[str, Any]], desired: Sequence[dict[str, Any]], now: str, generation: int
+) -> list[dict[str, Any]]:
+    """Desired conditions with lastTransitionTime kept unless the status flipped."""
+    before = {c.get("type"): c for c in previous}
+    merged = []
+    for cond in desired:
+        old = before.get(cond["type"])
+        kept = old.get("lastTransitionTime") if old and old.get("status") == cond["status"] else None
+        merged.append({**cond, "lastTransitionTime": kept or now, "observedGeneration": generation})
+    return merged

@@ -1,0 +1,1 @@
+"""The InferenceDeployment controller: observe → plan → apply → status."""

@@ -1,0 +1,315 @@
+"""Desired child objects of an InferenceDeployment (pure builders)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fireflyer.api.inference import InferenceDeploymentSpec, Role
+from fireflyer.operator import labels as L
+from fireflyer.operator.inference.engines import SERVE_PORT, UnitContext, image, shell_line
+
+ROUTER_PORT = 8000
+# /dev/shm per pod: NCCL/DeepEP buffers and host-side staging scale with the role's batch.
+SHM_SIZE = {"prefill": "64Gi", "decode": "32Gi"}
+
+
+def unit_name(deployment: str, role: str, index: int) -> str:
+    return f"{deployment}-{role}-{index}"
+
+
+def leader_host(deployment: str, role: str, index: int, namespace: str) -> str:
+    name = unit_name(deployment, role, index)
+    return f"{name}-0.{name}.{namespace}.svc.cluster.local"
+
+
+def config_map_name(deployment: str) -> str:
+    return f"{deployment}-engine"
+
+
+def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
+    meta = cr["metadata"]
+    return {
+        "apiVersion": cr["apiVersion"],
+        "kind": cr["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def base_labels(deployment: str, component: str) -> dict[str, str]:
+    return {L.DEPLOYMENT: deployment, L.COMPONENT: component, L.MANAGED_BY: L.MANAGER}
+
+
+def revision(spec: InferenceDeploymentSpec, role_name: str, nodes: tuple[str, ...]) -> str:
+    """Everything that, when it changes, needs the unit's pods recreated."""
+    role: Role = getattr(spec, role_name)
+    material = {
+        "engine": spec.engine.to_wire(),
+        "kernels": spec.kernels.to_wire(),
+        "model": spec.model.to_wire(),
+        "role": role.to_wire(),
+        "network": spec.network.to_wire(),
+        "eplb": {"mode": spec.eplb.mode, "redundant": spec.eplb.redundant_experts},
+        "nodes": list(nodes),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _resources(spec: InferenceDeploymentSpec, role: Role) -> dict[str, Any]:
+    extra = role.resources or {}
+    requests = dict(extra.get("requests", {}))
+    limits = dict(extra.get("limits", {}))
+    limits["nvidia.com/gpu"] = str(role.gpus_per_node)
+    requests["nvidia.com/gpu"] = str(role.gpus_per_node)
+    if spec.network.rdma_per_pod:
+        limits[spec.network.rdma_resource] = str(spec.network.rdma_per_pod)
+        requests[spec.network.rdma_resource] = str(spec.network.rdma_per_pod)
+    return {"requests": requests, "limits": limits}
+
+
+def _network_env(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
+    return [
+        {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{L.POD_INDEX}']"}}},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "NCCL_SOCKET_IFNAME", "value": spec.network.socket_ifname},
+        {"name": "GLOO_SOCKET_IFNAME", "value": spec.network.socket_ifname},
+        {"name": "NCCL_IB_GID_INDEX", "value": "3"},
+        {"name": "NCCL_NVLS_ENABLE", "value": "0"},
+        # NVSHMEM over InfiniBand GPUDirect Async: the GPU drives the NIC (DeepEP low-latency).
+        {"name": "NVSHMEM_IB_ENABLE_IBGDA", "value": "1"},
+        {"name": "NVSHMEM_IBGDA_NIC_HANDLER", "value": "gpu"},
+        {"name": "NVSHMEM_DISABLE_P2P", "value": "0"},
+    ]
+
+
+def statefulset(
+    cr: dict[str, Any],
+    spec: InferenceDeploymentSpec,
+    role_name: str,
+    index: int,
+    nodes: tuple[str, ...],
+    domain: tuple[str, str, str],
+    placed_at: str,
+) -> dict[str, Any]:
+    """One unit: a pod per planned node, all pinned inside the planned domain."""
+    deployment = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    role: Role = getattr(spec, role_name)
+    name = unit_name(deployment, role_name, index)
+    rev = revision(spec, role_name, nodes)
+    selector = {L.DEPLOYMENT: deployment, L.ROLE: role_name, L.UNIT: str(index)}
+    pod_labels = {**base_labels(deployment, "unit"), **selector, L.REVISION: rev}
+    level, label_key, domain_value = domain
+    match = [{"key": "kubernetes.io/hostname", "operator": "In", "values": list(nodes)}]
+    if label_key:
+        match.append({"key": label_key, "operator": "In", "values": [domain_value]})
+    ctx = UnitContext(
+        deployment, role_name, index, leader_host(deployment, role_name, index, namespace), "$NCCL_IB_HCA"
+    )
+    container: dict[str, Any] = {
+        "name": "engine",
+        "image": image(spec),
+        "command": ["/bin/sh", "-c", shell_line(spec, role, ctx)],
+        "env": [
+            *_network_env(spec),
+            {"name": "FIREFLYER_ROLE", "value": role_name},
+            {"name": "FIREFLYER_UNIT", "value": str(index)},
+            {"name": "NNODES", "value": str(role.nodes_per_unit)},
+            {"name": "MASTER_ADDR", "value": ctx.leader_host},
+        ],
+        "ports": [{"name": "serve", "containerPort": SERVE_PORT}],
+        "resources": _resources(spec, role),
+        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "engine", "mountPath": "/etc/fireflyer/net", "readOnly": True},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**base_labels(deployment, "unit"), **selector},
+            "annotations": {L.PLACED_AT: placed_at, L.PLACED_DOMAIN: f"{level}/{domain_value}"},
+            "ownerReferences": [owner_reference(cr)],
+        },
+        "spec": {
+            "serviceName": name,
+            "replicas": role.nodes_per_unit,
+            "podManagementPolicy": "Parallel",
+            # The operator recreates whole units itself: never two revisions inside one unit.
+            "updateStrategy": {"type": "OnDelete"},
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "schedulerName": spec.placement.scheduler_name or "default-scheduler",
+                    "hostNetwork": spec.network.host_network,
+                    "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [{"matchExpressions": match}]
+                            }
+                        },
+                        "podAntiAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "labelSelector": {"matchLabels": selector},
+                                    "topologyKey": "kubernetes.io/hostname",
+                                }
+                            ]
+                        },
+                    },
+                    "tolerations": [
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                    ],
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE[role_name]}},
+                        {"name": "engine", "configMap": {"name": config_map_name(deployment)}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def headless_service(cr: dict[str, Any], role_name: str, index: int) -> dict[str, Any]:
+    deployment = cr["metadata"]["name"]
+    name = unit_name(deployment, role_name, index)
+    selector = {L.DEPLOYMENT: deployment, L.ROLE: role_name, L.UNIT: str(index)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": cr["metadata"]["namespace"],
+            "labels": {**base_labels(deployment, "unit"), **selector},
+            "ownerReferences": [owner_reference(cr)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # ranks must find each other before they are Ready
+            "selector": selector,
+            "ports": [{"name": "serve", "port": SERVE_PORT}],
+        },
+    }
+
+
+def router(
+    cr: dict[str, Any], spec: InferenceDeploymentSpec, unit_hosts: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    deployment = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    name = f"{deployment}-router"
+    selector = {L.DEPLOYMENT: deployment, L.COMPONENT: "router"}
+    args = ["router", "--policy", spec.router.policy, "--port", str(ROUTER_PORT)]
+    for role_name in ("prefill", "decode"):
+        for host in unit_hosts.get(role_name, []):
+            args += [f"--{role_name}", f"http://{host}:{SERVE_PORT}"]
+    labels = base_labels(deployment, "router")
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "ownerReferences": [owner_reference(cr)],
+            },
+            "spec": {
+                "replicas": spec.router.replicas,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": {**labels, **selector}},
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "router",
+                                "image": image(spec),
+                                "command": ["fireflyer"],
+                                "args": args,
+                                "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+                                "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+                                "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                            }
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "ownerReferences": [owner_reference(cr)],
+            },
+            "spec": {
+                "selector": selector,
+                "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http"}],
+            },
+        },
+    ]
+
+
+def config_map(
+    cr: dict[str, Any], spec: InferenceDeploymentSpec, node_hcas: dict[str, tuple[str, str]]
+) -> dict[str, Any]:
+    """Engine configuration plus each node's HCA list: a pod sources env.sh, which picks its
+    node's line (the scheduler decides the node, the pod reads NODE_NAME)."""
+    deployment = cr["metadata"]["name"]
+    data = {
+        "engine.json": json.dumps(spec.to_wire(), sort_keys=True, indent=1),
+        "env.sh": (
+            'if [ -f "/etc/fireflyer/net/hca.$NODE_NAME" ]; then\n'
+            '  export NCCL_IB_HCA="$(cat /etc/fireflyer/net/hca.$NODE_NAME)"\n'
+            '  export NVSHMEM_HCA_LIST="$NCCL_IB_HCA"\n'
+            '  export FIREFLYER_GPU_HCA="$(cat /etc/fireflyer/net/rails.$NODE_NAME)"\n'
+            "fi\n"
+        ),
+    }
+    for node, (hcas, rails) in sorted(node_hcas.items()):
+        data[f"hca.{node}"] = hcas
+        data[f"rails.{node}"] = rails
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(deployment),
+            "namespace": cr["metadata"]["namespace"],
+            "labels": base_labels(deployment, "config"),
+            "ownerReferences": [owner_reference(cr)],
+        },
+        "data": data,
+    }
+
+
+def node_hca(node: dict[str, Any], gpus_per_node: int) -> tuple[str, str]:
+    """(HCA list, GPU→HCA rail map) from the node's NIC annotation. On rail-optimised nodes
+    GPU i uses the NIC that serves it, one NIC per GPU."""
+    raw = (node.get("metadata", {}).get("annotations") or {}).get("fireflyer.dev/rdma-nics", "[]")
+    try:
+        nics = json.loads(raw)
+    except json.JSONDecodeError:
+        nics = []
+    names = [n["name"] for n in nics if "name" in n]
+    rails = []
+    for gpu in range(gpus_per_node):
+        owner = next((n["name"] for n in nics if gpu in n.get("gpus", [])), None)
+        if owner is None and names:
+            owner = names[gpu % len(names)]
+        if owner:
+            rails.append(f"{gpu}:{owner}")
+    return ",".join(names), ",".join(rails)

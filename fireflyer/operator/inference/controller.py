@@ -1,0 +1,128 @@
+"""observe → plan → apply → status for one InferenceDeployment, and its kopf handlers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from fireflyer.api import conditions as C
+from fireflyer.api.base import GROUP, VERSION
+from fireflyer.operator import kube
+from fireflyer.operator import labels as L
+from fireflyer.operator.inference.plan import Desired, Observed, plan
+from fireflyer.operator.metrics import timed
+
+KIND = "InferenceDeployment"
+PLURAL = "inferencedeployments"
+# Kinds this controller creates, for pruning children that are no longer desired.
+CHILD_KINDS = ("StatefulSet", "Service", "Deployment", "ConfigMap")
+RESYNC_SECONDS = 10.0
+
+_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+log = logging.getLogger(__name__)
+
+
+def observe(cr: dict[str, Any]) -> Observed:
+    name = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    selector = f"{L.DEPLOYMENT}={name},{L.COMPONENT}=unit"
+    sts = {s["metadata"]["name"]: s for s in kube.list_("StatefulSet", namespace, selector)}
+    return Observed(
+        nodes=kube.list_("Node"),
+        pods=kube.list_("Pod"),
+        statefulsets=sts,
+        router=kube.get("Deployment", f"{name}-router", namespace),
+        now=datetime.now(UTC),
+    )
+
+
+def apply(cr: dict[str, Any], desired: Desired) -> None:
+    name = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
+    for child in desired.children:
+        kube.apply(child)
+    for kind in CHILD_KINDS:
+        for existing in kube.list_(kind, namespace, f"{L.DEPLOYMENT}={name},{L.MANAGED_BY}={L.MANAGER}"):
+            owners = existing["metadata"].get("ownerReferences") or []
+            ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
+            if ours and (kind, existing["metadata"]["name"]) not in wanted:
+                kube.delete(kind, existing["metadata"]["name"], namespace)
+    for unit, why in sorted(desired.recreate.items()):
+        for pod in kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}"):
+            if pod["metadata"]["name"].rsplit("-", 1)[0] == unit:
+                kube.delete("Pod", pod["metadata"]["name"], namespace)
+        log.info("recreated unit %s/%s: %s", namespace, unit, why)
+    for event in desired.events:
+        kopf.event(cast(Any, cr), type=event.type, reason=event.reason, message=event.message)
+    previous = (cr.get("status") or {}).get("conditions", [])
+    status = dict(desired.status)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    generation = cr["metadata"].get("generation", 0)
+    status["conditions"] = C.merge(previous, status["conditions"], now, generation)
+    status["observedGeneration"] = generation
+    kube.patch_status(KIND, name, namespace, status)
+
+
+@timed(KIND)
+def reconcile(namespace: str, name: str) -> Desired | None:
+    """One full pass for one deployment; serialised per deployment."""
+    with _locks[(namespace, name)]:
+        cr = kube.get(KIND, name, namespace)
+        if cr is None or cr["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            desired = plan(cr, observe(cr))
+        except ValidationError as exc:  # admission should have caught it; say so, do not retry
+            kube.patch_status(
+                KIND,
+                name,
+                namespace,
+                {"conditions": [C.condition(C.READY, False, C.INVALID_SPEC, str(exc)[:1000])]},
+            )
+            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        apply(cr, desired)
+        return desired
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_change(namespace: str | None, name: str, **_: Any) -> None:
+    reconcile(namespace or "default", name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, sharp=False)
+def resync(namespace: str | None, name: str, **_: Any) -> None:
+    """Drift repair and unit health: a deleted child comes back, broken units are recreated."""
+    reconcile(namespace or "default", name)
+
+
+_last_kick: dict[tuple[str, str], float] = {}
+
+
+@kopf.on.event("pods", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+@kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+@kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> None:
+    """A child changed (pod failed, service deleted, …): reconcile its deployment soon."""
+    deployment = (body.get("metadata", {}).get("labels") or {}).get(L.DEPLOYMENT)
+    if not deployment or type is None or namespace is None:
+        return
+    phase = body.get("status", {}).get("phase")
+    interesting = type == "DELETED" or phase in ("Failed", "Running") or body.get("kind") != "Pod"
+    key = (namespace, deployment)
+    # Many pod events arrive together; one reconcile per second per deployment is enough.
+    if interesting and time.monotonic() - _last_kick.get(key, 0.0) > 1.0:
+        _last_kick[key] = time.monotonic()
+        try:
+            reconcile(namespace, deployment)
+        except kube.ApiException as exc:
+            log.warning("reconcile of %s/%s after a child event failed: %s", namespace, deployment, exc)

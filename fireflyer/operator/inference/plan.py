@@ -1,0 +1,378 @@
+"""plan(spec, observed) → desired children, pods to recreate, events and status. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fireflyer.api import conditions as C
+from fireflyer.api.inference import InferenceDeployment, InferenceDeploymentSpec
+from fireflyer.operator import labels as L
+from fireflyer.operator.inference import children
+from fireflyer.placement import UnitRequest, build_topology, plan_units
+from fireflyer.placement.planner import CLUSTER
+from fireflyer.placement.topology import level_keys
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass
+class Observed:
+    nodes: list[dict[str, Any]]
+    pods: list[dict[str, Any]]
+    """Every pod in the cluster (free capacity), this deployment's included."""
+    statefulsets: dict[str, dict[str, Any]]
+    """This deployment's unit StatefulSets by name."""
+    router: dict[str, Any] | None
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Desired:
+    children: list[dict[str, Any]]
+    recreate: dict[str, str]
+    """Unit name → why its pods are deleted now (whole-unit recreation)."""
+    events: list[Event]
+    status: dict[str, Any]
+    requeue_after: float | None = None
+
+
+@dataclass
+class _Unit:
+    role: str
+    index: int
+    name: str
+    pods: list[dict[str, Any]]
+    sts: dict[str, Any] | None
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    if pod.get("status", {}).get("phase") != "Running" or pod["metadata"].get("deletionTimestamp"):
+        return False
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions", []) or []
+    )
+
+
+def _sts_nodes(sts: dict[str, Any] | None) -> list[str]:
+    if not sts:
+        return []
+    terms = (
+        sts["spec"]["template"]["spec"]
+        .get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    for term in terms:
+        for expr in term.get("matchExpressions", []):
+            if expr.get("key") == "kubernetes.io/hostname":
+                return list(expr.get("values", []))
+    return []
+
+
+def _iso(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(ts: str | None) -> datetime | None:
+    if not ts:
+        return None
+    try:
+        return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def plan(cr: dict[str, Any], observed: Observed) -> Desired:
+    model = InferenceDeployment.model_validate(cr)
+    spec: InferenceDeploymentSpec = model.spec
+    name = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    now = observed.now
+    events: list[Event] = []
+    recreate: dict[str, str] = {}
+
+    topology = build_topology(
+        observed.nodes,
+        observed.pods,
+        spec.placement.topology_profile,
+        spec.network.rdma_resource,
+        spec.placement.custom_level_keys,
+        ignore_pods={L.DEPLOYMENT: name},
+    )
+    own_pods = [
+        p
+        for p in observed.pods
+        if (p["metadata"].get("labels") or {}).get(L.DEPLOYMENT) == name
+        and p["metadata"].get("namespace") == namespace
+    ]
+
+    units: list[_Unit] = []
+    for role_name in ROLES:
+        role = getattr(spec, role_name)
+        for index in range(role.units):
+            unit_id = children.unit_name(name, role_name, index)
+            pods = [
+                p
+                for p in own_pods
+                if (p["metadata"].get("labels") or {}).get(L.ROLE) == role_name
+                and (p["metadata"].get("labels") or {}).get(L.UNIT) == str(index)
+            ]
+            units.append(_Unit(role_name, index, unit_id, pods, observed.statefulsets.get(unit_id)))
+
+    # Units that are broken lose their placement and are planned again from scratch.
+    keep: dict[str, list[str]] = {}
+    for unit in units:
+        nodes = _sts_nodes(unit.sts)
+        if not nodes:
+            continue
+        broken = _broken(unit, topology, spec, now)
+        if broken:
+            recreate[unit.name] = broken
+            events.append(
+                Event(
+                    "Warning",
+                    C.UNIT_BIND_TIMEOUT if "running within" in broken else C.UNIT_RECREATED,
+                    f"{unit.name}: {broken}; planning it again",
+                )
+            )
+            continue
+        keep[f"{unit.role}-{unit.index}"] = nodes
+
+    requests = [
+        UnitRequest(
+            u.role,
+            u.index,
+            getattr(spec, u.role).nodes_per_unit,
+            getattr(spec, u.role).gpus_per_node,
+            spec.network.rdma_per_pod,
+        )
+        for u in units
+    ]
+    placement = plan_units(
+        requests,
+        topology,
+        spec.placement.required_level,
+        spec.placement.preferred_level,
+        spec.placement.spread_units,
+        keep,
+    )
+    placed = {f"{p.unit.role}-{p.unit.index}": p for p in placement.placed}
+    keys = level_keys(spec.placement.topology_profile, spec.placement.custom_level_keys)
+
+    desired_children: list[dict[str, Any]] = []
+    node_objs = {n["metadata"]["name"]: n for n in observed.nodes}
+    hcas: dict[str, tuple[str, str]] = {}
+    unit_status: list[dict[str, Any]] = []
+    hosts: dict[str, list[str]] = {r: [] for r in ROLES}
+    ready_count = dict.fromkeys(ROLES, 0)
+    outdated: list[_Unit] = []
+    unavailable = dict.fromkeys(ROLES, 0)
+    for unit in units:
+        role = getattr(spec, unit.role)
+        p = placed.get(f"{unit.role}-{unit.index}")
+        leader = children.leader_host(name, unit.role, unit.index, namespace)
+        if p is None:
+            # Unplaceable: keep nothing running half-way (all or nothing).
+            if unit.pods and unit.name not in recreate:
+                recreate[unit.name] = "no longer fits the cluster"
+            unit_status.append({"role": unit.role, "index": unit.index, "ready": False, "leader": leader})
+            unavailable[unit.role] += 1
+            continue
+        old_nodes = _sts_nodes(unit.sts)
+        same = unit.sts is not None and list(p.nodes) == old_nodes
+        annotations = (unit.sts or {}).get("metadata", {}).get("annotations", {})
+        placed_at = annotations.get(L.PLACED_AT) if same else None
+        if not same:
+            events.append(Event("Normal", C.UNITS_PLACED, f"placed {p.describe()}"))
+        label_key = keys.get(p.level, "") if p.level != CLUSTER else ""
+        desired_children.append(
+            children.statefulset(
+                cr,
+                spec,
+                unit.role,
+                unit.index,
+                p.nodes,
+                (p.level, label_key, p.domain),
+                placed_at or _iso(now),
+            )
+        )
+        desired_children.append(children.headless_service(cr, unit.role, unit.index))
+        for node in p.nodes:
+            if node in node_objs:
+                hcas[node] = children.node_hca(node_objs[node], role.gpus_per_node)
+        hosts[unit.role].append(leader)
+        rev = children.revision(spec, unit.role, p.nodes)
+        revisions = {(pod["metadata"].get("labels") or {}).get(L.REVISION) for pod in unit.pods}
+        current = revisions == {rev}
+        all_ready = len(unit.pods) == role.nodes_per_unit and all(_ready(pod) for pod in unit.pods)
+        if not same and unit.pods and unit.name not in recreate:
+            recreate[unit.name] = f"placement moved to {p.level} {p.domain}"
+        elif len(revisions) > 1 and unit.name not in recreate:
+            recreate[unit.name] = "pods of two revisions in one unit"
+        elif not current and unit.pods and unit.name not in recreate:
+            outdated.append(unit)
+        ready = all_ready and current and unit.name not in recreate
+        if ready:
+            ready_count[unit.role] += 1
+        else:
+            unavailable[unit.role] += 1
+        unit_status.append(
+            {
+                "role": unit.role,
+                "index": unit.index,
+                "domain": f"{p.level}/{p.domain}",
+                "nodes": sorted({pod["spec"].get("nodeName", "") for pod in unit.pods} - {""})
+                or list(p.nodes),
+                "ready": ready,
+                "leader": leader,
+            }
+        )
+
+    # Rolling update: outdated but healthy units are recreated a few at a time per role.
+    rolling = False
+    for role_name in ROLES:
+        budget = getattr(spec, role_name).max_unavailable_units - unavailable[role_name]
+        for unit in (u for u in outdated if u.role == role_name):
+            rolling = True
+            if budget <= 0:
+                break
+            recreate[unit.name] = "rolling out a new revision"
+            budget -= 1
+
+    desired_children.append(children.config_map(cr, spec, hcas))
+    desired_children.extend(children.router(cr, spec, hosts))
+
+    status = _status(cr, spec, placement, unit_status, ready_count, observed.router, rolling, recreate)
+    requeue = (
+        5.0
+        if recreate or rolling or not placement.complete or any(not u["ready"] for u in unit_status)
+        else None
+    )
+    return Desired(desired_children, recreate, events, status, requeue)
+
+
+def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: datetime) -> str:
+    """Why a placed unit must be torn down and planned again ("" when it is fine)."""
+    nodes = _sts_nodes(unit.sts)
+    for node in nodes:
+        info = topology.nodes.get(node)
+        if info is None:
+            return f"node {node} is gone"
+        if not info.usable:
+            return f"node {node} is {info.why_unusable}"
+    for pod in unit.pods:
+        if pod.get("status", {}).get("phase") == "Failed":
+            return f"pod {pod['metadata']['name']} failed"
+    role = getattr(spec, unit.role)
+    running = [p for p in unit.pods if p.get("status", {}).get("phase") == "Running"]
+    placed_at = _parse((unit.sts or {}).get("metadata", {}).get("annotations", {}).get(L.PLACED_AT))
+    if placed_at and len(running) < role.nodes_per_unit:
+        waited = (now - placed_at).total_seconds()
+        if waited > spec.placement.bind_timeout_seconds:
+            return (
+                f"only {len(running)}/{role.nodes_per_unit} pods running within "
+                f"{spec.placement.bind_timeout_seconds}s of placement"
+            )
+    return ""
+
+
+def _status(
+    cr: dict[str, Any],
+    spec: InferenceDeploymentSpec,
+    placement: Any,
+    unit_status: list[dict[str, Any]],
+    ready_count: dict[str, int],
+    router: dict[str, Any] | None,
+    rolling: bool,
+    recreate: dict[str, str],
+) -> dict[str, Any]:
+    conds = []
+    if placement.complete:
+        reason = C.PLACED_ABOVE_PREFERRED_LEVEL if placement.notes else C.UNITS_PLACED
+        conds.append(
+            C.condition(
+                C.PLACED,
+                True,
+                reason,
+                "; ".join(placement.notes) or f"{len(placement.placed)} units placed whole",
+            )
+        )
+    else:
+        why = "; ".join(f"{u.name}: {w}" for u, w in placement.unplaced)
+        conds.append(C.condition(C.PLACED, False, C.INSUFFICIENT_CAPACITY, why))
+    role_ready = {}
+    for role_name, cond_type in (("prefill", C.PREFILL_READY), ("decode", C.DECODE_READY)):
+        want = getattr(spec, role_name).units
+        have = ready_count[role_name]
+        role_ready[role_name] = have >= want
+        reason = C.NO_UNITS if want == 0 else (C.ALL_UNITS_READY if have >= want else C.UNITS_NOT_READY)
+        conds.append(C.condition(cond_type, have >= want, reason, f"{have}/{want} units ready"))
+    available = int((router or {}).get("status", {}).get("availableReplicas") or 0)
+    router_ok = available >= spec.router.replicas
+    conds.append(
+        C.condition(
+            C.ROUTER_READY,
+            router_ok,
+            C.ROUTER_AVAILABLE if router_ok else C.ROUTER_UNAVAILABLE,
+            f"{available}/{spec.router.replicas} router replicas available",
+        )
+    )
+    ready = placement.complete and all(role_ready.values()) and router_ok
+    if ready:
+        conds.append(C.condition(C.READY, True, C.ALL_UNITS_READY, "every unit and the router are ready"))
+    else:
+        missing = [
+            t
+            for t, ok in (
+                ("placement", placement.complete),
+                ("prefill", role_ready["prefill"]),
+                ("decode", role_ready["decode"]),
+                ("router", router_ok),
+            )
+            if not ok
+        ]
+        conds.append(C.condition(C.READY, False, C.UNITS_NOT_READY, "waiting for " + ", ".join(missing)))
+    progressing = not ready and placement.complete
+    conds.append(
+        C.condition(
+            C.PROGRESSING,
+            progressing,
+            C.ROLLING_OUT if rolling else (C.PLACING if progressing else C.RECONCILED),
+            "units are being placed or rolled out" if progressing else "",
+        )
+    )
+    degraded_why = [f"{u}: {w}" for u, w in sorted(recreate.items()) if "rolling" not in w]
+    if not placement.complete:
+        degraded_why.append("not every unit fits the cluster")
+    conds.append(
+        C.condition(
+            C.DEGRADED,
+            bool(degraded_why),
+            C.UNIT_RECREATED
+            if degraded_why and placement.complete
+            else (C.INSUFFICIENT_CAPACITY if degraded_why else C.HEALTHY),
+            "; ".join(degraded_why),
+        )
+    )
+    name = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    return {
+        "conditions": conds,
+        "prefill": {"units": spec.prefill.units, "readyUnits": ready_count["prefill"]},
+        "decode": {"units": spec.decode.units, "readyUnits": ready_count["decode"]},
+        "prefillReady": f"{ready_count['prefill']}/{spec.prefill.units}",
+        "decodeReady": f"{ready_count['decode']}/{spec.decode.units}",
+        "units": unit_status,
+        "endpoints": {"router": f"http://{name}-router.{namespace}.svc:{children.ROUTER_PORT}"},
+    }

@@ -1,0 +1,140 @@
+"""Kubernetes access for controllers: server-side apply under one field manager, list, delete,
+status patches. Synchronous (kopf runs sync handlers in its thread pool)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+__all__ = ["FIELD_MANAGER", "ApiException", "apply", "delete", "get", "list_", "patch_status"]
+
+FIELD_MANAGER = "fireflyer-operator"
+
+# kind → (API path prefix, plural, namespaced). Static: no discovery round trips.
+RESOURCES: dict[str, tuple[str, str, bool]] = {
+    "Node": ("/api/v1", "nodes", False),
+    "Pod": ("/api/v1", "pods", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "Secret": ("/api/v1", "secrets", True),
+    "StatefulSet": ("/apis/apps/v1", "statefulsets", True),
+    "Deployment": ("/apis/apps/v1", "deployments", True),
+    "DaemonSet": ("/apis/apps/v1", "daemonsets", True),
+    "Job": ("/apis/batch/v1", "jobs", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "InferenceDeployment": ("/apis/fireflyer.dev/v1alpha1", "inferencedeployments", True),
+    "ThreeFSCluster": ("/apis/fireflyer.dev/v1alpha1", "threefsclusters", True),
+    "TrainingJob": ("/apis/fireflyer.dev/v1alpha1", "trainingjobs", True),
+    "ExpertPlacement": ("/apis/fireflyer.dev/v1alpha1", "expertplacements", True),
+}
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def api_client() -> client.ApiClient:
+    with _lock:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return client.ApiClient()
+
+
+def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str = "") -> str:
+    prefix, plural, namespaced = RESOURCES[kind]
+    path = prefix
+    if namespaced and namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+def _call(
+    method: str,
+    path: str,
+    body: Any = None,
+    query: list[tuple[str, str]] | None = None,
+    content_type: str = "application/json",
+) -> Any:
+    api = api_client()
+    # The client serialises bodies of JSON content types itself; others must arrive as text.
+    data = body if "json" in content_type or body is None else json.dumps(body)
+    _, url, headers, payload, post = api.param_serialize(
+        method,
+        path,
+        query_params=query or [],
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        body=data,
+        auth_settings=["BearerToken"],
+    )
+    response = api.call_api(method, url, header_params=headers, body=payload, post_params=post,
+                            _request_timeout=60)
+    response.read()
+    if not 200 <= response.status < 300:
+        raise ApiException(http_resp=response)
+    raw = response.data
+    return json.loads(raw) if raw else None
+
+
+def apply(obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply: re-applying the same object is a no-op; hand edits of fields we own
+    are reverted."""
+    meta = obj["metadata"]
+    path = _path(obj["kind"], meta.get("namespace"), meta["name"])
+    result: dict[str, Any] = _call(
+        "PATCH",
+        path,
+        obj,
+        [("fieldManager", FIELD_MANAGER), ("force", "true")],
+        "application/apply-patch+yaml",
+    )
+    return result
+
+
+def get(kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = _call("GET", _path(kind, namespace, name))
+        return result
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def list_(kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+    query = [("labelSelector", selector)] if selector else []
+    items: list[dict[str, Any]] = _call("GET", _path(kind, namespace), query=query)["items"]
+    return items
+
+
+def delete(kind: str, name: str, namespace: str | None = None, propagation: str = "Background") -> bool:
+    try:
+        _call(
+            "DELETE",
+            _path(kind, namespace, name),
+            {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
+        )
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def patch_status(kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:
+    _call(
+        "PATCH",
+        _path(kind, namespace, name, "status"),
+        {"status": status},
+        content_type="application/merge-patch+json",
+    )

@@ -1,0 +1,14 @@
+"""Labels and annotations the operator puts on its children."""
+
+from __future__ import annotations
+
+DEPLOYMENT = "fireflyer.dev/deployment"
+ROLE = "fireflyer.dev/role"
+UNIT = "fireflyer.dev/unit"
+COMPONENT = "fireflyer.dev/component"
+REVISION = "fireflyer.dev/revision"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "fireflyer"
+PLACED_AT = "fireflyer.dev/placed-at"
+PLACED_DOMAIN = "fireflyer.dev/domain"
+POD_INDEX = "apps.kubernetes.io/pod-index"
