@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,73 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         dev_cluster.down(state_dir, quiet=True)
 
 
+@pytest.fixture(scope="session")
+def crds(cluster: Kube) -> Kube:
+    """The fireflyer CRDs installed (from crds/, via kustomize)."""
+    cluster.run("apply", "--server-side", "-k", str(REPO_ROOT / "crds"), namespaced=False)
+    cluster.run(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=fireflyer",
+        namespaced=False,
+    )
+    return cluster
+
+
+class Operator:
+    """The operator as a separate process, as it runs in a cluster; restartable."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fireflyer.cli",
+                    "operator",
+                    "--standalone",
+                    "--metrics-port",
+                    "0",
+                    "--health-port",
+                    "0",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = Operator(crds.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
 @pytest.fixture
 def kube(cluster: Kube, request: pytest.FixtureRequest) -> Iterator[Kube]:
     """A fresh namespace for one test, deleted afterwards."""
@@ -41,4 +110,5 @@ def kube(cluster: Kube, request: pytest.FixtureRequest) -> Iterator[Kube]:
     try:
         yield ns
     finally:
-        cluster.run("delete", "namespace", name, "--wait=false", namespaced=False, check=False)
+        # Wait, so that the next test finds the GPUs free again.
+        cluster.run("delete", "namespace", name, "--timeout=90s", namespaced=False, check=False)

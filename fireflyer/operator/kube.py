@@ -77,8 +77,9 @@ def _call(
         body=data,
         auth_settings=["BearerToken"],
     )
-    response = api.call_api(method, url, header_params=headers, body=payload, post_params=post,
-                            _request_timeout=60)
+    response = api.call_api(
+        method, url, header_params=headers, body=payload, post_params=post, _request_timeout=60
+    )
     response.read()
     if not 200 <= response.status < 300:
         raise ApiException(http_resp=response)

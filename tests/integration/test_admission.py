@@ -4,7 +4,6 @@ with a message that names the field to fix."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,6 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = REPO_ROOT / "manifests" / "samples"
 _DELETE = object()
-
-
-@pytest.fixture(scope="session")
-def crds(cluster: Kube) -> Iterator[Kube]:
-    cluster.run("apply", "--server-side", "-k", str(REPO_ROOT / "crds"), namespaced=False)
-    cluster.run(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=fireflyer",
-        namespaced=False,
-    )
-    yield cluster
 
 
 def _load(name: str) -> dict[str, Any]:

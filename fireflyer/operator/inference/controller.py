@@ -29,6 +29,13 @@ _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 log = logging.getLogger(__name__)
 
 
+# Failures seen in pod events, by (namespace, deployment) → unit → reason. The StatefulSet
+# controller may replace a failed pod before a reconcile lists it, so the event is remembered.
+_failed_units: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+# Pods this operator deleted itself (their DELETED events are not failures).
+_deleted_by_us: set[str] = set()
+
+
 def observe(cr: dict[str, Any]) -> Observed:
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
@@ -40,6 +47,7 @@ def observe(cr: dict[str, Any]) -> Observed:
         statefulsets=sts,
         router=kube.get("Deployment", f"{name}-router", namespace),
         now=datetime.now(UTC),
+        failed_units=_failed_units.pop((namespace, name), {}),
     )
 
 
@@ -58,6 +66,7 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
     for unit, why in sorted(desired.recreate.items()):
         for pod in kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}"):
             if pod["metadata"]["name"].rsplit("-", 1)[0] == unit:
+                _deleted_by_us.add(pod["metadata"]["uid"])
                 kube.delete("Pod", pod["metadata"]["name"], namespace)
         log.info("recreated unit %s/%s: %s", namespace, unit, why)
     for event in desired.events:
@@ -108,6 +117,22 @@ def resync(namespace: str | None, name: str, **_: Any) -> None:
 _last_kick: dict[tuple[str, str], float] = {}
 
 
+def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str) -> None:
+    """Remember a unit whose pod failed or was deleted by someone else (eviction, a person, the
+    StatefulSet controller replacing a failed pod): the whole unit must be recreated."""
+    meta = pod.get("metadata", {})
+    labels = meta.get("labels") or {}
+    unit = f"{deployment}-{labels.get(L.ROLE)}-{labels.get(L.UNIT)}"
+    uid = meta.get("uid", "")
+    if pod.get("status", {}).get("phase") == "Failed":
+        _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} failed"
+    elif event_type == "DELETED":
+        if uid in _deleted_by_us:
+            _deleted_by_us.discard(uid)
+        else:
+            _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} was deleted"
+
+
 @kopf.on.event("pods", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
@@ -117,10 +142,13 @@ def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> Non
     if not deployment or type is None or namespace is None:
         return
     phase = body.get("status", {}).get("phase")
+    if body.get("kind") == "Pod":
+        _note_pod_failure(type, body, namespace, deployment)
     interesting = type == "DELETED" or phase in ("Failed", "Running") or body.get("kind") != "Pod"
     key = (namespace, deployment)
     # Many pod events arrive together; one reconcile per second per deployment is enough.
-    if interesting and time.monotonic() - _last_kick.get(key, 0.0) > 1.0:
+    urgent = phase == "Failed" or type == "DELETED"
+    if interesting and (urgent or time.monotonic() - _last_kick.get(key, 0.0) > 1.0):
         _last_kick[key] = time.monotonic()
         try:
             reconcile(namespace, deployment)

@@ -15,6 +15,7 @@ from fireflyer.placement.planner import CLUSTER
 from fireflyer.placement.topology import level_keys
 
 ROLES = ("prefill", "decode")
+REPLACED_ALONE_SECONDS = 10.0
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Observed:
     """This deployment's unit StatefulSets by name."""
     router: dict[str, Any] | None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    failed_units: dict[str, str] = field(default_factory=dict)
+    """Unit name → a failure seen in a pod event (the pod itself may already be replaced)."""
 
 
 @dataclass
@@ -136,7 +139,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         nodes = _sts_nodes(unit.sts)
         if not nodes:
             continue
-        broken = _broken(unit, topology, spec, now)
+        broken = observed.failed_units.get(unit.name) or _broken(unit, topology, spec, now)
         if broken:
             recreate[unit.name] = broken
             events.append(
@@ -225,7 +228,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         ready = all_ready and current and unit.name not in recreate
         if ready:
             ready_count[unit.role] += 1
-        else:
+        if not all_ready or unit.name in recreate:  # down now (an outdated unit still serves)
             unavailable[unit.role] += 1
         unit_status.append(
             {
@@ -274,14 +277,34 @@ def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: date
     for pod in unit.pods:
         if pod.get("status", {}).get("phase") == "Failed":
             return f"pod {pod['metadata']['name']} failed"
+    # The StatefulSet controller replaces a failed pod on its own, sometimes before we see it
+    # fail. A unit's pods are created together, so one much younger than the rest was replaced
+    # alone: its peers hold state from a rank that is gone.
+    created = sorted(
+        (t, pod["metadata"]["name"])
+        for pod in unit.pods
+        if (t := _parse(pod["metadata"].get("creationTimestamp"))) is not None
+    )
+    if len(created) > 1 and (created[-1][0] - created[0][0]).total_seconds() > REPLACED_ALONE_SECONDS:
+        return f"pod {created[-1][1]} was replaced on its own (its rank restarted)"
     role = getattr(spec, unit.role)
-    running = [p for p in unit.pods if p.get("status", {}).get("phase") == "Running"]
-    placed_at = _parse((unit.sts or {}).get("metadata", {}).get("annotations", {}).get(L.PLACED_AT))
-    if placed_at and len(running) < role.nodes_per_unit:
-        waited = (now - placed_at).total_seconds()
-        if waited > spec.placement.bind_timeout_seconds:
+    running = sum(1 for p in unit.pods if p.get("status", {}).get("phase") == "Running")
+    if running < role.nodes_per_unit:
+        # Waiting since the oldest pod that is not running was created (or since placement,
+        # for pods the StatefulSet has not created yet).
+        waiting = [
+            _parse(p["metadata"].get("creationTimestamp"))
+            for p in unit.pods
+            if p.get("status", {}).get("phase") != "Running"
+        ]
+        if len(unit.pods) < role.nodes_per_unit:
+            waiting.append(
+                _parse((unit.sts or {}).get("metadata", {}).get("annotations", {}).get(L.PLACED_AT))
+            )
+        since = min((t for t in waiting if t is not None), default=None)
+        if since and (now - since).total_seconds() > spec.placement.bind_timeout_seconds:
             return (
-                f"only {len(running)}/{role.nodes_per_unit} pods running within "
+                f"only {running}/{role.nodes_per_unit} pods running within "
                 f"{spec.placement.bind_timeout_seconds}s of placement"
             )
     return ""
