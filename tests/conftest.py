@@ -19,13 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_PORT_BASE = int(os.environ.get("FIREFLYER_TEST_PORT_BASE", "27380"))
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+def _cluster(tmp_path_factory: pytest.TempPathFactory, topology: str, port_base: int) -> Iterator[Kube]:
     from fireflyer.dev import cluster as dev_cluster
 
-    state_dir = tmp_path_factory.mktemp("dev-cluster")
-    topology = os.environ.get("FIREFLYER_TEST_TOPOLOGY", "small")
-    state = dev_cluster.up(state_dir, topology, TEST_PORT_BASE)
+    state_dir = tmp_path_factory.mktemp(f"dev-cluster-{topology}")
+    state = dev_cluster.up(state_dir, topology, port_base)
     try:
         yield Kube(state.kubeconfig)
     finally:
@@ -33,7 +31,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 
 
 @pytest.fixture(scope="session")
-def crds(cluster: Kube) -> Kube:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    """The `small` topology: 2 leaves × 4 nodes × 8 H100."""
+    yield from _cluster(tmp_path_factory, "small", TEST_PORT_BASE)
+
+
+@pytest.fixture(scope="module")
+def deepseek_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    """The `deepseek` topology: 256 H800 nodes, 4 spines × 8 leaves × 8 nodes."""
+    yield from _cluster(tmp_path_factory, "deepseek", TEST_PORT_BASE + 1000)
+
+
+def install_crds(cluster: Kube) -> Kube:
     """The fireflyer CRDs installed (from crds/, via kustomize)."""
     cluster.run("apply", "--server-side", "-k", str(REPO_ROOT / "crds"), namespaced=False)
     cluster.run(
@@ -46,6 +55,11 @@ def crds(cluster: Kube) -> Kube:
         namespaced=False,
     )
     return cluster
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Kube) -> Kube:
+    return install_crds(cluster)
 
 
 class Operator:

@@ -291,7 +291,7 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
         _log(f"control plane up in {time.monotonic() - started:.1f}s; creating {topo.node_count} nodes")
         _create_nodes(state, topology.nodes(topo))
         _wait(
-            f"{topo.node_count} simulated nodes to be Ready",
+            f"{topo.node_count} simulated nodes to be Ready and untainted",
             lambda: _ready_nodes(state) >= topo.node_count,
             120,
             state,
@@ -316,12 +316,18 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
 
 
 def _ready_nodes(state: State) -> int:
+    """Nodes that are Ready and carry none of the node lifecycle controller's taints (it taints
+    new nodes not-ready/unreachable until it has seen them healthy)."""
     listing = _api(state, "/api/v1/nodes")
     count = 0
     for node in listing.get("items", []):
-        for cond in node.get("status", {}).get("conditions", []):
-            if cond["type"] == "Ready" and cond["status"] == "True":
-                count += 1
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
+        )
+        tainted = any(
+            t.get("key", "").startswith("node.kubernetes.io/") for t in node.get("spec", {}).get("taints") or []
+        )
+        count += ready and not tainted
     return count
 
 
