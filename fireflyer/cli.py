@@ -153,6 +153,71 @@ def _add_manifests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.set_defaults(handler=_manifests)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fireflyer.api.inference import InferenceDeployment
+    from fireflyer.placement import UnitRequest, build_topology, plan_units
+
+    doc = yaml.safe_load(Path(args.file).read_text())
+    model = InferenceDeployment.model_validate(doc)
+    spec = model.spec
+    if args.topology:
+        from fireflyer.dev import topology as dev_topology
+
+        nodes = dev_topology.nodes(dev_topology.load(args.topology))
+        for node in nodes:
+            node["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        pods: list[dict[str, object]] = []
+        source = f"topology {args.topology} (simulated, empty)"
+    else:
+        import os
+
+        from fireflyer.operator import kube
+
+        if args.kubeconfig:
+            os.environ["KUBECONFIG"] = args.kubeconfig
+        nodes, pods = kube.list_("Node"), kube.list_("Pod")
+        source = f"the cluster in {os.environ.get('KUBECONFIG', '~/.kube/config')}"
+    topo = build_topology(
+        nodes,
+        pods,
+        spec.placement.topology_profile,
+        spec.network.rdma_resource,
+        spec.placement.custom_level_keys,
+    )
+    units = [
+        UnitRequest(
+            role,
+            i,
+            getattr(spec, role).nodes_per_unit,
+            getattr(spec, role).gpus_per_node,
+            spec.network.rdma_per_pod,
+        )
+        for role in ("prefill", "decode")
+        for i in range(getattr(spec, role).units)
+    ]
+    plan = plan_units(
+        units,
+        topo,
+        spec.placement.required_level,
+        spec.placement.preferred_level,
+        spec.placement.spread_units,
+    )
+    usable = len(topo.usable())
+    print(f"# {model.metadata.name}: {len(units)} units on {source}: {usable}/{len(topo.nodes)} usable nodes")
+    print(plan.explain())
+    return 0 if plan.complete else 1
+
+
+def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("plan", help="print the placement of an InferenceDeployment without applying it")
+    p.add_argument("-f", "--file", required=True, help="InferenceDeployment YAML")
+    p.add_argument("--kubeconfig", help="plan against this cluster's nodes and pods")
+    p.add_argument("--topology", help="plan against an empty simulated topology instead (name or file)")
+    p.set_defaults(handler=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireflyer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator(sub)
     _add_demo(sub)
     _add_manifests(sub)
+    _add_plan(sub)
+    from fireflyer.eplb.cli import add_parser as _add_eplb
+
+    _add_eplb(sub)
     return parser
 
 

@@ -12,8 +12,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fireflyer.dev.cluster import ClusterError
     from fireflyer.dev.processes import PortBusyError
     from fireflyer.dev.topology import TopologyError
+    from fireflyer.eplb.algorithm import PlacementError
 
-    return (FireflyerError, BuildError, ClusterError, PortBusyError, TopologyError, FileNotFoundError)
+    return (
+        FireflyerError,
+        BuildError,
+        ClusterError,
+        PortBusyError,
+        TopologyError,
+        PlacementError,
+        FileNotFoundError,
+    )
 
 
 USER_ERRORS = _user_errors()

@@ -30,6 +30,11 @@ ROUTER_AVAILABLE = "RouterAvailable"
 ROUTER_UNAVAILABLE = "RouterUnavailable"
 HEALTHY = "Healthy"
 INVALID_SPEC = "InvalidSpec"
+EPLB_HEALTHY = "EplbHealthy"
+LOAD_COLLECTED = "LoadCollected"
+LOAD_UNAVAILABLE = "LoadUnavailable"
+REBALANCE_APPLIED = "RebalanceApplied"
+REBALANCE_SKIPPED = "RebalanceSkipped"
 
 
 def condition(type_: str, status: bool | str, reason: str, message: str = "") -> dict[str, Any]:
@@ -40,9 +45,11 @@ def condition(type_: str, status: bool | str, reason: str, message: str = "") ->
 def merge(
     previous: Sequence[dict[str, Any]], desired: Sequence[dict[str, Any]], now: str, generation: int
 ) -> list[dict[str, Any]]:
-    """Desired conditions with lastTransitionTime kept unless the status flipped."""
+    """Desired conditions with lastTransitionTime kept unless the status flipped. Conditions of
+    types the caller does not set (another controller's) are kept as they are."""
     before = {c.get("type"): c for c in previous}
-    merged = []
+    setting = {c["type"] for c in desired}
+    merged = [c for c in previous if c.get("type") not in setting]
     for cond in desired:
         old = before.get(cond["type"])
         kept = old.get("lastTransitionTime") if old and old.get("status") == cond["status"] else None

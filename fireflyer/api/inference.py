@@ -133,6 +133,12 @@ class Eplb(ApiModel):
     """Publish a new placement only when predicted balancedness improves by at least this."""
 
 
+EPLB_LOAD_URL_ANNOTATION = "eplb.fireflyer.dev/load-url"
+"""Annotation on an InferenceDeployment: a URL serving the load contract (GET → {"layers",
+"experts", "windowSeconds", "tokens"}) that replaces the unit leaders as the load source, e.g. an
+aggregator in front of many units."""
+
+
 class KvCache(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -215,6 +221,8 @@ class RoleStatus(ApiModel):
     """The ExpertPlacement generation the role runs."""
     balancedness: float | None = None
     """Mean over layers of mean GPU load / max GPU load for the current placement."""
+    last_rebalance_check: str | None = None
+    """When the EPLB controller last collected load for this role (RFC 3339)."""
 
 
 class InferenceDeploymentStatus(StatusBase):

@@ -322,10 +322,12 @@ def _ready_nodes(state: State) -> int:
     count = 0
     for node in listing.get("items", []):
         ready = any(
-            c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in node.get("status", {}).get("conditions", [])
         )
         tainted = any(
-            t.get("key", "").startswith("node.kubernetes.io/") for t in node.get("spec", {}).get("taints") or []
+            t.get("key", "").startswith("node.kubernetes.io/")
+            for t in node.get("spec", {}).get("taints") or []
         )
         count += ready and not tainted
     return count

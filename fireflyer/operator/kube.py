@@ -47,6 +47,7 @@ def api_client() -> client.ApiClient:
 
 
 def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str = "") -> str:
+    """namespace None lists across all namespaces."""
     prefix, plural, namespaced = RESOURCES[kind]
     path = prefix
     if namespaced and namespace:

@@ -120,8 +120,10 @@ def build_topology(
     rdma_resource: str = "rdma/ib",
     custom_keys: Sequence[str] = (),
     ignore_pods: Mapping[str, str] | None = None,
+    reserved: Mapping[str, tuple[int, int]] | None = None,
 ) -> ClusterTopology:
-    """Free resources per node = allocatable − requests of non-terminated pods bound there.
+    """Free resources per node = allocatable − requests of non-terminated pods bound there −
+    reservations (GPUs, RDMA devices) of units planned onto the node whose pods are not bound yet.
     Pods whose labels match all of ignore_pods (e.g. the units being re-planned) are not counted."""
     keys = level_keys(profile, custom_keys)
     used_gpu: dict[str, float] = {}
@@ -136,6 +138,9 @@ def build_topology(
             continue
         used_gpu[node_name] = used_gpu.get(node_name, 0.0) + _requests(pod, GPU_RESOURCE)
         used_rdma[node_name] = used_rdma.get(node_name, 0.0) + _requests(pod, rdma_resource)
+    for node_name, (gpu, rdma) in (reserved or {}).items():
+        used_gpu[node_name] = used_gpu.get(node_name, 0.0) + gpu
+        used_rdma[node_name] = used_rdma.get(node_name, 0.0) + rdma
     infos: dict[str, NodeInfo] = {}
     present: set[str] = set()
     for node in nodes:

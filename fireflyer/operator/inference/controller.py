@@ -23,9 +23,9 @@ KIND = "InferenceDeployment"
 PLURAL = "inferencedeployments"
 # Kinds this controller creates, for pruning children that are no longer desired.
 CHILD_KINDS = ("StatefulSet", "Service", "Deployment", "ConfigMap")
-RESYNC_SECONDS = 10.0
+RESYNC_SECONDS = 20.0
 
-_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_placement_lock = threading.RLock()
 log = logging.getLogger(__name__)
 
 
@@ -39,12 +39,18 @@ _deleted_by_us: set[str] = set()
 def observe(cr: dict[str, Any]) -> Observed:
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
-    selector = f"{L.DEPLOYMENT}={name},{L.COMPONENT}=unit"
-    sts = {s["metadata"]["name"]: s for s in kube.list_("StatefulSet", namespace, selector)}
+    all_units = kube.list_("StatefulSet", None, f"{L.COMPONENT}=unit,{L.MANAGED_BY}={L.MANAGER}")
+    ours = [
+        s
+        for s in all_units
+        if s["metadata"].get("namespace") == namespace
+        and (s["metadata"].get("labels") or {}).get(L.DEPLOYMENT) == name
+    ]
     return Observed(
         nodes=kube.list_("Node"),
         pods=kube.list_("Pod"),
-        statefulsets=sts,
+        statefulsets={s["metadata"]["name"]: s for s in ours},
+        other_units=[s for s in all_units if s not in ours],
         router=kube.get("Deployment", f"{name}-router", namespace),
         now=datetime.now(UTC),
         failed_units=_failed_units.pop((namespace, name), {}),
@@ -83,7 +89,8 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
 @timed(KIND)
 def reconcile(namespace: str, name: str) -> Desired | None:
     """One full pass for one deployment; serialised per deployment."""
-    with _locks[(namespace, name)]:
+    # One reconcile at a time: two deployments planned at once could pick the same free nodes.
+    with _placement_lock:
         cr = kube.get(KIND, name, namespace)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             return None

@@ -27,6 +27,8 @@ class Observed:
     """This deployment's unit StatefulSets by name."""
     router: dict[str, Any] | None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    other_units: list[dict[str, Any]] = field(default_factory=list)
+    """Unit StatefulSets of other deployments (their planned nodes are reserved)."""
     failed_units: dict[str, str] = field(default_factory=dict)
     """Unit name → a failure seen in a pod event (the pod itself may already be replaced)."""
 
@@ -112,6 +114,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         spec.network.rdma_resource,
         spec.placement.custom_level_keys,
         ignore_pods={L.DEPLOYMENT: name},
+        reserved=reservations(observed.other_units, observed.pods, spec.network.rdma_resource),
     )
     own_pods = [
         p
@@ -263,6 +266,42 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         else None
     )
     return Desired(desired_children, recreate, events, status, requeue)
+
+
+def reservations(
+    statefulsets: list[dict[str, Any]], pods: list[dict[str, Any]], rdma_resource: str
+) -> dict[str, tuple[int, int]]:
+    """Nodes planned for other units whose pods are not bound there yet: the StatefulSet
+    controller creates pods after the plan is applied, and nobody else may take those GPUs."""
+    bound = {
+        (
+            p["metadata"].get("namespace"),
+            (p["metadata"].get("labels") or {}).get(L.UNIT),
+            (p["metadata"].get("labels") or {}).get(L.ROLE),
+            (p["metadata"].get("labels") or {}).get(L.DEPLOYMENT),
+            p["spec"].get("nodeName"),
+        )
+        for p in pods
+        if p["spec"].get("nodeName")
+    }
+    reserved: dict[str, tuple[int, int]] = {}
+    for sts in statefulsets:
+        labels = sts["metadata"].get("labels") or {}
+        limits = sts["spec"]["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        rdma = int(limits.get(rdma_resource, 0))
+        for node in _sts_nodes(sts):
+            key = (
+                sts["metadata"].get("namespace"),
+                labels.get(L.UNIT),
+                labels.get(L.ROLE),
+                labels.get(L.DEPLOYMENT),
+                node,
+            )
+            if key not in bound:
+                g, r = reserved.get(node, (0, 0))
+                reserved[node] = (g + gpus, r + rdma)
+    return reserved
 
 
 def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: datetime) -> str:

@@ -1,0 +1,1 @@
+"""The EPLB controller: collect expert load, rebalance, publish ExpertPlacement generations."""
