@@ -70,7 +70,7 @@ def wait_ready(kubeconfig: Path, names: list[str], timeout: float) -> float:
             conds = {c["type"]: c["status"] for c in (item.get("status") or {}).get("conditions", [])}
             if conds.get("Ready") == "True":
                 pending.discard(item["metadata"]["name"])
-        time.sleep(0.1)
+        time.sleep(0.5)
     if pending:
         raise SystemExit(f"not Ready after {timeout}s: {sorted(pending)[:5]}")
     return time.monotonic() - started

@@ -1,6 +1,7 @@
 """Every per-kind controller. Importing this module registers their kopf handlers."""
 
+from fireflyer.operator import cache
 from fireflyer.operator.eplb import controller as eplb_controller
 from fireflyer.operator.inference import controller as inference_controller
 
-__all__ = ["eplb_controller", "inference_controller"]
+__all__ = ["cache", "eplb_controller", "inference_controller"]

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
-from fireflyer.operator import kube
+from fireflyer.operator import cache, kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.metrics import timed
@@ -32,11 +32,15 @@ log = logging.getLogger(__name__)
 # Failures seen in pod events, by (namespace, deployment) → unit → reason. The StatefulSet
 # controller may replace a failed pod before a reconcile lists it, so the event is remembered.
 _failed_units: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-# Pods this operator deleted itself (their DELETED events are not failures).
-_deleted_by_us: set[str] = set()
+# Pods this operator deleted itself (their DELETED events are not failures), uid → when.
+_deleted_by_us: dict[str, float] = {}
+_DELETED_MEMORY_SECONDS = 600.0
 
 
-def observe(cr: dict[str, Any]) -> Observed:
+def observe(
+    cr: dict[str, Any], nodes: list[dict[str, Any]] | None = None, pods: list[dict[str, Any]] | None = None
+) -> Observed:
+    """Nodes and pods come from the watch-fed cache when the caller has it."""
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     all_units = kube.list_("StatefulSet", None, f"{L.COMPONENT}=unit,{L.MANAGED_BY}={L.MANAGER}")
@@ -47,8 +51,8 @@ def observe(cr: dict[str, Any]) -> Observed:
         and (s["metadata"].get("labels") or {}).get(L.DEPLOYMENT) == name
     ]
     return Observed(
-        nodes=kube.list_("Node"),
-        pods=kube.list_("Pod"),
+        nodes=nodes if nodes is not None else kube.list_("Node"),
+        pods=pods if pods is not None else kube.list_("Pod"),
         statefulsets={s["metadata"]["name"]: s for s in ours},
         other_units=[s for s in all_units if s not in ours],
         router=kube.get("Deployment", f"{name}-router", namespace),
@@ -72,7 +76,7 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
     for unit, why in sorted(desired.recreate.items()):
         for pod in kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}"):
             if pod["metadata"]["name"].rsplit("-", 1)[0] == unit:
-                _deleted_by_us.add(pod["metadata"]["uid"])
+                _deleted_by_us[pod["metadata"]["uid"]] = time.monotonic()
                 kube.delete("Pod", pod["metadata"]["name"], namespace)
         log.info("recreated unit %s/%s: %s", namespace, unit, why)
     for event in desired.events:
@@ -87,7 +91,9 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
 
 
 @timed(KIND)
-def reconcile(namespace: str, name: str) -> Desired | None:
+def reconcile(
+    namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None
+) -> Desired | None:
     """One full pass for one deployment; serialised per deployment."""
     # One reconcile at a time: two deployments planned at once could pick the same free nodes.
     with _placement_lock:
@@ -95,7 +101,9 @@ def reconcile(namespace: str, name: str) -> Desired | None:
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             return None
         try:
-            desired = plan(cr, observe(cr))
+            nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
+            pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
+            desired = plan(cr, observe(cr, nodes, pods))
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
             kube.patch_status(
                 KIND,
@@ -111,14 +119,15 @@ def reconcile(namespace: str, name: str) -> Desired | None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def on_change(namespace: str | None, name: str, **_: Any) -> None:
-    reconcile(namespace or "default", name)
+def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
+    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, sharp=False)
-def resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Drift repair and unit health: a deleted child comes back, broken units are recreated."""
-    reconcile(namespace or "default", name)
+def resync(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Drift repair and unit health: a deleted child comes back, broken units are recreated.
+    cluster_nodes and cluster_pods are kopf's watch-fed indexes (fireflyer.operator.cache)."""
+    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
 
 
 _last_kick: dict[tuple[str, str], float] = {}
@@ -133,23 +142,27 @@ def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str
     uid = meta.get("uid", "")
     if pod.get("status", {}).get("phase") == "Failed":
         _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} failed"
-    elif event_type == "DELETED":
-        if uid in _deleted_by_us:
-            _deleted_by_us.discard(uid)
-        else:
-            _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} was deleted"
+    elif event_type == "DELETED" and uid not in _deleted_by_us:
+        log.info("pod %s/%s was deleted by someone else", namespace, meta.get("name"))
+        _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} was deleted"
+    cutoff = time.monotonic() - _DELETED_MEMORY_SECONDS
+    for old in [u for u, t in _deleted_by_us.items() if t < cutoff]:
+        del _deleted_by_us[old]
 
 
 @kopf.on.event("pods", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> None:
+def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
     """A child changed (pod failed, service deleted, …): reconcile its deployment soon."""
     deployment = (body.get("metadata", {}).get("labels") or {}).get(L.DEPLOYMENT)
     if not deployment or type is None or namespace is None:
         return
     phase = body.get("status", {}).get("phase")
-    if body.get("kind") == "Pod":
+    if (
+        body.get("kind") == "Pod"
+        and (body.get("metadata", {}).get("labels") or {}).get(L.COMPONENT) == "unit"
+    ):
         _note_pod_failure(type, body, namespace, deployment)
     interesting = type == "DELETED" or phase in ("Failed", "Running") or body.get("kind") != "Pod"
     key = (namespace, deployment)
@@ -158,6 +171,6 @@ def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> Non
     if interesting and (urgent or time.monotonic() - _last_kick.get(key, 0.0) > 1.0):
         _last_kick[key] = time.monotonic()
         try:
-            reconcile(namespace, deployment)
+            reconcile(namespace, deployment, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
         except kube.ApiException as exc:
             log.warning("reconcile of %s/%s after a child event failed: %s", namespace, deployment, exc)
