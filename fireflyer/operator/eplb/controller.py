@@ -20,7 +20,6 @@ from fireflyer.operator import kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.eplb.plan import LoadError, current_table, decide, parse_window
 from fireflyer.operator.inference import children
-from fireflyer.operator.inference.controller import _placement_lock
 from fireflyer.operator.inference.engines import SERVE_PORT
 
 BALANCEDNESS = Gauge(
@@ -156,44 +155,45 @@ def _due(cr: dict[str, Any], role: str, interval: float, now: datetime) -> bool:
 def eplb_timer(namespace: str | None, name: str, **_: Any) -> None:
     if namespace is None:
         return
-    with _placement_lock:
-        cr = kube.get("InferenceDeployment", name, namespace)
-        if cr is None or cr["metadata"].get("deletionTimestamp"):
-            return
-        spec = InferenceDeployment.model_validate(cr).spec
-        if spec.eplb.mode != "dynamic":
-            return
-        now = datetime.now(UTC)
-        patch: dict[str, Any] = {}
-        problems: list[str] = []
-        for role in ("prefill", "decode"):
-            if getattr(spec, role).units == 0 or not _due(cr, role, spec.eplb.interval_seconds, now):
-                continue
-            try:
-                result = rebalance_role(cr, role, now)
-            except LoadError as exc:
-                COLLECT_ERRORS.labels(namespace, name, role).inc()
-                problems.append(f"{role}: {exc}")
-                kopf.event(cast(Any, cr), type="Warning", reason=C.LOAD_UNAVAILABLE, message=f"{role}: {exc}")
-                patch[role] = {"lastRebalanceCheck": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
-                continue
-            result.pop("reason")
-            patch[role] = {k: v for k, v in result.items() if v is not None}
-        if not patch:
-            return
-        cond = (
-            C.condition(C.EPLB_HEALTHY, False, C.LOAD_UNAVAILABLE, "; ".join(problems)[:2000])
-            if problems
-            else C.condition(C.EPLB_HEALTHY, True, C.LOAD_COLLECTED, "load collected")
-        )
-        generation = cr["metadata"].get("generation", 0)
-        patch["conditions"] = C.merge(
-            (cr.get("status") or {}).get("conditions", []),
-            [cond],
-            now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            generation,
-        )
-        decode_b = (patch.get("decode") or {}).get("balancedness")
-        if decode_b is not None:
-            patch["balancedness"] = f"{decode_b:.2f}"
-        kube.patch_status("InferenceDeployment", name, namespace, patch)
+    # No placement lock here: collecting load waits on the network, and must never hold up the
+    # reconciles of other deployments.
+    cr = kube.get("InferenceDeployment", name, namespace)
+    if cr is None or cr["metadata"].get("deletionTimestamp"):
+        return
+    spec = InferenceDeployment.model_validate(cr).spec
+    if spec.eplb.mode != "dynamic":
+        return
+    now = datetime.now(UTC)
+    patch: dict[str, Any] = {}
+    problems: list[str] = []
+    for role in ("prefill", "decode"):
+        if getattr(spec, role).units == 0 or not _due(cr, role, spec.eplb.interval_seconds, now):
+            continue
+        try:
+            result = rebalance_role(cr, role, now)
+        except LoadError as exc:
+            COLLECT_ERRORS.labels(namespace, name, role).inc()
+            problems.append(f"{role}: {exc}")
+            kopf.event(cast(Any, cr), type="Warning", reason=C.LOAD_UNAVAILABLE, message=f"{role}: {exc}")
+            patch[role] = {"lastRebalanceCheck": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            continue
+        result.pop("reason")
+        patch[role] = {k: v for k, v in result.items() if v is not None}
+    if not patch:
+        return
+    cond = (
+        C.condition(C.EPLB_HEALTHY, False, C.LOAD_UNAVAILABLE, "; ".join(problems)[:2000])
+        if problems
+        else C.condition(C.EPLB_HEALTHY, True, C.LOAD_COLLECTED, "load collected")
+    )
+    generation = cr["metadata"].get("generation", 0)
+    patch["conditions"] = C.merge(
+        (cr.get("status") or {}).get("conditions", []),
+        [cond],
+        now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        generation,
+    )
+    decode_b = (patch.get("decode") or {}).get("balancedness")
+    if decode_b is not None:
+        patch["balancedness"] = f"{decode_b:.2f}"
+    kube.patch_status("InferenceDeployment", name, namespace, patch)
