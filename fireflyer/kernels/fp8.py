@@ -1,0 +1,133 @@
+"""FP8 (e4m3) block-scaled GEMMs in DeepSeek-V3's format: activations scaled per 1×128 group,
+weights per 128×128 block, BF16 output. NT layout: out[m, n] = Σ_k a[m, k] · b[n, k].
+
+- gemm_fp8: dense.
+- grouped_gemm_fp8_contiguous: rows grouped by expert (each group's M a multiple of 128), an expert
+  index per row (-1 for padding rows); weights [G, N, K].
+- grouped_gemm_fp8_masked: activations [G, M_max, K] with per-expert valid row counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fireflyer.kernels.backend import Backend, resolve
+
+GROUP = 128
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_per_token_group(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] → (e4m3 [M, K], fp32 scales [M, K/group]) with x ≈ q · scale."""
+    m, k = x.shape
+    if k % group:
+        raise ValueError(f"K ({k}) must be a multiple of {group}")
+    grouped = x.float().view(m, k // group, group)
+    amax = grouped.abs().amax(dim=-1).clamp(min=1e-4)
+    scale = amax / FP8_MAX
+    q = (grouped / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(m, k)
+    return q, scale
+
+
+def quantize_per_block(w: torch.Tensor, block: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] (or [G, N, K]) → (e4m3, fp32 scales [N/block, K/block]) per block×block tile."""
+    if w.dim() == 3:
+        pairs = [quantize_per_block(wi, block) for wi in w]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    n, k = w.shape
+    if n % block or k % block:
+        raise ValueError(f"N ({n}) and K ({k}) must be multiples of {block}")
+    tiles = w.float().view(n // block, block, k // block, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-4)
+    scale = amax / FP8_MAX
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(n, k)
+    return q, scale
+
+
+def dequantize_per_token_group(q: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    m, k = q.shape
+    return (q.float().view(m, k // group, group) * scale[..., None]).view(m, k)
+
+
+def dequantize_per_block(q: torch.Tensor, scale: torch.Tensor, block: int = GROUP) -> torch.Tensor:
+    n, k = q.shape
+    tiles = q.float().view(n // block, block, k // block, block) * scale[:, None, :, None]
+    return tiles.view(n, k)
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 − 2·Σxy / Σ(x² + y²): 0 for identical tensors (DeepGEMM's measure)."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def gemm_fp8_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                       b_scale: torch.Tensor) -> torch.Tensor:
+    return (dequantize_per_token_group(a, a_scale) @ dequantize_per_block(b, b_scale).T).to(torch.bfloat16)
+
+
+def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> None:
+    if a.dtype != FP8 or b.dtype != FP8:
+        raise ValueError("a and b must be float8_e4m3fn")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"K differs: {a.shape[-1]} vs {b.shape[-1]}")
+    if a_scale.shape[-1] != a.shape[-1] // GROUP or b_scale.shape[-2:] != (b.shape[-2] // GROUP, b.shape[-1] // GROUP):
+        raise ValueError("scales must be 1×128 per activation row and 128×128 per weight block")
+
+
+def gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             backend: Backend = "auto") -> torch.Tensor:
+    """[M, K] × [N, K]ᵀ → [M, N] BF16."""
+    _check(a, a_scale, b, b_scale)
+    chosen = resolve(backend, "gemm", a.device)
+    if chosen == "triton":
+        from fireflyer.kernels.fp8_triton import gemm_fp8_triton
+
+        return gemm_fp8_triton(a, a_scale, b, b_scale)
+    if chosen == "official":
+        import deep_gemm
+
+        out = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
+        deep_gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out)
+        return out
+    return gemm_fp8_reference(a, a_scale, b, b_scale)
+
+
+def grouped_gemm_fp8_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                                b_scale: torch.Tensor, m_indices: torch.Tensor,
+                                backend: Backend = "auto") -> torch.Tensor:
+    """a [M, K] with rows grouped by expert (m_indices[r] = expert of row r, −1 for padding),
+    b [G, N, K] → [M, N]; padding rows come out as zeros."""
+    _check(a, a_scale, b, b_scale)
+    chosen = resolve(backend, "gemm", a.device)
+    if chosen == "triton":
+        from fireflyer.kernels.fp8_triton import grouped_contiguous_triton
+
+        return grouped_contiguous_triton(a, a_scale, b, b_scale, m_indices)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    for g in range(b.shape[0]):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            out[rows] = gemm_fp8_reference(a[rows], a_scale[rows], b[g], b_scale[g])
+    return out
+
+
+def grouped_gemm_fp8_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                            b_scale: torch.Tensor, masked_m: torch.Tensor,
+                            backend: Backend = "auto") -> torch.Tensor:
+    """a [G, M_max, K], b [G, N, K], masked_m [G] valid rows per expert → [G, M_max, N]; rows at or
+    past masked_m[g] are left as zeros."""
+    _check(a, a_scale, b, b_scale)
+    chosen = resolve(backend, "gemm", a.device)
+    if chosen == "triton":
+        from fireflyer.kernels.fp8_triton import grouped_masked_triton
+
+        return grouped_masked_triton(a, a_scale, b, b_scale, masked_m)
+    out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    for g in range(a.shape[0]):
+        m = int(masked_m[g])
+        if m:
+            out[g, :m] = gemm_fp8_reference(a[g, :m], a_scale[g, :m], b[g], b_scale[g])
+    return out

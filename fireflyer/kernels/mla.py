@@ -1,0 +1,87 @@
+"""Paged MLA decode (DeepSeek-V3 attention at decode time), FlashMLA's interface.
+
+q [b, s_q, h_q, 576] (512 latent + 64 rope), kv_cache [num_blocks, 64, 1, 576] (the latent is
+also the value), block_table int32 [b, max_blocks], cache_seqlens int32 [b];
+out [b, s_q, h_q, 512] BF16 and lse [b, h_q, s_q] fp32 (natural log). For s_q > 1 the queries are
+the last s_q positions of the sequence and attend causally.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fireflyer.kernels.backend import Backend, resolve
+
+PAGE = 64
+D_QK = 576
+D_V = 512
+
+
+def check_shapes(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 cache_seqlens: torch.Tensor) -> None:
+    b, s_q, h_q, d = q.shape
+    if d != D_QK or kv_cache.shape[1:] != (PAGE, 1, D_QK):
+        raise ValueError(f"expected q [..., {D_QK}] and kv_cache [blocks, {PAGE}, 1, {D_QK}], "
+                         f"got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    if block_table.shape[0] != b or cache_seqlens.shape != (b,):
+        raise ValueError("block_table and cache_seqlens need one row per sequence")
+    if block_table.dtype != torch.int32 or cache_seqlens.dtype != torch.int32:
+        raise ValueError("block_table and cache_seqlens must be int32")
+    if s_q not in (1, 2):
+        raise ValueError(f"s_q must be 1 or 2, got {s_q}")
+
+
+def num_splits(batch: int, head_blocks: int, max_pages: int, num_sms: int, waves: float = 2.0) -> int:
+    """Split the KV sequence so that batch × head blocks × splits fills the GPU about `waves`
+    times over; never more splits than pages."""
+    programs = max(1, batch * head_blocks)
+    splits = max(1, math.ceil(waves * num_sms / programs))
+    return max(1, min(splits, max_pages, 64))
+
+
+def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                         cache_seqlens: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence attention in fp32: the definition of correct."""
+    check_shapes(q, kv_cache, block_table, cache_seqlens)
+    b, s_q, h_q, _ = q.shape
+    out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    flat = kv_cache.view(-1, D_QK)
+    for i in range(b):
+        n = int(cache_seqlens[i])
+        pages = block_table[i, : (n + PAGE - 1) // PAGE].long()
+        rows = (pages[:, None] * PAGE + torch.arange(PAGE, device=q.device)).reshape(-1)[:n]
+        kv = flat[rows].float()  # [n, 576]
+        qi = q[i].float().reshape(s_q * h_q, D_QK)
+        scores = (qi @ kv.T) * softmax_scale  # [s_q*h_q, n]
+        query_pos = (n - s_q + torch.arange(s_q, device=q.device)).repeat_interleave(h_q)
+        mask = torch.arange(n, device=q.device)[None, :] > query_pos[:, None]
+        scores = scores.masked_fill(mask, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - row_lse[:, None])
+        out[i] = (probs @ kv[:, :D_V]).reshape(s_q, h_q, D_V).to(q.dtype)
+        lse[i] = row_lse.reshape(s_q, h_q).T
+    return out, lse
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+               cache_seqlens: torch.Tensor, softmax_scale: float,
+               backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged MLA decode. softmax_scale is always explicit (DeepSeek-V3: 192^-0.5 × its YaRN
+    factor, not 576^-0.5)."""
+    check_shapes(q, kv_cache, block_table, cache_seqlens)
+    chosen = resolve(backend, "mla", q.device)
+    if chosen == "triton":
+        from fireflyer.kernels.mla_triton import mla_decode_triton
+
+        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, softmax_scale)
+    if chosen == "official":
+        import flash_mla
+
+        meta, splits = flash_mla.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
+        out, lse = flash_mla.flash_mla_with_kvcache(q, kv_cache, block_table, cache_seqlens, D_V, meta,
+                                                    splits, softmax_scale=softmax_scale, causal=True)
+        return out, lse
+    return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, softmax_scale)

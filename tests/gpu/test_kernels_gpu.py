@@ -1,0 +1,109 @@
+"""Kernel backends against the torch references on a CUDA device (skipped without one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fireflyer.kernels import fp8, mla  # noqa: E402
+from fireflyer.kernels.backend import has_module  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or not has_module("triton"), reason="needs CUDA and Triton"),
+]
+SCALE = 192**-0.5
+
+
+def _mla_inputs(b: int, s_q: int, h_q: int, seqlens: list[int], seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    max_pages = max(math.ceil(n / mla.PAGE) for n in seqlens)
+    num_blocks = b * max_pages
+    q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(num_blocks, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    perm = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32)
+    table = perm.view(b, max_pages)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    return q, kv, table, lens
+
+
+def _cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    return fp8.calc_diff(x, y)
+
+
+@pytest.mark.parametrize(
+    "b,s_q,h_q,seqlens",
+    [
+        (2, 1, 16, [1, 64]),
+        (3, 2, 128, [63, 65, 700]),
+        (4, 1, 128, [4096, 1, 333, 2048]),
+        (2, 2, 64, [129, 4095]),
+        (8, 1, 128, [8192] * 8),  # DeepSeek-V3 decode shape
+    ],
+)
+def test_mla_triton_matches_reference(b: int, s_q: int, h_q: int, seqlens: list[int]) -> None:
+    q, kv, table, lens = _mla_inputs(b, s_q, h_q, seqlens)
+    out, lse = mla.mla_decode(q, kv, table, lens, SCALE, backend="triton")
+    ref_out, ref_lse = mla.mla_decode(q, kv, table, lens, SCALE, backend="torch")
+    assert (out.float() - ref_out.float()).abs().max().item() <= 8e-3
+    assert _cos_diff(out, ref_out) <= 5e-6
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_mla_split_count_does_not_change_the_result() -> None:
+    from fireflyer.kernels.mla_triton import mla_decode_triton
+
+    q, kv, table, lens = _mla_inputs(2, 2, 128, [1000, 3000], seed=3)
+    one, lse_one = mla_decode_triton(q, kv, table, lens, SCALE, splits=1)
+    many, lse_many = mla_decode_triton(q, kv, table, lens, SCALE, splits=16)
+    assert _cos_diff(one, many) < 1e-6
+    torch.testing.assert_close(lse_one, lse_many, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 24576, 1536), (4096, 7168, 2048), (200, 384, 512)])
+def test_gemm_fp8_matches_reference(m: int, n: int, k: int) -> None:
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    a_q, a_s = fp8.quantize_per_token_group(a)
+    b_q, b_s = fp8.quantize_per_block(b)
+    out = fp8.gemm_fp8(a_q, a_s, b_q, b_s, backend="triton")
+    ref = fp8.gemm_fp8(a_q, a_s, b_q, b_s, backend="torch")
+    assert fp8.calc_diff(out, ref) < 1e-3
+    assert fp8.calc_diff(out, a.float() @ b.float().T) < 1e-3
+
+
+def test_grouped_contiguous_matches_reference() -> None:
+    groups, n, k = 4, 4096, 7168
+    sizes = [128, 384, 0, 256]
+    m = sum(sizes) + 128  # one padding tile
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
+    idx = torch.cat([torch.full((s,), g, dtype=torch.int32) for g, s in enumerate(sizes)]
+                    + [torch.full((128,), -1, dtype=torch.int32)]).cuda()
+    a_q, a_s = fp8.quantize_per_token_group(a)
+    b_q, b_s = fp8.quantize_per_block(b)
+    out = fp8.grouped_gemm_fp8_contiguous(a_q, a_s, b_q, b_s, idx, backend="triton")
+    ref = fp8.grouped_gemm_fp8_contiguous(a_q, a_s, b_q, b_s, idx, backend="torch")
+    assert fp8.calc_diff(out, ref) < 1e-3
+    assert out[-128:].abs().max().item() == 0
+
+
+def test_grouped_masked_matches_reference() -> None:
+    groups, m_max, n, k = 6, 256, 4096, 7168
+    a = torch.randn(groups, m_max, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
+    masked = torch.tensor([0, 1, 77, 128, 200, 256], dtype=torch.int32, device="cuda")
+    pairs = [fp8.quantize_per_token_group(a[g]) for g in range(groups)]
+    a_q = torch.stack([p[0] for p in pairs])
+    a_s = torch.stack([p[1] for p in pairs])
+    b_q, b_s = fp8.quantize_per_block(b)
+    out = fp8.grouped_gemm_fp8_masked(a_q, a_s, b_q, b_s, masked, backend="triton")
+    ref = fp8.grouped_gemm_fp8_masked(a_q, a_s, b_q, b_s, masked, backend="torch")
+    for g in range(groups):
+        mg = int(masked[g])
+        if mg:
+            assert fp8.calc_diff(out[g, :mg], ref[g, :mg]) < 1e-3
+        assert out[g, mg:].abs().max().item() == 0 if mg < m_max else True
