@@ -31,18 +31,22 @@ def quantize_per_token_group(x: torch.Tensor, group: int = GROUP) -> tuple[torch
 
 
 def quantize_per_block(w: torch.Tensor, block: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] (or [G, N, K]) → (e4m3, fp32 scales [N/block, K/block]) per block×block tile."""
+    """[N, K] (or [G, N, K]) → (e4m3, fp32 scales [⌈N/block⌉, K/block]) per block×block tile.
+    N need not be a multiple of the block (DeepSeek-V3 has N = 2112): the last row block is partial."""
     if w.dim() == 3:
         pairs = [quantize_per_block(wi, block) for wi in w]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     n, k = w.shape
-    if n % block or k % block:
-        raise ValueError(f"N ({n}) and K ({k}) must be multiples of {block}")
-    tiles = w.float().view(n // block, block, k // block, block)
+    if k % block:
+        raise ValueError(f"K ({k}) must be a multiple of {block}")
+    n_pad = -(-n // block) * block
+    padded = torch.zeros(n_pad, k, dtype=torch.float32, device=w.device)
+    padded[:n] = w.float()
+    tiles = padded.view(n_pad // block, block, k // block, block)
     amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-4)
     scale = amax / FP8_MAX
-    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(n, k)
-    return q, scale
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(n_pad, k)[:n]
+    return q.contiguous(), scale
 
 
 def dequantize_per_token_group(q: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -52,8 +56,8 @@ def dequantize_per_token_group(q: torch.Tensor, scale: torch.Tensor, group: int 
 
 def dequantize_per_block(q: torch.Tensor, scale: torch.Tensor, block: int = GROUP) -> torch.Tensor:
     n, k = q.shape
-    tiles = q.float().view(n // block, block, k // block, block) * scale[:, None, :, None]
-    return tiles.view(n, k)
+    rows = scale.repeat_interleave(block, dim=0)[:n]  # [N, K/block]
+    return (q.float().view(n, k // block, block) * rows[..., None]).view(n, k)
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -73,7 +77,8 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
         raise ValueError("a and b must be float8_e4m3fn")
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"K differs: {a.shape[-1]} vs {b.shape[-1]}")
-    if a_scale.shape[-1] != a.shape[-1] // GROUP or b_scale.shape[-2:] != (b.shape[-2] // GROUP, b.shape[-1] // GROUP):
+    blocks = (-(-b.shape[-2] // GROUP), b.shape[-1] // GROUP)
+    if a_scale.shape[-1] != a.shape[-1] // GROUP or tuple(b_scale.shape[-2:]) != blocks:
         raise ValueError("scales must be 1×128 per activation row and 128×128 per weight block")
 
 

@@ -60,7 +60,8 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         mask = torch.arange(n, device=q.device)[None, :] > query_pos[:, None]
         scores = scores.masked_fill(mask, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - row_lse[:, None])
+        # A query with no visible key (sequence shorter than s_q) yields zeros and lse = -inf.
+        probs = torch.exp(scores - row_lse.clamp(min=-1e30)[:, None]).nan_to_num(0.0)
         out[i] = (probs @ kv[:, :D_V]).reshape(s_q, h_q, D_V).to(q.dtype)
         lse[i] = row_lse.reshape(s_q, h_q).T
     return out, lse

@@ -11,7 +11,8 @@ import triton.language as tl
 from fireflyer.kernels.mla import D_QK, D_V, PAGE, num_splits
 
 LOG2E = 1.4426950408889634
-CONFIG = {"BLOCK_H": 64, "num_warps": 8, "num_stages": 1}
+# Chosen by bench/kernels/tune_mla.py on an H100 (b=128, h_q=128, s_k=4096).
+CONFIG = {"BLOCK_H": 64, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     head_blocks = triton.cdiv(rows, cfg["BLOCK_H"])
     if splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = num_splits(b, head_blocks, block_table.shape[1], sms)
+        splits = num_splits(b, head_blocks, block_table.shape[1], sms, waves=1.0)
     out_part = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
     _mla_partial[(head_blocks, splits, b)](

@@ -59,7 +59,7 @@ def test_mla_split_count_does_not_change_the_result() -> None:
     q, kv, table, lens = _mla_inputs(2, 2, 128, [1000, 3000], seed=3)
     one, lse_one = mla_decode_triton(q, kv, table, lens, SCALE, splits=1)
     many, lse_many = mla_decode_triton(q, kv, table, lens, SCALE, splits=16)
-    assert _cos_diff(one, many) < 1e-6
+    assert _cos_diff(one, many) < 5e-6
     torch.testing.assert_close(lse_one, lse_many, atol=1e-4, rtol=1e-5)
 
 
