@@ -22,6 +22,7 @@ test: control-plane
 	$(BIN)/ruff check fireflyer tests bench
 	$(BIN)/mypy
 	$(BIN)/fireflyer crds --check
+	$(BIN)/fireflyer manifests --check
 	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -41,8 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     rows = []
-    print(f"{'shape':22} {'load':12} {'greedy':>8} {'ours':>8} {'gain':>7} "
-          f"{'greedy ms':>10} {'ours ms':>8} {'speedup':>8}")
+    print(
+        f"{'shape':22} {'load':12} {'greedy':>8} {'ours':>8} {'gain':>7} "
+        f"{'greedy ms':>10} {'ours ms':>8} {'speedup':>8}"
+    )
     for shape, (slots, groups, nodes, gpus) in SHAPES.items():
         cases = [(f"zipf {s}", zipf_load(58, 256, s, rng), None) for s in EXPONENTS]
         windows = drifting_loads(58, 256, 0.9, 4, 0.3, rng)

@@ -18,8 +18,12 @@ def report(name: str, compiled) -> None:  # type: ignore[no-untyped-def]
     ptx = compiled.asm.get("ptx", "")
     wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+?)\.", ptx)))
     shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
-    print(f"{name}: registers {compiled.n_regs}, spills {compiled.n_spills}, shared {compiled.metadata.shared} B, "
-          f"wgmma {shapes or 'none'} {wgmma}, mma.sync {'mma.sync' in ptx}", flush=True)
+    print(
+        f"{name}: registers {compiled.n_regs}, spills {compiled.n_spills}, "
+        f"shared {compiled.metadata.shared} B, "
+        f"wgmma {shapes or 'none'} {wgmma}, mma.sync {'mma.sync' in ptx}",
+        flush=True,
+    )
 
 
 def compiled_of(jit) -> list:  # type: ignore[no-untyped-def]

@@ -16,7 +16,19 @@ HEADER = "# Rendered from charts/fireflyer by `fireflyer manifests`; do not edit
 def render() -> str:
     helm = build.ensure_binaries() / "helm"
     result = subprocess.run(
-        [str(helm), "template", "fireflyer", str(CHART), "--namespace", NAMESPACE, "--skip-crds"],
+        # One replica: a kustomize apply cannot create the kopf peering object in the same pass
+        # as its CRD; Helm (CRDs first) installs two replicas with peering.
+        [
+            str(helm),
+            "template",
+            "fireflyer",
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--skip-crds",
+            "--set",
+            "replicas=1",
+        ],
         capture_output=True,
         text=True,
     )

@@ -67,8 +67,9 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
 
 
-def gemm_fp8_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
-                       b_scale: torch.Tensor) -> torch.Tensor:
+def gemm_fp8_reference(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
+) -> torch.Tensor:
     return (dequantize_per_token_group(a, a_scale) @ dequantize_per_block(b, b_scale).T).to(torch.bfloat16)
 
 
@@ -82,8 +83,9 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
         raise ValueError("scales must be 1×128 per activation row and 128×128 per weight block")
 
 
-def gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-             backend: Backend = "auto") -> torch.Tensor:
+def gemm_fp8(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, backend: Backend = "auto"
+) -> torch.Tensor:
     """[M, K] × [N, K]ᵀ → [M, N] BF16."""
     _check(a, a_scale, b, b_scale)
     chosen = resolve(backend, "gemm", a.device)
@@ -100,9 +102,14 @@ def gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     return gemm_fp8_reference(a, a_scale, b, b_scale)
 
 
-def grouped_gemm_fp8_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
-                                b_scale: torch.Tensor, m_indices: torch.Tensor,
-                                backend: Backend = "auto") -> torch.Tensor:
+def grouped_gemm_fp8_contiguous(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    m_indices: torch.Tensor,
+    backend: Backend = "auto",
+) -> torch.Tensor:
     """a [M, K] with rows grouped by expert (m_indices[r] = expert of row r, −1 for padding),
     b [G, N, K] → [M, N]; padding rows come out as zeros."""
     _check(a, a_scale, b, b_scale)
@@ -119,9 +126,14 @@ def grouped_gemm_fp8_contiguous(a: torch.Tensor, a_scale: torch.Tensor, b: torch
     return out
 
 
-def grouped_gemm_fp8_masked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
-                            b_scale: torch.Tensor, masked_m: torch.Tensor,
-                            backend: Backend = "auto") -> torch.Tensor:
+def grouped_gemm_fp8_masked(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    masked_m: torch.Tensor,
+    backend: Backend = "auto",
+) -> torch.Tensor:
     """a [G, M_max, K], b [G, N, K], masked_m [G] valid rows per expert → [G, M_max, N]; rows at or
     past masked_m[g] are left as zeros."""
     _check(a, a_scale, b, b_scale)

@@ -22,9 +22,24 @@ CONFIGS = [
 
 
 @triton.jit
-def _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, M, N, K,
-              stride_am, stride_asm, stride_bn, stride_bsn,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_tile(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_asm,
+    stride_bn,
+    stride_bsn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]
@@ -45,9 +60,24 @@ def _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, M, N, K,
 
 @triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
-                 stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_asm,
+    stride_bn,
+    stride_bsn,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -60,8 +90,24 @@ def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     pid_n = (pid % per_group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, M, N, K, stride_am, stride_asm,
-                    stride_bn, stride_bsn, BLOCK_M, BLOCK_N, 128)
+    acc = _fp8_tile(
+        a_ptr,
+        as_ptr,
+        b_ptr,
+        bs_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        K,
+        stride_am,
+        stride_asm,
+        stride_bn,
+        stride_bsn,
+        BLOCK_M,
+        BLOCK_N,
+        128,
+    )
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(tl.bfloat16), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -72,9 +118,27 @@ CONTIGUOUS_CONFIGS = [c for c in CONFIGS if c.kwargs["BLOCK_M"] <= GROUP]
 
 @triton.autotune(configs=CONTIGUOUS_CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _grouped_contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, idx_ptr, M, N, K,
-                               stride_am, stride_asm, stride_bg, stride_bn, stride_bsg, stride_bsn, stride_cm,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _grouped_contiguous_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    idx_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_asm,
+    stride_bg,
+    stride_bn,
+    stride_bsg,
+    stride_bsn,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -86,18 +150,53 @@ def _grouped_contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, idx_ptr, M, 
     if expert < 0:
         tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), tl.bfloat16), mask=mask)
     else:
-        acc = _fp8_tile(a_ptr, as_ptr, b_ptr + expert.to(tl.int64) * stride_bg, bs_ptr + expert * stride_bsg,
-                        offs_m, offs_n, M, N, K, stride_am, stride_asm, stride_bn, stride_bsn,
-                        BLOCK_M, BLOCK_N, 128)
+        acc = _fp8_tile(
+            a_ptr,
+            as_ptr,
+            b_ptr + expert.to(tl.int64) * stride_bg,
+            bs_ptr + expert * stride_bsg,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            K,
+            stride_am,
+            stride_asm,
+            stride_bn,
+            stride_bsn,
+            BLOCK_M,
+            BLOCK_N,
+            128,
+        )
         tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask)
 
 
 @triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _grouped_masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, mask_ptr, M, N, K,
-                           stride_ag, stride_am, stride_asg, stride_asm, stride_bg, stride_bn,
-                           stride_bsg, stride_bsn, stride_cg, stride_cm,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _grouped_masked_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    mask_ptr,
+    M,
+    N,
+    K,
+    stride_ag,
+    stride_am,
+    stride_asg,
+    stride_asm,
+    stride_bg,
+    stride_bn,
+    stride_bsg,
+    stride_bsn,
+    stride_cg,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     g = tl.program_id(2)
@@ -106,14 +205,31 @@ def _grouped_masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, mask_ptr, M, N, 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         gl = g.to(tl.int64)
-        acc = _fp8_tile(a_ptr + gl * stride_ag, as_ptr + gl * stride_asg, b_ptr + gl * stride_bg,
-                        bs_ptr + gl * stride_bsg, offs_m, offs_n, valid, N, K, stride_am, stride_asm,
-                        stride_bn, stride_bsn, BLOCK_M, BLOCK_N, 128)
+        acc = _fp8_tile(
+            a_ptr + gl * stride_ag,
+            as_ptr + gl * stride_asg,
+            b_ptr + gl * stride_bg,
+            bs_ptr + gl * stride_bsg,
+            offs_m,
+            offs_n,
+            valid,
+            N,
+            K,
+            stride_am,
+            stride_asm,
+            stride_bn,
+            stride_bsn,
+            BLOCK_M,
+            BLOCK_N,
+            128,
+        )
         c_ptrs = c_ptr + gl * stride_cg + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(tl.bfloat16), mask=(offs_m[:, None] < valid) & (offs_n[None, :] < N))
 
 
-def gemm_fp8_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+def gemm_fp8_triton(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
+) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
@@ -123,13 +239,27 @@ def gemm_fp8_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_s
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _gemm_kernel[grid](a, a_scale, b, b_scale, c, m, n, k, a.stride(0), a_scale.stride(0),
-                       b.stride(0), b_scale.stride(0), c.stride(0))
+    _gemm_kernel[grid](
+        a,
+        a_scale,
+        b,
+        b_scale,
+        c,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a_scale.stride(0),
+        b.stride(0),
+        b_scale.stride(0),
+        c.stride(0),
+    )
     return c
 
 
-def grouped_contiguous_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                              m_indices: torch.Tensor) -> torch.Tensor:
+def grouped_contiguous_triton(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, m_indices: torch.Tensor
+) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[1]
     if m % GROUP:
@@ -142,13 +272,30 @@ def grouped_contiguous_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.T
     def grid(meta: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
-    _grouped_contiguous_kernel[grid](a, a_scale, b, b_scale, c, idx, m, n, k, a.stride(0), a_scale.stride(0),
-                                     b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1), c.stride(0))
+    _grouped_contiguous_kernel[grid](
+        a,
+        a_scale,
+        b,
+        b_scale,
+        c,
+        idx,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a_scale.stride(0),
+        b.stride(0),
+        b.stride(1),
+        b_scale.stride(0),
+        b_scale.stride(1),
+        c.stride(0),
+    )
     return c
 
 
-def grouped_masked_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                          masked_m: torch.Tensor) -> torch.Tensor:
+def grouped_masked_triton(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, masked_m: torch.Tensor
+) -> torch.Tensor:
     g, m, k = a.shape
     n = b.shape[1]
     c = torch.zeros(g, m, n, dtype=torch.bfloat16, device=a.device)
@@ -159,7 +306,25 @@ def grouped_masked_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tenso
     def grid(meta: dict[str, int]) -> tuple[int, int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), g)
 
-    _grouped_masked_kernel[grid](a, a_scale, b, b_scale, c, mask, m, n, k, a.stride(0), a.stride(1),
-                                 a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
-                                 b_scale.stride(0), b_scale.stride(1), c.stride(0), c.stride(1))
+    _grouped_masked_kernel[grid](
+        a,
+        a_scale,
+        b,
+        b_scale,
+        c,
+        mask,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        a_scale.stride(0),
+        a_scale.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b_scale.stride(0),
+        b_scale.stride(1),
+        c.stride(0),
+        c.stride(1),
+    )
     return c

@@ -19,12 +19,15 @@ D_QK = 576
 D_V = 512
 
 
-def check_shapes(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                 cache_seqlens: torch.Tensor) -> None:
-    b, s_q, h_q, d = q.shape
+def check_shapes(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor
+) -> None:
+    b, s_q, _, d = q.shape
     if d != D_QK or kv_cache.shape[1:] != (PAGE, 1, D_QK):
-        raise ValueError(f"expected q [..., {D_QK}] and kv_cache [blocks, {PAGE}, 1, {D_QK}], "
-                         f"got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+        raise ValueError(
+            f"expected q [..., {D_QK}] and kv_cache [blocks, {PAGE}, 1, {D_QK}], "
+            f"got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
+        )
     if block_table.shape[0] != b or cache_seqlens.shape != (b,):
         raise ValueError("block_table and cache_seqlens need one row per sequence")
     if block_table.dtype != torch.int32 or cache_seqlens.dtype != torch.int32:
@@ -41,8 +44,13 @@ def num_splits(batch: int, head_blocks: int, max_pages: int, num_sms: int, waves
     return max(1, min(splits, max_pages, 64))
 
 
-def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                         cache_seqlens: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mla_decode_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence attention in fp32: the definition of correct."""
     check_shapes(q, kv_cache, block_table, cache_seqlens)
     b, s_q, h_q, _ = q.shape
@@ -67,9 +75,14 @@ def mla_decode_reference(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     return out, lse
 
 
-def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               cache_seqlens: torch.Tensor, softmax_scale: float,
-               backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode. softmax_scale is always explicit (DeepSeek-V3: 192^-0.5 × its YaRN
     factor, not 576^-0.5)."""
     check_shapes(q, kv_cache, block_table, cache_seqlens)
@@ -82,7 +95,16 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         import flash_mla
 
         meta, splits = flash_mla.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
-        out, lse = flash_mla.flash_mla_with_kvcache(q, kv_cache, block_table, cache_seqlens, D_V, meta,
-                                                    splits, softmax_scale=softmax_scale, causal=True)
+        out, lse = flash_mla.flash_mla_with_kvcache(
+            q,
+            kv_cache,
+            block_table,
+            cache_seqlens,
+            D_V,
+            meta,
+            splits,
+            softmax_scale=softmax_scale,
+            causal=True,
+        )
         return out, lse
     return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, softmax_scale)

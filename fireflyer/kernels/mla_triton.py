@@ -16,11 +16,31 @@ CONFIG = {"BLOCK_H": 64, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
-def _mla_partial(Q, KV, BT, SEQ, OP, LP, scale_log2,
-                 stride_qb, stride_qs, stride_qh, stride_kvblk, stride_btb,
-                 stride_opb, stride_ops, stride_lpb, stride_lps,
-                 S_Q: tl.constexpr, H_Q: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 BLOCK_H: tl.constexpr, PAGE_SIZE: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr):
+def _mla_partial(
+    Q,
+    KV,
+    BT,
+    SEQ,
+    OP,
+    LP,
+    scale_log2,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kvblk,
+    stride_btb,
+    stride_opb,
+    stride_ops,
+    stride_lpb,
+    stride_lps,
+    S_Q: tl.constexpr,
+    H_Q: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DV: tl.constexpr,
+    DR: tl.constexpr,
+):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -69,9 +89,23 @@ def _mla_partial(Q, KV, BT, SEQ, OP, LP, scale_log2,
 
 
 @triton.jit
-def _mla_combine(OP, LP, OUT, LSE, stride_opb, stride_ops, stride_lpb, stride_lps,
-                 stride_ob, stride_lb, S_Q: tl.constexpr, H_Q: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 DV: tl.constexpr, LN2: tl.constexpr):
+def _mla_combine(
+    OP,
+    LP,
+    OUT,
+    LSE,
+    stride_opb,
+    stride_ops,
+    stride_lpb,
+    stride_lps,
+    stride_ob,
+    stride_lb,
+    S_Q: tl.constexpr,
+    H_Q: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DV: tl.constexpr,
+    LN2: tl.constexpr,
+):
     row = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_v = tl.arange(0, DV)
@@ -93,10 +127,15 @@ def _mla_combine(OP, LP, OUT, LSE, stride_opb, stride_ops, stride_lpb, stride_lp
     tl.store(LSE + pid_b * stride_lb + hh * S_Q + sq, lse)
 
 
-def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                      cache_seqlens: torch.Tensor, softmax_scale: float,
-                      splits: int | None = None, config: dict[str, int] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def mla_decode_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    splits: int | None = None,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = {**CONFIG, **(config or {})}
     b, s_q, h_q, _ = q.shape
     q = q.contiguous()
@@ -108,17 +147,50 @@ def mla_decode_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
     out_part = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
     _mla_partial[(head_blocks, splits, b)](
-        q, kv_cache, block_table, cache_seqlens, out_part, lse_part, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), block_table.stride(0),
-        out_part.stride(0), out_part.stride(1), lse_part.stride(0), lse_part.stride(1),
-        S_Q=s_q, H_Q=h_q, NUM_SPLITS=splits, BLOCK_H=cfg["BLOCK_H"], PAGE_SIZE=PAGE, DV=D_V,
-        DR=D_QK - D_V, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        kv_cache,
+        block_table,
+        cache_seqlens,
+        out_part,
+        lse_part,
+        softmax_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        kv_cache.stride(0),
+        block_table.stride(0),
+        out_part.stride(0),
+        out_part.stride(1),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        S_Q=s_q,
+        H_Q=h_q,
+        NUM_SPLITS=splits,
+        BLOCK_H=cfg["BLOCK_H"],
+        PAGE_SIZE=PAGE,
+        DV=D_V,
+        DR=D_QK - D_V,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     _mla_combine[(rows, b)](
-        out_part, lse_part, out, lse, out_part.stride(0), out_part.stride(1), lse_part.stride(0),
-        lse_part.stride(1), out.stride(0), lse.stride(0), S_Q=s_q, H_Q=h_q, NUM_SPLITS=splits, DV=D_V,
-        LN2=math.log(2.0), num_warps=4,
+        out_part,
+        lse_part,
+        out,
+        lse,
+        out_part.stride(0),
+        out_part.stride(1),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        out.stride(0),
+        lse.stride(0),
+        S_Q=s_q,
+        H_Q=h_q,
+        NUM_SPLITS=splits,
+        DV=D_V,
+        LN2=math.log(2.0),
+        num_warps=4,
     )
     return out, lse

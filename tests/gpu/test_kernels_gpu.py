@@ -13,7 +13,9 @@ from fireflyer.kernels.backend import has_module  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or not has_module("triton"), reason="needs CUDA and Triton"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not has_module("triton"), reason="needs CUDA and Triton"
+    ),
 ]
 SCALE = 192**-0.5
 
@@ -81,8 +83,10 @@ def test_grouped_contiguous_matches_reference() -> None:
     m = sum(sizes) + 128  # one padding tile
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
-    idx = torch.cat([torch.full((s,), g, dtype=torch.int32) for g, s in enumerate(sizes)]
-                    + [torch.full((128,), -1, dtype=torch.int32)]).cuda()
+    idx = torch.cat(
+        [torch.full((s,), g, dtype=torch.int32) for g, s in enumerate(sizes)]
+        + [torch.full((128,), -1, dtype=torch.int32)]
+    ).cuda()
     a_q, a_s = fp8.quantize_per_token_group(a)
     b_q, b_s = fp8.quantize_per_block(b)
     out = fp8.grouped_gemm_fp8_contiguous(a_q, a_s, b_q, b_s, idx, backend="triton")

@@ -90,8 +90,14 @@ def test_grouped_references_route_rows_to_their_expert() -> None:
     assert out[256:].abs().max().item() == 0
     am = a.view(3, 128, 256)
     pairs = [fp8.quantize_per_token_group(am[i]) for i in range(3)]
-    masked = fp8.grouped_gemm_fp8_masked(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]),
-                                         wq, w_s, torch.tensor([5, 0, 128]), backend="torch")
+    masked = fp8.grouped_gemm_fp8_masked(
+        torch.stack([p[0] for p in pairs]),
+        torch.stack([p[1] for p in pairs]),
+        wq,
+        w_s,
+        torch.tensor([5, 0, 128]),
+        backend="torch",
+    )
     assert fp8.calc_diff(masked[0, :5], am[0, :5] @ w[0].T) < 1e-3
     assert masked[0, 5:].abs().max().item() == 0 and masked[1].abs().max().item() == 0
 
