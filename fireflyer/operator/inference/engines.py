@@ -163,11 +163,8 @@ def vllm_command(spec: InferenceDeploymentSpec, role: Role, unit: UnitContext) -
         json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"}),
     ]
     if spec.eplb.mode == "dynamic":
-        config = {
-            "num_redundant_experts": spec.eplb.redundant_experts,
-            "window_size": spec.eplb.window_seconds,
-            "step_interval": spec.eplb.interval_seconds,
-        }
+        # vLLM counts its EPLB window and interval in engine steps, not seconds: keep its own.
+        config = {"num_redundant_experts": spec.eplb.redundant_experts}
         args += ["--enable-eplb", "--eplb-config", json.dumps(config)]
     return args + list(spec.engine.args)
 
