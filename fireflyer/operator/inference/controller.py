@@ -174,3 +174,35 @@ def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -
             reconcile(namespace, deployment, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
         except kube.ApiException as exc:
             log.warning("reconcile of %s/%s after a child event failed: %s", namespace, deployment, exc)
+
+
+def _node_unusable(body: Any) -> bool:
+    spec = body.get("spec", {}) or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (body.get("status", {}) or {}).get("conditions", []) or []
+    )
+    return not ready or bool(spec.get("unschedulable"))
+
+
+@kopf.on.event("nodes")
+def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
+    """A node went NotReady or was cordoned: reconcile the deployments with unit pods on it now,
+    before the taint manager evicts them one by one."""
+    if type is None or not (type == "DELETED" or _node_unusable(body)):
+        return
+    pods = kwargs.get("cluster_pods")
+    owners = {
+        (p["metadata"]["namespace"], p["metadata"]["labels"][L.DEPLOYMENT])
+        for p in (cache.snapshot(pods) if pods is not None else kube.list_("Pod"))
+        if p["spec"].get("nodeName") == name
+        and (p["metadata"].get("labels") or {}).get(L.COMPONENT) == "unit"
+        and L.DEPLOYMENT in (p["metadata"].get("labels") or {})
+    }
+    for namespace, deployment in sorted(owners):
+        try:
+            reconcile(namespace, deployment, kwargs.get("cluster_nodes"), pods)
+        except kube.ApiException as exc:
+            log.warning(
+                "reconcile of %s/%s after node %s changed failed: %s", namespace, deployment, name, exc
+            )
