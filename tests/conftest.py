@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fireflyer.dev import operator_process
 from tests.kube import Kube, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,24 +71,7 @@ class Operator:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fireflyer.cli",
-                    "operator",
-                    "--standalone",
-                    "--metrics-port",
-                    "0",
-                    "--health-port",
-                    "0",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        self.proc = operator_process.start(self.kubeconfig, self.log)
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:

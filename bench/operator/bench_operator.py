@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from fireflyer.dev import cluster
+from fireflyer.dev import cluster, operator_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,23 +85,7 @@ def main() -> None:
     try:
         kubectl(kc, "apply", "--server-side", "-k", str(REPO / "crds"))
         kubectl(kc, "wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=fireflyer")
-        env = dict(os.environ, KUBECONFIG=str(kc))
-        operator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fireflyer.cli",
-                "operator",
-                "--standalone",
-                "--metrics-port",
-                "0",
-                "--health-port",
-                "0",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        operator = operator_process.start(kc, state_dir / "logs" / "operator.log")
         time.sleep(3)
         t0 = time.monotonic()
         kubectl(

@@ -4,14 +4,13 @@ table of the resources until they settle."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fireflyer.dev import build, cluster, processes
+from fireflyer.dev import build, cluster, operator_process, processes
 
 SAMPLES = build.REPO_ROOT / "manifests" / "samples" / "small"
 CRDS = build.REPO_ROOT / "crds"
@@ -31,28 +30,9 @@ def start_operator(state: cluster.State) -> int:
     existing = state.pids.get("fireflyer")
     if existing and processes.is_ours(existing, Path(sys.executable).resolve().name):
         return existing
-    env = dict(os.environ, KUBECONFIG=str(state.kubeconfig))
-    log = Path(state.state_dir) / "logs" / "operator.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fireflyer.cli",
-                "operator",
-                "--standalone",
-                "--metrics-port",
-                "0",
-                "--health-port",
-                "0",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+    proc = operator_process.start(
+        state.kubeconfig, Path(state.state_dir) / "logs" / "operator.log", detach=True
+    )
     state.pids["fireflyer"] = proc.pid
     state.save()
     return proc.pid
