@@ -27,7 +27,12 @@ def _slim_pod(body: Any) -> dict[str, Any]:
             "nodeName": spec.get("nodeName"),
             "containers": [{"resources": dict(c.get("resources") or {})} for c in spec.get("containers", [])],
         },
-        "status": {"phase": status.get("phase"), "conditions": list(status.get("conditions") or [])},
+        "status": {
+            "phase": status.get("phase"),
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")} for c in status.get("conditions") or []
+            ],
+        },
     }
 
 

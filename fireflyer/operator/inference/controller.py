@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -61,13 +63,33 @@ def observe(
     )
 
 
-def apply(cr: dict[str, Any], desired: Desired) -> None:
+# What this process last applied, by (kind, namespace, name) → digest. An event-driven pass
+# skips children it already applied unchanged; forced passes (spec changes, resync, a deleted
+# child) apply everything, which is what repairs drift.
+_applied: dict[tuple[str, str, str], str] = {}
+_wanted: dict[tuple[str, str], set[tuple[str, str]]] = {}
+
+
+def _digest(obj: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
     for child in desired.children:
-        kube.apply(child)
-    for kind in CHILD_KINDS:
+        key = (child["kind"], namespace, child["metadata"]["name"])
+        digest = _digest(child)
+        if force or _applied.get(key) != digest:
+            kube.apply(child)
+            _applied[key] = digest
+    if not force and _wanted.get((namespace, name)) == wanted:
+        kinds: tuple[str, ...] = ()
+    else:
+        kinds = CHILD_KINDS
+        _wanted[(namespace, name)] = wanted
+    for kind in kinds:
         for existing in kube.list_(kind, namespace, f"{L.DEPLOYMENT}={name},{L.MANAGED_BY}={L.MANAGER}"):
             owners = existing["metadata"].get("ownerReferences") or []
             ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
@@ -87,12 +109,14 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
     generation = cr["metadata"].get("generation", 0)
     status["conditions"] = C.merge(previous, status["conditions"], now, generation)
     status["observedGeneration"] = generation
-    kube.patch_status(KIND, name, namespace, status)
+    current = cr.get("status") or {}
+    if force or any(current.get(k) != v for k, v in status.items()):
+        kube.patch_status(KIND, name, namespace, status)
 
 
 @timed(KIND)
 def reconcile(
-    namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None
+    namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None, force: bool = True
 ) -> Desired | None:
     """One full pass for one deployment; serialised per deployment."""
     # One reconcile at a time: two deployments planned at once could pick the same free nodes.
@@ -112,7 +136,7 @@ def reconcile(
                 {"conditions": [C.condition(C.READY, False, C.INVALID_SPEC, str(exc)[:1000])]},
             )
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
-        apply(cr, desired)
+        apply(cr, desired, force)
         return desired
 
 
@@ -165,15 +189,40 @@ def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -
     ):
         _note_pod_failure(type, body, namespace, deployment)
     interesting = type == "DELETED" or phase in ("Failed", "Running") or body.get("kind") != "Pod"
+    if interesting:
+        _kick(namespace, deployment, phase == "Failed" or type == "DELETED", kwargs)
+
+
+_pending: set[tuple[str, str]] = set()
+_pending_lock = threading.Lock()
+DEBOUNCE_SECONDS = 1.0
+
+
+def _kick(namespace: str, deployment: str, urgent: bool, kwargs: dict[str, Any]) -> None:
+    """Reconcile soon. Many pod events arrive together: one reconcile per second per deployment,
+    and a dropped event always leads to one more reconcile after the window (trailing edge)."""
     key = (namespace, deployment)
-    # Many pod events arrive together; one reconcile per second per deployment is enough.
-    urgent = phase == "Failed" or type == "DELETED"
-    if interesting and (urgent or time.monotonic() - _last_kick.get(key, 0.0) > 1.0):
+
+    def run() -> None:
+        with _pending_lock:
+            _pending.discard(key)
         _last_kick[key] = time.monotonic()
         try:
-            reconcile(namespace, deployment, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+            reconcile(namespace, deployment, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"), urgent)
         except kube.ApiException as exc:
             log.warning("reconcile of %s/%s after a child event failed: %s", namespace, deployment, exc)
+
+    wait = DEBOUNCE_SECONDS - (time.monotonic() - _last_kick.get(key, 0.0))
+    if urgent or wait <= 0:
+        run()
+        return
+    with _pending_lock:
+        if key in _pending:
+            return
+        _pending.add(key)
+    timer = threading.Timer(wait, run)
+    timer.daemon = True
+    timer.start()
 
 
 def _node_unusable(body: Any) -> bool:
