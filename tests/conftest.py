@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fireflyer.dev import operator_process
+from fireflyer.dev import demo, operator_process
 from tests.kube import Kube, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +44,7 @@ def deepseek_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]
 
 def install_crds(cluster: Kube) -> Kube:
     """The fireflyer CRDs installed (from crds/, via kustomize)."""
-    cluster.run("apply", "--server-side", "-k", str(REPO_ROOT / "crds"), namespaced=False)
-    cluster.run(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=fireflyer",
-        namespaced=False,
-    )
+    demo.install_crds(cluster.kubeconfig)
     return cluster
 
 

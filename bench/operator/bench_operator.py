@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from fireflyer.dev import cluster, operator_process
+from fireflyer.dev import cluster, demo, operator_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,8 +83,7 @@ def main() -> None:
     kc = state.kubeconfig
     operator = None
     try:
-        kubectl(kc, "apply", "--server-side", "-k", str(REPO / "crds"))
-        kubectl(kc, "wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=fireflyer")
+        demo.install_crds(kc)
         operator = operator_process.start(kc, state_dir / "logs" / "operator.log")
         time.sleep(3)
         t0 = time.monotonic()

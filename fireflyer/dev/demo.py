@@ -25,6 +25,20 @@ def _kubectl(kubeconfig: Path, *args: str) -> str:
     return result.stdout
 
 
+def install_crds(kubeconfig: Path) -> None:
+    """Apply crds/ (through its kustomization) and wait until every CRD is Established."""
+    _kubectl(kubeconfig, "apply", "--server-side", "-k", str(CRDS))
+    _kubectl(
+        kubeconfig,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=fireflyer",
+    )
+
+
 def start_operator(state: cluster.State) -> int:
     """Run the operator from this checkout against the dev cluster; `dev down` stops it."""
     existing = state.pids.get("fireflyer")
@@ -71,16 +85,7 @@ def _print_table(rows: list[tuple[str, str, str, str]], elapsed: float) -> None:
 def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 8.0) -> int:
     state = cluster.up(state_dir, topology)
     kubeconfig = state.kubeconfig
-    _kubectl(kubeconfig, "apply", "--server-side", "-k", str(CRDS))
-    _kubectl(
-        kubeconfig,
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=fireflyer",
-    )
+    install_crds(kubeconfig)
     start_operator(state)
     _kubectl(kubeconfig, "apply", "--server-side", "-n", "default", "-f", str(SAMPLES))
     started = time.monotonic()

@@ -71,7 +71,6 @@ def _improve_by_swaps(weights: FloatArray, pack: IntArray, num_packs: int, max_r
     if num_packs < 2 or items == num_packs:
         return pack
     pack = pack.copy()
-    rows = np.arange(batch)
     active = np.ones(batch, dtype=bool)
     for _ in range(max_rounds):
         idx = np.nonzero(active)[0]
@@ -104,7 +103,6 @@ def _improve_by_swaps(weights: FloatArray, pack: IntArray, num_packs: int, max_r
         pack[layer, b] = pack_a
         active[:] = False
         active[layer] = True
-    del rows
     return pack
 
 
