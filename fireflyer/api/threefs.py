@@ -96,6 +96,27 @@ class Storage(ApiModel):
                 ".chunkSize",
             ),
             cel(
+                "(self.nodes * self.targetsPerDisk) % "
+                "(has(self.replicationFactor) ? self.replicationFactor : "
+                "(has(self.erasureCoding) ? "
+                "self.erasureCoding.dataShards + self.erasureCoding.parityShards : 1)) == 0",
+                "storage.nodes × storage.targetsPerDisk must be a multiple of the chain width "
+                "(replicationFactor, or dataShards + parityShards) so that every target joins a chain",
+                ".targetsPerDisk",
+            ),
+            cel(
+                "self.nodes == oldSelf.nodes && self.disksPerNode == oldSelf.disksPerNode && "
+                "self.targetsPerDisk == oldSelf.targetsPerDisk && "
+                "self.chainTableType == oldSelf.chainTableType && "
+                "self.chunkSize == oldSelf.chunkSize && self.stripeSize == oldSelf.stripeSize && "
+                "self.diskPathTemplate == oldSelf.diskPathTemplate && "
+                "has(self.replicationFactor) == has(oldSelf.replicationFactor) && "
+                "(!has(self.replicationFactor) || self.replicationFactor == oldSelf.replicationFactor)",
+                "the storage layout (nodes, disks, targets, chain table type and width, chunk and "
+                "stripe size, disk paths) is fixed once the file system exists; "
+                "create a new ThreeFSCluster to change it",
+            ),
+            cel(
                 "self.diskPathTemplate.contains('{disk}')",
                 "storage.diskPathTemplate must contain the {disk} placeholder",
                 ".diskPathTemplate",
@@ -132,6 +153,8 @@ class Storage(ApiModel):
     """File chunk size in bytes (a power of two)."""
     stripe_size: int = Field(default=16, ge=1, le=4096)
     """Chains a file is striped across."""
+    replacement_grace_period_seconds: int = Field(default=300, ge=0, le=86400)
+    """How long a storage node may stay NotReady before its targets move to a spare node."""
 
 
 class Clients(ApiModel):
@@ -204,6 +227,22 @@ class ChainSummary(ApiModel):
     degraded: int = 0
 
 
+class ReplacementStatus(ApiModel):
+    ordinal: int
+    """Storage pod ordinal being replaced."""
+    node_name: str
+    """Kubernetes node that failed."""
+    old_node_id: int
+    """3FS node id of the failed storage node."""
+    new_node_id: int
+    """3FS node id given to the replacement."""
+    step: str
+    """remove, reschedule, add, sync or unregister."""
+    removed_targets: list[list[int]] = Field(default_factory=list)
+    """[chain id, target id, disk] of every target taken out of its chain."""
+    started_at: str = ""
+
+
 class ThreeFSClusterStatus(StatusBase):
     phase: str = ""
     """Bootstrapping, Ready, Degraded, Deleting."""
@@ -215,6 +254,18 @@ class ThreeFSClusterStatus(StatusBase):
     mgmtd_addresses: list[str] = Field(default_factory=list)
     storage_ready: str = ""
     """Ready/desired storage nodes (printer column)."""
+    storage_node_ids: dict[str, int] = Field(default_factory=dict)
+    """3FS node id of each storage pod ordinal (a replaced node gets a new id)."""
+    used_bytes: int = 0
+    """Bytes used on all targets, from the last health check."""
+    health_sequence: int = 0
+    """Health checks run so far."""
+    health_checked_at: str = ""
+    replacement: ReplacementStatus | None = None
+    """The storage node replacement in progress."""
+    replacements_completed: int = 0
+    last_admin_error: str = ""
+    """Output of the last admin step that failed."""
 
 
 class ThreeFSCluster(ApiModel):

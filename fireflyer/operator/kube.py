@@ -11,7 +11,18 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-__all__ = ["FIELD_MANAGER", "ApiException", "apply", "delete", "get", "list_", "patch_status"]
+__all__ = [
+    "FIELD_MANAGER",
+    "ApiException",
+    "api_group_served",
+    "apply",
+    "create",
+    "delete",
+    "get",
+    "list_",
+    "patch",
+    "patch_status",
+]
 
 FIELD_MANAGER = "fireflyer-operator"
 
@@ -27,6 +38,11 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "DaemonSet": ("/apis/apps/v1", "daemonsets", True),
     "Job": ("/apis/batch/v1", "jobs", True),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims", True),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "FoundationDBCluster": ("/apis/apps.foundationdb.org/v1beta2", "foundationdbclusters", True),
     "InferenceDeployment": ("/apis/fireflyer.dev/v1alpha1", "inferencedeployments", True),
     "ThreeFSCluster": ("/apis/fireflyer.dev/v1alpha1", "threefsclusters", True),
     "TrainingJob": ("/apis/fireflyer.dev/v1alpha1", "trainingjobs", True),
@@ -119,18 +135,55 @@ def list_(kind: str, namespace: str | None = None, selector: str | None = None) 
     return items
 
 
-def delete(kind: str, name: str, namespace: str | None = None, propagation: str = "Background") -> bool:
+def delete(
+    kind: str,
+    name: str,
+    namespace: str | None = None,
+    propagation: str = "Background",
+    grace_seconds: int | None = None,
+) -> bool:
+    """grace_seconds=0 removes a pod whose node is gone (no kubelet will confirm its end)."""
+    options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+    if grace_seconds is not None:
+        options["gracePeriodSeconds"] = grace_seconds
     try:
-        _call(
-            "DELETE",
-            _path(kind, namespace, name),
-            {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
-        )
+        _call("DELETE", _path(kind, namespace, name), options)
         return True
     except ApiException as exc:
         if exc.status == 404:
             return False
         raise
+
+
+def create(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """Create, or None when an object of that name exists already (never overwrites)."""
+    meta = obj["metadata"]
+    try:
+        result: dict[str, Any] = _call("POST", _path(obj["kind"], meta.get("namespace")), obj)
+        return result
+    except ApiException as exc:
+        if exc.status == 409:
+            return None
+        raise
+
+
+def api_group_served(path: str) -> bool:
+    """Whether the API server serves a group version, e.g. /apis/apps.foundationdb.org/v1beta2."""
+    try:
+        _call("GET", path)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def patch(kind: str, name: str, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch of the object itself (metadata, not status)."""
+    result: dict[str, Any] = _call(
+        "PATCH", _path(kind, namespace, name), body, content_type="application/merge-patch+json"
+    )
+    return result
 
 
 def patch_status(kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:

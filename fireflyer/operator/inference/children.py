@@ -9,6 +9,7 @@ from typing import Any
 from fireflyer.api.inference import InferenceDeploymentSpec, Role
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference.engines import SERVE_PORT, UnitContext, image, shell_line
+from fireflyer.operator.objects import owner_reference
 
 ROUTER_PORT = 8000
 # /dev/shm per pod: NCCL/DeepEP buffers and host-side staging scale with the role's batch.
@@ -26,18 +27,6 @@ def leader_host(deployment: str, role: str, index: int, namespace: str) -> str:
 
 def config_map_name(deployment: str) -> str:
     return f"{deployment}-engine"
-
-
-def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
-    meta = cr["metadata"]
-    return {
-        "apiVersion": cr["apiVersion"],
-        "kind": cr["kind"],
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def base_labels(deployment: str, component: str) -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""3FS: configuration rendering, chain tables, admin command plans (pure, no I/O)."""
