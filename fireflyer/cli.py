@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fireflyer.eplb.cli import add_parser as _add_eplb
 
     _add_eplb(sub)
+    from fireflyer.threefs.cli import add_parser as _add_threefs
+
+    _add_threefs(sub)
     return parser
 
 

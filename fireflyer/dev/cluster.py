@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fireflyer.dev import build, pki, processes, topology
+from fireflyer.dev import build, pki, processes, topology, volumes
 
 DEFAULT_STATE_DIR = Path(".fireflyer") / "dev"
 DEFAULT_PORT_BASE = 26380
@@ -290,6 +290,8 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
             launch(name)
         _log(f"control plane up in {time.monotonic() - started:.1f}s; creating {topo.node_count} nodes")
         _create_nodes(state, topology.nodes(topo))
+        _create(state, "/apis/storage.k8s.io/v1/storageclasses", [volumes.storage_class()])
+        _create(state, "/api/v1/persistentvolumes", volumes.persistent_volumes())
         _wait(
             f"{topo.node_count} simulated nodes to be Ready and untainted",
             lambda: _ready_nodes(state) >= topo.node_count,
@@ -334,8 +336,12 @@ def _ready_nodes(state: State) -> int:
 
 
 def _create_nodes(state: State, node_objects: list[dict[str, Any]]) -> None:
+    _create(state, "/api/v1/nodes", node_objects)
+
+
+def _create(state: State, path: str, objects: list[dict[str, Any]]) -> None:
     ctx = _tls_context(Path(state.state_dir))
-    url = f"https://127.0.0.1:{state.ports.apiserver}/api/v1/nodes"
+    url = f"https://127.0.0.1:{state.ports.apiserver}{path}"
 
     def create(node: dict[str, Any]) -> None:
         request = urllib.request.Request(
@@ -349,10 +355,10 @@ def _create_nodes(state: State, node_objects: list[dict[str, Any]]) -> None:
                 pass
         except urllib.error.HTTPError as exc:
             if exc.code != 409:  # already there from an earlier run over the same etcd
-                raise ClusterError(f"creating node {node['metadata']['name']}: {exc.read()[:500]!r}") from exc
+                raise ClusterError(f"creating {node['metadata']['name']}: {exc.read()[:500]!r}") from exc
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(create, node_objects))
+        list(pool.map(create, objects))
 
 
 def down(state_dir: Path, quiet: bool = False, keep_logs: bool = False) -> bool:

@@ -444,11 +444,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", default=os.environ.get("FIREFLYER_ADMIN_CLI_STATE", ""))
     parser.add_argument("--root", default="/")
     parser.add_argument("command", nargs="?")
-    known, extra = parser.parse_known_args(argv)
-    overrides = dict(zip(extra[::2], extra[1::2], strict=False))
-    if any(not key.startswith("--config.") for key in overrides):
-        print(f"unknown option in {extra}", file=sys.stderr)
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--config.KEY VALUE` overrides take a value that may be empty, like admin_cli's.
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index].startswith("--config."):
+            if index + 1 >= len(argv):
+                print(f"{argv[index]} needs a value", file=sys.stderr)
+                return 2
+            overrides[argv[index]] = argv[index + 1]
+            index += 2
+        else:
+            rest.append(argv[index])
+            index += 1
+    known = parser.parse_args(rest)
     if not known.state:
         print("admin_cli double: --state or FIREFLYER_ADMIN_CLI_STATE is required", file=sys.stderr)
         return 2

@@ -1,0 +1,236 @@
+"""The dev cluster's stand-in for what a kubelet and 3FS would do with 3FS admin Jobs.
+
+kwok runs no containers, so on the dev cluster this process plays the part of the admin Job's
+container: for every Running pod labelled fireflyer.dev/admin-step it materialises the pod's
+ConfigMap volumes, runs the step's commands through the admin_cli contract double
+(tests/doubles/admin_cli.py, a simulated 3FS with its state in a file per ThreeFSCluster), writes
+the result Secret exactly as the Job's script does, and ends the pod with the exit code. It also
+plays the storage services' heartbeats: a storage pod that runs on a Ready node is an alive 3FS
+storage node (its node id read from the pod's app TOML), one on a NotReady node is dead.
+
+Run: python -m fireflyer.dev.admin_runner --kubeconfig K --state-dir D
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from kubernetes import client, config
+
+from fireflyer.dev.build import REPO_ROOT
+from fireflyer.operator.threefs.admin_jobs import encode_result
+
+DOUBLE = REPO_ROOT / "tests" / "doubles" / "admin_cli.py"
+STEP = "fireflyer.dev/admin-step"
+CLUSTER = "fireflyer.dev/threefs"
+
+log = logging.getLogger(__name__)
+
+
+def _load_double() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fireflyer_admin_cli_double", DOUBLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class AdminRunner:
+    def __init__(self, kubeconfig: Path, state_dir: Path, interval: float = 0.3) -> None:
+        self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        self.state_dir = state_dir
+        self.interval = interval
+        self.double = _load_double()
+        self._handled: set[str] = set()
+        self._stop = threading.Event()
+        self.steps_run: list[tuple[str, str, int]] = []  # (cluster, step, exit code)
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    def state_path(self, namespace: str, cluster: str) -> Path:
+        return self.state_dir / f"{namespace}_{cluster}.json"
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="admin-runner", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.once()
+            except Exception:  # keep serving; the next pass retries
+                log.exception("admin runner pass failed")
+            self._stop.wait(self.interval)
+
+    def once(self) -> None:
+        pods: list[Any] = self.api.list_pod_for_all_namespaces(label_selector=CLUSTER).items
+        node_items: list[Any] = self.api.list_node().items
+        nodes: dict[str, Any] = {n.metadata.name: n for n in node_items}
+        self._heartbeats(pods, nodes)
+        for pod in pods:
+            labels = pod.metadata.labels or {}
+            if STEP in labels and pod.status.phase == "Running" and pod.metadata.uid not in self._handled:
+                self._handled.add(pod.metadata.uid)
+                self._run_step(pod)
+
+    # -- storage heartbeats ------------------------------------------------------------------
+
+    def _heartbeats(self, pods: list[Any], nodes: dict[str, Any]) -> None:
+        by_cluster: dict[tuple[str, str], dict[int, bool]] = {}
+        for pod in pods:
+            labels = pod.metadata.labels or {}
+            if labels.get("fireflyer.dev/component") != "storage" or pod.status.phase != "Running":
+                continue
+            if pod.metadata.deletion_timestamp is not None:
+                continue
+            node_id = self._storage_node_id(pod)
+            if node_id is None:
+                continue
+            node = nodes.get(pod.spec.node_name)
+            ready = node is not None and any(
+                c.type == "Ready" and c.status == "True" for c in node.status.conditions or []
+            )
+            key = (pod.metadata.namespace, labels[CLUSTER])
+            by_cluster.setdefault(key, {})[node_id] = ready
+        for (namespace, cluster), alive in by_cluster.items():
+            self.double.set_storage_nodes(self.state_path(namespace, cluster), alive)
+
+    def _storage_node_id(self, pod: Any) -> int | None:
+        ordinal = pod.metadata.name.rsplit("-", 1)[1]
+        for volume in pod.spec.volumes or []:
+            if volume.config_map is not None and volume.name == "storage-config":
+                cm = self.api.read_namespaced_config_map(volume.config_map.name, pod.metadata.namespace)
+                text = (cm.data or {}).get(f"app-{ordinal}.toml")
+                return int(tomllib.loads(text)["node_id"]) if text else None
+        return None
+
+    # -- admin steps -------------------------------------------------------------------------
+
+    def _run_step(self, pod: Any) -> None:
+        namespace = pod.metadata.namespace
+        labels = pod.metadata.labels
+        cluster, step = labels[CLUSTER], labels[STEP]
+        container = pod.spec.containers[0]
+        env = {e.name: e.value for e in container.env or [] if e.value is not None}
+        root = self.state_dir / "roots" / pod.metadata.uid
+        volumes = {v.name: v for v in pod.spec.volumes or []}
+        for mount in container.volume_mounts or []:
+            volume = volumes.get(mount.name)
+            if volume is None or volume.config_map is None:
+                continue
+            try:
+                cm = self.api.read_namespaced_config_map(volume.config_map.name, namespace)
+            except client.ApiException:
+                continue  # optional ConfigMaps that do not exist yet
+            target = root / mount.mount_path.lstrip("/")
+            target.mkdir(parents=True, exist_ok=True)
+            for key, value in (cm.data or {}).items():
+                (target / key).write_text(value)
+        token = self._token(namespace, cluster)
+        commands_file = root / env["FILES_DIR"].lstrip("/") / "commands"
+        commands = [c for c in commands_file.read_text().splitlines() if c.strip()]
+        output, code = [], 0
+        for command in commands:
+            output.append(f"{env['MARK']}{command}")
+            if env.get("RUNNER") == "fdbcli":
+                output.append("Database created")
+                continue
+            cfg = env["CONFIG_DIR"] + "/admin/admin_cli.toml"
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    str(DOUBLE),
+                    "-cfg",
+                    cfg,
+                    "--root",
+                    str(root),
+                    "--state",
+                    str(self.state_path(namespace, cluster)),
+                    "--config.user_info.token",
+                    token,
+                    command,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            output.append((run.stdout + run.stderr).rstrip("\n"))
+            if run.returncode:
+                code = run.returncode
+                break
+        text = "\n".join(output) + "\n"
+        owner = json.loads(env["OWNER"])
+        secret = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=env["RESULT"],
+                labels={env["CLUSTER_LABEL"]: cluster, env["STEP_LABEL"]: step},
+                owner_references=[owner],
+            ),
+            data=dict[str, bytes | str](encode_result(code, text)),
+        )
+        try:
+            self.api.create_namespaced_secret(namespace, secret)
+        except client.ApiException as error:
+            if error.status != 409:
+                raise
+            self.api.replace_namespaced_secret(env["RESULT"], namespace, secret)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        phase = "Succeeded" if code == 0 else "Failed"
+        terminated = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": now,
+            "finishedAt": now,
+        }
+        container_status = {
+            "name": container.name,
+            "image": container.image,
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"terminated": terminated},
+        }
+        ended = {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+        self.api.patch_namespaced_pod_status(
+            pod.metadata.name,
+            namespace,
+            {"status": {"phase": phase, "containerStatuses": [container_status], "conditions": [ended]}},
+        )
+        self.steps_run.append((cluster, step, code))
+        log.info("admin step %s/%s %s: exit %d", namespace, cluster, step, code)
+
+    def _token(self, namespace: str, cluster: str) -> str:
+        try:
+            secret = self.api.read_namespaced_secret(f"{cluster}-token", namespace)
+        except client.ApiException:
+            return ""
+        return base64.b64decode((secret.data or {}).get("token", "")).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    AdminRunner(args.kubeconfig, args.state_dir).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
