@@ -324,7 +324,7 @@ def _bootstrapped_double(tmp_path: Path) -> tuple[Path, Path, str, Any]:
 
 
 def test_parsers_read_what_admin_cli_prints(tmp_path: Path) -> None:
-    state, root, token, _ = _bootstrapped_double(tmp_path)
+    state, root, _token, _ = _bootstrapped_double(tmp_path)
     health = admin.parse_health(_double(state, root, "list-chains", "list-targets"))
     assert health.chain_counts() == {"total": 2, "serving": 2, "degraded": 0}
     assert health.target_counts() == {"serving": 6}
@@ -354,7 +354,7 @@ def test_replacement_commands_keep_every_chain_serving(tmp_path: Path) -> None:
 
 
 def test_replacement_refuses_to_remove_a_last_serving_target(tmp_path: Path) -> None:
-    state, root, token, double = _bootstrapped_double(tmp_path)
+    state, root, _token, double = _bootstrapped_double(tmp_path)
     double.set_storage_nodes(state, {10001: False, 10003: False})
     health = admin.parse_health(_double(state, root, "list-chains", "list-targets"))
     with pytest.raises(replacement.ReplacementBlocked, match="no serving target besides node 10002"):
