@@ -17,6 +17,8 @@ from tests.kube import Kube, wait_for
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tests run their own cluster beside a demo cluster that may be up on the default ports.
 TEST_PORT_BASE = int(os.environ.get("FIREFLYER_TEST_PORT_BASE", "27380"))
+# The operator under test checks 3FS health every 2 s instead of every minute.
+os.environ.setdefault("FIREFLYER_THREEFS_HEALTH_SECONDS", "2")
 
 
 def _cluster(tmp_path_factory: pytest.TempPathFactory, topology: str, port_base: int) -> Iterator[Kube]:

@@ -266,6 +266,8 @@ class ThreeFSClusterStatus(StatusBase):
     replacements_completed: int = 0
     last_admin_error: str = ""
     """Output of the last admin step that failed."""
+    last_admin_error_at: str = ""
+    """When it failed; the step is retried after a pause."""
 
 
 class ThreeFSCluster(ApiModel):

@@ -9,14 +9,14 @@ import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
-from fireflyer.operator import cache, kube
+from fireflyer.operator import cache, events, kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.metrics import timed
@@ -102,7 +102,7 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
                 kube.delete("Pod", pod["metadata"]["name"], namespace)
         log.info("recreated unit %s/%s: %s", namespace, unit, why)
     for event in desired.events:
-        kopf.event(cast(Any, cr), type=event.type, reason=event.reason, message=event.message)
+        events.post(cr, event.type, event.reason, event.message)
     previous = (cr.get("status") or {}).get("conditions", [])
     status = dict(desired.status)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

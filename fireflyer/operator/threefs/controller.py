@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.threefs import ThreeFSClusterSpec
-from fireflyer.operator import kube
+from fireflyer.operator import events, kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.metrics import timed
 from fireflyer.operator.threefs import children as K
@@ -93,25 +93,30 @@ def observe(cr: dict[str, Any]) -> Observed:
 
 
 def apply(cr: dict[str, Any], desired: Desired) -> None:
+    """Children, then status, then cleanup and the next admin step: a finished step is recorded
+    in status before its result is deleted, so no crash can make it run twice."""
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
     for obj in desired.create_once:
         kube.create(obj)
     for child in desired.children:
         kube.apply(child)
+    status = dict(desired.status)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    generation = cr["metadata"].get("generation", 0)
+    previous = (cr.get("status") or {}).get("conditions", [])
+    status["conditions"] = C.merge(previous, status["conditions"], now, generation)
+    status["observedGeneration"] = generation
+    kube.patch_status(KIND, name, namespace, status)
+    if desired.health is not None and desired.health_taken_at is not None:
+        _health[(namespace, name)] = (desired.health, desired.health_taken_at)
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
     for kind in CHILD_KINDS:
         for existing in kube.list_(kind, namespace, f"{K.CLUSTER}={name},{L.MANAGED_BY}={L.MANAGER}"):
             if K.STEP in (existing["metadata"].get("labels") or {}):
                 continue  # admin step objects go through cleanup
             owners = existing["metadata"].get("ownerReferences") or []
-            if (
-                any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
-                and (
-                    kind,
-                    existing["metadata"]["name"],
-                )
-                not in wanted
-            ):
+            ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
+            if ours and (kind, existing["metadata"]["name"]) not in wanted:
                 kube.delete(kind, existing["metadata"]["name"], namespace)
     for kind, child_name in desired.cleanup:
         kube.delete(kind, child_name, namespace, propagation="Background")
@@ -119,18 +124,8 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
         kube.apply(obj)
     for pod in desired.delete_pods:
         kube.delete("Pod", pod, namespace, grace_seconds=0)
-    if desired.health is not None and desired.health_taken_at is not None:
-        _health[(namespace, name)] = (desired.health, desired.health_taken_at)
     for event in desired.events:
-        kopf.event(cast(Any, cr), type=event.type, reason=event.reason, message=event.message)
-    status = dict(desired.status)
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    generation = cr["metadata"].get("generation", 0)
-    status["conditions"] = C.merge(
-        (cr.get("status") or {}).get("conditions", []), status["conditions"], now, generation
-    )
-    status["observedGeneration"] = generation
-    kube.patch_status(KIND, name, namespace, status)
+        events.post(cr, event.type, event.reason, event.message)
 
 
 @timed(KIND)

@@ -31,6 +31,7 @@ from fireflyer.threefs.config import (
 )
 
 HEALTH_SECONDS = float(os.environ.get("FIREFLYER_THREEFS_HEALTH_SECONDS", "60"))
+RETRY_SECONDS = 15.0
 
 # Conditions and reasons particular to 3FS.
 FDB_READY = "FoundationDBReady"
@@ -192,6 +193,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     storage_ids = {
         int(k): v for k, v in (previous.get("storageNodeIds") or {}).items()
     } or default_storage_node_ids(spec)
+    replacing = previous.get("replacement")
+    if replacing and replacing.get("step") in ("reschedule", "add", "sync", "unregister"):
+        # The replacement pod must start with its new node id: render it before the pod goes.
+        storage_ids[int(replacing["ordinal"])] = int(replacing["newNodeId"])
     desired = Desired(children=[])
     status: dict[str, Any] = {
         "bootstrapSteps": done,
@@ -200,6 +205,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         "replacement": previous.get("replacement"),
         "replacementsCompleted": int(previous.get("replacementsCompleted", 0)),
         "lastAdminError": previous.get("lastAdminError", ""),
+        "lastAdminErrorAt": previous.get("lastAdminErrorAt", ""),
     }
     for key in ("chains", "targets", "usedBytes", "healthCheckedAt"):
         if key in previous:
@@ -273,7 +279,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             K.pdb(cr, "meta"),
         ]
     if "set-config-storage" in done and "storage" in service_files:
-        storage = K.storage_statefulset(cr, spec, K.digest(service_files["storage"]))
+        # Node ids (app TOMLs) stay out of the digest: a replaced node's new id must not roll
+        # every storage pod, only the replaced one is restarted.
+        shared = {k: v for k, v in service_files["storage"].items() if not k.startswith("app-")}
+        storage = K.storage_statefulset(cr, spec, K.digest(shared))
         _tolerate_node_failures(storage)
         children += [storage, K.headless_service(cr, "storage", PORTS["storage"]), K.pdb(cr, "storage")]
     storage_ready = _all_ready(observed.workloads.get("storage"))
@@ -283,12 +292,13 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
 
     # -- the next admin step ---------------------------------------------------------------------
     in_flight = [s for s in observed.jobs if s not in observed.results]
-    if not in_flight:
+    if not in_flight and not _backing_off(observed, status):
         next_step = _next_bootstrap_step(order, done, fdb_ready, mgmtd_ready, storage_ready)
         if next_step is not None:
             _launch(cr, spec, desired, *step_for(next_step, spec, storage_ids))
         elif bootstrapped:
-            plan_replacement(cr, spec, observed, desired, status, storage_ids)
+            rendered = replacing is not None and replacing.get("step") == "reschedule"
+            plan_replacement(cr, spec, observed, desired, status, storage_ids, new_id_rendered=rendered)
             if not desired.launch and _health_due(observed, status):
                 status["healthSequence"] += 1
                 _launch(cr, spec, desired, admin.health(status["healthSequence"]), "admin_cli")
@@ -343,6 +353,15 @@ def _launch(
     )
 
 
+def _backing_off(observed: Observed, status: dict[str, Any]) -> bool:
+    """A step failed a moment ago: wait before the next one (or its retry)."""
+    failed_at = status.get("lastAdminErrorAt")
+    if not failed_at:
+        return False
+    when = datetime.fromisoformat(failed_at.replace("Z", "+00:00"))
+    return observed.now - when < timedelta(seconds=RETRY_SECONDS)
+
+
 def _health_due(observed: Observed, status: dict[str, Any]) -> bool:
     if observed.health_taken_at is None:
         return True
@@ -365,6 +384,7 @@ def _consume_results(
         if isinstance(result, str) or not result.ok:
             output = result if isinstance(result, str) else result.output
             status["lastAdminError"] = f"{step}: {output[-1500:]}"
+            status["lastAdminErrorAt"] = observed.now.strftime("%Y-%m-%dT%H:%M:%SZ")
             desired.events.append(
                 Event("Warning", "AdminStepFailed", f"admin step {step} failed: {output[-300:]}")
             )

@@ -72,8 +72,14 @@ def plan_replacement(
     desired: Desired,
     status: dict[str, Any],
     storage_ids: dict[int, int],
+    *,
+    new_id_rendered: bool = False,
 ) -> None:
-    """Start, advance or hold a storage node replacement; may set desired.launch."""
+    """Start, advance or hold a storage node replacement; may set desired.launch.
+
+    new_id_rendered: this pass's storage configuration already gives the replaced ordinal its
+    new node id (the old pod is only deleted then, so its successor cannot start as the old node).
+    """
     from fireflyer.operator.threefs.plan import Event, _launch
 
     pods = _storage_pods(observed)
@@ -112,10 +118,10 @@ def plan_replacement(
         _launch(cr, spec, desired, R.remove_step(ordinal, current["oldNodeId"], removed, health), "admin_cli")
     elif step == "reschedule":
         status["storageNodeIds"][str(ordinal)] = current["newNodeId"]
-        storage_ids[ordinal] = current["newNodeId"]
         pod = pods.get(ordinal)
         if pod is not None and (pod.get("spec") or {}).get("nodeName") == current["nodeName"]:
-            desired.delete_pods.append(pod["metadata"]["name"])
+            if new_id_rendered:
+                desired.delete_pods.append(pod["metadata"]["name"])
         elif _ready_on(pod, current["nodeName"]):
             current["step"] = "add"
             _launch(
