@@ -114,7 +114,10 @@ class AdminRunner:
         ordinal = pod.metadata.name.rsplit("-", 1)[1]
         for volume in pod.spec.volumes or []:
             if volume.config_map is not None and volume.name == "storage-config":
-                cm = self.api.read_namespaced_config_map(volume.config_map.name, pod.metadata.namespace)
+                try:
+                    cm = self.api.read_namespaced_config_map(volume.config_map.name, pod.metadata.namespace)
+                except client.ApiException:
+                    return None  # the cluster is being deleted
                 text = (cm.data or {}).get(f"app-{ordinal}.toml")
                 return int(tomllib.loads(text)["node_id"]) if text else None
         return None

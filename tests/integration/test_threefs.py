@@ -239,7 +239,9 @@ def test_delete_wipes_disks_retain_keeps_data(
     claims = kube.get("pvc")["items"]
     assert claims and all(c["metadata"]["name"].startswith(f"data-{NAME}-fdb-") for c in claims)
 
+    # Dropping the retained FoundationDB data drops the simulated file system with it.
     kube.run("delete", "pvc", "--all", "--timeout=60s")
+    runner.state_path(kube.namespace, NAME).unlink()
     obj = _bootstrap(kube, operator, reclaim="Delete")
     nodes = {
         p["spec"]["nodeName"]
