@@ -24,7 +24,7 @@ STAGES_FILE = build.REPO_ROOT / "hack" / "kwok" / "stages.yaml"
 NOT_READY_TOLERATION_SECONDS = 15
 START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # Processes started beside the control plane (the demo's operator) are stopped first.
-EXTRA_PROCESSES = ("fireflyer",)
+EXTRA_PROCESSES = ("fireflyer", "admin-runner")
 
 
 class ClusterError(RuntimeError):

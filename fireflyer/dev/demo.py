@@ -52,6 +52,34 @@ def start_operator(state: cluster.State) -> int:
     return proc.pid
 
 
+def start_admin_runner(state: cluster.State) -> int:
+    """The dev cluster's stand-in for 3FS admin Job containers (fireflyer.dev.admin_runner)."""
+    existing = state.pids.get("admin-runner")
+    if existing and processes.is_ours(existing, Path(sys.executable).resolve().name):
+        return existing
+    log = Path(state.state_dir) / "logs" / "admin-runner.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fireflyer.dev.admin_runner",
+                "--kubeconfig",
+                str(state.kubeconfig),
+                "--state-dir",
+                str(Path(state.state_dir) / "threefs-sim"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    state.pids["admin-runner"] = proc.pid
+    state.save()
+    return proc.pid
+
+
 def _rows(kubeconfig: Path) -> list[tuple[str, str, str, str]]:
     listing = json.loads(_kubectl(kubeconfig, "get", "fireflyer", "-A", "-o", "json"))
     rows = []
@@ -87,6 +115,7 @@ def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 
     kubeconfig = state.kubeconfig
     install_crds(kubeconfig)
     start_operator(state)
+    start_admin_runner(state)
     _kubectl(kubeconfig, "apply", "--server-side", "-n", "default", "-f", str(SAMPLES))
     started = time.monotonic()
     last: list[tuple[str, str, str, str]] = []
