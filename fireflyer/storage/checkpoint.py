@@ -49,6 +49,7 @@ CHECKSUM_CHUNK = 64 << 20
 STEP_DIR = re.compile(r"^step-(\d{12})$")
 RECORD_WAIT_SECONDS = 600.0
 VERIFY_THREADS = min(8, os.cpu_count() or 2)  # zlib.crc32 releases the GIL on large buffers
+READ_THREADS = 8  # concurrent chunk reads keep the device queue full
 
 
 class CheckpointError(RuntimeError):
@@ -438,14 +439,6 @@ def _split(extent: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < remainder else 0)
 
 
-def _verify(view: memoryview, crcs: list[int], chunk: int, path: Path) -> None:
-    for index, start in enumerate(range(0, view.nbytes, chunk)):
-        if zlib.crc32(view[start : start + chunk]) != crcs[index]:
-            raise CorruptCheckpointError(
-                f"{path}: checksum mismatch in bytes {start}–{start + chunk} of a tensor"
-            )
-
-
 def _read_manifest(target: Path) -> dict[str, Any]:
     path = target / MANIFEST
     try:
@@ -485,27 +478,26 @@ def load(
     for pieces, _, _ in plans.values():
         for piece in pieces:
             wanted.setdefault(piece["rank"], []).append(tuple(piece["offsets"]))
-    buffers = {}
-    for source, spans in wanted.items():
-        buffers[source] = _read_shard(engine, target, shards[source], spans)
+    buffers = {src: _prepare_shard(engine, target, shards[src], spans) for src, spans in wanted.items()}
 
     def piece_view(piece: dict[str, Any]) -> memoryview:
         base, body = buffers[piece["rank"]]
         lo, hi = piece["offsets"]
         return body[lo - base : hi - base]
 
-    checks = [
-        (
-            piece_view(piece),
-            piece["crc32"],
-            shards[piece["rank"]]["checksumChunkBytes"],
-            target / shards[piece["rank"]]["file"],
-        )
-        for pieces, _, _ in plans.values()
-        for piece in pieces
-    ]
-    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
-        for future in [pool.submit(_verify, *check) for check in checks]:
+    # Each task reads one checksum chunk and verifies it at once, so checksumming overlaps I/O.
+    tasks = []
+    for pieces, _, _ in plans.values():
+        for piece in pieces:
+            shard = shards[piece["rank"]]
+            chunk = shard["checksumChunkBytes"]
+            view = piece_view(piece)
+            for index, begin in enumerate(range(0, view.nbytes, chunk)):
+                offset = piece["offsets"][0] + begin
+                part = view[begin : begin + chunk]
+                tasks.append((target / shard["file"], offset, part, piece["crc32"][index]))
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        for future in [pool.submit(_read_verified, engine, *task) for task in tasks]:
             future.result()
     out: list[tuple[list[str], Any]] = []
     for name, info in manifest["tensors"].items():
@@ -530,10 +522,10 @@ def load(
     return unflatten_state(out, manifest["extra"])
 
 
-def _read_shard(
+def _prepare_shard(
     engine: FileSystem, target: Path, shard: dict[str, Any], spans: list[tuple[int, int]]
 ) -> tuple[int, memoryview]:
-    """(offset of the buffer in the file, buffer) covering `spans`, after checking size and header."""
+    """(offset in the file, empty buffer covering `spans`) after checking size and header."""
     path = target / shard["file"]
     try:
         size = os.stat(path).st_size
@@ -547,11 +539,13 @@ def _read_shard(
         raise CorruptCheckpointError(f"{path}: header checksum mismatch")
     lo = min(s for s, _ in spans)
     hi = max(e for _, e in spans)
-    if lo == hi:
-        return lo, memoryview(b"")
-    body = aligned_buffer(hi - lo)
-    engine.read_into(path, lo, body)
-    return lo, body
+    return lo, aligned_buffer(hi - lo)
+
+
+def _read_verified(engine: FileSystem, path: Path, offset: int, view: memoryview, crc: int) -> None:
+    engine.read_into(path, offset, view)
+    if zlib.crc32(view) != crc:
+        raise CorruptCheckpointError(f"{path}: checksum mismatch in bytes {offset}–{offset + view.nbytes}")
 
 
 def _tensor_from(view: memoryview, dtype_name: str, shape: list[int]) -> torch.Tensor:
