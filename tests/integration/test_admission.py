@@ -4,13 +4,15 @@ with a message that names the field to fix."""
 from __future__ import annotations
 
 import copy
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.kube import Kube
+from tests.kube import Kube, wait_for
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +38,22 @@ def _mutate(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture(scope="module")
+def dry_run(crds: Kube) -> Iterator[Kube]:
+    """One namespace for every server-side dry run: they create nothing, so they can share it."""
+    name = f"admission-dry-run-{uuid.uuid4().hex[:5]}"
+    crds.run("create", "namespace", name, namespaced=False)
+    ns = crds.with_namespace(name)
+    wait_for(f"the default ServiceAccount in {name}", lambda: ns.exists("serviceaccount", "default"))
+    try:
+        yield ns
+    finally:
+        crds.run("delete", "namespace", name, "--wait=false", namespaced=False, check=False)
+
+
 @pytest.mark.parametrize("path", sorted(SAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
-def test_samples_pass_server_side_dry_run(crds: Kube, kube: Kube, path: Path) -> None:
-    result = kube.run("apply", "--server-side", "--dry-run=server", "-f", str(path), check=False)
+def test_samples_pass_server_side_dry_run(dry_run: Kube, path: Path) -> None:
+    result = dry_run.run("apply", "--server-side", "--dry-run=server", "-f", str(path), check=False)
     assert result.returncode == 0, result.stderr
 
 
@@ -173,6 +188,11 @@ MALFORMED: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.monitor.externalAddress", "required when monitor.clickhouse is external"],
     ),
     (TFS, {"spec.reclaimPolicy": "Recycle"}, ["spec.reclaimPolicy"]),
+    (
+        TFS,
+        {"spec.storage.targetsPerDisk": 7, "spec.storage.nodes": 5},
+        ["spec.storage.targetsPerDisk", "multiple of the chain width"],
+    ),
     (TFS, {"spec.image": _DELETE}, ["spec.image", "Required value"]),
     (
         TJ,
@@ -203,10 +223,10 @@ MALFORMED: list[tuple[str, dict[str, Any], list[str]]] = [
     ],
 )
 def test_malformed_resource_is_rejected_naming_the_field(
-    crds: Kube, kube: Kube, sample: str, changes: dict[str, Any], expected: list[str]
+    dry_run: Kube, sample: str, changes: dict[str, Any], expected: list[str]
 ) -> None:
     doc = _mutate(_load(sample), changes)
-    result = kube.run(
+    result = dry_run.run(
         "apply",
         "--server-side",
         "--dry-run=server",
@@ -227,6 +247,21 @@ def test_architecture_is_immutable(crds: Kube, kube: Kube) -> None:
     result = kube.apply(changed, check=False)
     assert result.returncode != 0
     assert "spec.model.architecture" in result.stderr and "immutable" in result.stderr
+
+
+def test_threefs_storage_layout_is_fixed(crds: Kube, kube: Kube) -> None:
+    doc = _load("small/threefs.yaml")
+    doc["metadata"]["name"] = "layout-fixed"
+    kube.apply(doc)
+    for change in ({"spec.storage.targetsPerDisk": 4}, {"spec.storage.chunkSize": 2097152}):
+        result = kube.apply(_mutate(doc, change), check=False)
+        assert result.returncode != 0, change
+        assert "storage layout" in result.stderr and "fixed once the file system exists" in result.stderr
+    # Scheduling fields may change.
+    assert (
+        kube.apply(_mutate(doc, {"spec.storage.replacementGracePeriodSeconds": 60}), check=False).returncode
+        == 0
+    )
 
 
 def test_defaults_are_applied_by_the_api_server(crds: Kube, kube: Kube) -> None:
