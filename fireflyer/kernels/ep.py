@@ -1,0 +1,346 @@
+"""Expert-parallel dispatch and combine: tokens to the ranks that hold their top-k experts, and
+the weighted expert outputs back.
+
+One `Dispatcher` per EP group. Physical expert slots are split evenly over the ranks (slot s on
+rank s // slots_per_rank, local expert s % slots_per_rank); `phy2log` (an ExpertPlacement's row
+for one layer) says which logical expert each slot holds, so EPLB replicas take part. When an
+expert has several replicas, a token goes to replica number (source rank mod replica count):
+deterministic, and every replica gets an equal share of the ranks' traffic.
+
+A token is sent once to each rank that holds any of its experts (as in DeepEP), with the list of
+its local experts there and their weights; the receiver expands it into one row per (token,
+local expert), grouped by expert. Combine reverses it: each rank sums the weighted outputs of its
+local experts per token, sends one row back per (token, rank), and the source adds them up.
+
+Modes:
+- normal — exact-size buffers; the per-rank counts are exchanged first (one host sync). For
+  prefill and training.
+- low_latency — every rank sends `max_tokens_per_rank` rows to every rank (padding marked
+  invalid), so all shapes are fixed: no host synchronisation, CUDA-graph capturable. Received
+  tokens also come in a masked layout [local experts, capacity, hidden]. For decode.
+
+Transports: `portable` — torch.distributed all_to_all_single (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+Mode = Literal["normal", "low_latency"]
+Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+NO_EXPERT = -1
+
+
+@dataclass
+class Layout:
+    tokens_per_rank: torch.Tensor  # [world] tokens this rank sends to each rank (once per rank)
+    tokens_per_expert: torch.Tensor  # [num_slots] (token, expert) pairs per physical slot
+    token_in_rank: torch.Tensor  # [tokens, world] bool
+
+
+@dataclass
+class Handle:
+    """What combine needs from dispatch."""
+
+    num_tokens: int
+    send_token: torch.Tensor  # [sent rows] source token of each sent row (-1: padding)
+    send_counts: list[int] | None  # rows per destination (normal mode)
+    recv_counts: list[int] | None  # rows per source (normal mode)
+    recv_rows: int
+    entry_row: torch.Tensor  # [entries] received row of each (token, local expert) entry, grouped
+    entry_weight: torch.Tensor  # [entries] its top-k weight
+    entry_valid: torch.Tensor  # [entries] bool (low-latency padding is invalid)
+    masked_slot: torch.Tensor | None  # low-latency: [entries] position in [experts * capacity]
+
+
+@dataclass
+class Received:
+    x: torch.Tensor  # [entries, hidden] grouped by local expert (BF16, or FP8 with scales)
+    scales: torch.Tensor | None  # [entries, hidden / 128] for an FP8 payload
+    tokens_per_expert: torch.Tensor  # [local experts]
+    masked_x: torch.Tensor | None = None  # low-latency: [local experts, capacity, hidden]
+    masked_scales: torch.Tensor | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        group: Any,
+        hidden: int,
+        max_tokens_per_rank: int,
+        num_experts: int,
+        phy2log: Sequence[int] | torch.Tensor | None = None,
+        *,
+        mode: Mode = "normal",
+        transport: str = "portable",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if transport != "portable":
+            raise ValueError(f"transport {transport!r} is not available; use 'portable'")
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.hidden = hidden
+        self.max_tokens = max_tokens_per_rank
+        self.num_experts = num_experts
+        self.mode = mode
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        slots = torch.arange(num_experts) if phy2log is None else torch.as_tensor(phy2log, dtype=torch.long)
+        if slots.ndim != 1 or len(slots) % self.world:
+            raise ValueError(f"{len(slots)} expert slots do not split evenly over {self.world} ranks")
+        if slots.min() < 0 or slots.max() >= num_experts or len(torch.unique(slots)) != num_experts:
+            raise ValueError("phy2log must name every logical expert at least once, and only those")
+        self.num_slots = len(slots)
+        self.local_experts = self.num_slots // self.world
+        # logical expert → the slot a token from this rank uses (replica by source rank)
+        choice = torch.empty(num_experts, dtype=torch.long)
+        for expert in range(num_experts):
+            replicas = torch.nonzero(slots == expert).flatten()
+            choice[expert] = replicas[self.rank % len(replicas)]
+        self.slot_of_expert = choice.to(self.device)
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def _slots(self, topk_idx: torch.Tensor) -> torch.Tensor:
+        valid = topk_idx >= 0
+        slots = self.slot_of_expert[topk_idx.clamp(min=0)]
+        return torch.where(valid, slots, torch.full_like(slots, NO_EXPERT))
+
+    def layout(self, topk_idx: torch.Tensor) -> Layout:
+        slots = self._slots(topk_idx)
+        valid = slots >= 0
+        dest = torch.where(valid, slots // self.local_experts, torch.full_like(slots, NO_EXPERT))
+        token_in_rank = torch.zeros(topk_idx.shape[0], self.world, dtype=torch.bool, device=topk_idx.device)
+        rows, cols = torch.nonzero(valid, as_tuple=True)
+        token_in_rank[rows, dest[rows, cols]] = True
+        tokens_per_expert = torch.bincount(slots[valid], minlength=self.num_slots)
+        return Layout(token_in_rank.sum(0), tokens_per_expert, token_in_rank)
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def dispatch(
+        self, x: Payload, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[Received, Handle]:
+        tokens, scales = (x, None) if isinstance(x, torch.Tensor) else x
+        num_tokens = topk_idx.shape[0]
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed max_tokens_per_rank={self.max_tokens}")
+        if tokens.shape != (num_tokens, self.hidden):
+            raise ValueError(f"x is {tuple(tokens.shape)}, expected ({num_tokens}, {self.hidden})")
+        fp8 = tokens.dtype if tokens.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else None
+        if fp8 is not None:
+            if scales is None:
+                raise ValueError("an FP8 payload needs its per-token 1×128 scales: pass (x_fp8, scales)")
+            tokens = tokens.view(torch.uint8)  # moved and indexed as bytes
+        received, handle = self._dispatch(tokens, scales, topk_idx, topk_weights)
+        if fp8 is not None:
+            received.x = received.x.view(fp8)
+            if received.masked_x is not None:
+                received.masked_x = received.masked_x.view(fp8)
+        return received, handle
+
+    def _dispatch(
+        self,
+        tokens: torch.Tensor,
+        scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> tuple[Received, Handle]:
+        num_tokens, top_k = topk_idx.shape
+        slots = self._slots(topk_idx)
+        valid = slots >= 0
+        dest = torch.where(valid, slots // self.local_experts, torch.full_like(slots, NO_EXPERT))
+        local = torch.where(valid, slots % self.local_experts, torch.full_like(slots, NO_EXPERT))
+        # One row per (token, destination rank): the token's local experts there, and weights.
+        ranks = torch.arange(self.world, device=dest.device)
+        hits = dest.unsqueeze(1) == ranks.view(1, -1, 1)  # [tokens, world, k]
+        in_rank = hits.any(-1)  # [tokens, world]
+        # Per (token, rank): the token's local experts on that rank (-1 elsewhere) and weights.
+        grid_meta = torch.where(hits, local.unsqueeze(1), torch.full_like(hits, -1, dtype=local.dtype))
+        grid_weights = torch.where(
+            hits, topk_weights.unsqueeze(1).float(), torch.zeros((), device=dest.device)
+        )
+        if self.mode == "normal":
+            # nonzero over [world, tokens] orders pairs by destination rank, then token.
+            pair_rank, pair_token = torch.nonzero(in_rank.t(), as_tuple=True)
+            meta = grid_meta[pair_token, pair_rank]
+            weights = grid_weights[pair_token, pair_rank]
+            return self._dispatch_normal(
+                tokens, scales, pair_token, in_rank.sum(0), meta, weights, num_tokens
+            )
+        return self._dispatch_low_latency(tokens, scales, in_rank, grid_meta, grid_weights, num_tokens, top_k)
+
+    def _exchange(
+        self, send: torch.Tensor, send_counts: list[int] | None, recv_counts: list[int] | None, recv_rows: int
+    ) -> torch.Tensor:
+        as_bytes = send.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        payload = send.view(torch.uint8) if as_bytes else send
+        out = torch.empty((recv_rows, *send.shape[1:]), dtype=payload.dtype, device=send.device)
+        dist.all_to_all_single(out, payload.contiguous(), recv_counts, send_counts, group=self.group)
+        return out.view(send.dtype) if as_bytes else out
+
+    def _dispatch_normal(
+        self,
+        tokens: torch.Tensor,
+        scales: torch.Tensor | None,
+        pair_token: torch.Tensor,
+        send_counts_t: torch.Tensor,
+        meta: torch.Tensor,
+        weights: torch.Tensor,
+        num_tokens: int,
+    ) -> tuple[Received, Handle]:
+        recv_counts_t = torch.empty_like(send_counts_t)
+        dist.all_to_all_single(recv_counts_t, send_counts_t, group=self.group)
+        send_counts = send_counts_t.tolist()
+        recv_counts = recv_counts_t.tolist()  # the one host synchronisation of normal mode
+        recv_rows = sum(recv_counts)
+        recv_x = self._exchange(tokens[pair_token], send_counts, recv_counts, recv_rows)
+        recv_scales = (
+            None
+            if scales is None
+            else self._exchange(scales[pair_token], send_counts, recv_counts, recv_rows)
+        )
+        recv_meta = self._exchange(meta, send_counts, recv_counts, recv_rows)
+        recv_weights = self._exchange(weights.float(), send_counts, recv_counts, recv_rows)
+        entry_row, entry_expert, entry_weight = self._expand(recv_meta, recv_weights)
+        order = torch.argsort(entry_expert, stable=True)
+        entry_row, entry_expert, entry_weight = entry_row[order], entry_expert[order], entry_weight[order]
+        received = Received(
+            x=recv_x[entry_row],
+            scales=None if recv_scales is None else recv_scales[entry_row],
+            tokens_per_expert=torch.bincount(entry_expert, minlength=self.local_experts),
+        )
+        handle = Handle(
+            num_tokens,
+            pair_token,
+            send_counts,
+            recv_counts,
+            recv_rows,
+            entry_row,
+            entry_weight,
+            torch.ones_like(entry_row, dtype=torch.bool),
+            None,
+        )
+        return received, handle
+
+    @staticmethod
+    def _expand(meta: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        row, k = torch.nonzero(meta >= 0, as_tuple=True)
+        return row, meta[row, k], weights[row, k]
+
+    def _dispatch_low_latency(
+        self,
+        tokens: torch.Tensor,
+        scales: torch.Tensor | None,
+        in_rank: torch.Tensor,
+        grid_meta: torch.Tensor,
+        grid_weights: torch.Tensor,
+        num_tokens: int,
+        top_k: int,
+    ) -> tuple[Received, Handle]:
+        """Fixed shapes throughout and no data-dependent sizes: nothing waits for the host."""
+        capacity = self.max_tokens
+        device = tokens.device
+        total = self.world * capacity
+        dummy = total  # writes of absent (token, rank) pairs land in one extra row, then dropped
+        position = torch.cumsum(in_rank.long(), 0) - 1  # [tokens, world] index among that rank's tokens
+        ranks = torch.arange(self.world, device=device).view(1, -1)
+        slot = torch.where(in_rank, ranks * capacity + position, torch.full_like(position, dummy)).reshape(-1)
+        grid_token = torch.arange(num_tokens, device=device).view(-1, 1).expand(-1, self.world).reshape(-1)
+
+        def scatter(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+            buffer = torch.full((total + 1, *values.shape[1:]), fill, dtype=values.dtype, device=device)
+            buffer.index_copy_(0, slot, values)
+            return buffer[:total]
+
+        send_token = scatter(grid_token, -1)
+        send_x = scatter(tokens[grid_token], 0)
+        send_meta = scatter(grid_meta.reshape(-1, top_k), -1)
+        send_w = scatter(grid_weights.reshape(-1, top_k), 0.0)
+        recv_x = self._exchange(send_x, None, None, total)
+        recv_scales = None
+        if scales is not None:
+            recv_scales = self._exchange(scatter(scales[grid_token], 0.0), None, None, total)
+        recv_meta = self._exchange(send_meta, None, None, total)
+        recv_w = self._exchange(send_w, None, None, total)
+        # Every (row, k) is an entry; absent ones sort last under key local_experts.
+        flat_expert = recv_meta.reshape(-1)
+        entry_valid = flat_expert >= 0
+        expert_key = torch.where(entry_valid, flat_expert, torch.full_like(flat_expert, self.local_experts))
+        order = torch.argsort(expert_key, stable=True)
+        entry_row = torch.div(order, top_k, rounding_mode="floor")
+        expert_key, entry_valid = expert_key[order], entry_valid[order]
+        entry_weight = recv_w.reshape(-1)[order]
+        counts = torch.zeros(self.local_experts + 1, dtype=torch.long, device=device)
+        counts.scatter_add_(0, expert_key, torch.ones_like(expert_key))
+        counts = counts[: self.local_experts]
+        starts = torch.cumsum(counts, 0) - counts
+        clamped = expert_key.clamp(max=self.local_experts - 1)
+        within = torch.arange(len(expert_key), device=device) - starts[clamped]
+        masked_rows = self.local_experts * total
+        masked_slot = torch.where(entry_valid, clamped * total + within, torch.full_like(within, masked_rows))
+        x_entries = recv_x[entry_row]
+        masked_x = torch.zeros((masked_rows + 1, self.hidden), dtype=recv_x.dtype, device=device)
+        masked_x.index_copy_(0, masked_slot, x_entries)
+        s_entries = None
+        masked_scales = None
+        if recv_scales is not None:
+            s_entries = recv_scales[entry_row]
+            masked_scales = torch.zeros(
+                (masked_rows + 1, recv_scales.shape[1]), dtype=recv_scales.dtype, device=device
+            )
+            masked_scales.index_copy_(0, masked_slot, s_entries)
+            masked_scales = masked_scales[:masked_rows].view(self.local_experts, total, -1)
+        received = Received(
+            x=x_entries,
+            scales=s_entries,
+            tokens_per_expert=counts,
+            masked_x=masked_x[:masked_rows].view(self.local_experts, total, self.hidden),
+            masked_scales=masked_scales,
+        )
+        handle = Handle(
+            num_tokens,
+            send_token,
+            None,
+            None,
+            total,
+            entry_row,
+            entry_weight,
+            entry_valid,
+            masked_slot.clamp(max=masked_rows - 1),
+        )
+        return received, handle
+
+    # -- combine ---------------------------------------------------------------------------------
+
+    def combine(self, expert_out: torch.Tensor, handle: Handle, *, masked: bool = False) -> torch.Tensor:
+        """Σ_k weight_k · expert_k(token), in BF16 (accumulated in FP32).
+
+        expert_out: [entries, hidden] in dispatch's grouped order, or with masked=True the
+        low-latency masked layout [local experts, capacity, hidden].
+        """
+        if masked:
+            if handle.masked_slot is None:
+                raise ValueError("masked combine needs a low-latency dispatch")
+            entries = expert_out.reshape(-1, expert_out.shape[-1])[handle.masked_slot]
+        else:
+            entries = expert_out
+        weighted = entries.float() * (handle.entry_weight * handle.entry_valid).unsqueeze(1)
+        per_row = torch.zeros(
+            (handle.recv_rows, expert_out.shape[-1]), dtype=torch.float32, device=expert_out.device
+        )
+        per_row.index_add_(0, handle.entry_row, weighted)
+        back = self._exchange(
+            per_row.to(torch.bfloat16), handle.recv_counts, handle.send_counts, len(handle.send_token)
+        )
+        out = torch.zeros(
+            (handle.num_tokens, expert_out.shape[-1]), dtype=torch.float32, device=expert_out.device
+        )
+        valid = handle.send_token >= 0
+        out.index_add_(0, handle.send_token.clamp(min=0), back.float() * valid.unsqueeze(1))
+        return out.to(torch.bfloat16)
