@@ -36,6 +36,30 @@ Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 NO_EXPERT = -1
 
 
+def gather_sum(
+    src: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """out[r] = Σ_k weight[r, k] · src[pos[r, k]] (pos −1: nothing), accumulated in FP32."""
+    if src.is_cuda and _triton_available():
+        from fireflyer.kernels.ep_triton import gather_sum as fused
+
+        return fused(src, pos, weight, out_dtype)
+    out = torch.zeros((pos.shape[0], src.shape[1]), dtype=torch.float32, device=src.device)
+    for k in range(pos.shape[1]):
+        present = pos[:, k] >= 0
+        rows = src[pos[:, k].clamp(min=0)].float()
+        out += rows * (weight[:, k].float() * present).unsqueeze(1)
+    return out.to(out_dtype)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass
 class Layout:
     tokens_per_rank: torch.Tensor  # [world] tokens this rank sends to each rank (once per rank)
@@ -56,6 +80,10 @@ class Handle:
     entry_weight: torch.Tensor  # [entries] its top-k weight
     entry_valid: torch.Tensor  # [entries] bool (low-latency padding is invalid)
     masked_slot: torch.Tensor | None  # low-latency: [entries] position in [experts * capacity]
+    row_entries: torch.Tensor | None = None  # [recv rows, k] entry of each (row, k), −1 if none
+    row_weights: torch.Tensor | None = None  # [recv rows, k]
+    row_masked: torch.Tensor | None = None  # low-latency: [recv rows, k] masked-layout position
+    token_rows: torch.Tensor | None = None  # [tokens, world] row sent to each rank, −1 if none
 
 
 @dataclass
@@ -171,7 +199,7 @@ class Dispatcher:
             meta = grid_meta[pair_token, pair_rank]
             weights = grid_weights[pair_token, pair_rank]
             return self._dispatch_normal(
-                tokens, scales, pair_token, in_rank.sum(0), meta, weights, num_tokens
+                tokens, scales, pair_token, pair_rank, in_rank.sum(0), meta, weights, num_tokens
             )
         return self._dispatch_low_latency(tokens, scales, in_rank, grid_meta, grid_weights, num_tokens, top_k)
 
@@ -189,6 +217,7 @@ class Dispatcher:
         tokens: torch.Tensor,
         scales: torch.Tensor | None,
         pair_token: torch.Tensor,
+        pair_rank: torch.Tensor,
         send_counts_t: torch.Tensor,
         meta: torch.Tensor,
         weights: torch.Tensor,
@@ -205,11 +234,22 @@ class Dispatcher:
             if scales is None
             else self._exchange(scales[pair_token], send_counts, recv_counts, recv_rows)
         )
-        recv_meta = self._exchange(meta, send_counts, recv_counts, recv_rows)
-        recv_weights = self._exchange(weights.float(), send_counts, recv_counts, recv_rows)
-        entry_row, entry_expert, entry_weight = self._expand(recv_meta, recv_weights)
+        # Routing metadata travels in one collective: local experts (int32) and weights (fp32).
+        top_k = meta.shape[1]
+        side = torch.cat(
+            [meta.to(torch.int32).view(torch.uint8), weights.float().contiguous().view(torch.uint8)], 1
+        )
+        recv_side = self._exchange(side, send_counts, recv_counts, recv_rows)
+        recv_meta = recv_side[:, : 4 * top_k].contiguous().view(torch.int32).long()
+        recv_weights = recv_side[:, 4 * top_k :].contiguous().view(torch.float32)
+        entry_row, entry_k, entry_expert = self._expand(recv_meta)
         order = torch.argsort(entry_expert, stable=True)
-        entry_row, entry_expert, entry_weight = entry_row[order], entry_expert[order], entry_weight[order]
+        entry_row, entry_k, entry_expert = entry_row[order], entry_k[order], entry_expert[order]
+        entry_weight = recv_weights[entry_row, entry_k]
+        row_entries = torch.full((recv_rows, top_k), -1, dtype=torch.long, device=tokens.device)
+        row_entries[entry_row, entry_k] = torch.arange(len(entry_row), device=tokens.device)
+        token_rows = torch.full((num_tokens, self.world), -1, dtype=torch.long, device=tokens.device)
+        token_rows[pair_token, pair_rank] = torch.arange(len(pair_token), device=tokens.device)
         received = Received(
             x=recv_x[entry_row],
             scales=None if recv_scales is None else recv_scales[entry_row],
@@ -225,13 +265,16 @@ class Dispatcher:
             entry_weight,
             torch.ones_like(entry_row, dtype=torch.bool),
             None,
+            row_entries=row_entries,
+            row_weights=recv_weights,
+            token_rows=token_rows,
         )
         return received, handle
 
     @staticmethod
-    def _expand(meta: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _expand(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         row, k = torch.nonzero(meta >= 0, as_tuple=True)
-        return row, meta[row, k], weights[row, k]
+        return row, k, meta[row, k]
 
     def _dispatch_low_latency(
         self,
@@ -303,6 +346,16 @@ class Dispatcher:
             masked_x=masked_x[:masked_rows].view(self.local_experts, total, self.hidden),
             masked_scales=masked_scales,
         )
+        # Per received row, where each of its k entries sits (grouped and masked layouts).
+        entries = total * top_k
+        inverse = torch.empty(entries, dtype=torch.long, device=device)
+        inverse.index_copy_(0, order, torch.arange(entries, device=device))
+        row_valid = recv_meta >= 0
+        row_entries = torch.where(row_valid, inverse.view(total, top_k), torch.full_like(recv_meta, -1))
+        row_masked = torch.where(
+            row_valid, masked_slot[inverse].view(total, top_k), torch.full_like(recv_meta, -1)
+        )
+        token_rows = torch.where(in_rank, ranks * capacity + position, torch.full_like(position, -1))
         handle = Handle(
             num_tokens,
             send_token,
@@ -313,6 +366,10 @@ class Dispatcher:
             entry_weight,
             entry_valid,
             masked_slot.clamp(max=masked_rows - 1),
+            row_entries=row_entries,
+            row_weights=recv_w,
+            row_masked=row_masked,
+            token_rows=token_rows,
         )
         return received, handle
 
@@ -324,23 +381,19 @@ class Dispatcher:
         expert_out: [entries, hidden] in dispatch's grouped order, or with masked=True the
         low-latency masked layout [local experts, capacity, hidden].
         """
+        assert (
+            handle.row_entries is not None
+            and handle.row_weights is not None
+            and handle.token_rows is not None
+        )
         if masked:
-            if handle.masked_slot is None:
+            if handle.row_masked is None:
                 raise ValueError("masked combine needs a low-latency dispatch")
-            entries = expert_out.reshape(-1, expert_out.shape[-1])[handle.masked_slot]
+            source, positions = expert_out.reshape(-1, expert_out.shape[-1]), handle.row_masked
         else:
-            entries = expert_out
-        weighted = entries.float() * (handle.entry_weight * handle.entry_valid).unsqueeze(1)
-        per_row = torch.zeros(
-            (handle.recv_rows, expert_out.shape[-1]), dtype=torch.float32, device=expert_out.device
-        )
-        per_row.index_add_(0, handle.entry_row, weighted)
-        back = self._exchange(
-            per_row.to(torch.bfloat16), handle.recv_counts, handle.send_counts, len(handle.send_token)
-        )
-        out = torch.zeros(
-            (handle.num_tokens, expert_out.shape[-1]), dtype=torch.float32, device=expert_out.device
-        )
-        valid = handle.send_token >= 0
-        out.index_add_(0, handle.send_token.clamp(min=0), back.float() * valid.unsqueeze(1))
-        return out.to(torch.bfloat16)
+            source, positions = expert_out, handle.row_entries
+        # One row per (token, rank): the weighted sum of this rank's experts for that token.
+        per_row = gather_sum(source, positions, handle.row_weights, torch.bfloat16)
+        back = self._exchange(per_row, handle.recv_counts, handle.send_counts, len(handle.send_token))
+        ones = torch.ones(handle.token_rows.shape, dtype=torch.float32, device=back.device)
+        return gather_sum(back, handle.token_rows, ones, torch.bfloat16)
