@@ -302,15 +302,24 @@ class Dispatcher:
             return buffer[:total]
 
         send_token = scatter(grid_token, -1)
-        send_x = scatter(tokens[grid_token], 0)
-        send_meta = scatter(grid_meta.reshape(-1, top_k), -1)
-        send_w = scatter(grid_weights.reshape(-1, top_k), 0.0)
-        recv_x = self._exchange(send_x, None, None, total)
-        recv_scales = None
+        # One collective carries each row whole: payload | scales | local experts | weights.
+        parts = [tokens[grid_token].contiguous().view(torch.uint8)]
         if scales is not None:
-            recv_scales = self._exchange(scatter(scales[grid_token], 0.0), None, None, total)
-        recv_meta = self._exchange(send_meta, None, None, total)
-        recv_w = self._exchange(send_w, None, None, total)
+            parts.append(scales.float()[grid_token].contiguous().view(torch.uint8))
+        meta_rows = grid_meta.reshape(-1, top_k).to(torch.int32)
+        parts += [meta_rows.view(torch.uint8), grid_weights.reshape(-1, top_k).contiguous().view(torch.uint8)]
+        packed = scatter(torch.cat(parts, 1), 0)
+        # An absent pair's row must read as "no expert" on arrival.
+        packed_meta_start = sum(p.shape[1] for p in parts[:-2])
+        absent = send_token < 0
+        packed[:, packed_meta_start : packed_meta_start + 4 * top_k].masked_fill_(absent.unsqueeze(1), 255)
+        received_rows = self._exchange(packed, None, None, total)
+        widths = [p.shape[1] for p in parts]
+        pieces = torch.split(received_rows, widths, dim=1)
+        recv_x = pieces[0].contiguous().view(tokens.dtype)
+        recv_scales = pieces[1].contiguous().view(torch.float32) if scales is not None else None
+        recv_meta = pieces[-2].contiguous().view(torch.int32).long()
+        recv_w = pieces[-1].contiguous().view(torch.float32)
         # Every (row, k) is an entry; absent ones sort last under key local_experts.
         flat_expert = recv_meta.reshape(-1)
         entry_valid = flat_expert >= 0
@@ -328,13 +337,14 @@ class Dispatcher:
         masked_rows = self.local_experts * total
         masked_slot = torch.where(entry_valid, clamped * total + within, torch.full_like(within, masked_rows))
         x_entries = recv_x[entry_row]
-        masked_x = torch.zeros((masked_rows + 1, self.hidden), dtype=recv_x.dtype, device=device)
+        # Rows past an expert's count are never read (the counts say where each block ends).
+        masked_x = torch.empty((masked_rows + 1, self.hidden), dtype=recv_x.dtype, device=device)
         masked_x.index_copy_(0, masked_slot, x_entries)
         s_entries = None
         masked_scales = None
         if recv_scales is not None:
             s_entries = recv_scales[entry_row]
-            masked_scales = torch.zeros(
+            masked_scales = torch.empty(
                 (masked_rows + 1, recv_scales.shape[1]), dtype=recv_scales.dtype, device=device
             )
             masked_scales.index_copy_(0, masked_slot, s_entries)
