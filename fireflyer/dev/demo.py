@@ -126,7 +126,9 @@ def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 
             _print_table(rows, time.monotonic() - started)
             last, stable_since = rows, time.monotonic()
         all_ready = rows and all(r[1] == "True" or r[0].startswith("ExpertPlacement/") for r in rows)
-        if all_ready or time.monotonic() - stable_since > settle_seconds:
+        # A file system still bootstrapping keeps moving through admin steps: keep watching it.
+        bootstrapping = any(r[2] == "Bootstrapping" for r in rows)
+        if all_ready or (time.monotonic() - stable_since > settle_seconds and not bootstrapping):
             break
         time.sleep(1.0)
     print(f"settled after {time.monotonic() - started:.1f}s; the cluster keeps running:")
