@@ -8,6 +8,7 @@ finished step is recorded in status.bootstrapSteps, so a restarted operator resu
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -193,7 +194,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     storage_ids = {
         int(k): v for k, v in (previous.get("storageNodeIds") or {}).items()
     } or default_storage_node_ids(spec)
-    replacing = previous.get("replacement")
+    replacing = copy.deepcopy(previous.get("replacement"))
+    # Whether the previous pass already rendered the replaced ordinal's new node id (decided
+    # before this pass's results move the replacement on).
+    new_id_rendered = replacing is not None and replacing.get("step") == "reschedule"
     if replacing and replacing.get("step") in ("reschedule", "add", "sync", "unregister"):
         # The replacement pod must start with its new node id: render it before the pod goes.
         storage_ids[int(replacing["ordinal"])] = int(replacing["newNodeId"])
@@ -202,7 +206,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         "bootstrapSteps": done,
         "storageNodeIds": {str(k): v for k, v in sorted(storage_ids.items())},
         "healthSequence": int(previous.get("healthSequence", 0)),
-        "replacement": previous.get("replacement"),
+        "replacement": replacing,
         "replacementsCompleted": int(previous.get("replacementsCompleted", 0)),
         "lastAdminError": previous.get("lastAdminError", ""),
         "lastAdminErrorAt": previous.get("lastAdminErrorAt", ""),
@@ -297,8 +301,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         if next_step is not None:
             _launch(cr, spec, desired, *step_for(next_step, spec, storage_ids))
         elif bootstrapped:
-            rendered = replacing is not None and replacing.get("step") == "reschedule"
-            plan_replacement(cr, spec, observed, desired, status, storage_ids, new_id_rendered=rendered)
+            plan_replacement(
+                cr, spec, observed, desired, status, storage_ids, new_id_rendered=new_id_rendered
+            )
             if not desired.launch and _health_due(observed, status):
                 status["healthSequence"] += 1
                 _launch(cr, spec, desired, admin.health(status["healthSequence"]), "admin_cli")

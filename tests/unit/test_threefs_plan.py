@@ -1,0 +1,271 @@
+"""ThreeFSCluster planning without a cluster: bootstrap gating, step records, retries, replacement."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fireflyer.operator.threefs.admin_jobs import StepResult
+from fireflyer.operator.threefs.plan import Observed, plan
+from fireflyer.threefs import admin
+from fireflyer.threefs.chaintable import plan_chain_table
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = yaml.safe_load((REPO / "manifests/samples/small/threefs.yaml").read_text())
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+ALL_STEPS = [
+    "configure-fdb",
+    "init-cluster",
+    "set-config-meta",
+    "set-config-storage",
+    "set-config-fuse",
+    "user-add",
+    "create-targets",
+    "upload-chains",
+    "upload-chain-table",
+]
+
+
+def _cr(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(SMALL)
+    doc["metadata"].update(namespace="ns", uid="0123-4567", generation=1)
+    doc["spec"]["storage"].update(spec)
+    if status is not None:
+        doc["status"] = status
+    return doc
+
+
+def _workload(kind: str, ready: int, wanted: int) -> dict[str, Any]:
+    if kind == "DaemonSet":
+        return {"kind": kind, "spec": {}, "status": {"numberReady": ready, "desiredNumberScheduled": wanted}}
+    return {"kind": kind, "spec": {"replicas": wanted}, "status": {"readyReplicas": ready}}
+
+
+def _node(
+    name: str, ready: bool = True, since: datetime = NOW, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    stamp = since.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {},
+        "status": {"conditions": [{"type": "Ready", "status": str(ready), "lastTransitionTime": stamp}]},
+    }
+
+
+def _pod(name: str, component: str, node: str, ip: str = "10.0.0.9") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"fireflyer.dev/component": component}},
+        "spec": {"nodeName": node},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def _observed(**overrides: Any) -> Observed:
+    base: dict[str, Any] = {
+        "now": NOW,
+        "nodes": {},
+        "pods": [],
+        "workloads": {},
+        "jobs": {},
+        "results": {},
+        "token_present": False,
+    }
+    base.update(overrides)
+    return Observed(**base)
+
+
+def _launched_step(desired: Any) -> str | None:
+    jobs = [o for o in desired.launch if o["kind"] == "Job"]
+    return jobs[0]["metadata"]["labels"]["fireflyer.dev/admin-step"] if jobs else None
+
+
+def test_nothing_runs_before_foundationdb_is_ready() -> None:
+    desired = plan(_cr(), _observed())
+    kinds = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
+    assert ("StatefulSet", "threefs-small-fdb") in kinds
+    assert ("StatefulSet", "threefs-small-mgmtd") not in kinds
+    assert _launched_step(desired) is None
+    assert desired.status["phase"] == "Bootstrapping"
+    for child in desired.children:
+        assert child["metadata"]["ownerReferences"][0]["uid"] == "0123-4567"
+
+
+def test_steps_are_recorded_then_the_next_one_starts() -> None:
+    fdb_ready = {"fdb": _workload("StatefulSet", 1, 1)}
+    desired = plan(_cr(), _observed(workloads=fdb_ready))
+    assert _launched_step(desired) == "configure-fdb"
+    job = next(o for o in desired.launch if o["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "threefs-small-admin"
+    done = StepResult("configure-fdb", 0, "$ configure new single ssd\nDatabase created\n")
+    desired = plan(
+        _cr(), _observed(workloads=fdb_ready, jobs={"configure-fdb": {}}, results={"configure-fdb": done})
+    )
+    assert desired.status["bootstrapSteps"] == ["configure-fdb"]
+    assert ("Job", "threefs-small-admin-configure-fdb") in desired.cleanup
+    assert ("Secret", "threefs-small-admin-configure-fdb-result") in desired.cleanup
+    assert _launched_step(desired) == "init-cluster"
+
+
+def test_a_step_in_flight_blocks_the_next() -> None:
+    desired = plan(
+        _cr(), _observed(workloads={"fdb": _workload("StatefulSet", 1, 1)}, jobs={"configure-fdb": {}})
+    )
+    assert _launched_step(desired) is None
+
+
+def test_a_failed_step_is_reported_and_retried_after_a_pause() -> None:
+    fdb_ready = {"fdb": _workload("StatefulSet", 1, 1)}
+    failed = StepResult("configure-fdb", 1, "$ configure new single ssd\nERROR: coordinators unreachable\n")
+    desired = plan(
+        _cr(), _observed(workloads=fdb_ready, jobs={"configure-fdb": {}}, results={"configure-fdb": failed})
+    )
+    assert "coordinators unreachable" in desired.status["lastAdminError"]
+    assert _launched_step(desired) is None
+    assert any(e.reason == "AdminStepFailed" for e in desired.events)
+    later = _observed(workloads=fdb_ready, now=NOW + timedelta(seconds=20))
+    assert _launched_step(plan(_cr(desired.status), later)) == "configure-fdb"
+
+
+def test_user_add_token_becomes_a_secret_once() -> None:
+    status = {"bootstrapSteps": ALL_STEPS[:5]}
+    output = "$ user-add --root --admin 0 root\nUid 0\nToken AAAtoken123(Expired at N/A)\n"
+    result = {"user-add": StepResult("user-add", 0, output)}
+    desired = plan(_cr(status), _observed(jobs={"user-add": {}}, results=result))
+    assert [s["stringData"]["token"] for s in desired.create_once] == ["AAAtoken123"]
+    assert "user-add" in desired.status["bootstrapSteps"]
+
+
+def _bootstrapped(
+    nodes: dict[str, Any],
+    pods: list[dict[str, Any]],
+    health: admin.Health | None,
+    taken: datetime | None,
+    status_extra: dict[str, Any] | None = None,
+) -> Any:
+    status = {"bootstrapSteps": ALL_STEPS, **(status_extra or {})}
+    workloads = {
+        "fdb": _workload("StatefulSet", 1, 1),
+        "mgmtd": _workload("StatefulSet", 1, 1),
+        "meta": _workload("StatefulSet", 1, 1),
+        "storage": _workload("StatefulSet", 3, 3),
+        "fuse": _workload("DaemonSet", 8, 8),
+    }
+    cr = _cr(status, replacementGracePeriodSeconds=30, nodeSelector={"storage": "yes"})
+    observed = _observed(
+        nodes=nodes, pods=pods, workloads=workloads, token_present=True, health=health, health_taken_at=taken
+    )
+    return plan(cr, observed)
+
+
+def _health(dead_node: int | None, also_dead: int | None = None) -> admin.Health:
+    table = plan_chain_table([10001, 10002, 10003], 1, 2, 3)
+    node_of = {t.target_id: t.node_id for t in table.targets}
+    chains, targets = [], []
+    for chain in table.chains:
+        states = [("OFFLINE" if node_of[t] in (dead_node, also_dead) else "SERVING") for t in chain.targets]
+        chains.append(
+            admin.ChainRow(chain.chain_id, 1, "SERVING", tuple(zip(chain.targets, states, strict=True)))
+        )
+        targets += [
+            admin.TargetRow(t, chain.chain_id, "HEAD", s, "x", node_of[t], 0, 0)
+            for t, s in zip(chain.targets, states, strict=True)
+        ]
+    return admin.Health(chains, targets)
+
+
+def _cluster(failed_since: datetime) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    labels = {"storage": "yes"}
+    nodes = {f"n{i}": _node(f"n{i}", labels=labels) for i in range(4)}
+    nodes["n1"] = _node("n1", ready=False, since=failed_since, labels=labels)
+    pods = [_pod("threefs-small-mgmtd-0", "mgmtd", "n0")] + [
+        _pod(f"threefs-small-storage-{i}", "storage", f"n{i}") for i in range(3)
+    ]
+    return nodes, pods
+
+
+def test_a_failed_storage_node_is_replaced_after_the_grace_period() -> None:
+    nodes, pods = _cluster(NOW - timedelta(seconds=10))
+    assert _bootstrapped(nodes, pods, _health(10002), NOW).status.get("replacement") is None  # within grace
+    nodes, pods = _cluster(NOW - timedelta(seconds=60))
+    desired = _bootstrapped(nodes, pods, _health(10002), NOW)
+    replacement = desired.status["replacement"]
+    assert (
+        replacement["oldNodeId"] == 10002
+        and replacement["newNodeId"] == 10004
+        and replacement["step"] == "remove"
+    )
+    assert _launched_step(desired) == "replace-1-remove"
+    commands = next(o for o in desired.launch if o["kind"] == "ConfigMap")["data"]["commands"].splitlines()
+    assert all(c.startswith("update-chain --mode remove") for c in commands)  # targets already offline
+    assert len(commands) == 2 and len(replacement["removedTargets"]) == 2
+
+
+def test_replacement_waits_when_a_chain_would_lose_its_last_serving_target() -> None:
+    nodes, pods = _cluster(NOW - timedelta(seconds=60))
+    # Node 10002 failed, but its targets are the only ones still serving their chains.
+    desired = _bootstrapped(nodes, pods, _health(10001, also_dead=10003), NOW)
+    assert _launched_step(desired) is None
+    degraded = next(c for c in desired.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "ReplacementBlocked" and "no serving target" in degraded["message"]
+
+
+def test_no_spare_node_is_a_degraded_condition() -> None:
+    nodes, pods = _cluster(NOW - timedelta(seconds=60))
+    del nodes["n3"]
+    desired = _bootstrapped(nodes, pods, _health(10002), NOW)
+    degraded = next(c for c in desired.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "NoSpareStorageNode"
+
+
+def test_reschedule_renders_the_new_id_before_the_pod_goes() -> None:
+    nodes, pods = _cluster(NOW - timedelta(seconds=60))
+    replacement = {
+        "ordinal": 1,
+        "nodeName": "n1",
+        "oldNodeId": 10002,
+        "newNodeId": 10004,
+        "step": "remove",
+        "removedTargets": [[900100001, 101000200101, 0]],
+        "startedAt": "2026-11-22T11:59:00Z",
+    }
+    status = {"bootstrapSteps": ALL_STEPS, "replacement": replacement}
+    workloads = {
+        "fdb": _workload("StatefulSet", 1, 1),
+        "mgmtd": _workload("StatefulSet", 1, 1),
+        "storage": _workload("StatefulSet", 3, 3),
+    }
+    removed = {
+        "replace-1-remove": StepResult("replace-1-remove", 0, "$ update-chain --mode remove 1 2\nok\n")
+    }
+    cr = _cr(status, replacementGracePeriodSeconds=30, nodeSelector={"storage": "yes"})
+    first = plan(
+        cr,
+        _observed(
+            nodes=nodes,
+            pods=pods,
+            workloads=workloads,
+            token_present=True,
+            jobs={"replace-1-remove": {}},
+            results=removed,
+        ),
+    )
+
+    def app_toml(desired: Any) -> str:
+        config = next(c for c in desired.children if c["metadata"]["name"] == "threefs-small-storage-config")
+        return str(config["data"]["app-1.toml"])
+
+    # The pass that learns the targets are out: the new id is not rendered yet, so the pod stays.
+    assert first.status["replacement"]["step"] == "reschedule"
+    assert "node_id = 10002" in app_toml(first) and first.delete_pods == []
+    # Next pass: the new id is rendered (applied before deletions), then the old pod goes.
+    second = plan(
+        _cr(first.status, replacementGracePeriodSeconds=30, nodeSelector={"storage": "yes"}),
+        _observed(nodes=nodes, pods=pods, workloads=workloads, token_present=True),
+    )
+    assert "node_id = 10004" in app_toml(second)
+    assert second.delete_pods == ["threefs-small-storage-1"]
+    assert second.status["storageNodeIds"]["1"] == 10004
