@@ -41,6 +41,18 @@ def _lock(key: tuple[str, str]) -> threading.Lock:
         return _locks.setdefault(key, threading.Lock())
 
 
+_fdb_api: tuple[float, bool] | None = None
+FDB_API_RECHECK_SECONDS = 60.0
+
+
+def _fdb_operator_served() -> bool:
+    """Whether the FoundationDB operator's API is installed (rechecked once a minute)."""
+    global _fdb_api
+    if _fdb_api is None or time.monotonic() - _fdb_api[0] > FDB_API_RECHECK_SECONDS:
+        _fdb_api = (time.monotonic(), kube.api_group_served(FDB_OPERATOR_API))
+    return _fdb_api[1]
+
+
 def observe(cr: dict[str, Any]) -> Observed:
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
     selector = f"{K.CLUSTER}={name},{L.MANAGED_BY}={L.MANAGER}"
@@ -69,7 +81,7 @@ def observe(cr: dict[str, Any]) -> Observed:
         if failed and step not in results:
             results[step] = "the admin Job failed without reporting a result (see its pod's log)"
     spec = ThreeFSClusterSpec.model_validate(cr["spec"])
-    fdb_operator = spec.foundationdb.managed is not None and kube.api_group_served(FDB_OPERATOR_API)
+    fdb_operator = spec.foundationdb.managed is not None and _fdb_operator_served()
     connection = None
     if fdb_operator:
         fdb = kube.get("FoundationDBCluster", K.name_of(name, "fdb"), namespace)
