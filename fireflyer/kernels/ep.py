@@ -194,13 +194,7 @@ class Dispatcher:
             hits, topk_weights.unsqueeze(1).float(), torch.zeros((), device=dest.device)
         )
         if self.mode == "normal":
-            # nonzero over [world, tokens] orders pairs by destination rank, then token.
-            pair_rank, pair_token = torch.nonzero(in_rank.t(), as_tuple=True)
-            meta = grid_meta[pair_token, pair_rank]
-            weights = grid_weights[pair_token, pair_rank]
-            return self._dispatch_normal(
-                tokens, scales, pair_token, pair_rank, in_rank.sum(0), meta, weights, num_tokens
-            )
+            return self._dispatch_normal(tokens, scales, in_rank, grid_meta, grid_weights, num_tokens)
         return self._dispatch_low_latency(tokens, scales, in_rank, grid_meta, grid_weights, num_tokens, top_k)
 
     def _exchange(
@@ -216,18 +210,26 @@ class Dispatcher:
         self,
         tokens: torch.Tensor,
         scales: torch.Tensor | None,
-        pair_token: torch.Tensor,
-        pair_rank: torch.Tensor,
-        send_counts_t: torch.Tensor,
-        meta: torch.Tensor,
-        weights: torch.Tensor,
+        in_rank: torch.Tensor,
+        grid_meta: torch.Tensor,
+        grid_weights: torch.Tensor,
         num_tokens: int,
     ) -> tuple[Received, Handle]:
+        device = tokens.device
+        top_k = grid_meta.shape[2]
+        send_counts_t = in_rank.sum(0)
         recv_counts_t = torch.empty_like(send_counts_t)
         dist.all_to_all_single(recv_counts_t, send_counts_t, group=self.group)
-        send_counts = send_counts_t.tolist()
-        recv_counts = recv_counts_t.tolist()  # the one host synchronisation of normal mode
+        # The one host synchronisation before the payload moves: both count vectors at once.
+        send_counts, recv_counts = torch.stack([send_counts_t, recv_counts_t]).tolist()
         recv_rows = sum(recv_counts)
+        # (token, rank) pairs ordered by rank then token: a stable sort puts present pairs first.
+        flat = in_rank.t().reshape(-1)
+        present = torch.argsort((~flat).to(torch.int8), stable=True)[: sum(send_counts)]
+        pair_rank = torch.div(present, num_tokens, rounding_mode="floor")
+        pair_token = present - pair_rank * num_tokens
+        meta = grid_meta[pair_token, pair_rank]
+        weights = grid_weights[pair_token, pair_rank]
         recv_x = self._exchange(tokens[pair_token], send_counts, recv_counts, recv_rows)
         recv_scales = (
             None
@@ -235,16 +237,22 @@ class Dispatcher:
             else self._exchange(scales[pair_token], send_counts, recv_counts, recv_rows)
         )
         # Routing metadata travels in one collective: local experts (int32) and weights (fp32).
-        top_k = meta.shape[1]
         side = torch.cat(
             [meta.to(torch.int32).view(torch.uint8), weights.float().contiguous().view(torch.uint8)], 1
         )
         recv_side = self._exchange(side, send_counts, recv_counts, recv_rows)
         recv_meta = recv_side[:, : 4 * top_k].contiguous().view(torch.int32).long()
         recv_weights = recv_side[:, 4 * top_k :].contiguous().view(torch.float32)
-        entry_row, entry_k, entry_expert = self._expand(recv_meta)
-        order = torch.argsort(entry_expert, stable=True)
-        entry_row, entry_k, entry_expert = entry_row[order], entry_k[order], entry_expert[order]
+        # Entries (row, k) grouped by local expert; absent ones sort last and are cut off.
+        flat_expert = recv_meta.reshape(-1)
+        key = torch.where(flat_expert >= 0, flat_expert, torch.full_like(flat_expert, self.local_experts))
+        counts = torch.zeros(self.local_experts + 1, dtype=torch.long, device=device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        order = torch.argsort(key, stable=True)
+        entries = int(recv_rows * top_k - counts[-1])  # second and last host synchronisation
+        order = order[:entries]
+        entry_row = torch.div(order, top_k, rounding_mode="floor")
+        entry_k = order - entry_row * top_k
         entry_weight = recv_weights[entry_row, entry_k]
         row_entries = torch.full((recv_rows, top_k), -1, dtype=torch.long, device=tokens.device)
         row_entries[entry_row, entry_k] = torch.arange(len(entry_row), device=tokens.device)
@@ -253,7 +261,7 @@ class Dispatcher:
         received = Received(
             x=recv_x[entry_row],
             scales=None if recv_scales is None else recv_scales[entry_row],
-            tokens_per_expert=torch.bincount(entry_expert, minlength=self.local_experts),
+            tokens_per_expert=counts[: self.local_experts],
         )
         handle = Handle(
             num_tokens,
@@ -270,11 +278,6 @@ class Dispatcher:
             token_rows=token_rows,
         )
         return received, handle
-
-    @staticmethod
-    def _expand(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        row, k = torch.nonzero(meta >= 0, as_tuple=True)
-        return row, k, meta[row, k]
 
     def _dispatch_low_latency(
         self,
