@@ -241,6 +241,8 @@ class ReplacementStatus(ApiModel):
     removed_targets: list[list[int]] = Field(default_factory=list)
     """[chain id, target id, disk] of every target taken out of its chain."""
     started_at: str = ""
+    sync_since: str = ""
+    """When the replacement targets joined their chains; health after this decides the sync."""
 
 
 class ThreeFSClusterStatus(StatusBase):

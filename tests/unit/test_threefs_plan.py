@@ -269,3 +269,30 @@ def test_reschedule_renders_the_new_id_before_the_pod_goes() -> None:
     assert "node_id = 10004" in app_toml(second)
     assert second.delete_pods == ["threefs-small-storage-1"]
     assert second.status["storageNodeIds"]["1"] == 10004
+
+
+def test_sync_waits_for_a_health_check_after_the_targets_were_added() -> None:
+    nodes, pods = _cluster(NOW - timedelta(seconds=60))
+    pods[2]["spec"]["nodeName"] = "n3"  # the replacement runs on the spare
+    replacement = {
+        "ordinal": 1,
+        "nodeName": "n1",
+        "oldNodeId": 10002,
+        "newNodeId": 10004,
+        "step": "sync",
+        "removedTargets": [],
+        "startedAt": "2026-11-22T11:58:00Z",
+        "syncSince": "2026-11-22T11:59:30Z",
+    }
+    extra = {"replacement": replacement, "storageNodeIds": {"0": 10001, "1": 10004, "2": 10003}}
+    # Chains cut to two serving targets: "serving", but not whole.
+    short = _health(None)
+    short = admin.Health(
+        [admin.ChainRow(c.chain_id, 1, "SERVING", c.targets[:2]) for c in short.chains], short.targets
+    )
+    assert _launched_step(_bootstrapped(nodes, pods, short, NOW, extra)) != "replace-1-unregister"
+    # A whole, serving table, but read before the targets were added.
+    early = NOW.replace(hour=11, minute=59, second=10)
+    assert _launched_step(_bootstrapped(nodes, pods, _health(None), early, extra)) != "replace-1-unregister"
+    # Whole, serving and read afterwards: the old node goes.
+    assert _launched_step(_bootstrapped(nodes, pods, _health(None), NOW, extra)) == "replace-1-unregister"

@@ -421,7 +421,7 @@ def _record_success(
     if step.startswith("replace-"):
         from fireflyer.operator.threefs.replacement_plan import record_replacement_step
 
-        record_replacement_step(step, status, desired)
+        record_replacement_step(step, status, desired, observed.now)
         return
     if step == "user-add":
         token = admin.parse_token(result.output)

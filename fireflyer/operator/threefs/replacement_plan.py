@@ -127,8 +127,29 @@ def plan_replacement(
             _launch(
                 cr, spec, desired, R.add_step(ordinal, _removed(current), current["newNodeId"]), "admin_cli"
             )
-    elif step == "sync" and fresh and health is not None and health.all_serving():
+    elif step == "sync" and health is not None and _synced(health, current, observed, _chain_width(spec)):
         _launch(cr, spec, desired, R.unregister_step(ordinal, current["oldNodeId"]), "admin_cli")
+
+
+def _chain_width(spec: ThreeFSClusterSpec) -> int:
+    erasure = spec.storage.erasure_coding
+    if spec.storage.chain_table_type == "EC" and erasure is not None:
+        return erasure.data_shards + erasure.parity_shards
+    return spec.storage.replication_factor or 1
+
+
+def _synced(health: Any, current: dict[str, Any], observed: Observed, width: int) -> bool:
+    """Every chain is whole again and serving, by a health check taken after the targets were
+    added (an earlier one shows the shortened chains serving, which proves nothing)."""
+    since = _parse_time(current.get("syncSince"))
+    # syncSince is kept to the second: a check in that same second may predate the add.
+    if (
+        since is None
+        or observed.health_taken_at is None
+        or observed.health_taken_at < since + timedelta(seconds=1)
+    ):
+        return False
+    return bool(health.all_serving()) and all(len(chain.targets) >= width for chain in health.chains)
 
 
 def _removed(current: dict[str, Any]) -> list[R.RemovedTarget]:
@@ -178,7 +199,7 @@ def _detect_failure(
     return None
 
 
-def record_replacement_step(step: str, status: dict[str, Any], desired: Desired) -> None:
+def record_replacement_step(step: str, status: dict[str, Any], desired: Desired, now: datetime) -> None:
     """An admin step of the replacement finished: move to the next stage."""
     from fireflyer.operator.threefs.plan import Event
 
@@ -190,6 +211,8 @@ def record_replacement_step(step: str, status: dict[str, Any], desired: Desired)
         current["step"] = "reschedule"
     elif stage == "add":
         current["step"] = "sync"
+        # Only a health check taken after this moment can show the new targets serving.
+        current["syncSince"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     elif stage == "unregister":
         desired.events.append(
             Event(
