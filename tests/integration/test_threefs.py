@@ -59,20 +59,21 @@ def runner(cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         admin.stop()
 
 
-def _cluster_doc(reclaim: str = "Delete") -> dict[str, Any]:
+def _cluster_doc(reclaim: str = "Delete", name: str = NAME) -> dict[str, Any]:
     doc = copy.deepcopy(SMALL)
+    doc["metadata"]["name"] = name
     doc["spec"]["storage"]["nodeSelector"] = {STORAGE_LABEL: "true"}
     doc["spec"]["storage"]["replacementGracePeriodSeconds"] = 3
     doc["spec"]["reclaimPolicy"] = reclaim
     return doc
 
 
-def _tfs(kube: Kube) -> dict[str, Any]:
-    return kube.get("threefscluster", NAME)  # type: ignore[no-any-return]
+def _tfs(kube: Kube, name: str = NAME) -> dict[str, Any]:
+    return kube.get("threefscluster", name)  # type: ignore[no-any-return]
 
 
-def _ready(kube: Kube) -> dict[str, Any] | None:
-    obj = _tfs(kube)
+def _ready(kube: Kube, name: str = NAME) -> dict[str, Any] | None:
+    obj = _tfs(kube, name)
     cond = condition(obj, "Ready")
     return obj if cond and cond["status"] == "True" else None
 
@@ -81,14 +82,14 @@ def _simulated(runner: AdminRunner, kube: Kube) -> dict[str, Any]:
     return json.loads(runner.state_path(kube.namespace, NAME).read_text())  # type: ignore[no-any-return]
 
 
-def _bootstrap(kube: Kube, operator: Operator, reclaim: str = "Delete") -> dict[str, Any]:
-    kube.apply(_cluster_doc(reclaim))
-    return wait_for(  # type: ignore[no-any-return]
-        f"ThreeFSCluster Ready (operator log:\n{operator.tail()})",
-        lambda: _ready(kube),
-        timeout=240,
-        interval=1,
-    )
+def _bootstrap(kube: Kube, operator: Operator, reclaim: str = "Delete", name: str = NAME) -> dict[str, Any]:
+    kube.apply(_cluster_doc(reclaim, name))
+    try:
+        return wait_for(  # type: ignore[no-any-return]
+            f"ThreeFSCluster {name} Ready", lambda: _ready(kube, name), timeout=240, interval=1
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\noperator log:\n{operator.tail()}") from None
 
 
 def test_bootstrap_runs_every_step_once(
@@ -239,27 +240,24 @@ def test_delete_wipes_disks_retain_keeps_data(
     claims = kube.get("pvc")["items"]
     assert claims and all(c["metadata"]["name"].startswith(f"data-{NAME}-fdb-") for c in claims)
 
-    # Dropping the retained FoundationDB data drops the simulated file system with it.
-    kube.run("delete", "pvc", "--all", "--timeout=60s")
-    runner.state_path(kube.namespace, NAME).unlink()
-    obj = _bootstrap(kube, operator, reclaim="Delete")
-    nodes = {
-        p["spec"]["nodeName"]
-        for p in kube.get("pods", selector=f"fireflyer.dev/threefs={NAME},fireflyer.dev/component=storage")[
-            "items"
-        ]
-    }
-    assert obj["status"]["phase"] == "Ready"
-    kube.run("delete", "threefscluster", NAME, "--wait=false")
+    # A second file system, under its own name, with reclaimPolicy Delete.
+    other = f"{NAME}-b"
+    obj = _bootstrap(kube, operator, reclaim="Delete", name=other)
+    selector = f"fireflyer.dev/threefs={other},fireflyer.dev/component=storage"
+    nodes = {p["spec"]["nodeName"] for p in kube.get("pods", selector=selector)["items"]}
+    assert obj["status"]["phase"] == "Ready" and len(nodes) == 3
+    kube.run("delete", "threefscluster", other, "--wait=false")
+    wipe = f"fireflyer.dev/threefs={other},fireflyer.dev/wipe=true"
     jobs = wait_for(
         "a wipe Job per storage node",
-        lambda: (
-            (j := kube.get("jobs", selector="fireflyer.dev/wipe=true")["items"])
-            and len(j) == len(nodes)
-            and j
-        ),
-        timeout=60,
+        lambda: (j := kube.get("jobs", selector=wipe)["items"]) and len(j) == len(nodes) and j,
+        timeout=90,
     )
     assert {j["spec"]["template"]["spec"]["nodeName"] for j in jobs} == nodes
-    wait_for("the cluster to be gone", lambda: not kube.exists("threefscluster", NAME), timeout=90)
-    wait_for("FoundationDB claims deleted", lambda: not kube.get("pvc")["items"], timeout=60)
+    wait_for("the cluster to be gone", lambda: not kube.exists("threefscluster", other), timeout=90)
+    # The Delete cluster's FoundationDB claim goes with it; the Retain cluster's stays.
+    wait_for(
+        "only the retained claim left",
+        lambda: {c["metadata"]["name"] for c in kube.get("pvc")["items"]} == {f"data-{NAME}-fdb-0"},
+        timeout=60,
+    )
