@@ -156,6 +156,13 @@ class Storage(ApiModel):
     replacement_grace_period_seconds: int = Field(default=300, ge=0, le=86400)
     """How long a storage node may stay NotReady before its targets move to a spare node."""
 
+    @property
+    def chain_width(self) -> int:
+        """Targets per chain: the replication factor (CR) or data + parity shards (EC)."""
+        if self.chain_table_type == "EC" and self.erasure_coding is not None:
+            return self.erasure_coding.data_shards + self.erasure_coding.parity_shards
+        return self.replication_factor or 1
+
 
 class Clients(ApiModel):
     model_config = ConfigDict(

@@ -24,6 +24,7 @@ Transports: `portable` — torch.distributed all_to_all_single (NCCL on GPU, glo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +53,7 @@ def gather_sum(
     return out.to(out_dtype)
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -134,19 +136,21 @@ class Dispatcher:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def _slots(self, topk_idx: torch.Tensor) -> torch.Tensor:
+    def _route(self, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per (token, k): physical slot and local expert on its rank (−1 for none), and
+        hits[token, rank, k]: whether that choice lands on that rank."""
         valid = topk_idx >= 0
-        slots = self.slot_of_expert[topk_idx.clamp(min=0)]
-        return torch.where(valid, slots, torch.full_like(slots, NO_EXPERT))
+        slots = torch.where(valid, self.slot_of_expert[topk_idx.clamp(min=0)], NO_EXPERT)
+        dest = torch.where(valid, slots // self.local_experts, NO_EXPERT)
+        local = torch.where(valid, slots % self.local_experts, NO_EXPERT)
+        ranks = torch.arange(self.world, device=topk_idx.device)
+        hits = dest.unsqueeze(1) == ranks.view(1, -1, 1)
+        return slots, local, hits
 
     def layout(self, topk_idx: torch.Tensor) -> Layout:
-        slots = self._slots(topk_idx)
-        valid = slots >= 0
-        dest = torch.where(valid, slots // self.local_experts, torch.full_like(slots, NO_EXPERT))
-        token_in_rank = torch.zeros(topk_idx.shape[0], self.world, dtype=torch.bool, device=topk_idx.device)
-        rows, cols = torch.nonzero(valid, as_tuple=True)
-        token_in_rank[rows, dest[rows, cols]] = True
-        tokens_per_expert = torch.bincount(slots[valid], minlength=self.num_slots)
+        slots, _, hits = self._route(topk_idx)
+        token_in_rank = hits.any(-1)
+        tokens_per_expert = torch.bincount(slots[slots >= 0], minlength=self.num_slots)
         return Layout(token_in_rank.sum(0), tokens_per_expert, token_in_rank)
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -180,19 +184,12 @@ class Dispatcher:
         topk_weights: torch.Tensor,
     ) -> tuple[Received, Handle]:
         num_tokens, top_k = topk_idx.shape
-        slots = self._slots(topk_idx)
-        valid = slots >= 0
-        dest = torch.where(valid, slots // self.local_experts, torch.full_like(slots, NO_EXPERT))
-        local = torch.where(valid, slots % self.local_experts, torch.full_like(slots, NO_EXPERT))
+        _, local, hits = self._route(topk_idx)
         # One row per (token, destination rank): the token's local experts there, and weights.
-        ranks = torch.arange(self.world, device=dest.device)
-        hits = dest.unsqueeze(1) == ranks.view(1, -1, 1)  # [tokens, world, k]
         in_rank = hits.any(-1)  # [tokens, world]
         # Per (token, rank): the token's local experts on that rank (-1 elsewhere) and weights.
         grid_meta = torch.where(hits, local.unsqueeze(1), torch.full_like(hits, -1, dtype=local.dtype))
-        grid_weights = torch.where(
-            hits, topk_weights.unsqueeze(1).float(), torch.zeros((), device=dest.device)
-        )
+        grid_weights = torch.where(hits, topk_weights.unsqueeze(1).float(), 0.0)
         if self.mode == "normal":
             return self._dispatch_normal(tokens, scales, in_rank, grid_meta, grid_weights, num_tokens)
         return self._dispatch_low_latency(tokens, scales, in_rank, grid_meta, grid_weights, num_tokens, top_k)

@@ -321,11 +321,15 @@ def _save_snapshot(
     return target
 
 
+def _check_rank(rank: int, world: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+
+
 def _check_args(step: int, rank: int, world: int, keep_last: int | None) -> None:
     if step < 0:
         raise ValueError(f"step must be ≥ 0, not {step}")
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
+    _check_rank(rank, world)
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be ≥ 1, not {keep_last}")
 
@@ -467,8 +471,7 @@ def load(
     fs: FileSystem | None = None,
 ) -> dict[str, Any]:
     """This rank's state dict from checkpoint `step`, resharded when `world` differs from the save."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
+    _check_rank(rank, world)
     target = step_dir(directory, step)
     manifest = _read_manifest(target)
     engine = fs or open_fs(target)

@@ -150,5 +150,23 @@ def _node_ids(spec: ThreeFSClusterSpec, inputs: RenderInputs, service: str) -> d
     return {}
 
 
+def key_paths(table: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """Dotted paths of a parsed TOML's keys; arrays of tables appear as `name[]`, elements merged.
+
+    The form of the key index that the rendered files are checked against
+    (hack/threefs/template_keys.py writes it from 3FS's templates)."""
+    out: set[str] = set()
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            out |= key_paths(value, path)
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for element in value:
+                out |= key_paths(element, f"{path}[]")
+        else:
+            out.add(path)
+    return out
+
+
 def render_all(spec: ThreeFSClusterSpec, inputs: RenderInputs) -> dict[str, dict[str, str]]:
     return {service: render_service(spec, inputs, service) for service in SERVICE_FILES}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the key paths (names and nesting only) of 3FS's configuration templates.
 
-Usage: python hack/threefs/template_keys.py DIR > tests/unit/golden/threefs_template_keys.json
+Usage: .venv/bin/python hack/threefs/template_keys.py DIR > tests/unit/golden/threefs_template_keys.json
 DIR holds 3FS's own `configs/*.toml`. The output lets a unit test check that every key fireflyer
 renders exists at the same path in 3FS, without keeping 3FS's templates in this repository.
 Arrays of tables appear as `name[]`, their elements merged.
@@ -13,12 +13,16 @@ import json
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
 
+from fireflyer.threefs.config import key_paths
 
 # The files fireflyer renders (fireflyer.threefs.config); the client agent is not deployed.
 RENDERED = {
-    *(f"{service}_main{suffix}" for service in ("mgmtd", "meta", "storage") for suffix in ("", "_launcher", "_app")),
+    *(
+        f"{service}_main{suffix}"
+        for service in ("mgmtd", "meta", "storage")
+        for suffix in ("", "_launcher", "_app")
+    ),
     "hf3fs_fuse_main",
     "hf3fs_fuse_main_launcher",
     "monitor_collector_main",
@@ -26,24 +30,10 @@ RENDERED = {
 }
 
 
-def paths(table: dict[str, Any], prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for key, value in table.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out |= paths(value, path)
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            for element in value:
-                out |= paths(element, f"{path}[]")
-        else:
-            out.add(path)
-    return out
-
-
 def main() -> int:
     directory = Path(sys.argv[1])
     index = {
-        file.name: sorted(paths(tomllib.loads(file.read_text())))
+        file.name: sorted(key_paths(tomllib.loads(file.read_text())))
         for file in sorted(directory.glob("*.toml"))
         if file.stem in RENDERED
     }

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from fireflyer.api.threefs import ThreeFSCluster, ThreeFSClusterSpec
 from fireflyer.threefs import admin, replacement
 from fireflyer.threefs.chaintable import ChainTableError, chain_id, plan_chain_table, target_id
-from fireflyer.threefs.config import ConfigError, RenderInputs, render_all, render_service
+from fireflyer.threefs.config import ConfigError, RenderInputs, key_paths, render_all, render_service
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "unit" / "golden"
@@ -35,20 +35,6 @@ def _spec(doc: dict[str, Any] = SAMPLE) -> ThreeFSClusterSpec:
 
 def _inputs(**extra: Any) -> RenderInputs:
     return RenderInputs("threefs", ["10.0.0.1", "10.0.0.2", "10.0.0.3"], "10.96.0.10:10000", **extra)
-
-
-def _key_paths(table: dict[str, Any], prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for key, value in table.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out |= _key_paths(value, path)
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            for element in value:
-                out |= _key_paths(element, f"{path}[]")
-        else:
-            out.add(path)
-    return out
 
 
 def _reference_name(service: str, file: str) -> str:
@@ -67,7 +53,7 @@ def test_every_rendered_key_exists_in_3fs_templates() -> None:
         for service, files in render_all(spec, _inputs()).items():
             for file, text in files.items():
                 reference = set(known[_reference_name(service, file)])
-                unknown = _key_paths(tomllib.loads(text)) - reference
+                unknown = key_paths(tomllib.loads(text)) - reference
                 assert not unknown, f"{service}/{file} writes keys 3FS does not read: {sorted(unknown)}"
 
 

@@ -18,6 +18,7 @@ from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.operator import cache, events, kube
 from fireflyer.operator import labels as L
+from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.metrics import timed
 
@@ -154,9 +155,6 @@ def resync(namespace: str | None, name: str, **kwargs: Any) -> None:
     reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
 
 
-_last_kick: dict[tuple[str, str], float] = {}
-
-
 def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str) -> None:
     """Remember a unit whose pod failed or was deleted by someone else (eviction, a person, the
     StatefulSet controller replacing a failed pod): the whole unit must be recreated."""
@@ -193,36 +191,20 @@ def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -
         _kick(namespace, deployment, phase == "Failed" or type == "DELETED", kwargs)
 
 
-_pending: set[tuple[str, str]] = set()
-_pending_lock = threading.Lock()
-DEBOUNCE_SECONDS = 1.0
+_debounce = Debouncer(window=1.0)
 
 
 def _kick(namespace: str, deployment: str, urgent: bool, kwargs: dict[str, Any]) -> None:
     """Reconcile soon. Many pod events arrive together: one reconcile per second per deployment,
     and a dropped event always leads to one more reconcile after the window (trailing edge)."""
-    key = (namespace, deployment)
 
     def run() -> None:
-        with _pending_lock:
-            _pending.discard(key)
-        _last_kick[key] = time.monotonic()
         try:
             reconcile(namespace, deployment, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"), urgent)
         except kube.ApiException as exc:
             log.warning("reconcile of %s/%s after a child event failed: %s", namespace, deployment, exc)
 
-    wait = DEBOUNCE_SECONDS - (time.monotonic() - _last_kick.get(key, 0.0))
-    if urgent or wait <= 0:
-        run()
-        return
-    with _pending_lock:
-        if key in _pending:
-            return
-        _pending.add(key)
-    timer = threading.Timer(wait, run)
-    timer.daemon = True
-    timer.start()
+    _debounce.request((namespace, deployment), run, urgent=urgent)
 
 
 def _node_unusable(body: Any) -> bool:

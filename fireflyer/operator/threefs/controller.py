@@ -16,6 +16,7 @@ from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.threefs import ThreeFSClusterSpec
 from fireflyer.operator import events, kube
 from fireflyer.operator import labels as L
+from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.metrics import timed
 from fireflyer.operator.threefs import children as K
 from fireflyer.operator.threefs.admin_jobs import StepResult, read_result
@@ -173,8 +174,7 @@ def resync(namespace: str | None, name: str, **_: Any) -> None:
     reconcile(namespace or "default", name)
 
 
-_last_run: dict[tuple[str, str], float] = {}
-DEBOUNCE_SECONDS = 0.5
+_debounce = Debouncer(window=0.5)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
@@ -190,34 +190,14 @@ def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> Non
     _kick(namespace, cluster)
 
 
-_pending: set[tuple[str, str]] = set()
-_pending_guard = threading.Lock()
-
-
 def _kick(namespace: str, cluster: str) -> None:
-    """At most one reconcile per window per cluster, and always one after the last event."""
-    key = (namespace, cluster)
-
     def run() -> None:
-        with _pending_guard:
-            _pending.discard(key)
-        _last_run[key] = time.monotonic()
         try:
             reconcile(namespace, cluster)
         except kube.ApiException as exc:
             log.warning("reconcile of %s/%s after a child event failed: %s", namespace, cluster, exc)
 
-    wait = DEBOUNCE_SECONDS - (time.monotonic() - _last_run.get(key, 0.0))
-    if wait <= 0:
-        run()
-        return
-    with _pending_guard:
-        if key in _pending:
-            return
-        _pending.add(key)
-    timer = threading.Timer(wait, run)
-    timer.daemon = True
-    timer.start()
+    _debounce.request((namespace, cluster), run)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

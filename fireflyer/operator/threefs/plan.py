@@ -17,11 +17,18 @@ from typing import Any
 from fireflyer.api import conditions as C
 from fireflyer.api.threefs import ThreeFSCluster, ThreeFSClusterSpec
 from fireflyer.operator.threefs import children as K
-from fireflyer.operator.threefs.admin_jobs import StepResult, job, rbac, step_config_map
-from fireflyer.operator.threefs.replacement_plan import plan_replacement
+from fireflyer.operator.threefs.admin_jobs import (
+    StepResult,
+    job,
+    job_name,
+    rbac,
+    result_name,
+    step_config_map,
+)
+from fireflyer.operator.threefs.replacement_plan import plan_replacement, record_replacement_step
 from fireflyer.threefs import admin
 from fireflyer.threefs.admin import AdminOutputError, AdminStep, Health
-from fireflyer.threefs.chaintable import plan_chain_table
+from fireflyer.threefs.chaintable import ChainTable, plan_chain_table
 from fireflyer.threefs.config import (
     PORTS,
     STORAGE_NODE_ID_BASE,
@@ -79,7 +86,7 @@ class Desired:
     health_taken_at: datetime | None = None
 
 
-def bootstrap_order(spec: ThreeFSClusterSpec, fdb_mode: str) -> list[str]:
+def bootstrap_order(fdb_mode: str) -> list[str]:
     configure = ["configure-fdb"] if fdb_mode == "statefulset" else []
     return [
         *configure,
@@ -156,17 +163,13 @@ def step_for(name: str, spec: ThreeFSClusterSpec, storage_ids: dict[int, int]) -
     return builders[name](table), "admin_cli"
 
 
-def chain_table(spec: ThreeFSClusterSpec, storage_ids: dict[int, int]) -> Any:
+def chain_table(spec: ThreeFSClusterSpec, storage_ids: dict[int, int]) -> ChainTable:
     storage = spec.storage
-    if storage.chain_table_type == "EC" and storage.erasure_coding is not None:
-        width = storage.erasure_coding.data_shards + storage.erasure_coding.parity_shards
-    else:
-        width = storage.replication_factor or 1
     return plan_chain_table(
         list(storage_ids.values()),
         storage.disks_per_node,
         storage.targets_per_disk,
-        width,
+        storage.chain_width,
         storage.chain_table_type,
     )
 
@@ -216,7 +219,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             status[key] = previous[key]
     desired.health, desired.health_taken_at = observed.health, observed.health_taken_at
     mode = fdb_mode(spec, observed)
-    order = bootstrap_order(spec, mode)
+    order = bootstrap_order(mode)
 
     _consume_results(cr, observed, desired, status, done)
 
@@ -236,10 +239,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         children.append(K.foundationdb_cluster(cr, spec))
     monitor_address, clickhouse = _monitor_inputs(cr, spec, observed)
     if spec.monitor.clickhouse != "disabled":
-        mgmtd_ips: list[str] = []
-        monitor_files = render_service(
-            spec, RenderInputs(cluster, mgmtd_ips, clickhouse=clickhouse), "monitor"
-        )
+        monitor_files = render_service(spec, RenderInputs(cluster, [], clickhouse=clickhouse), "monitor")
         children += [
             K.config_map(cr, "monitor", monitor_files),
             K.monitor_deployment(cr, spec, K.digest(monitor_files)),
@@ -378,8 +378,6 @@ def _consume_results(
     cr: dict[str, Any], observed: Observed, desired: Desired, status: dict[str, Any], done: list[str]
 ) -> None:
     cluster = cr["metadata"]["name"]
-    from fireflyer.operator.threefs.admin_jobs import job_name, result_name
-
     for step, result in sorted(observed.results.items()):
         desired.cleanup += [
             ("Job", job_name(cluster, step)),
@@ -419,8 +417,6 @@ def _record_success(
         status["healthCheckedAt"] = observed.now.strftime("%Y-%m-%dT%H:%M:%SZ")
         return
     if step.startswith("replace-"):
-        from fireflyer.operator.threefs.replacement_plan import record_replacement_step
-
         record_replacement_step(step, status, desired, observed.now)
         return
     if step == "user-add":

@@ -127,15 +127,10 @@ def plan_replacement(
             _launch(
                 cr, spec, desired, R.add_step(ordinal, _removed(current), current["newNodeId"]), "admin_cli"
             )
-    elif step == "sync" and health is not None and _synced(health, current, observed, _chain_width(spec)):
+    elif (
+        step == "sync" and health is not None and _synced(health, current, observed, spec.storage.chain_width)
+    ):
         _launch(cr, spec, desired, R.unregister_step(ordinal, current["oldNodeId"]), "admin_cli")
-
-
-def _chain_width(spec: ThreeFSClusterSpec) -> int:
-    erasure = spec.storage.erasure_coding
-    if spec.storage.chain_table_type == "EC" and erasure is not None:
-        return erasure.data_shards + erasure.parity_shards
-    return spec.storage.replication_factor or 1
 
 
 def _synced(health: Any, current: dict[str, Any], observed: Observed, width: int) -> bool:
