@@ -271,7 +271,10 @@ class KVBlockStore:
             now = time.time()
             with self._write() as db:
                 db.executemany("UPDATE blocks SET used = ? WHERE key = ?", [(now, k) for k in hits])
-                db.executemany("DELETE FROM blocks WHERE key = ?", [(k,) for k in lost])
+                # A writer may have published the block again since the read failed (publication
+                # happens under this same lock): only a block still absent loses its row.
+                gone = [(k,) for k in lost if not self._path(k).exists()]
+                db.executemany("DELETE FROM blocks WHERE key = ?", gone)
         return results
 
     def _read(self, key: str) -> torch.Tensor | None:
