@@ -6,8 +6,10 @@ hot experts inside each node, pack replicas onto the node's GPUs) and improves t
 * packing: longest-processing-time greedy with equal item counts per pack, then a local search
   that swaps an item of the heaviest pack with a lighter item elsewhere while that lowers the
   heaviest pack — the greedy result is the starting point, so the result is never worse;
-* replica choice: replicas go to the expert with the highest load per replica (the greedy), then
-  a refinement moves a replica from one expert to another when the packed peak drops.
+* replica choice: replicas go to the expert with the highest load per replica (the greedy); a
+  second choice caps every expert at one replica per pack (more cannot lower its share of the
+  peak pack, and the greedy wastes slots on it under heavy skew), and whichever packs to the
+  lower peak is kept.
 """
 
 from __future__ import annotations
@@ -43,17 +45,22 @@ def _pack_greedy(weights: FloatArray, num_packs: int) -> IntArray:
     batch, items = weights.shape
     capacity = items // num_packs
     order = np.argsort(-weights, axis=1, kind="stable")
-    pack = np.empty((batch, items), dtype=np.int64)
-    loads = np.zeros((batch, num_packs))
+    sorted_weights = np.take_along_axis(weights, order, axis=1)
+    # A full pack's load reads as infinite, so argmin alone finds the lightest pack with room.
+    open_loads = np.zeros((batch, num_packs))
     counts = np.zeros((batch, num_packs), dtype=np.int64)
+    pack_of_step = np.empty((batch, items), dtype=np.int64)
     rows = np.arange(batch)
     for step in range(items):
-        item = order[:, step]
-        room = np.where(counts < capacity, loads, np.inf)
-        target = np.argmin(room, axis=1)
-        pack[rows, item] = target
-        loads[rows, target] += weights[rows, item]
+        target = np.argmin(open_loads, axis=1)
+        pack_of_step[:, step] = target
+        open_loads[rows, target] += sorted_weights[:, step]
         counts[rows, target] += 1
+        full = counts[rows, target] == capacity
+        if full.any():
+            open_loads[rows[full], target[full]] = np.inf
+    pack = np.empty_like(pack_of_step)
+    np.put_along_axis(pack, order, pack_of_step, axis=1)
     return pack
 
 
@@ -117,9 +124,10 @@ def balanced_packing(weights: FloatArray, num_packs: int, refine: bool = True) -
     return pack
 
 
-def replicate(weights: FloatArray, num_slots: int) -> IntArray:
+def replicate(weights: FloatArray, num_slots: int, max_replicas: int | None = None) -> IntArray:
     """[B, num_slots] slot → expert: every expert once, each extra slot to the expert with the
-    highest load per replica (ties: lowest expert id)."""
+    highest load per replica (ties: lowest expert id). With max_replicas, experts already holding
+    that many replicas are passed over while any other expert can take one."""
     batch, experts = weights.shape
     if num_slots < experts:
         raise PlacementError(f"{num_slots} slots cannot hold {experts} experts")
@@ -128,21 +136,53 @@ def replicate(weights: FloatArray, num_slots: int) -> IntArray:
     counts = np.ones((batch, experts), dtype=np.int64)
     rows = np.arange(batch)
     for slot in range(experts, num_slots):
-        pick = np.argmax(weights / counts, axis=1)
+        per_replica = weights / counts
+        pick = np.argmax(per_replica, axis=1)
+        if max_replicas is not None:
+            open_score = np.where(counts < max_replicas, per_replica, -1.0)
+            open_pick = np.argmax(open_score, axis=1)
+            pick = np.where(open_score[rows, open_pick] >= 0, open_pick, pick)
         slots[:, slot] = pick
         counts[rows, pick] += 1
     return slots
 
 
+def _replica_loads(weights: FloatArray, slot_expert: IntArray) -> FloatArray:
+    """[B, S] load each slot carries: its expert's load split evenly over the expert's replicas."""
+    rows = np.arange(weights.shape[0])[:, None]
+    counts = np.zeros_like(weights, dtype=np.int64)
+    np.add.at(counts, (rows, slot_expert), 1)
+    return weights[rows, slot_expert] / counts[rows, slot_expert]
+
+
+def _peak(per_slot: FloatArray, pack: IntArray, num_packs: int) -> FloatArray:
+    loads = np.zeros((per_slot.shape[0], num_packs))
+    np.add.at(loads, (np.arange(per_slot.shape[0])[:, None], pack), per_slot)
+    return loads.max(axis=1)
+
+
 def _place(weights: FloatArray, num_slots: int, num_packs: int, refine: bool) -> IntArray:
     """Replicate then pack, for [B, E] loads → [B, num_slots] slot → expert, pack-major slots."""
-    batch = weights.shape[0]
     slot_expert = replicate(weights, num_slots)
-    counts = np.zeros_like(weights, dtype=np.int64)
-    np.add.at(counts, (np.arange(batch)[:, None], slot_expert), 1)
-    rows = np.arange(batch)[:, None]
-    per_slot = weights[rows, slot_expert] / counts[rows, slot_expert]
-    pack = balanced_packing(per_slot, num_packs, refine)
+    per_slot = _replica_loads(weights, slot_expert)
+    pack = _pack_greedy(per_slot, num_packs)
+    if refine:
+        # A replica beyond one per pack cannot lower its expert's share of the peak pack (two
+        # replicas land together), so also try capping replicas at the pack count; keep whichever
+        # packs lower. Rows where the cap changes nothing keep the greedy choice.
+        over_cap = (replica_counts(slot_expert, weights.shape[1]) > num_packs).any(axis=1)
+        if over_cap.any():
+            differ = np.nonzero(over_cap)[0]
+            capped = replicate(weights[differ], num_slots, max_replicas=num_packs)
+            capped_per_slot = _replica_loads(weights[differ], capped)
+            capped_pack = _pack_greedy(capped_per_slot, num_packs)
+            greedy_peak = _peak(per_slot[differ], pack[differ], num_packs)
+            better = _peak(capped_per_slot, capped_pack, num_packs) < greedy_peak * (1 - _EPS)
+            take = differ[better]
+            slot_expert[take] = capped[better]
+            per_slot[take] = capped_per_slot[better]
+            pack[take] = capped_pack[better]
+        pack = _improve_by_swaps(per_slot, pack, num_packs, max_rounds=4 * num_slots)
     # Order slots pack by pack; inside a pack, heavier replicas first (stable, deterministic).
     key = pack * 2.0 + (1.0 - per_slot / (per_slot.max(axis=1, keepdims=True) + 1.0))
     order = np.argsort(key, axis=1, kind="stable")

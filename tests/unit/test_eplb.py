@@ -97,3 +97,24 @@ def test_bad_shapes_are_refused_with_reasons() -> None:
 def test_validate_catches_a_missing_expert() -> None:
     table = np.tile(np.arange(8) % 4, (1, 1))
     assert validate(from_phy2log(table, 5), 5, 2) == ["layer 0: expert 4 has no replica (1 such)"]
+
+
+def test_a_dominant_expert_is_spread_one_replica_per_gpu() -> None:
+    # One expert carries most of the load: the greedy gives it more replicas than the node has
+    # GPUs, so two land on one GPU; capping at one per GPU frees slots and lowers the peak.
+    load = np.full((1, 16), 10.0)
+    load[0, 5] = 2000.0
+    greedy = np.array(rebalance_reference(load.tolist(), 24, 1, 1, 4))
+    ours = rebalance(load, 24, 1, 1, 4)
+    assert replica_counts(greedy, 16)[0, 5] > 4
+    assert ours.replica_counts[0, 5] == 4
+    gpu_of_replica = [p // 6 for p in ours.log2phy[0, 5] if p >= 0]
+    assert sorted(gpu_of_replica) == [0, 1, 2, 3]
+    assert balancedness(load, ours.phy2log, 4) > balancedness(load, greedy, 4) + 0.05
+
+
+def test_a_heavily_skewed_prefill_gains_from_the_replica_cap() -> None:
+    load = zipf_load(58, 256, 1.2, np.random.default_rng(5))
+    ours = rebalance(load, 288, 8, 4, 32)
+    greedy = np.array(rebalance_reference(load.tolist(), 288, 8, 4, 32))
+    assert balancedness(load, ours.phy2log, 32) > 1.05 * balancedness(load, greedy, 32)
