@@ -5,7 +5,9 @@ Normal: 4096 tokens per rank, hidden 7168, top-8 of 256 experts, FP8 dispatch, B
 Low-latency: 128 tokens per rank, same model dims. Per rank: time (µs) and received bytes ÷ time.
 The pipeline sends one row per (token, expert) (layout → index_select into per-rank order →
 all_to_all_single → regroup by local expert; reverse with weighted sum); ours sends one row per
-(token, rank). Raw: all_to_all_single of our dispatch bytes, pre-packed.
+(token, rank). Raw: all_to_all_single of our dispatch bytes, pre-packed. Ours is measured over
+both transports: portable (NCCL all_to_all_single) and nvlink (Triton kernels writing into the
+peers' buffers).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ HIDDEN = 7168
 EXPERTS = 256
 TOP_K = 8
 CONFIGS = {"normal": 4096, "low_latency": 128}
+TRANSPORTS = ("portable", "nvlink")
 
 
 def _time(fn: Any, iters: int = 20, warmup: int = 5) -> float:
@@ -96,46 +99,66 @@ def _measure(mode: str, rank: int, world: int, device: torch.device) -> dict[str
     tokens = CONFIGS[mode]
     x, idx, weights = _routing(tokens, rank, device)
     q, s = quantize_per_token_group(x)
-    ours = Dispatcher(dist.group.WORLD, HIDDEN, tokens, EXPERTS, mode=mode, device=device)  # type: ignore[arg-type]
-    received, handle = ours.dispatch((q, s), idx, weights)
-    y = torch.zeros(received.x.shape[0], HIDDEN, dtype=torch.bfloat16, device=device)
-    unique_rows = handle.recv_rows if mode == "normal" else int((handle.send_token >= 0).sum())
-    t_dispatch = _time(lambda: ours.dispatch((q, s), idx, weights))
-    t_combine = _time(lambda: ours.combine(y, handle))
+    result: dict[str, float] = {}
+    for transport in TRANSPORTS:
+        ours = Dispatcher(
+            dist.group.WORLD,  # type: ignore[arg-type]
+            HIDDEN,
+            tokens,
+            EXPERTS,
+            mode=mode,  # type: ignore[arg-type]
+            transport=transport,
+            device=device,
+        )
+        received, handle = ours.dispatch((q, s), idx, weights)
+        y = torch.zeros(received.x.shape[0], HIDDEN, dtype=torch.bfloat16, device=device)
+        sent = ours.layout(idx).tokens_per_rank
+        arrived = torch.empty_like(sent)
+        dist.all_to_all_single(arrived, sent)
+        sent_rows, recv_rows = int(sent.sum()), int(arrived.sum())
+        t_dispatch = _time(lambda ours=ours: ours.dispatch((q, s), idx, weights))
+        t_combine = _time(lambda ours=ours, handle=handle, y=y: ours.combine(y, handle))
+        dispatch_bytes = recv_rows * (HIDDEN + 4 * (HIDDEN // 128))
+        combine_bytes = sent_rows * HIDDEN * 2
+        result |= {
+            f"{transport}_dispatch_us": t_dispatch,
+            f"{transport}_combine_us": t_combine,
+            f"{transport}_dispatch_GBps": dispatch_bytes / t_dispatch / 1e3,
+            f"{transport}_combine_GBps": combine_bytes / t_combine / 1e3,
+        }
+        if mode == "low_latency":
+            graphed = _graphed(ours, q, s, idx, weights, y)
+            result |= {f"{transport}_{k}": v for k, v in graphed.items()}
+        del ours, received, handle, y
+        torch.cuda.empty_cache()
     pipe = Pipeline(world)
     pq, _, state = pipe.dispatch(q, s, idx)
     py = torch.zeros(pq.shape[0], HIDDEN, dtype=torch.bfloat16, device=device)
     t_pipe_dispatch = _time(lambda: pipe.dispatch(q, s, idx))
     t_pipe_combine = _time(lambda: pipe.combine(py, weights, state, tokens))
     # The raw collective moving our dispatch rows, already packed (equal splits).
-    per_peer = max(1, handle.recv_rows // world)
+    per_peer = max(1, recv_rows // world)
     raw_in = torch.empty(per_peer * world, HIDDEN + 4 * (HIDDEN // 128), dtype=torch.uint8, device=device)
     raw_out = torch.empty_like(raw_in)
     t_raw = _time(lambda: dist.all_to_all_single(raw_out, raw_in))
     raw_c_in = torch.empty(per_peer * world, HIDDEN, dtype=torch.bfloat16, device=device)
     raw_c_out = torch.empty_like(raw_c_in)
     t_raw_c = _time(lambda: dist.all_to_all_single(raw_c_out, raw_c_in))
-    dispatch_bytes = handle.recv_rows * (HIDDEN + 4 * (HIDDEN // 128))
-    combine_bytes = len(handle.send_token) * HIDDEN * 2
-    graphed: dict[str, float] = {}
-    if mode == "low_latency":
-        graphed = _graphed(ours, q, s, idx, weights, y)
-    return graphed | {
-        "received_rows": handle.recv_rows,
-        "unique_rows": unique_rows,
+    return result | {
+        "received_rows": recv_rows,
         "pipeline_rows": pq.shape[0],
-        "dispatch_us": t_dispatch,
-        "combine_us": t_combine,
         "pipeline_dispatch_us": t_pipe_dispatch,
         "pipeline_combine_us": t_pipe_combine,
         "raw_dispatch_us": t_raw,
         "raw_combine_us": t_raw_c,
-        "dispatch_GBps": dispatch_bytes / t_dispatch / 1e3,
-        "combine_GBps": combine_bytes / t_combine / 1e3,
         "raw_dispatch_GBps": dispatch_bytes / t_raw / 1e3,
         "raw_combine_GBps": combine_bytes / t_raw_c / 1e3,
-        "dispatch_vs_pipeline": t_pipe_dispatch / t_dispatch,
-        "combine_vs_pipeline": t_pipe_combine / t_combine,
+        **{
+            f"{t}_{op}_vs_pipeline": {"dispatch": t_pipe_dispatch, "combine": t_pipe_combine}[op]
+            / result[f"{t}_{op}_us"]
+            for t in TRANSPORTS
+            for op in ("dispatch", "combine")
+        },
     }
 
 

@@ -1,6 +1,6 @@
 """Where EP dispatch/combine time goes: torch.profiler on rank 0, top operators by CUDA and CPU time.
 
-Usage: python bench/ep/profile_ep.py [--mode normal|low_latency]
+Usage: python bench/ep/profile_ep.py [--mode normal|low_latency] [--transport nvlink|portable]
 """
 
 from __future__ import annotations
@@ -20,15 +20,28 @@ from fireflyer.kernels.ep import Dispatcher
 from fireflyer.kernels.fp8 import quantize_per_token_group
 
 
-def _run(rank: int, world: int, port: int, mode: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+def _run(rank: int, world: int, port: int, mode: str, transport: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        NCCL_NVLS_ENABLE="0",
+        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+    )
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
     tokens = CONFIGS[mode]
     x, idx, weights = _routing(tokens, rank, device)
     q, s = quantize_per_token_group(x)
-    ep = Dispatcher(dist.group.WORLD, HIDDEN, tokens, EXPERTS, mode=mode, device=device)  # type: ignore[arg-type]
+    ep = Dispatcher(
+        dist.group.WORLD,  # type: ignore[arg-type]
+        HIDDEN,
+        tokens,
+        EXPERTS,
+        mode=mode,  # type: ignore[arg-type]
+        transport=transport,  # type: ignore[arg-type]
+        device=device,
+    )
     for _ in range(3):
         received, handle = ep.dispatch((q, s), idx, weights)
         ep.combine(received.x.view(torch.uint8).to(torch.bfloat16), handle)
@@ -39,19 +52,20 @@ def _run(rank: int, world: int, port: int, mode: str) -> None:
         torch.cuda.synchronize()
     if rank == 0:
         table: Any = prof.key_averages()
-        print(table.table(sort_by="cuda_time_total", row_limit=12))
-        print(table.table(sort_by="cpu_time_total", row_limit=12))
+        print(table.table(sort_by="cuda_time_total", row_limit=16))
+        print(table.table(sort_by="cpu_time_total", row_limit=16))
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["normal", "low_latency"], default="normal")
+    parser.add_argument("--transport", choices=["nvlink", "portable"], default="nvlink")
     args = parser.parse_args()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_run, args=(2, port, args.mode), nprocs=2, join=True)
+    mp.spawn(_run, args=(2, port, args.mode, args.transport), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

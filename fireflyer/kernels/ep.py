@@ -19,12 +19,16 @@ Modes:
   invalid), so all shapes are fixed: no host synchronisation, CUDA-graph capturable. Received
   tokens also come in a masked layout [local experts, capacity, hidden]. For decode.
 
-Transports: `portable` — torch.distributed all_to_all_single (NCCL on GPU, gloo on CPU).
+Transports (one interface): `portable` — torch.distributed all_to_all_single (NCCL on GPU,
+gloo on CPU); `nvlink` — every rank of the group on one node: Triton kernels write rows straight
+into the peers' buffers over NVLink (fireflyer.kernels.ep_nvlink); `auto` (default) — nvlink when
+the group is on CUDA devices of one host that can reach each other, else portable.
 """
 
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 Mode = Literal["normal", "low_latency"]
+Transport = Literal["auto", "portable", "nvlink"]
 Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 NO_EXPERT = -1
 
@@ -89,6 +94,19 @@ class Handle:
 
 
 @dataclass
+class NvlinkHandle:
+    """What combine needs from an NVLink dispatch. Self-contained: a later dispatch may reuse the
+    receive buffer before this combine runs."""
+
+    num_tokens: int
+    send_pos: torch.Tensor  # [world, tokens] index among the tokens sent to each rank, −1 if not
+    grouped_pos: torch.Tensor  # [world · capacity, k] entry of each received (row, k), −1 if none
+    masked_pos: torch.Tensor | None  # low-latency: position in [experts · world · capacity]
+    row_token: torch.Tensor  # [world · capacity] source token of each received row, −1 if empty
+    row_weights: torch.Tensor  # [world · capacity, k]
+
+
+@dataclass
 class Received:
     x: torch.Tensor  # [entries, hidden] grouped by local expert (BF16, or FP8 with scales)
     scales: torch.Tensor | None  # [entries, hidden / 128] for an FP8 payload
@@ -107,11 +125,11 @@ class Dispatcher:
         phy2log: Sequence[int] | torch.Tensor | None = None,
         *,
         mode: Mode = "normal",
-        transport: str = "portable",
+        transport: Transport = "auto",
         device: torch.device | str | None = None,
     ) -> None:
-        if transport != "portable":
-            raise ValueError(f"transport {transport!r} is not available; use 'portable'")
+        if transport not in ("auto", "portable", "nvlink"):
+            raise ValueError(f"unknown transport {transport!r}: use 'auto', 'portable' or 'nvlink'")
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -133,6 +151,41 @@ class Dispatcher:
             replicas = torch.nonzero(slots == expert).flatten()
             choice[expert] = replicas[self.rank % len(replicas)]
         self.slot_of_expert = choice.to(self.device)
+        self._nvlink: Any = None
+        if transport != "portable" and self._nvlink_reachable(transport == "nvlink"):
+            from fireflyer.kernels.ep_nvlink import NvlinkTransport
+
+            self._nvlink = NvlinkTransport(
+                group, self.world, self.rank, max_tokens_per_rank, hidden, self.local_experts, self.device
+            )
+        self.transport = "nvlink" if self._nvlink is not None else "portable"
+
+    def _nvlink_reachable(self, required: bool) -> bool:
+        """Whether every rank's GPU can write into every other's (one host, peer access). Ranks
+        agree on the answer, as the buffers are set up collectively."""
+        reason = ""
+        if self.device.type != "cuda":
+            reason = f"the device is {self.device}, not CUDA"
+        elif not _triton_available():
+            reason = "Triton is not installed"
+        if reason:  # the same on every rank: nothing to agree on
+            if required:
+                raise ValueError(f"transport 'nvlink' is not available: {reason}")
+            return False
+        places: list[Any] = [None] * self.world
+        dist.all_gather_object(places, (socket.gethostname(), self.device.index), group=self.group)
+        hosts = {host for host, _ in places}
+        peers_ok = all(
+            index == self.device.index or torch.cuda.can_device_access_peer(self.device, index)
+            for _, index in places
+        )
+        verdicts: list[Any] = [None] * self.world
+        dist.all_gather_object(verdicts, len(hosts) == 1 and peers_ok, group=self.group)
+        if all(verdicts):
+            return True
+        if required:
+            raise ValueError("transport 'nvlink' needs every rank on one host with peer access between GPUs")
+        return False
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -157,7 +210,7 @@ class Dispatcher:
 
     def dispatch(
         self, x: Payload, topk_idx: torch.Tensor, topk_weights: torch.Tensor
-    ) -> tuple[Received, Handle]:
+    ) -> tuple[Received, Handle | NvlinkHandle]:
         tokens, scales = (x, None) if isinstance(x, torch.Tensor) else x
         num_tokens = topk_idx.shape[0]
         if num_tokens > self.max_tokens:
@@ -169,7 +222,13 @@ class Dispatcher:
             if scales is None:
                 raise ValueError("an FP8 payload needs its per-token 1×128 scales: pass (x_fp8, scales)")
             tokens = tokens.view(torch.uint8)  # moved and indexed as bytes
-        received, handle = self._dispatch(tokens, scales, topk_idx, topk_weights)
+        handle: Handle | NvlinkHandle
+        if self._nvlink is not None:
+            received, handle = self._nvlink.dispatch(
+                tokens, scales, topk_idx, topk_weights, self.slot_of_expert, self.mode == "low_latency"
+            )
+        else:
+            received, handle = self._dispatch(tokens, scales, topk_idx, topk_weights)
         if fp8 is not None:
             received.x = received.x.view(fp8)
             if received.masked_x is not None:
@@ -385,12 +444,16 @@ class Dispatcher:
 
     # -- combine ---------------------------------------------------------------------------------
 
-    def combine(self, expert_out: torch.Tensor, handle: Handle, *, masked: bool = False) -> torch.Tensor:
+    def combine(
+        self, expert_out: torch.Tensor, handle: Handle | NvlinkHandle, *, masked: bool = False
+    ) -> torch.Tensor:
         """Σ_k weight_k · expert_k(token), in BF16 (accumulated in FP32).
 
         expert_out: [entries, hidden] in dispatch's grouped order, or with masked=True the
         low-latency masked layout [local experts, capacity, hidden].
         """
+        if isinstance(handle, NvlinkHandle):
+            return self._nvlink.combine(expert_out, handle, masked)
         assert (
             handle.row_entries is not None
             and handle.row_weights is not None

@@ -27,12 +27,20 @@ def _free_port() -> int:
 
 
 DEVICE = torch.device("cpu")  # set per process: cuda:<rank> under NCCL
+TRANSPORT = "portable"  # set per process: GPU tests run the checks over each transport
 
 
 def _worker(
-    rank: int, world: int, port: int, body: Callable[..., None], args: tuple[Any, ...], backend: str = "gloo"
+    rank: int,
+    world: int,
+    port: int,
+    body: Callable[..., None],
+    args: tuple[Any, ...],
+    backend: str = "gloo",
+    transport: str = "portable",
 ) -> None:
-    global DEVICE
+    global DEVICE, TRANSPORT
+    TRANSPORT = transport
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if backend == "nccl":
@@ -45,8 +53,15 @@ def _worker(
         dist.destroy_process_group()
 
 
-def _spawn(world: int, body: Callable[..., None], *args: Any, backend: str = "gloo") -> None:
-    mp.spawn(_worker, args=(world, _free_port(), body, args, backend), nprocs=world, join=True)
+def _spawn(
+    world: int, body: Callable[..., None], *args: Any, backend: str = "gloo", transport: str = "portable"
+) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), body, args, backend, transport), nprocs=world, join=True)
+
+
+def _dispatcher(num_experts: int, phy2log: list[int] | None = None, **kwargs: Any) -> Dispatcher:
+    kwargs.setdefault("transport", TRANSPORT)
+    return Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, num_experts, phy2log, device=DEVICE, **kwargs)
 
 
 def _routing(
@@ -74,7 +89,7 @@ def _placement(world: int) -> tuple[int, list[int]]:
 
 def _identity_round_trip(rank: int, world: int, mode: str) -> None:
     experts, phy2log = _placement(world)
-    dispatcher = Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, experts, phy2log, mode=mode, device=DEVICE)  # type: ignore[arg-type]
+    dispatcher = _dispatcher(experts, phy2log, mode=mode)
     x, topk_idx, weights = _routing(rank, experts)
     received, handle = dispatcher.dispatch(x, topk_idx, weights)
     out = dispatcher.combine(received.x, handle)
@@ -111,7 +126,7 @@ def _expected_counts(world: int, rank: int, phy2log: list[int], experts: int) ->
 
 def _counts(rank: int, world: int, mode: str) -> None:
     experts, phy2log = _placement(world)
-    dispatcher = Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, experts, phy2log, mode=mode, device=DEVICE)  # type: ignore[arg-type]
+    dispatcher = _dispatcher(experts, phy2log, mode=mode)
     x, topk_idx, weights = _routing(rank, experts)
     layout = dispatcher.layout(topk_idx)
     received, _ = dispatcher.dispatch(x, topk_idx, weights)
@@ -125,7 +140,7 @@ def _counts(rank: int, world: int, mode: str) -> None:
 def _replica_split(rank: int, world: int) -> None:
     # 2 logical experts, expert 0 replicated on every rank, expert 1 only on rank 0.
     phy2log = [0, 1] + [0, 0] * (world - 1)
-    dispatcher = Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, 2, phy2log, device=DEVICE)
+    dispatcher = _dispatcher(2, phy2log)
     x = torch.ones(TOKENS, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
     topk_idx = torch.zeros(TOKENS, 1, dtype=torch.long, device=DEVICE)  # every token picks expert 0
     received, _ = dispatcher.dispatch(x, topk_idx, torch.ones(TOKENS, 1, device=DEVICE))
@@ -137,7 +152,7 @@ def _replica_split(rank: int, world: int) -> None:
 
 def _fp8_round_trip(rank: int, world: int, mode: str) -> None:
     experts, phy2log = _placement(world)
-    dispatcher = Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, experts, phy2log, mode=mode, device=DEVICE)  # type: ignore[arg-type]
+    dispatcher = _dispatcher(experts, phy2log, mode=mode)
     x, topk_idx, weights = _routing(rank, experts)
     q, scales = quantize_per_token_group(x)
     received, handle = dispatcher.dispatch((q, scales), topk_idx, weights)
@@ -155,13 +170,16 @@ def _bad_input(rank: int, world: int) -> None:
         Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, 5, [0, 1, 2, 3, 4])
     with pytest.raises(ValueError, match="every logical expert"):
         Dispatcher(dist.group.WORLD, HIDDEN, TOKENS, 2, [0] * (2 * world))
-    dispatcher = Dispatcher(dist.group.WORLD, HIDDEN, 4, 4 * world, device=DEVICE)
+    dispatcher = Dispatcher(dist.group.WORLD, HIDDEN, 4, 4 * world, device=DEVICE, transport=TRANSPORT)  # type: ignore[arg-type]
     idx = torch.zeros(5, 1, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="exceed max_tokens_per_rank"):
         dispatcher.dispatch(torch.zeros(5, HIDDEN, device=DEVICE), idx, torch.ones(5, 1, device=DEVICE))
     q = torch.zeros(2, HIDDEN, dtype=torch.float8_e4m3fn, device=DEVICE)
     with pytest.raises(ValueError, match="scales"):
         dispatcher.dispatch(q, idx[:2], torch.ones(2, 1, device=DEVICE))
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="'nvlink' is not available: the device is cpu"):
+            Dispatcher(dist.group.WORLD, HIDDEN, 4, 4 * world, transport="nvlink")
 
 
 def _all_checks(rank: int, world: int) -> None:

@@ -1,0 +1,449 @@
+"""The intranode fast path of EP dispatch/combine: Triton kernels that write straight into the
+peers' NVLink-mapped buffers (torch symmetric memory, no multicast).
+
+Every rank owns, in symmetric memory:
+- a receive buffer of world × max_tokens rows; source s writes its rows at [s · max_tokens + i],
+  where i numbers the tokens s sends to this rank. A row is [meta | payload | scales]; meta
+  holds, per top-k choice, the local expert here (−1 elsewhere), its weight (FP32 bits) and the
+  token's rank among the source's tokens for that expert, then the source token index;
+- a count table: per source, the rows it sent and its entries per local expert;
+- a combine buffer of world × max_tokens BF16 rows: the rank holding the experts writes the
+  weighted sum for source token t into the source's row [its rank · max_tokens + t].
+
+Because each source numbers its own entries per expert, a receiver places every entry without
+scanning: grouped position = (entries of earlier experts) + (entries of this expert from earlier
+sources) + rank. Dispatch: routing kernel (on the source) → barrier → send kernel (each
+(token, rank) row written once, into the peer) → barrier → offsets kernel → expand kernel (each
+received row read once, written once per local expert). Combine: weighted sums written into the
+sources' combine buffers → barrier → each source adds up its rows. The barrier that opens each
+operation keeps a peer from overwriting rows still being read. Low-latency mode has no host
+synchronisation and is CUDA-graph capturable; normal mode reads the entry count once to size its
+output.
+
+Peer addresses are passed as offsets from the local buffer in 64-byte units, so the compiler
+still knows every row is 16-byte aligned and moves it with vector loads and stores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from fireflyer.kernels.ep import NvlinkHandle, Received
+
+BLOCK_WORDS = 1024
+SEND_BLOCK_WORDS = 2048  # an FP8 row of hidden 7168 (1792 words) in one pass
+ROUTE_SLOTS = 8
+ROUTE_TOKENS = 128
+ALIGN_BYTES = 64
+
+
+@triton.jit
+def _route_kernel(
+    topk, slot_of_expert, slots_out, ranks_out, send_pos, chunk_counts, num_tokens, chunk_stride,
+    K: tl.constexpr, KP: tl.constexpr, WORLD: tl.constexpr, WP: tl.constexpr, LOCAL: tl.constexpr,
+    SLOTS: tl.constexpr, SB: tl.constexpr, BT: tl.constexpr,
+):  # fmt: skip
+    """Chunk c = tokens [c·BT, c·BT + BT). Programs (p < SLOTS/SB, c): each (token, k) on slots
+    [p·SB, p·SB + SB) gets its rank among the chunk's tokens for that slot; the chunk's count
+    per slot. Program (last, c): each token's index among the chunk's tokens sent to each rank;
+    the chunk's rows per rank (after the slot counts). Chunk offsets are added by the sender."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    ks = tl.arange(0, KP)
+    ts = chunk * BT + tl.arange(0, BT)
+    tmask = ts < num_tokens
+    tk_mask = tmask[:, None] & (ks[None, :] < K)
+    idx = tl.load(topk + ts[:, None] * K + ks[None, :], mask=tk_mask, other=-1)
+    slot = tl.load(slot_of_expert + tl.where(idx >= 0, idx, 0), mask=idx >= 0, other=-1)
+    counts = chunk_counts + chunk * chunk_stride
+    if pid * SB < SLOTS:
+        if pid == 0:
+            tl.store(slots_out + ts[:, None] * K + ks[None, :], slot, mask=tk_mask)
+        js = pid * SB + tl.arange(0, SB)
+        match = (slot[:, :, None] == js[None, None, :]).to(tl.int32)  # [BT, KP, SB]
+        has = tl.max(match, axis=1)  # [BT, SB]
+        before = tl.cumsum(has, axis=0) - has
+        rank = tl.sum(match * before[:, None, :], axis=2)  # [BT, KP]
+        mine = (slot >= pid * SB) & (slot < pid * SB + SB)
+        tl.store(ranks_out + ts[:, None] * K + ks[None, :], rank, mask=tk_mask & mine)
+        tl.store(counts + js, tl.sum(has, axis=0), mask=js < SLOTS)
+    else:
+        ds = tl.arange(0, WP)
+        dest = tl.where(slot >= 0, slot // LOCAL, -1)
+        hit = tl.max((dest[:, :, None] == ds[None, None, :]).to(tl.int32), axis=1)  # [BT, WP]
+        sent_before = tl.cumsum(hit, axis=0) - hit
+        out = send_pos + ds[None, :] * num_tokens + ts[:, None]
+        tl.store(out, tl.where(hit > 0, sent_before, -1), mask=tmask[:, None] & (ds[None, :] < WORLD))
+        tl.store(counts + SLOTS + ds, tl.sum(hit, axis=0), mask=ds < WORLD)
+
+
+@triton.jit
+def _send_kernel(
+    x_words, scale_words, slots, weights, ranks, send_pos, chunk_offsets, totals,
+    rows, peer_rows, counts, peer_counts,
+    rank, capacity, num_tokens, row_stride, count_stride, chunk_stride,
+    K: tl.constexpr, KP: tl.constexpr, WORLD: tl.constexpr, LOCAL: tl.constexpr, LP: tl.constexpr,
+    SLOTS: tl.constexpr, CHUNK: tl.constexpr, CHUNKED: tl.constexpr,
+    META: tl.constexpr, PAYLOAD: tl.constexpr, SCALES: tl.constexpr, BLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr, ROW_UNIT: tl.constexpr, COUNT_UNIT: tl.constexpr,
+):  # fmt: skip
+    """Row of (token t, rank d) into d's receive buffer; one extra program per d publishes this
+    rank's counts there. Positions from the route kernel are per chunk: CHUNKED adds the chunk's
+    offsets (entries and rows of earlier chunks)."""
+    t = tl.program_id(0)
+    d = tl.program_id(1)
+    if t == num_tokens:
+        table = counts + tl.load(peer_counts + d) * COUNT_UNIT + rank * count_stride
+        tl.store(table, tl.load(totals + SLOTS + d))
+        es = tl.arange(0, LP)
+        tl.store(table + 1 + es, tl.load(totals + d * LOCAL + es, mask=es < LOCAL), mask=es < LOCAL)
+    else:
+        p = tl.load(send_pos + d * num_tokens + t)
+        offsets = chunk_offsets + (t // CHUNK) * chunk_stride
+        if CHUNKED:
+            p += tl.load(offsets + SLOTS + d)
+        if p >= 0:
+            row = rows + tl.load(peer_rows + d) * ROW_UNIT + (rank * capacity + p).to(tl.int64) * row_stride
+            ks = tl.arange(0, KP)
+            kmask = ks < K
+            slot = tl.load(slots + t * K + ks, mask=kmask, other=-1)
+            here = (slot >= 0) & (slot // LOCAL == d)
+            tl.store(row + ks, tl.where(here, slot % LOCAL, -1), mask=kmask)
+            w = tl.load(weights + t * K + ks, mask=kmask, other=0.0)
+            tl.store(row + K + ks, tl.where(here, w, 0.0).to(tl.int32, bitcast=True), mask=kmask)
+            within = tl.load(ranks + t * K + ks, mask=kmask, other=0)
+            if CHUNKED:
+                within += tl.load(offsets + tl.where(here, slot, 0), mask=kmask & here, other=0)
+            tl.store(row + 2 * K + ks, within, mask=kmask)
+            tl.store(row + 3 * K, t)
+            src = x_words + t.to(tl.int64) * PAYLOAD
+            for c in tl.static_range(0, PAYLOAD, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                m = cols < PAYLOAD
+                tl.store(row + META + cols, tl.load(src + cols, mask=m), mask=m)
+            if SCALES > 0:
+                scols = tl.arange(0, SBLOCK)
+                sm = scols < SCALES
+                values = tl.load(scale_words + t.to(tl.int64) * SCALES + scols, mask=sm)
+                tl.store(row + META + PAYLOAD + scols, values, mask=sm)
+
+
+@triton.jit
+def _offsets_kernel(
+    counts, grouped_base, masked_base, tokens_per_expert, total_rows, count_stride,
+    WORLD: tl.constexpr, WP: tl.constexpr, LOCAL: tl.constexpr, LP: tl.constexpr,
+):  # fmt: skip
+    """From the count table [source, 1 + local experts]: where each source's entries of each
+    expert start, in the grouped layout and in the masked one."""
+    ss = tl.arange(0, WP)
+    es = tl.arange(0, LP)
+    m = (ss[:, None] < WORLD) & (es[None, :] < LOCAL)
+    entries = tl.load(counts + ss[:, None] * count_stride + 1 + es[None, :], mask=m, other=0)
+    earlier_sources = tl.cumsum(entries, axis=0) - entries
+    per_expert = tl.sum(entries, axis=0)
+    earlier_experts = tl.cumsum(per_expert, axis=0) - per_expert
+    out = ss[:, None] * LOCAL + es[None, :]
+    tl.store(grouped_base + out, earlier_experts[None, :] + earlier_sources, mask=m)
+    tl.store(masked_base + out, es[None, :] * total_rows + earlier_sources, mask=m)
+    tl.store(tokens_per_expert + es, per_expert.to(tl.int64), mask=es < LOCAL)
+
+
+@triton.jit
+def _expand_kernel(
+    rows, counts, grouped_base, masked_base, out_x, out_scales, masked_x, masked_scales,
+    grouped_pos, masked_pos, row_token, row_weights,
+    capacity, row_stride, count_stride,
+    K: tl.constexpr, LOCAL: tl.constexpr, META: tl.constexpr, PAYLOAD: tl.constexpr,
+    SCALES: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Received row r: its payload to each of its experts' places; the handle's tables."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    source = r // capacity
+    valid = r % capacity < tl.load(counts + source * count_stride)
+    row = rows + r.to(tl.int64) * row_stride
+    first = c == 0
+    if valid:
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        m = cols < PAYLOAD
+        values = tl.load(row + META + cols, mask=m)
+        scols = tl.arange(0, SBLOCK)
+        sm = (scols < SCALES) & first
+        scales = tl.load(row + META + PAYLOAD + scols, mask=sm)
+        if first:
+            tl.store(row_token + r, tl.load(row + 3 * K))
+        for k in tl.static_range(K):
+            expert = tl.load(row + k)
+            present = expert >= 0
+            at = source * LOCAL + tl.where(present, expert, 0)
+            within = tl.load(row + 2 * K + k)
+            p = tl.where(present, tl.load(grouped_base + at) + within, -1)
+            if first:
+                tl.store(grouped_pos + r * K + k, p)
+                tl.store(row_weights + r * K + k, tl.load(row + K + k).to(tl.float32, bitcast=True))
+            if present:
+                tl.store(out_x + p.to(tl.int64) * PAYLOAD + cols, values, mask=m)
+                if SCALES > 0:
+                    tl.store(out_scales + p.to(tl.int64) * SCALES + scols, scales, mask=sm)
+            if MASKED:
+                q = tl.where(present, tl.load(masked_base + at) + within, -1)
+                if first:
+                    tl.store(masked_pos + r * K + k, q)
+                if present:
+                    tl.store(masked_x + q.to(tl.int64) * PAYLOAD + cols, values, mask=m)
+                    if SCALES > 0:
+                        tl.store(masked_scales + q.to(tl.int64) * SCALES + scols, scales, mask=sm)
+    elif first:
+        tl.store(row_token + r, -1)
+        for k in tl.static_range(K):
+            tl.store(grouped_pos + r * K + k, -1)
+            tl.store(row_weights + r * K + k, 0.0)
+            if MASKED:
+                tl.store(masked_pos + r * K + k, -1)
+
+
+@triton.jit
+def _combine_send_kernel(
+    expert_out, positions, weights, row_token, combined, peer_combined, rank, capacity, hidden,
+    K: tl.constexpr, BLOCK: tl.constexpr, UNIT: tl.constexpr,
+):  # fmt: skip
+    """Received row r from source s: Σ_k w · expert_out[pos], into s's combine buffer at
+    [this rank · capacity + token]."""
+    r = tl.program_id(0)
+    token = tl.load(row_token + r)
+    if token >= 0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < hidden
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            p = tl.load(positions + r * K + k).to(tl.int64)
+            w = tl.load(weights + r * K + k)
+            values = tl.load(expert_out + p * hidden + cols, mask=m & (p >= 0), other=0.0)
+            acc += values.to(tl.float32) * w
+        source = r // capacity
+        peer = combined + tl.load(peer_combined + source) * UNIT
+        dst = peer + (rank * capacity + token).to(tl.int64) * hidden
+        tl.store(dst + cols, acc.to(tl.bfloat16), mask=m)
+
+
+@triton.jit
+def _combine_reduce_kernel(
+    combined, send_pos, out, capacity, hidden, num_tokens, WORLD: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for d in tl.static_range(WORLD):
+        sent = tl.load(send_pos + d * num_tokens + t) >= 0
+        row = (d * capacity + t).to(tl.int64)
+        acc += tl.load(combined + row * hidden + cols, mask=m & sent, other=0.0).to(tl.float32)
+    tl.store(out + t.to(tl.int64) * hidden + cols, acc.to(tl.bfloat16), mask=m)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Symmetric:
+    """One symmetric tensor and every peer's copy as an offset from ours, in ALIGN_BYTES units."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group: Any) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op later
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                symm_mem.enable_symm_mem_for_group(group.group_name)
+        self.tensor = symm_mem.empty(numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.tensor, group)
+        ptrs = list(self.handle.buffer_ptrs)
+        mine = ptrs[self.handle.rank]
+        deltas = [p - mine for p in ptrs]
+        if any(delta % ALIGN_BYTES for delta in deltas):
+            raise RuntimeError("symmetric buffers are not 64-byte aligned across ranks")
+        units = [delta // ALIGN_BYTES for delta in deltas]
+        self.peer_offsets = torch.tensor(units, dtype=torch.int64, device=device)
+        self.unit = ALIGN_BYTES // self.tensor.element_size()
+
+
+class NvlinkTransport:
+    """Symmetric buffers of one EP group on one node, and the kernels that use them."""
+
+    def __init__(
+        self,
+        group: Any,
+        world: int,
+        rank: int,
+        capacity: int,
+        hidden: int,
+        local_experts: int,
+        device: torch.device,
+    ) -> None:
+        if hidden % 128:
+            raise ValueError(f"the NVLink transport needs hidden divisible by 128, got {hidden}")
+        self.world, self.rank = world, rank
+        self.capacity, self.hidden, self.local_experts, self.device = capacity, hidden, local_experts, device
+        self.group = group if group is not None else dist.group.WORLD
+        self.total_rows = world * capacity
+        self.count_stride = _round_up(1 + local_experts, 16)
+        self._combine = _Symmetric(self.total_rows * hidden, torch.bfloat16, device, self.group)
+        self._counts = _Symmetric(world * self.count_stride, torch.int32, device, self.group)
+        self._rows: _Symmetric | None = None
+        self._top_k = 0
+
+    def _receive_rows(self, top_k: int) -> tuple[_Symmetric, int, int]:
+        """Rows sized for the largest payload (BF16 words, or FP8 words + scales) and this top-k.
+        Made on the first dispatch (all ranks dispatch together), again if top-k changes."""
+        meta = _round_up(3 * top_k + 1, 4)  # words; keeps the payload 16-byte aligned
+        stride = _round_up(meta + self.hidden // 2 + self.hidden // 128, 16)
+        if self._rows is None or top_k != self._top_k:
+            self._rows = _Symmetric(self.total_rows * stride, torch.int32, self.device, self.group)
+            self._top_k = top_k
+        return self._rows, meta, stride
+
+    def _barrier(self) -> None:
+        self._counts.handle.barrier(channel=0)
+
+    def _route(
+        self, topk_idx: torch.Tensor, slot_of_expert: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Per (token, k): its slot and rank among its chunk's tokens for that slot; per
+        (rank, token): the token's index among its chunk's tokens sent there (−1: not sent);
+        per chunk: entries per slot and rows per rank before it (offsets); totals."""
+        num_tokens, top_k = topk_idx.shape
+        device = topk_idx.device
+        num_slots = self.world * self.local_experts
+        chunks = max(1, triton.cdiv(num_tokens, ROUTE_TOKENS))
+        width = num_slots + self.world
+        slots = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)
+        ranks = torch.empty((num_tokens, top_k), dtype=torch.int32, device=device)
+        send_pos = torch.empty((self.world, num_tokens), dtype=torch.int32, device=device)
+        chunk_counts = torch.empty((chunks, width), dtype=torch.int32, device=device)
+        _route_kernel[(triton.cdiv(num_slots, ROUTE_SLOTS) + 1, chunks)](
+            topk_idx.contiguous(), slot_of_expert, slots, ranks, send_pos, chunk_counts, num_tokens, width,
+            K=top_k, KP=_pow2(top_k), WORLD=self.world, WP=_pow2(self.world), LOCAL=self.local_experts,
+            SLOTS=num_slots, SB=ROUTE_SLOTS, BT=ROUTE_TOKENS,
+        )  # fmt: skip
+        if chunks == 1:  # low-latency sizes: no offsets to add
+            return slots, ranks, send_pos, chunk_counts, chunk_counts[0], width
+        inclusive = chunk_counts.cumsum(0, dtype=torch.int32)
+        return slots, ranks, send_pos, inclusive - chunk_counts, inclusive[-1], width
+
+    def dispatch(
+        self,
+        payload: torch.Tensor,
+        scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_of_expert: torch.Tensor,
+        low_latency: bool,
+    ) -> tuple[Received, NvlinkHandle]:
+        """payload: [tokens, hidden] as uint8 (FP8 bytes) or BF16; scales: FP32 [tokens, hidden/128]."""
+        num_tokens, top_k = topk_idx.shape
+        receive, meta, stride = self._receive_rows(top_k)
+        device = payload.device
+        words = payload.contiguous().view(torch.int32)
+        payload_words = words.shape[1]
+        scale_words = 0 if scales is None else scales.shape[1]
+        scale_src = words if scales is None else scales.float().contiguous().view(torch.int32)
+        slots, ranks, send_pos, chunk_offsets, totals, chunk_stride = self._route(topk_idx, slot_of_expert)
+        weights = topk_weights.float().contiguous()
+        sblock = _pow2(max(scale_words, 1))
+        self._barrier()  # peers are done reading what this dispatch overwrites
+        _send_kernel[(num_tokens + 1, self.world)](
+            words, scale_src, slots, weights, ranks, send_pos, chunk_offsets, totals,
+            receive.tensor, receive.peer_offsets, self._counts.tensor, self._counts.peer_offsets,
+            self.rank, self.capacity, num_tokens, stride, self.count_stride, chunk_stride,
+            K=top_k, KP=_pow2(top_k), WORLD=self.world, LOCAL=self.local_experts,
+            LP=_pow2(self.local_experts), SLOTS=self.world * self.local_experts, CHUNK=ROUTE_TOKENS,
+            CHUNKED=num_tokens > ROUTE_TOKENS, META=meta, PAYLOAD=payload_words, SCALES=scale_words,
+            BLOCK=SEND_BLOCK_WORDS, SBLOCK=sblock, ROW_UNIT=receive.unit, COUNT_UNIT=self._counts.unit,
+            num_warps=8,
+        )  # fmt: skip
+        self._barrier()  # every peer's rows and counts have landed
+        total = self.total_rows
+        grouped_base = torch.empty((self.world, self.local_experts), dtype=torch.int32, device=device)
+        masked_base = torch.empty_like(grouped_base)
+        tokens_per_expert = torch.empty(self.local_experts, dtype=torch.int64, device=device)
+        _offsets_kernel[(1,)](
+            self._counts.tensor, grouped_base, masked_base, tokens_per_expert, total, self.count_stride,
+            WORLD=self.world, WP=_pow2(self.world), LOCAL=self.local_experts, LP=_pow2(self.local_experts),
+        )  # fmt: skip
+        masked_rows = self.local_experts * total if low_latency else 0
+
+        def words_of(rows: int, width: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.empty((max(rows, 1), max(width, 1)), dtype=dtype, device=device)
+
+        masked_x, masked_scales = words_of(masked_rows, payload_words), words_of(masked_rows, scale_words)
+        grouped_pos = words_of(total, top_k)
+        masked_pos = words_of(total, top_k) if low_latency else grouped_pos
+        row_token = torch.empty(total, dtype=torch.int32, device=device)
+        row_weights = words_of(total, top_k, torch.float32)
+        # Normal mode sizes its output exactly (the one host synchronisation, with everything
+        # else allocated before it); low-latency mode keeps fixed shapes, rows past the counts
+        # unused.
+        entries = total * top_k if low_latency else int(tokens_per_expert.sum())
+        out_x, out_scales = words_of(entries, payload_words), words_of(entries, scale_words)
+        _expand_kernel[(total, triton.cdiv(payload_words, BLOCK_WORDS))](
+            receive.tensor, self._counts.tensor, grouped_base, masked_base, out_x, out_scales,
+            masked_x, masked_scales, grouped_pos, masked_pos, row_token, row_weights,
+            self.capacity, stride, self.count_stride,
+            K=top_k, LOCAL=self.local_experts, META=meta, PAYLOAD=payload_words, SCALES=scale_words,
+            MASKED=low_latency, BLOCK=BLOCK_WORDS, SBLOCK=sblock,
+        )  # fmt: skip
+
+        def as_payload(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t[:n].view(payload.dtype)
+
+        def as_scales(t: torch.Tensor, n: int) -> torch.Tensor | None:
+            return None if scales is None else t[:n].view(torch.float32)
+
+        def by_expert(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None or not low_latency else t.view(self.local_experts, total, -1)
+
+        received = Received(
+            x=as_payload(out_x, entries),
+            scales=as_scales(out_scales, entries),
+            tokens_per_expert=tokens_per_expert,
+            masked_x=by_expert(as_payload(masked_x, masked_rows)),
+            masked_scales=by_expert(as_scales(masked_scales, masked_rows)),
+        )
+        handle = NvlinkHandle(
+            num_tokens, send_pos, grouped_pos, masked_pos if low_latency else None, row_token, row_weights
+        )
+        return received, handle
+
+    def combine(self, expert_out: torch.Tensor, handle: NvlinkHandle, masked: bool) -> torch.Tensor:
+        if masked:
+            if handle.masked_pos is None:
+                raise ValueError("masked combine needs a low-latency dispatch")
+            source, positions = expert_out.reshape(-1, self.hidden), handle.masked_pos
+        else:
+            source, positions = expert_out, handle.grouped_pos
+        source = source.to(torch.bfloat16).contiguous()
+        blocks = triton.cdiv(self.hidden, BLOCK_WORDS)
+        self._barrier()  # sources are done reading their combine buffers
+        _combine_send_kernel[(self.total_rows, blocks)](
+            source, positions, handle.row_weights, handle.row_token, self._combine.tensor,
+            self._combine.peer_offsets, self.rank, self.capacity, self.hidden,
+            K=positions.shape[1], BLOCK=BLOCK_WORDS, UNIT=self._combine.unit,
+        )  # fmt: skip
+        self._barrier()  # every row of this rank's tokens has come back
+        out = torch.empty((handle.num_tokens, self.hidden), dtype=torch.bfloat16, device=source.device)
+        if handle.num_tokens:
+            _combine_reduce_kernel[(handle.num_tokens, blocks)](
+                self._combine.tensor, handle.send_pos, out, self.capacity, self.hidden, handle.num_tokens,
+                WORLD=self.world, BLOCK=BLOCK_WORDS,
+            )  # fmt: skip
+        return out
