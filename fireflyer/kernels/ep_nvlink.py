@@ -158,11 +158,12 @@ def _offsets_kernel(
 def _expand_kernel(
     rows, counts, grouped_base, masked_base, out_x, out_scales, masked_x, masked_scales,
     grouped_pos, masked_pos, row_token, row_weights,
-    capacity, row_stride, count_stride,
+    capacity, row_stride, count_stride, out_rows,
     K: tl.constexpr, LOCAL: tl.constexpr, META: tl.constexpr, PAYLOAD: tl.constexpr,
     SCALES: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Received row r: its payload to each of its experts' places; the handle's tables."""
+    """Received row r: its payload to each of its experts' places (those below out_rows: the
+    output may have been sized before the counts were known); the handle's tables."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     source = r // capacity
@@ -187,7 +188,7 @@ def _expand_kernel(
             if first:
                 tl.store(grouped_pos + r * K + k, p)
                 tl.store(row_weights + r * K + k, tl.load(row + K + k).to(tl.float32, bitcast=True))
-            if present:
+            if present & (p < out_rows):
                 tl.store(out_x + p.to(tl.int64) * PAYLOAD + cols, values, mask=m)
                 if SCALES > 0:
                     tl.store(out_scales + p.to(tl.int64) * SCALES + scols, scales, mask=sm)
@@ -301,6 +302,7 @@ class NvlinkTransport:
         self._counts = _Symmetric(world * self.count_stride, torch.int32, device, self.group)
         self._rows: _Symmetric | None = None
         self._top_k = 0
+        self._entries_guess = 0  # normal mode: output rows to allocate before the count is read
 
     def _receive_rows(self, top_k: int) -> tuple[_Symmetric, int, int]:
         """Rows sized for the largest payload (BF16 words, or FP8 words + scales) and this top-k.
@@ -390,18 +392,33 @@ class NvlinkTransport:
         masked_pos = words_of(total, top_k) if low_latency else grouped_pos
         row_token = torch.empty(total, dtype=torch.int32, device=device)
         row_weights = words_of(total, top_k, torch.float32)
-        # Normal mode sizes its output exactly (the one host synchronisation, with everything
-        # else allocated before it); low-latency mode keeps fixed shapes, rows past the counts
-        # unused.
-        entries = total * top_k if low_latency else int(tokens_per_expert.sum())
-        out_x, out_scales = words_of(entries, payload_words), words_of(entries, scale_words)
-        _expand_kernel[(total, triton.cdiv(payload_words, BLOCK_WORDS))](
-            receive.tensor, self._counts.tensor, grouped_base, masked_base, out_x, out_scales,
-            masked_x, masked_scales, grouped_pos, masked_pos, row_token, row_weights,
-            self.capacity, stride, self.count_stride,
-            K=top_k, LOCAL=self.local_experts, META=meta, PAYLOAD=payload_words, SCALES=scale_words,
-            MASKED=low_latency, BLOCK=BLOCK_WORDS, SBLOCK=sblock,
-        )  # fmt: skip
+        expand = _expand_kernel[(total, triton.cdiv(payload_words, BLOCK_WORDS))]
+
+        def expand_into(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            out_x, out_scales = words_of(rows, payload_words), words_of(rows, scale_words)
+            expand(
+                receive.tensor, self._counts.tensor, grouped_base, masked_base, out_x, out_scales,
+                masked_x, masked_scales, grouped_pos, masked_pos, row_token, row_weights,
+                self.capacity, stride, self.count_stride, rows,
+                K=top_k, LOCAL=self.local_experts, META=meta, PAYLOAD=payload_words, SCALES=scale_words,
+                MASKED=low_latency, BLOCK=BLOCK_WORDS, SBLOCK=sblock,
+            )  # fmt: skip
+            return out_x, out_scales
+
+        if low_latency:  # fixed shapes: rows past the counts unused, nothing waits for the host
+            entries = total * top_k
+            out_x, out_scales = expand_into(entries)
+        else:
+            # Normal mode returns exact sizes, so it reads the entry count (its one host
+            # synchronisation). The output is sized from earlier calls, so the expansion is
+            # queued before that read; it runs again, larger, only when the guess fell short.
+            guess = self._entries_guess
+            if guess:
+                out_x, out_scales = expand_into(guess)
+            entries = int(tokens_per_expert.sum())
+            if entries > guess:
+                out_x, out_scales = expand_into(entries)
+            self._entries_guess = max(guess, entries + entries // 8)
 
         def as_payload(t: torch.Tensor, n: int) -> torch.Tensor:
             return t[:n].view(payload.dtype)

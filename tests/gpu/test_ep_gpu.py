@@ -44,8 +44,11 @@ def _transports_agree(rank: int, world: int) -> None:
         for transport in ("portable", "nvlink"):
             dispatcher = checks._dispatcher(experts, phy2log, mode=mode, transport=transport)
             assert dispatcher.transport == transport
-            for _ in range(2):  # the second round reuses the buffers the first one filled
-                received, handle = dispatcher.dispatch((q, scales), topk_idx, weights)
+            # A small batch first, then the full one twice: the output sized from the small
+            # batch falls short and is redone; the third round reuses everything.
+            for tokens in (3, checks.TOKENS, checks.TOKENS):
+                batch = (q[:tokens], scales[:tokens])
+                received, handle = dispatcher.dispatch(batch, topk_idx[:tokens], weights[:tokens])
                 assert received.scales is not None
                 out = dispatcher.combine(dequantize_per_token_group(received.x, received.scales), handle)
             entries = int(received.tokens_per_expert.sum())
