@@ -21,13 +21,16 @@ Modes:
 
 Transports (one interface): `portable` — torch.distributed all_to_all_single (NCCL on GPU,
 gloo on CPU); `nvlink` — every rank of the group on one node: Triton kernels write rows straight
-into the peers' buffers over NVLink (fireflyer.kernels.ep_nvlink); `auto` (default) — nvlink when
-the group is on CUDA devices of one host that can reach each other, else portable.
+into the peers' buffers over NVLink (fireflyer.kernels.ep_nvlink); `official` — DeepEP's
+deep_ep.Buffer (fireflyer.kernels.ep_official); `auto` (default) — official when deep_ep is
+installed and the group is on CUDA, else nvlink when the group is on CUDA devices of one host
+that can reach each other, else portable.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 Mode = Literal["normal", "low_latency"]
-Transport = Literal["auto", "portable", "nvlink"]
+Transport = Literal["auto", "portable", "nvlink", "official"]
 Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 NO_EXPERT = -1
 
@@ -56,6 +59,11 @@ def gather_sum(
         rows = src[pos[:, k].clamp(min=0)].float()
         out += rows * (weight[:, k].float() * present).unsqueeze(1)
     return out.to(out_dtype)
+
+
+@functools.cache
+def _deep_ep_installed() -> bool:
+    return importlib.util.find_spec("deep_ep") is not None
 
 
 @functools.cache
@@ -128,8 +136,10 @@ class Dispatcher:
         transport: Transport = "auto",
         device: torch.device | str | None = None,
     ) -> None:
-        if transport not in ("auto", "portable", "nvlink"):
-            raise ValueError(f"unknown transport {transport!r}: use 'auto', 'portable' or 'nvlink'")
+        if transport not in ("auto", "portable", "nvlink", "official"):
+            raise ValueError(
+                f"unknown transport {transport!r}: use 'auto', 'portable', 'nvlink' or 'official'"
+            )
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -152,13 +162,28 @@ class Dispatcher:
             choice[expert] = replicas[self.rank % len(replicas)]
         self.slot_of_expert = choice.to(self.device)
         self._nvlink: Any = None
-        if transport != "portable" and self._nvlink_reachable(transport == "nvlink"):
+        self._official: Any = None
+        official_auto = transport == "auto" and self.device.type == "cuda" and _deep_ep_installed()
+        if transport == "official" or official_auto:
+            if not _deep_ep_installed():
+                raise ValueError("transport 'official' needs DeepEP's deep_ep package; it is not installed")
+            from fireflyer.kernels.ep_official import OfficialTransport
+
+            self._official = OfficialTransport(
+                group if group is not None else dist.group.WORLD,
+                self.world,
+                max_tokens_per_rank,
+                hidden,
+                self.num_slots,
+                mode == "low_latency",
+            )
+        elif transport != "portable" and self._nvlink_reachable(transport == "nvlink"):
             from fireflyer.kernels.ep_nvlink import NvlinkTransport
 
             self._nvlink = NvlinkTransport(
                 group, self.world, self.rank, max_tokens_per_rank, hidden, self.local_experts, self.device
             )
-        self.transport = "nvlink" if self._nvlink is not None else "portable"
+        self.transport = "official" if self._official else "nvlink" if self._nvlink else "portable"
 
     def _nvlink_reachable(self, required: bool) -> bool:
         """Whether every rank's GPU can write into every other's (one host, peer access). Ranks
@@ -210,7 +235,9 @@ class Dispatcher:
 
     def dispatch(
         self, x: Payload, topk_idx: torch.Tensor, topk_weights: torch.Tensor
-    ) -> tuple[Received, Handle | NvlinkHandle]:
+    ) -> tuple[Received, Any]:
+        """Returns the received tokens and the handle that combine needs (its type depends on
+        the transport)."""
         tokens, scales = (x, None) if isinstance(x, torch.Tensor) else x
         num_tokens = topk_idx.shape[0]
         if num_tokens > self.max_tokens:
@@ -222,8 +249,12 @@ class Dispatcher:
             if scales is None:
                 raise ValueError("an FP8 payload needs its per-token 1×128 scales: pass (x_fp8, scales)")
             tokens = tokens.view(torch.uint8)  # moved and indexed as bytes
-        handle: Handle | NvlinkHandle
-        if self._nvlink is not None:
+        handle: Any
+        if self._official is not None:
+            received, handle = self._official.dispatch(
+                tokens, scales, fp8, topk_idx, topk_weights, self.slot_of_expert
+            )
+        elif self._nvlink is not None:
             received, handle = self._nvlink.dispatch(
                 tokens, scales, topk_idx, topk_weights, self.slot_of_expert, self.mode == "low_latency"
             )
@@ -444,14 +475,14 @@ class Dispatcher:
 
     # -- combine ---------------------------------------------------------------------------------
 
-    def combine(
-        self, expert_out: torch.Tensor, handle: Handle | NvlinkHandle, *, masked: bool = False
-    ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, handle: Any, *, masked: bool = False) -> torch.Tensor:
         """Σ_k weight_k · expert_k(token), in BF16 (accumulated in FP32).
 
         expert_out: [entries, hidden] in dispatch's grouped order, or with masked=True the
         low-latency masked layout [local experts, capacity, hidden].
         """
+        if self._official is not None:
+            return self._official.combine(expert_out, handle, masked)
         if isinstance(handle, NvlinkHandle):
             return self._nvlink.combine(expert_out, handle, masked)
         assert (

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ def _free_port() -> int:
 
 DEVICE = torch.device("cpu")  # set per process: cuda:<rank> under NCCL
 TRANSPORT = "portable"  # set per process: GPU tests run the checks over each transport
+DOUBLES = Path(__file__).resolve().parents[1] / "doubles"  # deep_ep where it cannot be installed
 
 
 def _worker(
@@ -41,6 +44,8 @@ def _worker(
 ) -> None:
     global DEVICE, TRANSPORT
     TRANSPORT = transport
+    if transport == "official" and backend == "gloo":
+        sys.path.insert(0, str(DOUBLES))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if backend == "nccl":
@@ -90,6 +95,7 @@ def _placement(world: int) -> tuple[int, list[int]]:
 def _identity_round_trip(rank: int, world: int, mode: str) -> None:
     experts, phy2log = _placement(world)
     dispatcher = _dispatcher(experts, phy2log, mode=mode)
+    assert dispatcher.transport == TRANSPORT
     x, topk_idx, weights = _routing(rank, experts)
     received, handle = dispatcher.dispatch(x, topk_idx, weights)
     out = dispatcher.combine(received.x, handle)
@@ -180,6 +186,9 @@ def _bad_input(rank: int, world: int) -> None:
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="'nvlink' is not available: the device is cpu"):
             Dispatcher(dist.group.WORLD, HIDDEN, 4, 4 * world, transport="nvlink")
+    if TRANSPORT != "official":
+        with pytest.raises(ValueError, match="needs DeepEP's deep_ep package"):
+            Dispatcher(dist.group.WORLD, HIDDEN, 4, 4 * world, transport="official")
 
 
 def _all_checks(rank: int, world: int) -> None:
@@ -195,3 +204,9 @@ def _all_checks(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_dispatch_and_combine_across_processes(world: int) -> None:
     _spawn(world, _all_checks)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_deep_ep_backend_passes_the_same_checks(world: int) -> None:
+    # DeepEP cannot be installed here: tests/doubles/deep_ep.py keeps its API and contract.
+    _spawn(world, _all_checks, transport="official")
