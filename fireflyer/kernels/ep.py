@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +59,20 @@ def gather_sum(
         rows = src[pos[:, k].clamp(min=0)].float()
         out += rows * (weight[:, k].float() * present).unsqueeze(1)
     return out.to(out_dtype)
+
+
+_SHARED: dict[tuple[int, tuple[Any, ...]], tuple[Any, Any]] = {}
+
+
+def _shared(group: Any, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """Transports hold large buffers set up collectively, so every Dispatcher of one group and
+    shape shares one (there is a Dispatcher per MoE layer, and a new one per EPLB placement).
+    Ranks create Dispatchers in the same order, so they agree on what is shared; the group object
+    is kept so a new group never reuses an old one's entry."""
+    entry = _SHARED.get((id(group), key))
+    if entry is None or entry[0] is not group:
+        entry = _SHARED[(id(group), key)] = (group, make())
+    return entry[1]
 
 
 @functools.cache
@@ -163,27 +177,41 @@ class Dispatcher:
         self.slot_of_expert = choice.to(self.device)
         self._nvlink: Any = None
         self._official: Any = None
+        group = group if group is not None else dist.group.WORLD
+        shape = (max_tokens_per_rank, hidden, self.num_slots, str(self.device))
         official_auto = transport == "auto" and self.device.type == "cuda" and _deep_ep_installed()
         if transport == "official" or official_auto:
             if not _deep_ep_installed():
                 raise ValueError("transport 'official' needs DeepEP's deep_ep package; it is not installed")
             from fireflyer.kernels.ep_official import OfficialTransport
 
-            self._official = OfficialTransport(
-                group if group is not None else dist.group.WORLD,
-                self.world,
-                max_tokens_per_rank,
-                hidden,
-                self.num_slots,
-                mode == "low_latency",
+            self._official = _shared(
+                group,
+                ("official", mode, *shape),
+                lambda: OfficialTransport(
+                    group, self.world, max_tokens_per_rank, hidden, self.num_slots, mode == "low_latency"
+                ),
             )
-        elif transport != "portable" and self._nvlink_reachable(transport == "nvlink"):
+        elif transport != "portable" and self._nvlink_usable(group, transport == "nvlink"):
             from fireflyer.kernels.ep_nvlink import NvlinkTransport
 
-            self._nvlink = NvlinkTransport(
-                group, self.world, self.rank, max_tokens_per_rank, hidden, self.local_experts, self.device
+            self._nvlink = _shared(
+                group,
+                ("nvlink", *shape),
+                lambda: NvlinkTransport(
+                    group, self.world, self.rank, max_tokens_per_rank, hidden, self.local_experts, self.device
+                ),
             )
+        elif transport == "nvlink":
+            raise ValueError("transport 'nvlink' needs every rank on one host with peer access between GPUs")
         self.transport = "official" if self._official else "nvlink" if self._nvlink else "portable"
+
+    def _nvlink_usable(self, group: Any, required: bool) -> bool:
+        if self.hidden % 128:  # rows move as 16-byte words, FP8 scales per 128 values
+            if required:
+                raise ValueError(f"transport 'nvlink' needs hidden divisible by 128, got {self.hidden}")
+            return False
+        return bool(_shared(group, ("reachable", str(self.device)), lambda: self._nvlink_reachable(required)))
 
     def _nvlink_reachable(self, required: bool) -> bool:
         """Whether every rank's GPU can write into every other's (one host, peer access). Ranks

@@ -191,12 +191,31 @@ def _bad_input(rank: int, world: int) -> None:
             Dispatcher(dist.group.WORLD, HIDDEN, 4, 4 * world, transport="official")
 
 
+def _layers_share_a_transport(rank: int, world: int, mode: str) -> None:
+    """Two MoE layers with different placements: one transport (its buffers) serves both, and a
+    layer's combine still works after the next layer has dispatched."""
+    experts, phy2log = _placement(world)
+    shifted = phy2log[1:] + phy2log[:1]  # the same experts, other slots
+    first = _dispatcher(experts, phy2log, mode=mode)
+    second = _dispatcher(experts, shifted, mode=mode)
+    assert (first._nvlink, first._official) == (second._nvlink, second._official)
+    x, topk_idx, weights = _routing(rank, experts)
+    received_1, handle_1 = first.dispatch(x, topk_idx, weights)
+    received_2, handle_2 = second.dispatch(x * 2, topk_idx, weights)
+    out_1 = first.combine(received_1.x, handle_1)
+    out_2 = second.combine(received_2.x, handle_2)
+    expected = x.float() * weights.sum(1, keepdim=True)
+    torch.testing.assert_close(out_1.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_2.float(), 2 * expected, rtol=2e-2, atol=4e-2)
+
+
 def _all_checks(rank: int, world: int) -> None:
     # Process start-up (torch import) dominates on CPU, so one group runs every check.
     for mode in ("normal", "low_latency"):
         _identity_round_trip(rank, world, mode)  # dispatch → identity expert → combine = x · Σw
         _counts(rank, world, mode)  # per-expert counts = a reference computed on one process
         _fp8_round_trip(rank, world, mode)  # FP8 payload within quantisation error
+        _layers_share_a_transport(rank, world, mode)  # per-layer dispatchers, one set of buffers
     _replica_split(rank, world)  # replicas share tokens by source rank
     _bad_input(rank, world)
 
