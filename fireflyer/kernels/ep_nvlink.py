@@ -26,7 +26,10 @@ still knows every row is 16-byte aligned and moves it with vector loads and stor
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,30 +88,38 @@ def _route_kernel(
 
 @triton.jit
 def _send_kernel(
-    x_words, scale_words, slots, weights, ranks, send_pos, chunk_offsets, totals,
+    x_words, scale_words, slots, weights, ranks, send_pos, chunk_counts,
     rows, peer_rows, counts, peer_counts,
-    rank, capacity, num_tokens, row_stride, count_stride, chunk_stride,
+    rank, capacity, num_tokens, num_chunks, row_stride, count_stride, chunk_stride,
     K: tl.constexpr, KP: tl.constexpr, WORLD: tl.constexpr, LOCAL: tl.constexpr, LP: tl.constexpr,
-    SLOTS: tl.constexpr, CHUNK: tl.constexpr, CHUNKED: tl.constexpr,
+    SLOTS: tl.constexpr, CHUNK: tl.constexpr, CP: tl.constexpr,
     META: tl.constexpr, PAYLOAD: tl.constexpr, SCALES: tl.constexpr, BLOCK: tl.constexpr,
     SBLOCK: tl.constexpr, ROW_UNIT: tl.constexpr, COUNT_UNIT: tl.constexpr,
 ):  # fmt: skip
     """Row of (token t, rank d) into d's receive buffer; one extra program per d publishes this
-    rank's counts there. Positions from the route kernel are per chunk: CHUNKED adds the chunk's
-    offsets (entries and rows of earlier chunks)."""
+    rank's counts there. Positions from the route kernel are per chunk, so the chunk's offsets
+    (entries and rows of earlier chunks, summed here from the per-chunk counts) are added."""
     t = tl.program_id(0)
     d = tl.program_id(1)
+    cs = tl.arange(0, CP)
     if t == num_tokens:
+        every = cs < num_chunks
         table = counts + tl.load(peer_counts + d) * COUNT_UNIT + rank * count_stride
-        tl.store(table, tl.load(totals + SLOTS + d))
+        rows_sent = tl.load(chunk_counts + cs * chunk_stride + SLOTS + d, mask=every, other=0)
+        tl.store(table, tl.sum(rows_sent, axis=0))
         es = tl.arange(0, LP)
-        tl.store(table + 1 + es, tl.load(totals + d * LOCAL + es, mask=es < LOCAL), mask=es < LOCAL)
+        per_chunk = tl.load(
+            chunk_counts + cs[:, None] * chunk_stride + d * LOCAL + es[None, :],
+            mask=every[:, None] & (es[None, :] < LOCAL),
+            other=0,
+        )
+        tl.store(table + 1 + es, tl.sum(per_chunk, axis=0), mask=es < LOCAL)
     else:
-        p = tl.load(send_pos + d * num_tokens + t)
-        offsets = chunk_offsets + (t // CHUNK) * chunk_stride
-        if CHUNKED:
-            p += tl.load(offsets + SLOTS + d)
-        if p >= 0:
+        earlier = cs < t // CHUNK
+        index = tl.load(send_pos + d * num_tokens + t)
+        if index >= 0:
+            sent_before = tl.load(chunk_counts + cs * chunk_stride + SLOTS + d, mask=earlier, other=0)
+            p = index + tl.sum(sent_before, axis=0)
             row = rows + tl.load(peer_rows + d) * ROW_UNIT + (rank * capacity + p).to(tl.int64) * row_stride
             ks = tl.arange(0, KP)
             kmask = ks < K
@@ -118,9 +129,12 @@ def _send_kernel(
             w = tl.load(weights + t * K + ks, mask=kmask, other=0.0)
             tl.store(row + K + ks, tl.where(here, w, 0.0).to(tl.int32, bitcast=True), mask=kmask)
             within = tl.load(ranks + t * K + ks, mask=kmask, other=0)
-            if CHUNKED:
-                within += tl.load(offsets + tl.where(here, slot, 0), mask=kmask & here, other=0)
-            tl.store(row + 2 * K + ks, within, mask=kmask)
+            before = tl.load(
+                chunk_counts + cs[:, None] * chunk_stride + tl.where(here, slot, 0)[None, :],
+                mask=earlier[:, None] & (kmask & here)[None, :],
+                other=0,
+            )
+            tl.store(row + 2 * K + ks, within + tl.sum(before, axis=0), mask=kmask)
             tl.store(row + 3 * K, t)
             src = x_words + t.to(tl.int64) * PAYLOAD
             for c in tl.static_range(0, PAYLOAD, BLOCK):
@@ -175,8 +189,9 @@ def _expand_kernel(
         m = cols < PAYLOAD
         values = tl.load(row + META + cols, mask=m)
         scols = tl.arange(0, SBLOCK)
-        sm = (scols < SCALES) & first
-        scales = tl.load(row + META + PAYLOAD + scols, mask=sm)
+        sm = (scols < SCALES) & ((scols * 0 + c) == 0)
+        if SCALES > 0:
+            scales = tl.load(row + META + PAYLOAD + scols, mask=sm)
         if first:
             tl.store(row_token + r, tl.load(row + 3 * K))
         for k in tl.static_range(K):
@@ -225,7 +240,8 @@ def _combine_send_kernel(
         for k in tl.static_range(K):
             p = tl.load(positions + r * K + k).to(tl.int64)
             w = tl.load(weights + r * K + k)
-            values = tl.load(expert_out + p * hidden + cols, mask=m & (p >= 0), other=0.0)
+            present = (cols * 0 + p) >= 0  # the scalar test as a vector mask
+            values = tl.load(expert_out + p * hidden + cols, mask=m & present, other=0.0)
             acc += values.to(tl.float32) * w
         source = r // capacity
         peer = combined + tl.load(peer_combined + source) * UNIT
@@ -242,7 +258,7 @@ def _combine_reduce_kernel(
     m = cols < hidden
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for d in tl.static_range(WORLD):
-        sent = tl.load(send_pos + d * num_tokens + t) >= 0
+        sent = (cols * 0 + tl.load(send_pos + d * num_tokens + t)) >= 0
         row = (d * capacity + t).to(tl.int64)
         acc += tl.load(combined + row * hidden + cols, mask=m & sent, other=0.0).to(tl.float32)
     tl.store(out + t.to(tl.int64) * hidden + cols, acc.to(tl.bfloat16), mask=m)
@@ -278,8 +294,30 @@ class _Symmetric:
         self.unit = ALIGN_BYTES // self.tensor.element_size()
 
 
+@dataclass
+class Outgoing:
+    """One rank's dispatch, routed and ready to send."""
+
+    num_tokens: int
+    top_k: int
+    dtype: torch.dtype  # payload dtype as given (uint8 for FP8 bytes, or BF16)
+    words: torch.Tensor  # payload as int32 words
+    scale_words: torch.Tensor | None  # FP32 scales as int32 words
+    weights: torch.Tensor
+    slots: torch.Tensor
+    ranks: torch.Tensor
+    send_pos: torch.Tensor
+    chunk_counts: torch.Tensor
+
+
 class NvlinkTransport:
-    """Symmetric buffers of one EP group on one node, and the kernels that use them."""
+    """Buffers of one EP group on one node, and the kernels that use them.
+
+    The buffers are symmetric memory; `symmetric(numel, dtype)` may supply something else with
+    the same shape of answer (tensor, peer_offsets, unit, handle.barrier) — tests simulate a node's
+    ranks in one process that way. dispatch = prepare, barrier, send, barrier, receive; combine =
+    barrier, send back, barrier, reduce; the steps are public so such a simulation can interleave
+    ranks."""
 
     def __init__(
         self,
@@ -290,39 +328,69 @@ class NvlinkTransport:
         hidden: int,
         local_experts: int,
         device: torch.device,
+        symmetric: Callable[[int, torch.dtype], Any] | None = None,
     ) -> None:
         if hidden % 128:
             raise ValueError(f"the NVLink transport needs hidden divisible by 128, got {hidden}")
         self.world, self.rank = world, rank
         self.capacity, self.hidden, self.local_experts, self.device = capacity, hidden, local_experts, device
-        self.group = group if group is not None else dist.group.WORLD
+        if symmetric is None:
+            pg = group if group is not None else dist.group.WORLD
+            symmetric = functools.partial(_Symmetric, device=device, group=pg)
+        self._symmetric = symmetric
         self.total_rows = world * capacity
         self.count_stride = _round_up(1 + local_experts, 16)
-        self._combine = _Symmetric(self.total_rows * hidden, torch.bfloat16, device, self.group)
-        self._counts = _Symmetric(world * self.count_stride, torch.int32, device, self.group)
-        self._rows: _Symmetric | None = None
+        self._combine = symmetric(self.total_rows * hidden, torch.bfloat16)
+        self._counts = symmetric(world * self.count_stride, torch.int32)
+        self._rows: Any = None
         self._top_k = 0
         self._entries_guess = 0  # normal mode: output rows to allocate before the count is read
 
-    def _receive_rows(self, top_k: int) -> tuple[_Symmetric, int, int]:
-        """Rows sized for the largest payload (BF16 words, or FP8 words + scales) and this top-k.
-        Made on the first dispatch (all ranks dispatch together), again if top-k changes."""
-        meta = _round_up(3 * top_k + 1, 4)  # words; keeps the payload 16-byte aligned
-        stride = _round_up(meta + self.hidden // 2 + self.hidden // 128, 16)
+    def _layout(self, top_k: int) -> tuple[int, int]:
+        """Row layout for this top-k: meta words (16-byte aligned payload after them) and the
+        row stride, sized for the largest payload (BF16 words, or FP8 words + scales)."""
+        meta = _round_up(3 * top_k + 1, 4)
+        return meta, _round_up(meta + self.hidden // 2 + self.hidden // 128, 16)
+
+    def _receive_rows(self, top_k: int) -> Any:
+        """Made on the first dispatch (all ranks dispatch together), again if top-k changes."""
         if self._rows is None or top_k != self._top_k:
-            self._rows = _Symmetric(self.total_rows * stride, torch.int32, self.device, self.group)
+            self._rows = self._symmetric(self.total_rows * self._layout(top_k)[1], torch.int32)
             self._top_k = top_k
-        return self._rows, meta, stride
+        return self._rows
 
     def _barrier(self) -> None:
         self._counts.handle.barrier(channel=0)
 
-    def _route(
-        self, topk_idx: torch.Tensor, slot_of_expert: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Per (token, k): its slot and rank among its chunk's tokens for that slot; per
-        (rank, token): the token's index among its chunk's tokens sent there (−1: not sent);
-        per chunk: entries per slot and rows per rank before it (offsets); totals."""
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        payload: torch.Tensor,
+        scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_of_expert: torch.Tensor,
+        low_latency: bool,
+    ) -> tuple[Received, NvlinkHandle]:
+        """payload: [tokens, hidden] as uint8 (FP8 bytes) or BF16; scales: FP32 [tokens, hidden/128]."""
+        outgoing = self.prepare(payload, scales, topk_idx, topk_weights, slot_of_expert)
+        self._barrier()  # peers are done reading what this dispatch overwrites
+        self.send(outgoing)
+        self._barrier()  # every peer's rows and counts have landed
+        return self.receive(outgoing, low_latency)
+
+    def prepare(
+        self,
+        payload: torch.Tensor,
+        scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_of_expert: torch.Tensor,
+    ) -> Outgoing:
+        """Routing (route kernel): per (token, k) its slot and rank among its chunk's tokens for
+        that slot; per (rank, token) the token's index among its chunk's tokens sent there (−1:
+        not sent); per chunk its entries per slot, then its rows per rank."""
         num_tokens, top_k = topk_idx.shape
         device = topk_idx.device
         num_slots = self.world * self.local_experts
@@ -337,43 +405,44 @@ class NvlinkTransport:
             K=top_k, KP=_pow2(top_k), WORLD=self.world, WP=_pow2(self.world), LOCAL=self.local_experts,
             SLOTS=num_slots, SB=ROUTE_SLOTS, BT=ROUTE_TOKENS,
         )  # fmt: skip
-        if chunks == 1:  # low-latency sizes: no offsets to add
-            return slots, ranks, send_pos, chunk_counts, chunk_counts[0], width
-        inclusive = chunk_counts.cumsum(0, dtype=torch.int32)
-        return slots, ranks, send_pos, inclusive - chunk_counts, inclusive[-1], width
+        return Outgoing(
+            num_tokens,
+            top_k,
+            payload.dtype,
+            payload.contiguous().view(torch.int32),
+            None if scales is None else scales.float().contiguous().view(torch.int32),
+            topk_weights.float().contiguous(),
+            slots,
+            ranks,
+            send_pos,
+            chunk_counts,
+        )
 
-    def dispatch(
-        self,
-        payload: torch.Tensor,
-        scales: torch.Tensor | None,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        slot_of_expert: torch.Tensor,
-        low_latency: bool,
-    ) -> tuple[Received, NvlinkHandle]:
-        """payload: [tokens, hidden] as uint8 (FP8 bytes) or BF16; scales: FP32 [tokens, hidden/128]."""
-        num_tokens, top_k = topk_idx.shape
-        receive, meta, stride = self._receive_rows(top_k)
-        device = payload.device
-        words = payload.contiguous().view(torch.int32)
-        payload_words = words.shape[1]
-        scale_words = 0 if scales is None else scales.shape[1]
-        scale_src = words if scales is None else scales.float().contiguous().view(torch.int32)
-        slots, ranks, send_pos, chunk_offsets, totals, chunk_stride = self._route(topk_idx, slot_of_expert)
-        weights = topk_weights.float().contiguous()
-        sblock = _pow2(max(scale_words, 1))
-        self._barrier()  # peers are done reading what this dispatch overwrites
-        _send_kernel[(num_tokens + 1, self.world)](
-            words, scale_src, slots, weights, ranks, send_pos, chunk_offsets, totals,
+    def send(self, out: Outgoing) -> None:
+        """Each (token, rank) row into that rank's buffer, and this rank's counts beside it."""
+        receive = self._receive_rows(out.top_k)
+        meta, stride = self._layout(out.top_k)
+        chunks, chunk_stride = out.chunk_counts.shape
+        scale_words = 0 if out.scale_words is None else out.scale_words.shape[1]
+        _send_kernel[(out.num_tokens + 1, self.world)](
+            out.words, out.words if out.scale_words is None else out.scale_words, out.slots, out.weights,
+            out.ranks, out.send_pos, out.chunk_counts,
             receive.tensor, receive.peer_offsets, self._counts.tensor, self._counts.peer_offsets,
-            self.rank, self.capacity, num_tokens, stride, self.count_stride, chunk_stride,
-            K=top_k, KP=_pow2(top_k), WORLD=self.world, LOCAL=self.local_experts,
+            self.rank, self.capacity, out.num_tokens, chunks, stride, self.count_stride, chunk_stride,
+            K=out.top_k, KP=_pow2(out.top_k), WORLD=self.world, LOCAL=self.local_experts,
             LP=_pow2(self.local_experts), SLOTS=self.world * self.local_experts, CHUNK=ROUTE_TOKENS,
-            CHUNKED=num_tokens > ROUTE_TOKENS, META=meta, PAYLOAD=payload_words, SCALES=scale_words,
-            BLOCK=SEND_BLOCK_WORDS, SBLOCK=sblock, ROW_UNIT=receive.unit, COUNT_UNIT=self._counts.unit,
-            num_warps=8,
+            CP=max(2, _pow2(chunks)), META=meta, PAYLOAD=out.words.shape[1], SCALES=scale_words,
+            BLOCK=SEND_BLOCK_WORDS, SBLOCK=_pow2(max(scale_words, 1)), ROW_UNIT=receive.unit,
+            COUNT_UNIT=self._counts.unit, num_warps=8,
         )  # fmt: skip
-        self._barrier()  # every peer's rows and counts have landed
+
+    def receive(self, out: Outgoing, low_latency: bool) -> tuple[Received, NvlinkHandle]:
+        """Received rows into the grouped layout (and the masked one in low-latency mode)."""
+        receive = self._receive_rows(out.top_k)
+        meta, stride = self._layout(out.top_k)
+        device = out.words.device
+        top_k, payload_words = out.top_k, out.words.shape[1]
+        scale_words = 0 if out.scale_words is None else out.scale_words.shape[1]
         total = self.total_rows
         grouped_base = torch.empty((self.world, self.local_experts), dtype=torch.int32, device=device)
         masked_base = torch.empty_like(grouped_base)
@@ -401,7 +470,7 @@ class NvlinkTransport:
                 masked_x, masked_scales, grouped_pos, masked_pos, row_token, row_weights,
                 self.capacity, stride, self.count_stride, rows,
                 K=top_k, LOCAL=self.local_experts, META=meta, PAYLOAD=payload_words, SCALES=scale_words,
-                MASKED=low_latency, BLOCK=BLOCK_WORDS, SBLOCK=sblock,
+                MASKED=low_latency, BLOCK=BLOCK_WORDS, SBLOCK=_pow2(max(scale_words, 1)),
             )  # fmt: skip
             return out_x, out_scales
 
@@ -419,12 +488,13 @@ class NvlinkTransport:
             if entries > guess:
                 out_x, out_scales = expand_into(entries)
             self._entries_guess = max(guess, entries + entries // 8)
+        has_scales = out.scale_words is not None
 
         def as_payload(t: torch.Tensor, n: int) -> torch.Tensor:
-            return t[:n].view(payload.dtype)
+            return t[:n].view(out.dtype)
 
         def as_scales(t: torch.Tensor, n: int) -> torch.Tensor | None:
-            return None if scales is None else t[:n].view(torch.float32)
+            return t[:n].view(torch.float32) if has_scales else None
 
         def by_expert(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None or not low_latency else t.view(self.local_experts, total, -1)
@@ -437,11 +507,25 @@ class NvlinkTransport:
             masked_scales=by_expert(as_scales(masked_scales, masked_rows)),
         )
         handle = NvlinkHandle(
-            num_tokens, send_pos, grouped_pos, masked_pos if low_latency else None, row_token, row_weights
+            out.num_tokens,
+            out.send_pos,
+            grouped_pos,
+            masked_pos if low_latency else None,
+            row_token,
+            row_weights,
         )
         return received, handle
 
+    # -- combine ---------------------------------------------------------------------------------
+
     def combine(self, expert_out: torch.Tensor, handle: NvlinkHandle, masked: bool) -> torch.Tensor:
+        self._barrier()  # sources are done reading their combine buffers
+        self.send_back(expert_out, handle, masked)
+        self._barrier()  # every row of this rank's tokens has come back
+        return self.reduce(handle)
+
+    def send_back(self, expert_out: torch.Tensor, handle: NvlinkHandle, masked: bool) -> None:
+        """Each received row's weighted sum over its local experts, into its source's buffer."""
         if masked:
             if handle.masked_pos is None:
                 raise ValueError("masked combine needs a low-latency dispatch")
@@ -449,17 +533,19 @@ class NvlinkTransport:
         else:
             source, positions = expert_out, handle.grouped_pos
         source = source.to(torch.bfloat16).contiguous()
-        blocks = triton.cdiv(self.hidden, BLOCK_WORDS)
-        self._barrier()  # sources are done reading their combine buffers
-        _combine_send_kernel[(self.total_rows, blocks)](
+        _combine_send_kernel[(self.total_rows, triton.cdiv(self.hidden, BLOCK_WORDS))](
             source, positions, handle.row_weights, handle.row_token, self._combine.tensor,
             self._combine.peer_offsets, self.rank, self.capacity, self.hidden,
             K=positions.shape[1], BLOCK=BLOCK_WORDS, UNIT=self._combine.unit,
         )  # fmt: skip
-        self._barrier()  # every row of this rank's tokens has come back
-        out = torch.empty((handle.num_tokens, self.hidden), dtype=torch.bfloat16, device=source.device)
+
+    def reduce(self, handle: NvlinkHandle) -> torch.Tensor:
+        """Each token's rows from the ranks it went to, added up."""
+        out = torch.empty(
+            (handle.num_tokens, self.hidden), dtype=torch.bfloat16, device=handle.send_pos.device
+        )
         if handle.num_tokens:
-            _combine_reduce_kernel[(handle.num_tokens, blocks)](
+            _combine_reduce_kernel[(handle.num_tokens, triton.cdiv(self.hidden, BLOCK_WORDS))](
                 self._combine.tensor, handle.send_pos, out, self.capacity, self.hidden, handle.num_tokens,
                 WORLD=self.world, BLOCK=BLOCK_WORDS,
             )  # fmt: skip
