@@ -189,7 +189,8 @@ def _graphed(
     }
 
 
-def _run(rank: int, world: int, port: int, modes: list[str], out: Any) -> None:
+def init_rank(rank: int, world: int, port: int) -> torch.device:
+    """One process per GPU, NCCL, NVLink multicast off."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -199,6 +200,11 @@ def _run(rank: int, world: int, port: int, modes: list[str], out: Any) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    return device
+
+
+def _run(rank: int, world: int, port: int, modes: list[str], out: Any) -> None:
+    device = init_rank(rank, world, port)
     results = {mode: _measure(mode, rank, world, device) for mode in modes}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, results)

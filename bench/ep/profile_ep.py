@@ -6,7 +6,6 @@ Usage: python bench/ep/profile_ep.py [--mode normal|low_latency] [--transport nv
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 from typing import Any
 
@@ -15,21 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
-from bench.ep.bench_ep import CONFIGS, EXPERTS, HIDDEN, _routing
+from bench.ep.bench_ep import CONFIGS, EXPERTS, HIDDEN, _routing, init_rank
 from fireflyer.kernels.ep import Dispatcher
 from fireflyer.kernels.fp8 import quantize_per_token_group
 
 
 def _run(rank: int, world: int, port: int, mode: str, transport: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        NCCL_NVLS_ENABLE="0",
-        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-    )
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    device = init_rank(rank, world, port)
     tokens = CONFIGS[mode]
     x, idx, weights = _routing(tokens, rank, device)
     q, s = quantize_per_token_group(x)

@@ -89,6 +89,22 @@ def _triton_available() -> bool:
     return True
 
 
+def group_by_expert(
+    local_expert: torch.Tensor, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Received rows' entries (row, k) grouped by local expert (−1: none there), rows in order
+    within one expert. Returns each entry's flat (row · top_k + k) index, each (row, k)'s entry (−1 if
+    none) and the entries per expert; reads the entry count on the host."""
+    rows, top_k = local_expert.shape
+    flat = local_expert.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, num_local)  # absent ones sort last and are cut off
+    counts = torch.bincount(key, minlength=num_local + 1)
+    order = torch.argsort(key, stable=True)[: int(flat.numel() - counts[-1])]
+    row_entries = torch.full((rows, top_k), -1, dtype=torch.long, device=flat.device)
+    row_entries.view(-1)[order] = torch.arange(len(order), device=flat.device)
+    return order, row_entries, counts[:num_local]
+
+
 @dataclass
 class Layout:
     tokens_per_rank: torch.Tensor  # [world] tokens this rank sends to each rank (once per rank)
@@ -234,11 +250,7 @@ class Dispatcher:
         )
         verdicts: list[Any] = [None] * self.world
         dist.all_gather_object(verdicts, len(hosts) == 1 and peers_ok, group=self.group)
-        if all(verdicts):
-            return True
-        if required:
-            raise ValueError("transport 'nvlink' needs every rank on one host with peer access between GPUs")
-        return False
+        return all(verdicts)
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -330,7 +342,6 @@ class Dispatcher:
         grid_weights: torch.Tensor,
         num_tokens: int,
     ) -> tuple[Received, Handle]:
-        device = tokens.device
         top_k = grid_meta.shape[2]
         send_counts_t = in_rank.sum(0)
         recv_counts_t = torch.empty_like(send_counts_t)
@@ -358,25 +369,15 @@ class Dispatcher:
         recv_side = self._exchange(side, send_counts, recv_counts, recv_rows)
         recv_meta = recv_side[:, : 4 * top_k].contiguous().view(torch.int32).long()
         recv_weights = recv_side[:, 4 * top_k :].contiguous().view(torch.float32)
-        # Entries (row, k) grouped by local expert; absent ones sort last and are cut off.
-        flat_expert = recv_meta.reshape(-1)
-        key = torch.where(flat_expert >= 0, flat_expert, torch.full_like(flat_expert, self.local_experts))
-        counts = torch.zeros(self.local_experts + 1, dtype=torch.long, device=device)
-        counts.scatter_add_(0, key, torch.ones_like(key))
-        order = torch.argsort(key, stable=True)
-        entries = int(recv_rows * top_k - counts[-1])  # second and last host synchronisation
-        order = order[:entries]
+        order, row_entries, counts = group_by_expert(recv_meta, self.local_experts)  # second host sync
         entry_row = torch.div(order, top_k, rounding_mode="floor")
-        entry_k = order - entry_row * top_k
-        entry_weight = recv_weights[entry_row, entry_k]
-        row_entries = torch.full((recv_rows, top_k), -1, dtype=torch.long, device=tokens.device)
-        row_entries[entry_row, entry_k] = torch.arange(len(entry_row), device=tokens.device)
+        entry_weight = recv_weights.reshape(-1)[order]
         token_rows = torch.full((num_tokens, self.world), -1, dtype=torch.long, device=tokens.device)
         token_rows[pair_token, pair_rank] = torch.arange(len(pair_token), device=tokens.device)
         received = Received(
             x=recv_x[entry_row],
             scales=None if recv_scales is None else recv_scales[entry_row],
-            tokens_per_expert=counts[: self.local_experts],
+            tokens_per_expert=counts,
         )
         handle = Handle(
             num_tokens,

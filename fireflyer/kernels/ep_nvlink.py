@@ -330,8 +330,6 @@ class NvlinkTransport:
         device: torch.device,
         symmetric: Callable[[int, torch.dtype], Any] | None = None,
     ) -> None:
-        if hidden % 128:
-            raise ValueError(f"the NVLink transport needs hidden divisible by 128, got {hidden}")
         self.world, self.rank = world, rank
         self.capacity, self.hidden, self.local_experts, self.device = capacity, hidden, local_experts, device
         if symmetric is None:

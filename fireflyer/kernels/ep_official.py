@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fireflyer.kernels.ep import Received, gather_sum
+from fireflyer.kernels.ep import Received, gather_sum, group_by_expert
 from fireflyer.kernels.fp8 import dequantize_per_token_group
 
 
@@ -87,23 +87,14 @@ class OfficialTransport:
             topk_weights=weights,
         )
         recv_x, recv_scales = recv if isinstance(recv, tuple) else (recv, None)
-        # Entries (row, k) grouped by local expert, rows in arrival order within one.
-        top_k = recv_idx.shape[1]
-        flat = recv_idx.reshape(-1)
-        key = torch.where(flat >= 0, flat, self.local_experts)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=self.local_experts + 1)
-        entries = int(flat.numel() - counts[-1])
-        order = order[:entries]
-        entry_row = torch.div(order, top_k, rounding_mode="floor")
-        row_entries = torch.full(recv_idx.shape, -1, dtype=torch.long, device=recv_idx.device)
-        row_entries.view(-1)[order] = torch.arange(entries, device=recv_idx.device)
+        order, row_entries, counts = group_by_expert(recv_idx, self.local_experts)
+        entry_row = torch.div(order, recv_idx.shape[1], rounding_mode="floor")
         row_weights = torch.where(recv_idx >= 0, recv_weights.float(), 0.0)
         x = recv_x[entry_row]
         received = Received(
             x=x.view(torch.uint8) if fp8 is not None else x,
             scales=None if recv_scales is None else recv_scales.float()[entry_row],
-            tokens_per_expert=counts[: self.local_experts],
+            tokens_per_expert=counts,
         )
         handle = OfficialHandle(topk_idx.shape[0], deep_ep_handle, row_entries, row_weights)
         return received, handle
