@@ -1,0 +1,1 @@
+"""DeepSeek-V3 in torch: config, layers, checkpoint loading and `fireflyer model init`."""

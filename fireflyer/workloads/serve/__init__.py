@@ -1,0 +1,1 @@
+"""`fireflyer serve`: paged KV cache with prefix caching, continuous batching, the OpenAI API."""
