@@ -218,6 +218,54 @@ def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_plan)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from fireflyer.workloads.serve.server import run
+
+    return run(args)
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from fireflyer.workloads.serve.server import add_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="the inference engine: a DeepSeek-V3 checkpoint behind an OpenAI-compatible API",
+        description="Serve a Hugging Face DeepSeek-V3 checkpoint directory over the OpenAI API"
+        " (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_serve)
+
+
+def _model_init(args: argparse.Namespace) -> int:
+    from fireflyer.workloads.model.init import init_checkpoint
+
+    out = init_checkpoint(
+        Path(args.out),
+        preset=args.preset,
+        dtype=args.dtype,
+        seed=args.seed,
+        overwrite=args.force,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(out)
+    return 0
+
+
+def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    model = sub.add_parser("model", help="DeepSeek-V3 checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser(
+        "init", help="write a random-weight checkpoint in the Hugging Face layout (no downloads)"
+    )
+    init.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    init.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True, help="the checkpoint directory to create")
+    init.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    init.set_defaults(handler=_model_init)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireflyer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_manifests(sub)
     _add_plan(sub)
+    _add_serve(sub)
+    _add_model(sub)
     from fireflyer.eplb.cli import add_parser as _add_eplb
 
     _add_eplb(sub)

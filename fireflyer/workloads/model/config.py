@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fireflyer.errors import FireflyerError
+
 FP8_BLOCK = 128
 
 
-class ConfigError(ValueError):
+class ConfigError(FireflyerError, ValueError):
     """A config.json this model cannot run, with the field to fix in the message."""
 
 

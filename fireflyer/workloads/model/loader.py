@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fireflyer.errors import FireflyerError
 from fireflyer.workloads.model.config import ModelConfig
 from fireflyer.workloads.model.model import Backends, DeepseekV3, Parallel
 from fireflyer.workloads.model.moe import MoE
@@ -23,7 +24,7 @@ EXPERT = re.compile(
 LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FireflyerError):
     """A checkpoint that does not match its config (the message names the tensors)."""
 
 

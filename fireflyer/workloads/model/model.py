@@ -128,6 +128,10 @@ class DeepseekV3(nn.Module):
         for block in self.blocks:
             block.self_attn.prepare()
 
+    @property
+    def blocks(self) -> list[Block]:
+        return [block for block in self.layers if isinstance(block, Block)]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -137,7 +141,7 @@ class DeepseekV3(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] → final hidden states [T, hidden]; caches[layer] is written."""
         x = self.embed_tokens(input_ids)
-        for block, cache in zip(self.layers, caches, strict=True):
+        for block, cache in zip(self.blocks, caches, strict=True):
             x = block(x, positions, self.rotary, cache, meta)
         return self.norm(x)
 

@@ -1,0 +1,144 @@
+"""The engine core: one step = schedule → run the model → sample → update. Synchronous; the
+server drives it from its own thread (`async_engine`), tests and benchmarks call it directly."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fireflyer.storage.kvcache import KVBlockStore
+from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.serve.block_manager import BlockManager
+from fireflyer.workloads.serve.kv_tier import StoreTier
+from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
+from fireflyer.workloads.serve.scheduler import Scheduler
+from fireflyer.workloads.serve.types import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    max_waiting: int = 1024
+    num_kv_blocks: int | None = None  # default: from kv_cache_memory or the free GPU memory
+    kv_cache_memory: int = 1 << 30  # bytes of KV cache when not on a GPU
+    gpu_memory_utilization: float = 0.9
+    cuda_graph_max_batch: int = 128  # 0: no CUDA graphs
+    kv_cache_dir: Path | None = None
+    kv_cache_dir_bytes: int = 64 << 30
+    namespace: str = ""  # prefix-cache keys: requests of different models never share blocks
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    seq: Sequence
+    token: int | None  # the token this step appended, if any
+    finished: bool
+
+
+def plan_kv_blocks(model: DeepseekV3, config: EngineConfig) -> int:
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    per_block = kv_block_bytes(model, model.dtype)
+    if model.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(model.device)
+        budget = free - (1 - config.gpu_memory_utilization) * total
+        # Room for activations: a prefill step's largest intermediate tensors.
+        budget -= 4 * config.max_num_batched_tokens * model.config.hidden_size * 4
+        return max(16, int(budget // per_block))
+    return max(16, config.kv_cache_memory // per_block)
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekV3, eos_token_ids: set[int], config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model
+        num_blocks = plan_kv_blocks(model, config)
+        graphs = config.cuda_graph_max_batch if model.device.type == "cuda" else 0
+        self.runner = ModelRunner(model, num_blocks, cuda_graph_max_batch=graphs)
+        self.store: KVBlockStore | None = None
+        tier = None
+        if config.kv_cache_dir is not None:
+            if model.dtype not in (torch.bfloat16, torch.float8_e4m3fn):
+                raise ValueError(f"--kv-cache-dir stores BF16 or FP8 blocks; this model's cache is {model.dtype}")
+            self.store = KVBlockStore(
+                config.kv_cache_dir,
+                layers=model.config.num_hidden_layers,
+                latent_dim=model.config.latent_dim,
+                dtype=model.dtype,
+                capacity_bytes=config.kv_cache_dir_bytes,
+                namespace=config.namespace,
+            )
+            tier = StoreTier(self.store, self.runner)
+        # With CUDA graphs the last block is the padding rows' scratch space.
+        usable = num_blocks - (1 if self.runner.graphs is not None else 0)
+        self.block_manager = BlockManager(usable, namespace=config.namespace, tier=tier)
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=eos_token_ids,
+            max_waiting=config.max_waiting,
+        )
+        log.info("KV cache: %d blocks of 64 tokens (%.1f MiB)", num_blocks,
+                 num_blocks * kv_block_bytes(model, model.dtype) / 2**20)
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self.runner.seed(seq.request_id, seq.params.seed)
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self, lock: AbstractContextManager[Any] | None = None) -> tuple[list[StepEvent], int]:
+        """One step; returns what happened to each sequence, and how many were preempted. `lock`
+        guards the scheduler (not the model run) against requests added from another thread."""
+        guard = lock if lock is not None else nullcontext()
+        with guard:
+            output = self.scheduler.schedule()
+        sampled = self.runner.step(output)
+        with guard:
+            finished = self.scheduler.update(output, sampled)
+        done = {seq.request_id for seq in finished}
+        events = [
+            StepEvent(c.seq, c.seq.token_ids[-1], c.seq.request_id in done)
+            for c in output.chunks
+            if c.seq.request_id in sampled
+        ]
+        reported = {e.seq.request_id for e in events}
+        events += [StepEvent(seq, None, True) for seq in finished if seq.request_id not in reported]
+        for seq in finished:
+            self.runner.forget(seq.request_id)
+        return events, len(output.preempted)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Offline: run prompts to completion; sequences in prompt order."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [Sequence(prompt_ids=list(p), params=q) for p, q in zip(prompts, each, strict=True)]
+        for seq in seqs:
+            self.add(seq)
+        while self.has_work:
+            self.step()
+        return seqs
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+__all__ = ["EngineConfig", "FinishReason", "LLMEngine", "StepEvent", "plan_kv_blocks"]

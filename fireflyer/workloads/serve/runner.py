@@ -1,0 +1,138 @@
+"""Runs the model over one step's chunks: the paged latent cache, inputs, sampling, and CUDA
+graphs for decode-only steps on GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from fireflyer.workloads.model.batch import BatchMetadata
+from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.serve.batch_builder import build_step
+from fireflyer.workloads.serve.sampling import sample
+from fireflyer.workloads.serve.types import BLOCK_TOKENS, SamplingParams, SchedulerOutput
+
+
+def kv_block_bytes(model: DeepseekV3, dtype: torch.dtype) -> int:
+    config = model.config
+    width = torch.empty((), dtype=dtype).element_size()
+    return BLOCK_TOKENS * config.latent_dim * config.num_hidden_layers * width
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV3, num_blocks: int, *, cuda_graph_max_batch: int = 0) -> None:
+        self.model = model
+        self.device = model.device
+        self.kv_dtype = model.dtype
+        self.num_blocks = num_blocks
+        shape = (num_blocks, BLOCK_TOKENS, model.config.latent_dim)
+        self.caches = [
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(model.config.num_hidden_layers)
+        ]
+        self.generators: dict[str, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graph_max_batch and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
+
+    def seed(self, request_id: str, seed: int | None) -> None:
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            self.generators[request_id] = generator
+
+    def forget(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def step(self, output: SchedulerOutput) -> dict[str, int]:
+        """Compute the chunks; returns the sampled token of every chunk that reached its end."""
+        if not output.chunks:
+            return {}
+        inputs = build_step(output.chunks, self.device)
+        logits = None
+        if self.graphs is not None and inputs.meta.num_decode == len(output.chunks):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if logits is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.caches, inputs.meta)
+            logits = self.model.logits(hidden[inputs.sample_rows])
+        params: list[SamplingParams] = [c.seq.params for c in inputs.sampling]
+        generators = [self.generators.get(c.seq.request_id) for c in inputs.sampling]
+        tokens = sample(logits[: len(params)], params, generators)
+        return {c.seq.request_id: t for c, t in zip(inputs.sampling, tokens, strict=True)}
+
+    # -- the KV tier moves whole blocks: [tokens, layers, latent] --------------------------------
+
+    def read_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        stacked = torch.stack([cache[index] for cache in self.caches], dim=2)  # [n, 64, layers, D]
+        return list(stacked.to("cpu").unbind(0))
+
+    def write_blocks(self, block_ids: list[int], blocks: list[torch.Tensor]) -> None:
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        stacked = torch.stack(blocks).to(self.device, self.kv_dtype)  # [n, 64, layers, D]
+        for layer, cache in enumerate(self.caches):
+            cache[index] = stacked[:, :, layer]
+
+
+class DecodeGraphs:
+    """One CUDA graph per padded decode batch size. Padding rows decode a dummy sequence of one
+    token whose latent is written to the last cache block's first row: the scheduler never hands
+    that block out (the engine reserves it)."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
+        self.runner = runner
+        model = runner.model
+        self.sizes = [b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256) if b <= max_batch]
+        self.max_batch = self.sizes[-1]
+        device = runner.device
+        self.max_blocks = -(-model.config.max_position_embeddings // BLOCK_TOKENS)
+        self.scratch_row = (runner.num_blocks - 1) * BLOCK_TOKENS
+        b = self.max_batch
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.slots = torch.full((b,), self.scratch_row, dtype=torch.long, device=device)
+        self.table = torch.full((b, self.max_blocks), runner.num_blocks - 1, dtype=torch.int32, device=device)
+        self.seqlens = torch.ones(b, dtype=torch.int32, device=device)
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: object | None = None
+        for size in reversed(self.sizes):
+            self._capture(size)
+
+    def _meta(self, size: int) -> BatchMetadata:
+        return BatchMetadata(
+            slot_mapping=self.slots[:size],
+            num_decode=size,
+            decode_block_table=self.table[:size],
+            decode_seqlens=self.seqlens[:size],
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        model = self.runner.model
+        hidden = model(self.input_ids[:size], self.positions[:size], self.runner.caches, self._meta(size))
+        return model.logits(hidden)
+
+    def _capture(self, size: int) -> None:
+        for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its algorithms
+            self._forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits[size] = self._forward(size)
+        self.pool = graph.pool()
+        self.graphs[size] = graph
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMetadata) -> torch.Tensor | None:
+        n = int(input_ids.shape[0])
+        size = next((s for s in self.sizes if s >= n), None)
+        table = meta.decode_block_table
+        if size is None or table is None or meta.decode_seqlens is None or table.shape[1] > self.max_blocks:
+            return None
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slots[:n] = meta.slot_mapping
+        self.slots[n:size] = self.scratch_row
+        self.table[:n, : table.shape[1]] = table
+        self.seqlens[:n] = meta.decode_seqlens
+        self.seqlens[n:size] = 1
+        self.graphs[size].replay()
+        return self.logits[size][:n]

@@ -1,0 +1,137 @@
+"""`fireflyer serve`: flags (the ones the operator renders, plus engine tuning), model loading,
+and the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+GIB = 1 << 30
+BACKENDS = ("auto", "triton", "torch", "official")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", required=True, help="a Hugging Face DeepSeek-V3 checkpoint directory")
+    a("--served-model-name", default=None, help="the `model` clients name (default: the directory name)")
+    a("--host", default="0.0.0.0")
+    a("--port", type=int, default=30000)
+    a("--role", choices=("prefill", "decode", "both"), default="both",
+      help="a unit's role in a disaggregated deployment; a one-rank unit serves whole requests")
+    unit = parser.add_argument_group("the unit (rendered by the operator)")
+    unit.add_argument("--nnodes", type=int, default=1)
+    unit.add_argument("--node-rank", type=int, default=0)
+    unit.add_argument("--gpus-per-node", type=int, default=1)
+    unit.add_argument("--tensor-parallel", type=int, default=1)
+    unit.add_argument("--data-parallel", type=int, default=1)
+    unit.add_argument("--expert-parallel", type=int, default=1)
+    unit.add_argument("--dispatch-mode", choices=("normal", "lowLatency"), default="normal")
+    unit.add_argument("--attention-backend", choices=BACKENDS, default="auto")
+    unit.add_argument("--gemm-backend", choices=BACKENDS, default="auto")
+    unit.add_argument("--dispatch-backend", choices=BACKENDS, default="auto")
+    unit.add_argument("--dist-init-addr", default=None, help="HOST:PORT of rank 0")
+    unit.add_argument("--placement-dir", default=None, help="where the EPLB placement is mounted")
+    unit.add_argument("--redundant-experts", type=int, default=0)
+    kv = parser.add_argument_group("KV cache")
+    kv.add_argument("--kv-cache-dir", default=None,
+                    help="on-disk prefix-cache tier (3FS in production) for blocks evicted from memory")
+    kv.add_argument("--kv-cache-dir-gb", type=float, default=64.0, help="capacity of --kv-cache-dir")
+    kv.add_argument("--num-kv-blocks", type=int, default=None, help="blocks of 64 tokens (default: sized)")
+    kv.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU")
+    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    eng.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                     help="activations and KV cache (auto: the checkpoint's torch_dtype)")
+    eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--max-num-seqs", type=int, default=None, help="default 256 on GPU, 32 on CPU")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
+    eng.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
+    eng.add_argument("--cuda-graph-max-batch", type=int, default=128, help="0 disables CUDA graphs")
+    eng.add_argument("--log-level", default="info")
+
+
+def check_unit(args: argparse.Namespace) -> None:
+    """One rank per unit for now: a larger unit needs the multi-rank engine."""
+    world = args.nnodes * args.gpus_per_node
+    if world != 1 or args.expert_parallel > 1 or args.tensor_parallel > 1 or args.data_parallel > 1:
+        raise SystemExit(
+            f"fireflyer serve: this unit has {world} ranks (--nnodes {args.nnodes} × --gpus-per-node"
+            f" {args.gpus_per_node}, EP {args.expert_parallel}, DP {args.data_parallel}); this engine runs"
+            " one rank per unit: use nodesPerUnit 1 and gpusPerNode 1, or engine kind sglang/vllm"
+        )
+
+
+def build(args: argparse.Namespace) -> Any:
+    """Model, engine and API app from the flags."""
+    import torch
+
+    from fireflyer.workloads.model.loader import load_model
+    from fireflyer.workloads.model.model import Backends
+    from fireflyer.workloads.serve.api import create_app
+    from fireflyer.workloads.serve.async_engine import AsyncEngine
+    from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
+    from fireflyer.workloads.serve.metrics import EngineMetrics
+    from fireflyer.workloads.serve.tokenizer import ServeTokenizer
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"fireflyer serve: {model_dir} is not a checkpoint directory (no config.json)")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    on_gpu = device.type == "cuda"
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    log = logging.getLogger("fireflyer.serve")
+    log.info("loading %s on %s", model_dir, device)
+    model = load_model(
+        model_dir, device=device, dtype=dtype,
+        backends=Backends(attention=args.attention_backend, gemm=args.gemm_backend),
+    )
+    tokenizer = ServeTokenizer.from_pretrained(model_dir)
+    name = args.served_model_name or model_dir.resolve().name
+    config = EngineConfig(
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs or (256 if on_gpu else 32),
+        max_num_batched_tokens=args.max_num_batched_tokens or (8192 if on_gpu else 1024),
+        max_waiting=args.max_waiting,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=int(args.kv_cache_memory_gb * GIB),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
+        kv_cache_dir=Path(args.kv_cache_dir) if args.kv_cache_dir else None,
+        kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
+        namespace=name,
+    )
+    engine = LLMEngine(model, tokenizer.eos_token_ids, config)
+    served = AsyncEngine(engine, tokenizer, name, EngineMetrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        served.start()
+        try:
+            yield
+        finally:
+            served.shutdown()
+
+    return create_app(served, lifespan=lifespan)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    check_unit(args)
+    if args.role != "both":
+        logging.getLogger("fireflyer.serve").info(
+            "role %s: a one-rank unit computes prefill and decode itself", args.role
+        )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app = build(args)
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+    return 0
