@@ -294,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # every user-facing error ends as one line, not a traceback
-        from fireflyer.errors import USER_ERRORS
+        from fireflyer.errors import user_errors
 
-        if isinstance(exc, USER_ERRORS):
+        if isinstance(exc, user_errors()):
             print(f"fireflyer: error: {exc}", file=sys.stderr)
             return 2
         raise

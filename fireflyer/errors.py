@@ -7,7 +7,9 @@ class FireflyerError(RuntimeError):
     """Base of errors that carry a complete, user-facing message."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Imported when the CLI reports an error, so that importing this module (as the workloads do)
+    pulls in nothing else."""
     from fireflyer.dev.build import BuildError
     from fireflyer.dev.cluster import ClusterError
     from fireflyer.dev.processes import PortBusyError
@@ -24,5 +26,3 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
     )
 
-
-USER_ERRORS = _user_errors()

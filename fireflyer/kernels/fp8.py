@@ -133,16 +133,19 @@ def grouped_gemm_fp8_masked(
     b_scale: torch.Tensor,
     masked_m: torch.Tensor,
     backend: Backend = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a [G, M_max, K], b [G, N, K], masked_m [G] valid rows per expert → [G, M_max, N]; rows at or
-    past masked_m[g] are left as zeros."""
+    past masked_m[g] are left as zeros. With `out` (BF16 [G, M_max, N]) the valid rows are written
+    there and the others left as they were (a caller that never reads them skips the zeroing)."""
     _check(a, a_scale, b, b_scale)
     chosen = resolve(backend, "gemm", a.device)
     if chosen == "triton":
         from fireflyer.kernels.fp8_triton import grouped_masked_triton
 
-        return grouped_masked_triton(a, a_scale, b, b_scale, masked_m)
-    out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=torch.bfloat16, device=a.device)
+        return grouped_masked_triton(a, a_scale, b, b_scale, masked_m, out=out)
+    if out is None:
+        out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=torch.bfloat16, device=a.device)
     for g in range(a.shape[0]):
         m = int(masked_m[g])
         if m:

@@ -58,7 +58,7 @@ def _fp8_tile(
     return acc
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=CONFIGS, key=["M_KEY", "N", "K"])
 @triton.jit
 def _gemm_kernel(
     a_ptr,
@@ -69,6 +69,7 @@ def _gemm_kernel(
     M,
     N,
     K,
+    M_KEY,
     stride_am,
     stride_asm,
     stride_bn,
@@ -116,7 +117,7 @@ def _gemm_kernel(
 CONTIGUOUS_CONFIGS = [c for c in CONFIGS if c.kwargs["BLOCK_M"] <= GROUP]
 
 
-@triton.autotune(configs=CONTIGUOUS_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=CONTIGUOUS_CONFIGS, key=["M_KEY", "N", "K"])
 @triton.jit
 def _grouped_contiguous_kernel(
     a_ptr,
@@ -128,6 +129,7 @@ def _grouped_contiguous_kernel(
     M,
     N,
     K,
+    M_KEY,
     stride_am,
     stride_asm,
     stride_bg,
@@ -171,7 +173,7 @@ def _grouped_contiguous_kernel(
         tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask)
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=CONFIGS, key=["M_KEY", "N", "K"])
 @triton.jit
 def _grouped_masked_kernel(
     a_ptr,
@@ -183,6 +185,7 @@ def _grouped_masked_kernel(
     M,
     N,
     K,
+    M_KEY,
     stride_ag,
     stride_am,
     stride_asg,
@@ -227,6 +230,12 @@ def _grouped_masked_kernel(
         tl.store(c_ptrs, acc.to(tl.bfloat16), mask=(offs_m[:, None] < valid) & (offs_n[None, :] < N))
 
 
+def _m_key(m: int) -> int:
+    """Autotuning key for M: its power-of-two bucket, so that a serving engine whose token count
+    changes every step tunes once per bucket rather than once per count."""
+    return int(triton.next_power_of_2(max(m, 1)))
+
+
 def gemm_fp8_triton(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -248,6 +257,7 @@ def gemm_fp8_triton(
         m,
         n,
         k,
+        _m_key(m),
         a.stride(0),
         a_scale.stride(0),
         b.stride(0),
@@ -282,6 +292,7 @@ def grouped_contiguous_triton(
         m,
         n,
         k,
+        _m_key(m),
         a.stride(0),
         a_scale.stride(0),
         b.stride(0),
@@ -294,11 +305,16 @@ def grouped_contiguous_triton(
 
 
 def grouped_masked_triton(
-    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, masked_m: torch.Tensor
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    masked_m: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     g, m, k = a.shape
     n = b.shape[1]
-    c = torch.zeros(g, m, n, dtype=torch.bfloat16, device=a.device)
+    c = torch.zeros(g, m, n, dtype=torch.bfloat16, device=a.device) if out is None else out
     a_scale = a_scale.contiguous()
     b_scale = b_scale.contiguous()
     mask = masked_m.to(torch.int32).contiguous()
@@ -316,6 +332,7 @@ def grouped_masked_triton(
         m,
         n,
         k,
+        _m_key(m),
         a.stride(0),
         a.stride(1),
         a_scale.stride(0),

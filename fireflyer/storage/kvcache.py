@@ -47,14 +47,29 @@ class KVStoreError(RuntimeError):
     """A store that cannot be opened as asked (the message says why)."""
 
 
-def chain_keys(token_ids: Sequence[int], block_tokens: int, namespace: str = "") -> list[str]:
-    """One key per full block of `token_ids`; key i hashes key i-1 and block i's tokens."""
-    previous = hashlib.blake2b(namespace.encode(), digest_size=16).digest()
+def chain_keys(
+    token_ids: Sequence[int], block_tokens: int, namespace: str = "", previous: str | None = None
+) -> list[str]:
+    """One key per full block of `token_ids`; key i hashes key i-1 and block i's tokens.
+
+    The chain starts from a hash of `namespace`, or, when `previous` is given, from that key: the
+    hex key of the block just before `token_ids`'s first block. So a caller holding a sequence's
+    keys extends them with the next blocks' tokens alone, getting the keys a whole-chain call
+    would (`namespace` is then unused: `previous` already commits to it)."""
+    if previous is None:
+        state = hashlib.blake2b(namespace.encode(), digest_size=16).digest()
+    else:
+        try:
+            state = bytes.fromhex(previous)
+        except ValueError:
+            state = b""
+        if len(state) != 16:
+            raise ValueError(f"previous must be a chain key (32 hex digits), not {previous!r}")
     keys = []
     for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
         block = struct.pack(f"<{block_tokens}q", *token_ids[start : start + block_tokens])
-        previous = hashlib.blake2b(previous + block, digest_size=16).digest()
-        keys.append(previous.hex())
+        state = hashlib.blake2b(state + block, digest_size=16).digest()
+        keys.append(state.hex())
     return keys
 
 

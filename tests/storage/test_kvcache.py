@@ -35,6 +35,27 @@ def test_keys_chain_over_prefix_blocks() -> None:
     assert chain_keys(tokens, 16, namespace="other-model")[0] != keys[0]
 
 
+def test_keys_continue_from_a_previous_key() -> None:
+    tokens = list(range(1000, 1000 + 16 * 7 + 5))
+    for namespace in ("", "model-a"):
+        whole = chain_keys(tokens, 16, namespace)
+        assert chain_keys(tokens[:16], 16, namespace) == whole[:1]
+        for split in range(1, len(whole) + 1):
+            rest = chain_keys(tokens[16 * split :], 16, namespace, previous=whole[split - 1])
+            assert whole[:split] + rest == whole
+        # Built up block by block, as a growing sequence's keys are.
+        keys: list[str] = []
+        for n in range(1, len(whole) + 1):
+            keys += chain_keys(tokens[16 * (n - 1) : 16 * n], 16, namespace, keys[-1] if keys else None)
+        assert keys == whole
+    # The previous key already names the namespace; fewer tokens than a block give no key.
+    assert chain_keys(tokens[16:32], 16, "other", previous=whole[0]) == whole[1:2]
+    assert chain_keys(tokens[16:20], 16, previous=whole[0]) == []
+    for bad in ("zz", "ab" * 8, "ab" * 17):
+        with pytest.raises(ValueError, match="previous must be a chain key"):
+            chain_keys(tokens, 16, previous=bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_put_get_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
     with _store(tmp_path, dtype=dtype) as store:
@@ -108,7 +129,7 @@ def _writer(root: str, seed: int, seconds: float) -> None:
         rank += 3
 
 
-def _reader(root: str, seconds: float, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _reader(root: str, seconds: float, results: multiprocessing.Queue) -> None:
     store = _store(Path(root), blocks=20)
     deadline = time.monotonic() + seconds
     hits = wrong = 0

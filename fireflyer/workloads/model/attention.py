@@ -127,15 +127,19 @@ class MLA(nn.Module):
         if context:
             key_pos = torch.arange(n_kv, device=q.device)
             mask = key_pos[None, :] <= (context + torch.arange(n_q, device=q.device))[:, None]
+        if q.is_cuda and self.v_dim < q.shape[-1]:
+            # Flash attention wants one head width for q, k and v: pad v and drop the pad after.
+            v = F.pad(v, (0, q.shape[-1] - self.v_dim))
+        # [1, heads, tokens, dim]: the fused (flash, memory-efficient) kernels take 4-D inputs only.
         attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=not context,
             scale=self.scale,
         )
-        return attn.transpose(0, 1)
+        return attn[0].transpose(0, 1)[..., : self.v_dim]
 
     def _decode_absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: BatchMetadata

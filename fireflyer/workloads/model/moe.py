@@ -3,6 +3,8 @@ experts over grouped (FP8) GEMMs, and shared experts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,96 +116,124 @@ class Experts(nn.Module):
             self.w2_scale = nn.Parameter(torch.empty(e, h // g, i // g, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) for the experts hosted here (others add 0)."""
+        """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) for the experts hosted here (others add 0).
+
+        Only the (token, expert) entries' rows are moved, activated and quantised; the GEMMs run on
+        a per-expert layout whose unused rows are never initialised or read."""
+        tokens, top_k = ids.shape
         local = ids - self.experts.start
         hosted = (local >= 0) & (local < len(self.experts))
-        local = torch.where(hosted, local, len(self.experts))  # a sink slot past the last expert
-        small = x.shape[0] <= MASKED_MAX_TOKENS
-        rows = self._masked(x, local) if small else self._contiguous(x, local)
-        contrib = rows * (weights * hosted).unsqueeze(-1).to(rows.dtype)
-        return contrib.sum(1).to(x.dtype)
+        if tokens <= MASKED_MAX_TOKENS:
+            route = self._route_masked(local, hosted)
+        else:
+            route = self._route_contiguous(local, hosted)
+        token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
+        if self.fp8:
+            xq, xs = fp8.quantize_per_token_group(x)
+            h = self._gemm(
+                route, self._scatter(route, xq[token_of]), self._scatter(route, xs[token_of]), up=True
+            )
+        else:
+            h = self._gemm(route, self._scatter(route, x[token_of]), None, up=True)
+        gate, up = h[route.read_rows].float().chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        if self.fp8:
+            aq, a_s = fp8.quantize_per_token_group(act)
+            out = self._gemm(route, self._scatter(route, aq), self._scatter(route, a_s), up=False)
+        else:
+            out = self._gemm(route, self._scatter(route, act.to(x.dtype)), None, up=False)
+        entry_out = out[route.read_rows].float() * (weights * hosted).reshape(-1, 1)
+        return entry_out.view(tokens, top_k, -1).sum(1).to(x.dtype)
 
-    def _masked(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """Entries (t, k) laid out as [experts, T, H] (an expert sees a token at most once), with
-        no host synchronisation; returns each entry's output [T, k, H]."""
-        tokens, top_k = local.shape
+    def _route_masked(self, local: torch.Tensor, hosted: torch.Tensor) -> _Route:
+        """Layout [experts, T, ·]: an expert sees a token at most once. No host synchronisation
+        (decode steps run inside CUDA graphs)."""
+        tokens = local.shape[0]
         n = len(self.experts)
-        flat = local.reshape(-1)
-        counts = torch.zeros(n + 1, dtype=torch.long, device=x.device).scatter_add_(
+        flat = torch.where(hosted, local, n).reshape(-1)
+        counts = torch.zeros(n + 1, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat)
         )
         order = torch.argsort(flat, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(flat)
-        rank[order] = torch.arange(flat.numel(), device=x.device) - starts[flat[order]]
-        slot = flat * tokens + rank  # sink entries land in expert n's rows, dropped below
-        token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
-        layout = x.new_zeros((n + 1) * tokens, x.shape[1])
-        layout[slot] = x[token_of]
-        out = self._run_masked(layout.view(n + 1, tokens, -1)[:n], counts[:n])
-        padded = torch.cat([out.reshape(n * tokens, -1), out.new_zeros(tokens, out.shape[-1])])
-        return padded[slot].view(tokens, top_k, -1)
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        rows = flat * tokens + rank  # entries of no hosted expert land past the GEMM rows
+        sink = n * tokens
+        write = torch.where(hosted.reshape(-1), rows, sink)
+        read = torch.where(hosted.reshape(-1), rows, 0)
+        return _Route(sink + 1, write, read, masked_m=counts[:n], tokens=tokens)
 
-    def _contiguous(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def _route_contiguous(self, local: torch.Tensor, hosted: torch.Tensor) -> _Route:
         """Entries grouped by expert, each group padded to 128 rows (the grouped GEMM's tile)."""
-        tokens, top_k = local.shape
         n = len(self.experts)
-        flat = local.reshape(-1)
+        flat = torch.where(hosted, local, n).reshape(-1)
         counts = torch.bincount(flat, minlength=n + 1)[:n]
-        padded_counts = (counts + fp8.GROUP - 1) // fp8.GROUP * fp8.GROUP
-        starts = torch.cumsum(padded_counts, 0) - padded_counts
-        total = int(padded_counts.sum())
+        padded = (counts + fp8.GROUP - 1) // fp8.GROUP * fp8.GROUP
+        starts = torch.cumsum(padded, 0) - padded
+        total = int(padded.sum())
         order = torch.argsort(flat, stable=True)
-        hosted = order[flat[order] < n]
-        sorted_e = flat[hosted]
         first = torch.cumsum(counts, 0) - counts
-        position = starts[sorted_e] + torch.arange(len(hosted), device=x.device) - first[sorted_e]
-        m_indices = torch.full((total,), -1, dtype=torch.long, device=x.device)
-        m_indices[position] = sorted_e
-        layout = x.new_zeros(total, x.shape[1])
-        layout[position] = x[hosted // top_k]
-        out = self._run_contiguous(layout, m_indices)
-        entries = out.new_zeros(tokens * top_k, out.shape[-1])
-        entries[hosted] = out[position]
-        return entries.view(tokens, top_k, -1)
+        sorted_e = flat[order].clamp(max=max(n - 1, 0))
+        position = torch.empty_like(flat)
+        position[order] = starts[sorted_e] + torch.arange(flat.numel(), device=flat.device) - first[sorted_e]
+        m_indices = torch.repeat_interleave(torch.arange(n, device=flat.device), padded, output_size=total)
+        used = torch.arange(total, device=flat.device) - starts[m_indices].clamp(min=0) < counts[m_indices]
+        m_indices = torch.where(used, m_indices, -1)
+        write = torch.where(hosted.reshape(-1), position, total)
+        read = torch.where(hosted.reshape(-1), position, 0)
+        return _Route(total + 1, write, read, m_indices=m_indices)
 
-    def _run_masked(self, a: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:
-        """a [E, M, H] → [E, M, H] through w13, SiLU·up, w2."""
-        e, m, h = a.shape
-        if not self.fp8:
-            hidden = torch.bmm(a, self.w13.transpose(1, 2))
-            gate, up = hidden.chunk(2, dim=-1)
-            return torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))
-        assert self.w13_scale is not None and self.w2_scale is not None
-        q, s = fp8.quantize_per_token_group(a.reshape(e * m, h))
-        hidden = fp8.grouped_gemm_fp8_masked(
-            q.view(e, m, h), s.view(e, m, -1), self.w13, self.w13_scale, masked_m, backend=self.gemm_backend
-        )
-        gate, up = hidden.float().chunk(2, dim=-1)
-        act = (F.silu(gate) * up).view(e * m, -1)
-        q, s = fp8.quantize_per_token_group(act)
-        return fp8.grouped_gemm_fp8_masked(
-            q.view(e, m, -1), s.view(e, m, -1), self.w2, self.w2_scale, masked_m, backend=self.gemm_backend
-        ).to(a.dtype)
+    @staticmethod
+    def _scatter(route: _Route, values: torch.Tensor) -> torch.Tensor:
+        layout = values.new_empty(route.rows, values.shape[-1])
+        layout[route.write_rows] = values
+        return layout
 
-    def _run_contiguous(self, a: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
-        if not self.fp8:
-            out = a.new_zeros(a.shape)
-            for e in torch.unique(m_indices[m_indices >= 0]).tolist():
-                rows = (m_indices == e).nonzero().flatten()
-                gate, up = F.linear(a[rows], self.w13[e]).chunk(2, dim=-1)
-                out[rows] = F.linear(F.silu(gate) * up, self.w2[e])
+    def _gemm(self, route: _Route, a: torch.Tensor, scale: torch.Tensor | None, *, up: bool) -> torch.Tensor:
+        """One grouped GEMM over the layout (its last row is the sink, not computed); → [rows, N]."""
+        w, w_scale = (self.w13, self.w13_scale) if up else (self.w2, self.w2_scale)
+        rows = route.rows - 1
+        if route.masked_m is not None:
+            g, m = len(self.experts), route.tokens
+            if scale is None:
+                return torch.bmm(a[:rows].view(g, m, -1), w.transpose(1, 2)).view(rows, -1)
+            assert w_scale is not None
+            # Rows past each expert's count are never read: no need to zero them.
+            out = torch.empty(g, m, w.shape[1], dtype=torch.bfloat16, device=a.device)
+            return fp8.grouped_gemm_fp8_masked(
+                a[:rows].view(g, m, -1),
+                scale[:rows].view(g, m, -1),
+                w,
+                w_scale,
+                route.masked_m,
+                backend=self.gemm_backend,
+                out=out,
+            ).view(rows, -1)
+        assert route.m_indices is not None
+        if scale is None:
+            out = a.new_zeros(rows, w.shape[1])
+            for e in torch.unique(route.m_indices[route.m_indices >= 0]).tolist():
+                selected = (route.m_indices == e).nonzero().flatten()
+                out[selected] = F.linear(a[selected], w[e])
             return out
-        assert self.w13_scale is not None and self.w2_scale is not None
-        q, s = fp8.quantize_per_token_group(a)
-        hidden = fp8.grouped_gemm_fp8_contiguous(
-            q, s, self.w13, self.w13_scale, m_indices, backend=self.gemm_backend
-        )
-        gate, up = hidden.float().chunk(2, dim=-1)
-        q, s = fp8.quantize_per_token_group(F.silu(gate) * up)
+        assert w_scale is not None
         return fp8.grouped_gemm_fp8_contiguous(
-            q, s, self.w2, self.w2_scale, m_indices, backend=self.gemm_backend
-        ).to(a.dtype)
+            a[:rows], scale[:rows], w, w_scale, route.m_indices, backend=self.gemm_backend
+        )
+
+
+@dataclass
+class _Route:
+    """Where each (token, k) entry sits in the experts' layout: `write_rows` (the sink row for
+    entries of experts hosted elsewhere), `read_rows` (a harmless row for those; their weight is 0)."""
+
+    rows: int  # layout rows, the sink included
+    write_rows: torch.Tensor
+    read_rows: torch.Tensor
+    masked_m: torch.Tensor | None = None  # masked layout: valid rows per expert
+    tokens: int = 0  # masked layout: rows per expert
+    m_indices: torch.Tensor | None = None  # contiguous layout: expert of each row, −1 padding
 
 
 class MoE(nn.Module):

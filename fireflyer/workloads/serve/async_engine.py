@@ -5,6 +5,7 @@ sequence's blocks never change under a running step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -45,7 +46,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, tokenizer: ServeTokenizer, model_name: str, metrics: EngineMetrics) -> None:
+    def __init__(
+        self, engine: LLMEngine, tokenizer: ServeTokenizer, model_name: str, metrics: EngineMetrics
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -140,10 +143,8 @@ class AsyncEngine:
             self.metrics.record_generated_tokens(generated)
 
     def _emit(self, stream: RequestStream, event: TokenEvent) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the server's loop is closed (shutdown)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
-        except RuntimeError:  # the server's loop is closed (shutdown)
-            pass
 
     def _observe(self, preempted: int) -> None:
         bm, scheduler = self.engine.block_manager, self.engine.scheduler
@@ -164,7 +165,9 @@ class AsyncEngine:
             self._streams.clear()
         for stream in streams:
             seq = stream.seq
-            self._emit(stream, TokenEvent(None, FinishReason.ABORT, seq.num_prompt_tokens, seq.num_cached_tokens))
+            self._emit(
+                stream, TokenEvent(None, FinishReason.ABORT, seq.num_prompt_tokens, seq.num_cached_tokens)
+            )
 
 
 __all__ = ["AsyncEngine", "QueueFullError", "RequestStream"]

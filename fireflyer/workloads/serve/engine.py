@@ -58,7 +58,9 @@ def plan_kv_blocks(model: DeepseekV3, config: EngineConfig) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model: DeepseekV3, eos_token_ids: set[int], config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model: DeepseekV3, eos_token_ids: set[int], config: EngineConfig | None = None
+    ) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
         num_blocks = plan_kv_blocks(model, config)
@@ -68,7 +70,9 @@ class LLMEngine:
         tier = None
         if config.kv_cache_dir is not None:
             if model.dtype not in (torch.bfloat16, torch.float8_e4m3fn):
-                raise ValueError(f"--kv-cache-dir stores BF16 or FP8 blocks; this model's cache is {model.dtype}")
+                raise ValueError(
+                    f"--kv-cache-dir stores BF16 or FP8 blocks; this model's cache is {model.dtype}"
+                )
             self.store = KVBlockStore(
                 config.kv_cache_dir,
                 layers=model.config.num_hidden_layers,
@@ -81,8 +85,9 @@ class LLMEngine:
         # With CUDA graphs the last block is the padding rows' scratch space.
         usable = num_blocks - (1 if self.runner.graphs is not None else 0)
         self.block_manager = BlockManager(usable, namespace=config.namespace, tier=tier)
-        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
-                                 model.config.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
@@ -91,8 +96,11 @@ class LLMEngine:
             eos_token_ids=eos_token_ids,
             max_waiting=config.max_waiting,
         )
-        log.info("KV cache: %d blocks of 64 tokens (%.1f MiB)", num_blocks,
-                 num_blocks * kv_block_bytes(model, model.dtype) / 2**20)
+        log.info(
+            "KV cache: %d blocks of 64 tokens (%.1f MiB)",
+            num_blocks,
+            num_blocks * kv_block_bytes(model, model.dtype) / 2**20,
+        )
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -126,7 +134,9 @@ class LLMEngine:
             self.runner.forget(seq.request_id)
         return events, len(output.preempted)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Sequence]:
         """Offline: run prompts to completion; sequences in prompt order."""
         each = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [Sequence(prompt_ids=list(p), params=q) for p, q in zip(prompts, each, strict=True)]

@@ -3,6 +3,8 @@ graphs for decode-only steps on GPU."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fireflyer.workloads.model.batch import BatchMetadata
@@ -26,7 +28,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         shape = (num_blocks, BLOCK_TOKENS, model.config.latent_dim)
         self.caches = [
-            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(model.config.num_hidden_layers)
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            for _ in range(model.config.num_hidden_layers)
         ]
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
@@ -94,7 +97,7 @@ class DecodeGraphs:
         self.seqlens = torch.ones(b, dtype=torch.int32, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: object | None = None
+        self.pool: Any = None
         for size in reversed(self.sizes):
             self._capture(size)
 
@@ -121,7 +124,9 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[size] = graph
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMetadata) -> torch.Tensor | None:
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMetadata
+    ) -> torch.Tensor | None:
         n = int(input_ids.shape[0])
         size = next((s for s in self.sizes if s >= n), None)
         table = meta.decode_block_table

@@ -21,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--served-model-name", default=None, help="the `model` clients name (default: the directory name)")
     a("--host", default="0.0.0.0")
     a("--port", type=int, default=30000)
-    a("--role", choices=("prefill", "decode", "both"), default="both",
-      help="a unit's role in a disaggregated deployment; a one-rank unit serves whole requests")
+    a(
+        "--role",
+        choices=("prefill", "decode", "both"),
+        default="both",
+        help="a unit's role in a disaggregated deployment; a one-rank unit serves whole requests",
+    )
     unit = parser.add_argument_group("the unit (rendered by the operator)")
     unit.add_argument("--nnodes", type=int, default=1)
     unit.add_argument("--node-rank", type=int, default=0)
@@ -38,19 +42,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unit.add_argument("--placement-dir", default=None, help="where the EPLB placement is mounted")
     unit.add_argument("--redundant-experts", type=int, default=0)
     kv = parser.add_argument_group("KV cache")
-    kv.add_argument("--kv-cache-dir", default=None,
-                    help="on-disk prefix-cache tier (3FS in production) for blocks evicted from memory")
+    kv.add_argument(
+        "--kv-cache-dir",
+        default=None,
+        help="on-disk prefix-cache tier (3FS in production) for blocks evicted from memory",
+    )
     kv.add_argument("--kv-cache-dir-gb", type=float, default=64.0, help="capacity of --kv-cache-dir")
     kv.add_argument("--num-kv-blocks", type=int, default=None, help="blocks of 64 tokens (default: sized)")
     kv.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU")
     kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    eng.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                     help="activations and KV cache (auto: the checkpoint's torch_dtype)")
+    eng.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="activations and KV cache (auto: the checkpoint's torch_dtype)",
+    )
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None, help="default 256 on GPU, 32 on CPU")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
+    eng.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default 8192 on GPU, 1024 on CPU"
+    )
     eng.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     eng.add_argument("--cuda-graph-max-batch", type=int, default=128, help="0 disables CUDA graphs")
     eng.add_argument("--log-level", default="info")
@@ -82,13 +95,17 @@ def build(args: argparse.Namespace) -> Any:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"fireflyer serve: {model_dir} is not a checkpoint directory (no config.json)")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     on_gpu = device.type == "cuda"
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     log = logging.getLogger("fireflyer.serve")
     log.info("loading %s on %s", model_dir, device)
     model = load_model(
-        model_dir, device=device, dtype=dtype,
+        model_dir,
+        device=device,
+        dtype=dtype,
         backends=Backends(attention=args.attention_backend, gemm=args.gemm_backend),
     )
     tokenizer = ServeTokenizer.from_pretrained(model_dir)
@@ -133,5 +150,7 @@ def run(args: argparse.Namespace) -> int:
     app = build(args)
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10
+    )
     return 0

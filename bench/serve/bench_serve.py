@@ -1,0 +1,445 @@
+"""The serving engine on one GPU, against peers measured in the same run.
+
+A model of real DeepSeek-V3 widths with few layers (default 1 dense + 3 MoE, 256 experts, FP8
+random weights), built in memory:
+- decode at batch B, context C: step time against its memory roofline (weights read + KV read at
+  the HBM rate a device copy reaches in this run), with and without CUDA graphs;
+- prefill of N × L tokens: the GEMM rate inside the model against the same GEMM shapes alone;
+- tokens/s of the engine against Hugging Face transformers' DeepSeek-V3 on the same weights
+  (dequantised to BF16, as transformers runs them) in the same process.
+
+    python -m bench.serve.bench_serve [--layers 4] [--decode-batch 128] [--context 4096] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from typing import Any
+
+import torch
+
+from fireflyer.kernels import fp8
+from fireflyer.workloads.model.config import ModelConfig
+from fireflyer.workloads.model.init import build_config, random_state_dict
+from fireflyer.workloads.model.loader import load_tensors
+from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
+from fireflyer.workloads.serve.runner import ModelRunner
+from fireflyer.workloads.serve.types import SamplingParams, ScheduledChunk, SchedulerOutput, Sequence
+
+
+def timed(fn: Any, iters: int, warmup: int = 2) -> float:
+    """Mean seconds per call, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def copy_rate() -> float:
+    """Bytes read + written per second by a 4 GiB device copy."""
+    src = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), 10)
+    return 2 * (4 << 30) / seconds
+
+
+def build_model(layers: int, seed: int) -> tuple[DeepseekV3, dict[str, Any]]:
+    raw = build_config("v3", "fp8", {"num_hidden_layers": layers, "first_k_dense_replace": 1})
+    config = ModelConfig.from_dict(raw)
+    with torch.device("cuda"):
+        model = DeepseekV3(config, device="cuda")
+    load_tensors(model, random_state_dict(raw, dtype="fp8", seed=seed, device="cuda"))
+    model.prepare()
+    return model, raw
+
+
+def weight_bytes(model: DeepseekV3) -> int:
+    """What one decode step reads: every weight but the embedding table (only rows are read)."""
+    return sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed_tokens")
+    )
+
+
+def fake_sequences(runner: ModelRunner, batch: int, context: int, vocab: int) -> list[Sequence]:
+    """Sequences whose first `context` tokens are already in the cache (random latents)."""
+    blocks_each = -(-(context + 64) // 64)
+    if batch * blocks_each > runner.num_blocks - 1:
+        raise ValueError("not enough KV blocks for the decode batch")
+    seqs = []
+    for i in range(batch):
+        ids = torch.randint(0, vocab, (context + 1,)).tolist()
+        seq = Sequence(
+            prompt_ids=ids, params=SamplingParams(max_tokens=1 << 20, temperature=0, ignore_eos=True)
+        )
+        seq.block_table = list(range(i * blocks_each, (i + 1) * blocks_each))
+        seq.num_computed_tokens = context
+        seqs.append(seq)
+    for cache in runner.caches:
+        cache.normal_(0, 0.5)
+    return seqs
+
+
+def bench_decode(model: DeepseekV3, batch: int, context: int, graphs: bool, hbm: float) -> dict[str, Any]:
+    blocks = batch * (-(-(context + 64) // 64)) + 2
+    runner = ModelRunner(model, blocks, cuda_graph_max_batch=batch if graphs else 0)
+    seqs = fake_sequences(runner, batch, context, model.config.vocab_size)
+
+    def step() -> None:
+        out = SchedulerOutput([ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs])
+        sampled = runner.step(out)
+        for s in seqs:  # grow by one token; stay inside the reserved blocks
+            s.token_ids.append(sampled[s.request_id])
+            s.num_computed_tokens += 1
+
+    seconds = timed(step, 20, warmup=3)
+    kv = sum(s.num_tokens for s in seqs) * model.config.latent_dim * 2 * model.config.num_hidden_layers
+    weights = weight_bytes(model)
+    roofline = (weights + kv) / hbm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {
+        "batch": batch,
+        "context": context,
+        "cuda_graphs": graphs,
+        "step_ms": seconds * 1e3,
+        "weights_gb": weights / 1e9,
+        "kv_gb": kv / 1e9,
+        "roofline_ms": roofline * 1e3,
+        "step_over_roofline": seconds / roofline,
+        "tokens_per_s": batch / seconds,
+    }
+
+
+def model_gemm_flops(model: DeepseekV3, tokens: int, per_seq: int) -> float:
+    """FP8 GEMM FLOPs of one prefill of `tokens` (sequences of `per_seq`): projections, dense MLP,
+    routed (top-k) and shared experts, kv_b over every key. Attention's QK/PV are not GEMMs here."""
+    c = model.config
+    h, heads = c.hidden_size, c.num_attention_heads
+    per_token = (
+        h * c.latent_dim
+        + (
+            h * c.q_lora_rank + c.q_lora_rank * heads * c.qk_head_dim
+            if c.q_lora_rank
+            else h * heads * c.qk_head_dim
+        )
+        + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim)
+        + heads * c.v_head_dim * h
+    ) * c.num_hidden_layers
+    for layer in range(c.num_hidden_layers):
+        if c.is_moe_layer(layer):
+            per_token += 3 * h * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
+        else:
+            per_token += 3 * h * c.intermediate_size
+    return 2.0 * per_token * tokens
+
+
+def _time_linear(q: torch.Tensor, s: torch.Tensor, lin: Any) -> float:
+    return timed(lambda: fp8.gemm_fp8(q, s, lin.weight, lin.weight_scale_inv), 3)
+
+
+def gemms_alone(model: DeepseekV3, tokens: int) -> float:
+    """Seconds for the prefill's GEMM shapes run alone through the same kernels (activations
+    quantised beforehand, routing uniform over experts)."""
+    c = model.config
+    block = model.blocks[1] if len(model.blocks) > 1 else model.blocks[0]
+    attn = block.self_attn
+    linears = [attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
+    linears += [attn.q_a_proj, attn.q_b_proj] if c.q_lora_rank else [attn.q_proj]
+    calls = []
+    for lin in linears:
+        a = torch.randn(tokens, lin.in_features, device="cuda", dtype=torch.bfloat16)
+        q, s = fp8.quantize_per_token_group(a)
+        assert lin.weight_scale_inv is not None
+        calls.append(lambda q=q, s=s, lin=lin: fp8.gemm_fp8(q, s, lin.weight, lin.weight_scale_inv))
+    moe = block.mlp
+    experts = getattr(moe, "experts", None)
+    total = 0.0
+    for call in calls:
+        total += timed(call, 5) * c.num_hidden_layers
+    if experts is not None:
+        rows = tokens * c.num_experts_per_tok
+        per = -(-rows // len(experts.experts) // 128) * 128
+        m = per * len(experts.experts)
+        m_indices = torch.arange(len(experts.experts), device="cuda").repeat_interleave(per)
+        a = torch.randn(m, c.hidden_size, device="cuda", dtype=torch.bfloat16)
+        q, s = fp8.quantize_per_token_group(a)
+        up = timed(
+            lambda: fp8.grouped_gemm_fp8_contiguous(q, s, experts.w13, experts.w13_scale, m_indices), 3
+        )
+        a2 = torch.randn(m, c.moe_intermediate_size, device="cuda", dtype=torch.bfloat16)
+        q2, s2 = fp8.quantize_per_token_group(a2)
+        down = timed(
+            lambda: fp8.grouped_gemm_fp8_contiguous(q2, s2, experts.w2, experts.w2_scale, m_indices), 3
+        )
+        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        total += (up + down) * moe_layers * (rows / m)
+        shared = moe.shared_experts
+        dense = [shared.gate_proj, shared.up_proj, shared.down_proj] if shared is not None else []
+        for lin in dense:
+            a = torch.randn(tokens, lin.in_features, device="cuda", dtype=torch.bfloat16)
+            q, s = fp8.quantize_per_token_group(a)
+            total += (
+                timed(lambda q=q, s=s, lin=lin: fp8.gemm_fp8(q, s, lin.weight, lin.weight_scale_inv), 3)
+                * moe_layers
+            )
+    dense_mlp = model.blocks[0].mlp
+    if not hasattr(dense_mlp, "experts"):
+        for lin in (dense_mlp.gate_proj, dense_mlp.up_proj, dense_mlp.down_proj):
+            a = torch.randn(tokens, lin.in_features, device="cuda", dtype=torch.bfloat16)
+            q, s = fp8.quantize_per_token_group(a)
+            dense_layers = sum(not c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+            total += (
+                timed(lambda q=q, s=s, lin=lin: fp8.gemm_fp8(q, s, lin.weight, lin.weight_scale_inv), 3)
+                * dense_layers
+            )
+    return total
+
+
+def bench_prefill(model: DeepseekV3, seqs: int, length: int) -> dict[str, Any]:
+    tokens = seqs * length
+    blocks = seqs * (-(-length // 64)) + 2
+    runner = ModelRunner(model, blocks)
+    vocab = model.config.vocab_size
+    batch = []
+    for i in range(seqs):
+        seq = Sequence(
+            prompt_ids=torch.randint(0, vocab, (length,)).tolist(), params=SamplingParams(temperature=0)
+        )
+        seq.block_table = list(range(i * (length // 64), (i + 1) * (length // 64)))
+        batch.append(seq)
+    out = SchedulerOutput([ScheduledChunk(s, 0, length) for s in batch])
+    seconds = timed(lambda: runner.step(out), 3, warmup=2)
+    flops = model_gemm_flops(model, tokens, length)
+    alone = gemms_alone(model, tokens)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {
+        "sequences": seqs,
+        "length": length,
+        "step_ms": seconds * 1e3,
+        "gemm_tflops_in_model": flops / seconds / 1e12,
+        "gemm_tflops_alone": flops / alone / 1e12,
+        "in_model_over_alone": alone / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+def hf_reference(raw: dict[str, Any], seed: int, device: str = "cuda") -> Any:
+    """transformers' DeepseekV3ForCausalLM holding the same weights, dequantised to BF16."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    plain = {k: v for k, v in raw.items() if k != "quantization_config"}
+    config = DeepseekV3Config(**plain)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in BF16 directly: FP32 experts would not fit
+    try:
+        with torch.device(device):
+            hf = DeepseekV3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    params = dict(hf.named_parameters())
+    buffers = dict(hf.named_buffers())
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in random_state_dict(raw, dtype="fp8", seed=seed, device=device):
+        pending[name] = tensor
+        base = name.removesuffix("_scale_inv")
+        weight, scale = pending.get(base), pending.get(base + "_scale_inv")
+        if weight is None or (weight.dtype == fp8.FP8 and scale is None):
+            continue
+        pending.pop(base)
+        pending.pop(base + "_scale_inv", None)
+        value = fp8.dequantize_per_block(weight, scale) if weight.dtype == fp8.FP8 else weight
+        _assign_hf(params, buffers, base, value.to(torch.bfloat16), raw)
+    return hf
+
+
+def _assign_hf(
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    name: str,
+    value: torch.Tensor,
+    raw: dict[str, Any],
+) -> None:
+    parts = name.split(".")
+    if (
+        ".mlp.experts." in name
+    ):  # transformers keeps routed experts stacked: gate_up [E, 2I, H], down [E, H, I]
+        layer, expert, proj = parts[2], int(parts[5]), parts[6]
+        prefix = f"model.layers.{layer}.mlp.experts."
+        inter = raw["moe_intermediate_size"]
+        if proj == "down_proj":
+            params[prefix + "down_proj"].data[expert].copy_(value)
+        else:
+            rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+            params[prefix + "gate_up_proj"].data[expert, rows].copy_(value)
+        return
+    target = params.get(name) if name in params else buffers.get(name)
+    if target is None:
+        raise KeyError(f"transformers' model has no {name}")
+    target.data.copy_(value.to(target.dtype))
+
+
+def bench_vs_transformers(
+    layers: int, seed: int, prompts: int, prompt_len: int, new: int, profile: bool = False
+) -> dict[str, Any]:
+    """Both engines on the same weights, one after the other (both at once do not fit)."""
+    model, raw = build_model(layers, seed)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (prompts, prompt_len), generator=g)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    engine = LLMEngine(
+        model,
+        set(),
+        EngineConfig(
+            num_kv_blocks=prompts * (-(-(prompt_len + new) // 64)) + 64,
+            max_num_seqs=prompts,
+            max_num_batched_tokens=8192,
+            cuda_graph_max_batch=prompts,
+        ),
+    )
+    engine.generate(ids.tolist(), params)  # warm: Triton compiles and tunes each GEMM shape once
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(ids.tolist(), params)
+    torch.cuda.synchronize()
+    ours = time.perf_counter() - start
+    if profile:  # where the host time of the engine goes
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        engine.generate(ids.tolist(), params)
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    hf = hf_reference(raw, seed)
+    with torch.no_grad():
+        hf.generate(
+            ids[:2, :64].cuda(),
+            attention_mask=torch.ones_like(ids[:2, :64]).cuda(),
+            max_new_tokens=2,
+            do_sample=False,
+        )
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf.generate(
+            ids.cuda(),
+            attention_mask=torch.ones_like(ids).cuda(),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+        )
+        torch.cuda.synchronize()
+        theirs = time.perf_counter() - start
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    generated = prompts * new
+    return {
+        "prompts": prompts,
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "ours_tokens_per_s": generated / ours,
+        "transformers_tokens_per_s": generated / theirs,
+        "speedup": theirs / ours,
+    }
+
+
+def profile_steps(model: DeepseekV3, args: argparse.Namespace) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    blocks = (
+        max(args.decode_batch * (-(-(args.context + 64) // 64)), args.prefill_seqs * (args.prefill_len // 64))
+        + 2
+    )
+    runner = ModelRunner(model, blocks)
+    seqs = fake_sequences(runner, args.decode_batch, args.context, model.config.vocab_size)
+    decode = SchedulerOutput([ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs])
+    prefill_seqs = []
+    for i in range(args.prefill_seqs):
+        seq = Sequence(
+            prompt_ids=torch.randint(0, 1000, (args.prefill_len,)).tolist(),
+            params=SamplingParams(temperature=0),
+        )
+        seq.block_table = list(range(i * (args.prefill_len // 64), (i + 1) * (args.prefill_len // 64)))
+        prefill_seqs.append(seq)
+    prefill = SchedulerOutput([ScheduledChunk(s, 0, args.prefill_len) for s in prefill_seqs])
+    for name, out in (("decode", decode), ("prefill", prefill)):
+        runner.step(out)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            runner.step(out)
+            torch.cuda.synchronize()
+        print(f"--- {name} step: top by device time", flush=True)
+        print(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60),
+            flush=True,
+        )
+        print(f"--- {name} step: top by host time", flush=True)
+        print(
+            prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60),
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--decode-batch", type=int, default=128)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--prefill-seqs", type=int, default=8)
+    parser.add_argument("--prefill-len", type=int, default=4096)
+    parser.add_argument("--skip", default="", help="comma-separated: decode,eager,prefill,transformers")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of each")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def record(key: str, value: Any) -> None:
+        results[key] = value
+        print(key, json.dumps(value), flush=True)
+        if args.json:  # after every figure, so a later failure keeps the earlier ones
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=2)
+
+    hbm = copy_rate()
+    record("hbm_copy_tb_s", hbm / 1e12)
+    if {"decode", "prefill"} - skip:
+        model, _ = build_model(args.layers, seed=0)
+        record("weights_gb", weight_bytes(model) / 1e9)
+        if "decode" not in skip:
+            for graphs in (True, False) if "eager" not in skip else (True,):
+                key = "decode_graphs" if graphs else "decode_eager"
+                record(key, bench_decode(model, args.decode_batch, args.context, graphs, hbm))
+        if "prefill" not in skip:
+            record("prefill", bench_prefill(model, args.prefill_seqs, args.prefill_len))
+        if args.profile:
+            profile_steps(model, args)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "transformers" not in skip:
+        record(
+            "vs_transformers",
+            bench_vs_transformers(args.layers, 0, prompts=32, prompt_len=256, new=32, profile=args.profile),
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Prometheus metrics of `fireflyer serve`, served at `GET /metrics`.
+
+Every name starts with `fireflyer_serve_`:
+
+histograms
+  time_to_first_token_seconds     arrival of a request → its first generated token
+  inter_token_latency_seconds     one generated token → the next, per request
+  e2e_request_latency_seconds     arrival → finish
+gauges
+  requests_running                sequences in the running batch
+  requests_waiting                sequences queued (waiting or preempted)
+  kv_blocks_used, kv_blocks_total paged KV cache blocks (GPU tier)
+  prefix_cache_hit_ratio          cumulative hit tokens / queried tokens since start
+  generation_tokens_per_second    generated tokens over the last `rate_window_s` seconds
+counters
+  prompt_tokens_total             prompt tokens admitted
+  generation_tokens_total         tokens generated
+  prefix_cache_queried_tokens_total, prefix_cache_hit_tokens_total
+  kv_tier_hit_tokens_total        prompt tokens whose KV was loaded from the KV block store tier
+  requests_total{finish_reason}   finished requests by reason (stop, length, abort)
+  preemptions_total               sequences preempted for lack of KV blocks
+
+The engine loop calls the `record_*` / `set_*` methods; `render()` is the exposition.
+Each instance owns its registry, so several engines (or tests) never collide.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from fireflyer.workloads.serve.types import FinishReason
+
+PREFIX = "fireflyer_serve_"
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+_ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240, 480, 960, 1920)
+
+
+class EngineMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        rate_window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._clock = clock
+        self._rate_window_s = rate_window_s
+        self._started = clock()
+        self._lock = threading.Lock()  # the engine thread writes while the HTTP thread scrapes
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._queried = 0
+        self._hit = 0
+
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token", registry=r, buckets=_TTFT_BUCKETS
+        )
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive tokens of a request",
+            registry=r,
+            buckets=_ITL_BUCKETS,
+        )
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Arrival to finish of a request",
+            registry=r,
+            buckets=_E2E_BUCKETS,
+        )
+        self.requests_running = Gauge(
+            PREFIX + "requests_running", "Requests in the running batch", registry=r
+        )
+        self.requests_waiting = Gauge(PREFIX + "requests_waiting", "Requests waiting to run", registry=r)
+        self.kv_blocks_used = Gauge(PREFIX + "kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_blocks_total = Gauge(PREFIX + "kv_blocks_total", "KV cache blocks in all", registry=r)
+        self.prefix_cache_hit_ratio = Gauge(
+            PREFIX + "prefix_cache_hit_ratio",
+            "Prefix cache hit tokens / queried tokens since start",
+            registry=r,
+        )
+        self.generation_tokens_per_second = Gauge(
+            PREFIX + "generation_tokens_per_second",
+            f"Generated tokens per second over the last {rate_window_s:g} s",
+            registry=r,
+        )
+        # Computed when scraped, so the rate decays to 0 while the engine is idle.
+        self.generation_tokens_per_second.set_function(self.generation_rate)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
+        self.prefix_cache_queried_tokens = Counter(
+            PREFIX + "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            PREFIX + "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", registry=r
+        )
+        self.kv_tier_hit_tokens = Counter(
+            PREFIX + "kv_tier_hit_tokens",
+            "Prompt tokens whose KV was loaded from the KV store tier",
+            registry=r,
+        )
+        self.requests = Counter(
+            PREFIX + "requests", "Finished requests by finish reason", ["finish_reason"], registry=r
+        )
+        for reason in FinishReason:
+            self.requests.labels(reason.value)  # present at 0 before the first finish
+        self.preemptions = Counter(PREFIX + "preemptions", "Sequences preempted", registry=r)
+
+    # -- called by the engine loop -------------------------------------------------------------
+
+    def set_scheduler_state(self, running: int, waiting: int) -> None:
+        """Once per step: the sizes of the running batch and the waiting queue."""
+        self.requests_running.set(running)
+        self.requests_waiting.set(waiting)
+
+    def set_kv_blocks(self, used: int, total: int) -> None:
+        """Once per step: KV cache blocks in use and in all."""
+        self.kv_blocks_used.set(used)
+        self.kv_blocks_total.set(total)
+
+    def record_prompt_tokens(self, n: int) -> None:
+        """A request's prompt admitted (count every prompt token once, cached ones included)."""
+        self.prompt_tokens.inc(n)
+
+    def record_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        """One prefix cache lookup at admission: tokens looked up and tokens found."""
+        self.prefix_cache_queried_tokens.inc(queried_tokens)
+        self.prefix_cache_hit_tokens.inc(hit_tokens)
+        with self._lock:
+            self._queried += queried_tokens
+            self._hit += hit_tokens
+            ratio = self._hit / self._queried if self._queried else 0.0
+        self.prefix_cache_hit_ratio.set(ratio)
+
+    def record_kv_tier_hit(self, tokens: int) -> None:
+        """Prompt tokens whose KV came from the KV block store tier instead of being computed."""
+        self.kv_tier_hit_tokens.inc(tokens)
+
+    def record_generated_tokens(self, n: int) -> None:
+        """Once per step: the tokens that step generated (all sequences together)."""
+        if n <= 0:
+            return
+        self.generation_tokens.inc(n)
+        now = self._clock()
+        with self._lock:
+            self._recent.append((now, n))
+            self._trim(now)
+
+    def record_first_token(self, seconds: float) -> None:
+        """A request's first token: seconds since its arrival."""
+        self.time_to_first_token.observe(seconds)
+
+    def record_inter_token(self, seconds: float) -> None:
+        """A request's later token: seconds since its previous token."""
+        self.inter_token_latency.observe(seconds)
+
+    def record_request_finished(self, finish_reason: FinishReason | str, e2e_seconds: float) -> None:
+        """A request left the engine (finished or aborted): why, and seconds since its arrival."""
+        reason = finish_reason.value if isinstance(finish_reason, FinishReason) else finish_reason
+        self.requests.labels(reason).inc()
+        self.e2e_request_latency.observe(e2e_seconds)
+
+    def record_preemptions(self, n: int = 1) -> None:
+        self.preemptions.inc(n)
+
+    # -- read side --------------------------------------------------------------------------------
+
+    def generation_rate(self) -> float:
+        """Generated tokens per second over the recent window (shorter right after start)."""
+        now = self._clock()
+        with self._lock:
+            self._trim(now)
+            tokens = sum(n for _, n in self._recent)
+        span = min(self._rate_window_s, now - self._started)
+        return tokens / span if span > 0 else 0.0
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric above."""
+        return generate_latest(self.registry)
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self._rate_window_s
+        while self._recent and self._recent[0][0] <= horizon:
+            self._recent.popleft()
