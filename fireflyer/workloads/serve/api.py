@@ -30,7 +30,7 @@ from fireflyer.workloads.serve import protocol as p
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.text_output import Delta, Generation
 from fireflyer.workloads.serve.tokenizer import ChatTemplateError, ServeTokenizer
-from fireflyer.workloads.serve.types import QueueFullError, SamplingParams, TokenEvent
+from fireflyer.workloads.serve.types import EngineStoppedError, QueueFullError, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,8 @@ def _start(
         stream = engine.submit(prompt_ids, params)
     except QueueFullError as exc:
         raise p.overloaded() from exc
+    except EngineStoppedError as exc:
+        raise p.ApiError(503, str(exc), type="service_unavailable_error", code="engine_stopped") from exc
     except ValueError as exc:
         raise p.invalid(str(exc)) from exc
     return Generation(

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from fireflyer.workloads.serve.engine import LLMEngine, StepEvent
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
-from fireflyer.workloads.serve.types import FinishReason, QueueFullError, SamplingParams, Sequence, TokenEvent
+from fireflyer.workloads.serve.types import (
+    EngineStoppedError,
+    FinishReason,
+    QueueFullError,
+    SamplingParams,
+    Sequence,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,7 @@ class AsyncEngine:
         """Raises QueueFullError when the waiting queue is full, ValueError for a request that
         can never run (the message says why)."""
         if self._failed is not None:
-            raise RuntimeError(f"the engine stopped: {self._failed}")
+            raise EngineStoppedError(f"The engine stopped after an internal error: {self._failed}")
         seq = Sequence(prompt_ids=list(prompt_ids), params=params)
         stream = RequestStream(seq, self, asyncio.get_running_loop())
         with self._lock:

@@ -17,7 +17,13 @@ from fireflyer.workloads.serve.block_manager import BlockManager
 from fireflyer.workloads.serve.kv_tier import StoreTier
 from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
 from fireflyer.workloads.serve.scheduler import Scheduler
-from fireflyer.workloads.serve.types import FinishReason, SamplingParams, Sequence
+from fireflyer.workloads.serve.types import (
+    FinishReason,
+    SamplingParams,
+    ScheduledChunk,
+    SchedulerOutput,
+    Sequence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ class EngineConfig:
     kv_cache_dir: Path | None = None
     kv_cache_dir_bytes: int = 64 << 30
     namespace: str = ""  # prefix-cache keys: requests of different models never share blocks
+    warmup: bool = True  # on a GPU: compile and tune every kernel shape bucket before serving
 
 
 @dataclass(frozen=True)
@@ -96,11 +103,32 @@ class LLMEngine:
             eos_token_ids=eos_token_ids,
             max_waiting=config.max_waiting,
         )
+        if config.warmup and model.device.type == "cuda":
+            self.warmup()
         log.info(
             "KV cache: %d blocks of 64 tokens (%.1f MiB)",
             num_blocks,
             num_blocks * kv_block_bytes(model, model.dtype) / 2**20,
         )
+
+    def warmup(self) -> None:
+        """Run one prefill of every power-of-two token count up to the step budget, so Triton
+        compiles and autotunes each GEMM's M bucket now rather than stalling a live request.
+        The blocks it writes are free blocks; nothing keys them."""
+        tokens = 16
+        vocab = self.model.config.vocab_size
+        generator = torch.Generator().manual_seed(0)
+        while tokens <= self.config.max_num_batched_tokens:
+            blocks = -(-tokens // 64)
+            if blocks > self.block_manager.num_blocks:
+                break
+            ids = torch.randint(0, vocab, (tokens,), generator=generator).tolist()
+            seq = Sequence(prompt_ids=ids, params=SamplingParams(temperature=0))
+            seq.block_table = list(range(blocks))
+            self.runner.step(SchedulerOutput([ScheduledChunk(seq, 0, tokens)]))
+            tokens *= 2
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

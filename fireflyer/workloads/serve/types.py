@@ -111,3 +111,7 @@ class TokenEvent:
 
 class QueueFullError(RuntimeError):
     """The engine holds as many requests as it was configured to queue."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine's step loop has stopped (its model failed); the server reports itself unhealthy."""
