@@ -11,6 +11,7 @@ from torch import nn
 
 from fireflyer.kernels import fp8
 from fireflyer.kernels.backend import Backend
+from fireflyer.kernels.ep import Dispatcher
 from fireflyer.workloads.model.config import ModelConfig
 from fireflyer.workloads.model.layers import Linear
 
@@ -130,20 +131,50 @@ class Experts(nn.Module):
         token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
         if self.fp8:
             xq, xs = fp8.quantize_per_token_group(x)
-            h = self._gemm(
-                route, self._scatter(route, xq[token_of]), self._scatter(route, xs[token_of]), up=True
-            )
+            out = self._run(route, xq[token_of], xs[token_of], x.dtype)
         else:
-            h = self._gemm(route, self._scatter(route, x[token_of]), None, up=True)
+            out = self._run(route, x[token_of], None, x.dtype)
+        entry_out = out.float() * (weights * hosted).reshape(-1, 1)
+        return entry_out.view(tokens, top_k, x.shape[-1]).sum(1).to(x.dtype)
+
+    def forward_dispatched(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, dispatcher: Dispatcher
+    ) -> torch.Tensor:
+        """Expert parallelism: tokens go to the ranks hosting their experts (FP8 rows when the
+        weights are FP8), come back weighted and summed. Every rank of the group calls this."""
+        payload: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+        payload = fp8.quantize_per_token_group(x) if self.fp8 else x.to(torch.bfloat16)
+        received, handle = dispatcher.dispatch(payload, ids, weights.float())
+        # Entries come grouped by local expert; low-latency mode pads them with invalid ones at the end.
+        counts = received.tokens_per_expert.long()
+        local = torch.full((received.x.shape[0],), len(counts), dtype=torch.long, device=x.device)
+        valid = int(counts.sum())
+        local[:valid] = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+        route = self._route_contiguous(local[:, None], (local < len(counts))[:, None])
+        rows = received.x if self.fp8 else received.x.to(x.dtype)
+        out = self._run(route, rows, received.scales, x.dtype)
+        return dispatcher.combine(out.to(torch.bfloat16), handle).to(x.dtype)
+
+    def _run(
+        self, route: _Route, rows: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """One output row per entry: SiLU(gate)·up through w13, then w2, on the route's layout."""
+        if rows.shape[0] == 0:  # a rank that received nothing still takes part in combine
+            return torch.zeros(0, self.w2.shape[1], dtype=dtype, device=rows.device)
+        h = self._gemm(
+            route,
+            self._scatter(route, rows),
+            None if scales is None else self._scatter(route, scales),
+            up=True,
+        )
         gate, up = h[route.read_rows].float().chunk(2, dim=-1)
         act = F.silu(gate) * up
         if self.fp8:
             aq, a_s = fp8.quantize_per_token_group(act)
             out = self._gemm(route, self._scatter(route, aq), self._scatter(route, a_s), up=False)
         else:
-            out = self._gemm(route, self._scatter(route, act.to(x.dtype)), None, up=False)
-        entry_out = out[route.read_rows].float() * (weights * hosted).reshape(-1, 1)
-        return entry_out.view(tokens, top_k, -1).sum(1).to(x.dtype)
+            out = self._gemm(route, self._scatter(route, act.to(dtype)), None, up=False)
+        return out[route.read_rows]
 
     def _route_masked(self, local: torch.Tensor, hosted: torch.Tensor) -> _Route:
         """Layout [experts, T, ·]: an expert sees a token at most once. No host synchronisation
@@ -260,12 +291,18 @@ class MoE(nn.Module):
                 gemm_backend=gemm_backend,
             )
         self.load: torch.Tensor | None = None  # tokens per logical expert, counted when set
+        # Set when the experts are spread over an expert-parallel group (every rank then runs
+        # every MoE layer in step, with an empty batch when it has no tokens).
+        self.dispatcher: Dispatcher | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         if self.load is not None:
             self.load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
-        out = self.experts(x, weights, ids)
+        if self.dispatcher is not None:
+            out = self.experts.forward_dispatched(x, weights, ids, self.dispatcher)
+        else:
+            out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
