@@ -19,8 +19,10 @@ class StepInputs:
     sampling: list[ScheduledChunk]
 
 
-def cache_rows(block_table: list[int], start: int, end: int) -> list[int]:
-    return [block_table[p // BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS for p in range(start, end)]
+def cache_rows(block_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Flat cache rows (block · 64 + offset) of positions [start, end)."""
+    positions = torch.arange(start, end)
+    return block_table[positions // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
 
 
 def build_step(chunks: list[ScheduledChunk], device: torch.device) -> StepInputs:
@@ -29,20 +31,20 @@ def build_step(chunks: list[ScheduledChunk], device: torch.device) -> StepInputs
     prefills = [c for c in chunks if not (c.length == 1 and c.start > 0)]
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
+    slots: list[torch.Tensor] = []
     sample_rows: list[int] = []
     sampling: list[ScheduledChunk] = []
+    tables = {id(c.seq): torch.tensor(c.seq.block_table, dtype=torch.long) for c in chunks}
     for chunk in decodes + prefills:
         seq, end = chunk.seq, chunk.start + chunk.length
         ids.extend(seq.token_ids[chunk.start : end])
         positions.extend(range(chunk.start, end))
-        slots.extend(cache_rows(seq.block_table, chunk.start, end))
+        slots.append(cache_rows(tables[id(seq)], chunk.start, end))
         if chunk.samples:
             sample_rows.append(len(ids) - 1)
             sampling.append(chunk)
-    meta = BatchMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), num_decode=len(decodes)
-    )
+    slot_mapping = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+    meta = BatchMetadata(slot_mapping=slot_mapping.to(device), num_decode=len(decodes))
     if decodes:
         width = max(len(c.seq.block_table) for c in decodes)
         table = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
@@ -51,7 +53,7 @@ def build_step(chunks: list[ScheduledChunk], device: torch.device) -> StepInputs
     offset = len(decodes)
     for chunk in prefills:
         end = chunk.start + chunk.length
-        rows = torch.tensor(cache_rows(chunk.seq.block_table, 0, end), dtype=torch.long, device=device)
+        rows = cache_rows(tables[id(chunk.seq)], 0, end).to(device)
         meta.prefills.append(
             PrefillSpan(start=offset, length=chunk.length, context=chunk.start, kv_rows=rows)
         )
