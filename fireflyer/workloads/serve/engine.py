@@ -72,7 +72,12 @@ class LLMEngine:
         self.model = model
         num_blocks = plan_kv_blocks(model, config)
         graphs = config.cuda_graph_max_batch if model.device.type == "cuda" else 0
-        self.runner = ModelRunner(model, num_blocks, cuda_graph_max_batch=graphs)
+        self.max_model_len = min(
+            config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
+        )
+        self.runner = ModelRunner(
+            model, num_blocks, cuda_graph_max_batch=graphs, max_model_len=self.max_model_len
+        )
         self.store: KVBlockStore | None = None
         tier = None
         if config.kv_cache_dir is not None:
@@ -92,9 +97,6 @@ class LLMEngine:
         # With CUDA graphs the last block is the padding rows' scratch space.
         usable = num_blocks - (1 if self.runner.graphs is not None else 0)
         self.block_manager = BlockManager(usable, namespace=config.namespace, tier=tier)
-        self.max_model_len = min(
-            config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
-        )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,

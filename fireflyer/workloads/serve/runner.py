@@ -21,11 +21,19 @@ def kv_block_bytes(model: DeepseekV3, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, num_blocks: int, *, cuda_graph_max_batch: int = 0) -> None:
+    def __init__(
+        self,
+        model: DeepseekV3,
+        num_blocks: int,
+        *,
+        cuda_graph_max_batch: int = 0,
+        max_model_len: int | None = None,
+    ) -> None:
         self.model = model
         self.device = model.device
         self.kv_dtype = model.dtype
         self.num_blocks = num_blocks
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
         shape = (num_blocks, BLOCK_TOKENS, model.config.latent_dim)
         self.caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
@@ -83,11 +91,10 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner, max_batch: int) -> None:
         self.runner = runner
-        model = runner.model
         self.sizes = [b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256) if b <= max_batch]
         self.max_batch = self.sizes[-1]
         device = runner.device
-        self.max_blocks = -(-model.config.max_position_embeddings // BLOCK_TOKENS)
+        self.max_blocks = -(-runner.max_model_len // BLOCK_TOKENS)
         self.scratch_row = (runner.num_blocks - 1) * BLOCK_TOKENS
         b = self.max_batch
         self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
