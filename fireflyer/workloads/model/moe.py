@@ -134,7 +134,8 @@ class Experts(nn.Module):
             out = self._run(route, xq[token_of], xs[token_of], x.dtype)
         else:
             out = self._run(route, x[token_of], None, x.dtype)
-        entry_out = out.float() * (weights * hosted).reshape(-1, 1)
+        # Entries of experts hosted elsewhere read row 0, maybe never written: select, not multiply.
+        entry_out = torch.where(hosted.reshape(-1, 1), out.float() * weights.reshape(-1, 1), 0.0)
         return entry_out.view(tokens, top_k, x.shape[-1]).sum(1).to(x.dtype)
 
     def forward_dispatched(
@@ -153,6 +154,7 @@ class Experts(nn.Module):
         route = self._route_contiguous(local[:, None], (local < len(counts))[:, None])
         rows = received.x if self.fp8 else received.x.to(x.dtype)
         out = self._run(route, rows, received.scales, x.dtype)
+        out = torch.where((local < len(counts))[:, None], out, 0.0)  # padding entries read row 0
         return dispatcher.combine(out.to(torch.bfloat16), handle).to(x.dtype)
 
     def _run(
@@ -257,7 +259,7 @@ class Experts(nn.Module):
 @dataclass
 class _Route:
     """Where each (token, k) entry sits in the experts' layout: `write_rows` (the sink row for
-    entries of experts hosted elsewhere), `read_rows` (a harmless row for those; their weight is 0)."""
+    entries of experts hosted elsewhere), `read_rows` (row 0 for those; their result is discarded)."""
 
     rows: int  # layout rows, the sink included
     write_rows: torch.Tensor
