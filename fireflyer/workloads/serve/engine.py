@@ -18,6 +18,7 @@ from fireflyer.workloads.serve.kv_tier import StoreTier
 from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
 from fireflyer.workloads.serve.scheduler import Scheduler
 from fireflyer.workloads.serve.types import (
+    BLOCK_TOKENS,
     FinishReason,
     SamplingParams,
     ScheduledChunk,
@@ -72,9 +73,22 @@ class LLMEngine:
         self.model = model
         num_blocks = plan_kv_blocks(model, config)
         graphs = config.cuda_graph_max_batch if model.device.type == "cuda" else 0
+        # A sequence can never hold more tokens than the cache has rows (the last block may be the
+        # CUDA graphs' scratch block): clients are told the smaller limit up front.
+        cache_tokens = (num_blocks - (1 if graphs else 0)) * BLOCK_TOKENS
         self.max_model_len = min(
-            config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings
+            config.max_model_len or model.config.max_position_embeddings,
+            model.config.max_position_embeddings,
+            cache_tokens,
         )
+        if config.max_model_len and self.max_model_len < config.max_model_len:
+            log.warning(
+                "max_model_len %d lowered to %d: the KV cache holds %d blocks of %d tokens",
+                config.max_model_len,
+                self.max_model_len,
+                num_blocks,
+                BLOCK_TOKENS,
+            )
         self.runner = ModelRunner(
             model, num_blocks, cuda_graph_max_batch=graphs, max_model_len=self.max_model_len
         )
