@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Literal
 
@@ -11,6 +12,7 @@ Backend = Literal["auto", "triton", "torch", "official"]
 OFFICIAL_MODULES = {"mla": "flash_mla", "gemm": "deep_gemm", "ep": "deep_ep"}
 
 
+@functools.cache
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 

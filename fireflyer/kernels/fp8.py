@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fireflyer.kernels.backend import Backend, resolve
+from fireflyer.kernels.backend import Backend, has_module, resolve
 
 GROUP = 128
 FP8 = torch.float8_e4m3fn
@@ -83,6 +83,15 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
         raise ValueError("scales must be 1×128 per activation row and 128×128 per weight block")
 
 
+def _grouped_backend(backend: Backend, device: torch.device) -> str:
+    """The grouped layouts have no path through DeepGEMM here: where `auto` would pick it, our
+    Triton kernels run instead of the per-expert torch loop (which synchronises with the host)."""
+    chosen = resolve(backend, "gemm", device)
+    if chosen == "official" and backend == "auto" and device.type == "cuda" and has_module("triton"):
+        return "triton"
+    return chosen
+
+
 def gemm_fp8(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, backend: Backend = "auto"
 ) -> torch.Tensor:
@@ -113,7 +122,7 @@ def grouped_gemm_fp8_contiguous(
     """a [M, K] with rows grouped by expert (m_indices[r] = expert of row r, −1 for padding),
     b [G, N, K] → [M, N]; padding rows come out as zeros."""
     _check(a, a_scale, b, b_scale)
-    chosen = resolve(backend, "gemm", a.device)
+    chosen = _grouped_backend(backend, a.device)
     if chosen == "triton":
         from fireflyer.kernels.fp8_triton import grouped_contiguous_triton
 
@@ -139,7 +148,7 @@ def grouped_gemm_fp8_masked(
     past masked_m[g] are left as zeros. With `out` (BF16 [G, M_max, N]) the valid rows are written
     there and the others left as they were (a caller that never reads them skips the zeroing)."""
     _check(a, a_scale, b, b_scale)
-    chosen = resolve(backend, "gemm", a.device)
+    chosen = _grouped_backend(backend, a.device)
     if chosen == "triton":
         from fireflyer.kernels.fp8_triton import grouped_masked_triton
 

@@ -47,6 +47,8 @@ def test_top_k_and_top_p_only_draw_from_the_kept_tokens() -> None:
     top_p = {sample(logits, [SamplingParams(temperature=1.0, top_p=0.8)], [g])[0] for _ in range(200)}
     assert top_p == {0, 1}
     assert sample(logits, [SamplingParams(temperature=0)], [None]) == [0]
+    # a temperature too small to divide by is greedy, not an overflow
+    assert sample(logits, [SamplingParams(temperature=1e-39)], [g]) == [0]
 
 
 def test_a_seeded_request_samples_the_same_tokens_alone_or_in_a_batch(model: DeepseekV3) -> None:
@@ -88,7 +90,14 @@ def test_a_failing_model_ends_every_stream_and_reports_unhealthy(model: Deepseek
         return real_step(output)
 
     engine.runner.step = failing_step  # type: ignore[method-assign]
-    served = AsyncEngine(engine, ServeTokenizer.from_pretrained(checkpoint), "tiny", EngineMetrics())
+    stopped: list[bool] = []
+    served = AsyncEngine(
+        engine,
+        ServeTokenizer.from_pretrained(checkpoint),
+        "tiny",
+        EngineMetrics(),
+        on_failure=lambda: stopped.append(True),
+    )
 
     async def scenario() -> tuple[list[FinishReason | None], int]:
         served.start()
@@ -102,6 +111,7 @@ def test_a_failing_model_ends_every_stream_and_reports_unhealthy(model: Deepseek
         assert reasons[-1] == FinishReason.ABORT
         assert tokens < 50
         assert not served.is_healthy()
+        assert stopped == [True]  # the server is told to exit, so that the pod restarts
 
         async def submit_again() -> None:
             served.submit([5, 6, 7], SamplingParams(max_tokens=2))

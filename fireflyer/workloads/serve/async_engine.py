@@ -1,6 +1,7 @@
 """The engine behind the HTTP API: a thread runs the step loop; requests enter through `submit`
-and leave as per-token events on an asyncio queue. Aborts are applied between steps, so a
-sequence's blocks never change under a running step."""
+and leave as per-token events on an asyncio queue. New requests and aborts are handed to the
+engine thread and applied between steps, so a sequence's blocks never change under a running step
+and the event loop never waits for one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fireflyer.workloads.serve.engine import LLMEngine, StepEvent
@@ -54,21 +55,30 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(
-        self, engine: LLMEngine, tokenizer: ServeTokenizer, model_name: str, metrics: EngineMetrics
+        self,
+        engine: LLMEngine,
+        tokenizer: ServeTokenizer,
+        model_name: str,
+        metrics: EngineMetrics,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
         self.max_model_len = engine.max_model_len
+        self.on_failure = on_failure  # e.g. stop the server so that the pod restarts
+        # Guards the hand-over lists and the stream table only: the engine thread alone touches
+        # the scheduler, so the event loop never waits for a step (or its disk I/O).
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._adds: list[Sequence] = []
         self._aborts: list[str] = []
         self._streams: dict[str, RequestStream] = {}
         self._stop = False
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._hits = (0, 0, 0)  # queried, hit, tier-hit tokens already reported to metrics
+        self._reported_queried = self._reported_hits = self._reported_tier_hits = 0
         metrics.set_kv_blocks(0, engine.block_manager.num_blocks)
 
     def start(self) -> None:
@@ -79,20 +89,29 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        self.engine.close()
+        self._fail_all()  # streams still open end now rather than never
+        if not self._thread.is_alive():  # a step still running may be using the store
+            self.engine.close()
 
     def is_healthy(self) -> bool:
         return self._thread.is_alive() and self._failed is None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Raises QueueFullError when the waiting queue is full, ValueError for a request that
-        can never run (the message says why)."""
-        if self._failed is not None:
-            raise EngineStoppedError(f"The engine stopped after an internal error: {self._failed}")
+        can never run (the message says why), EngineStoppedError once the engine has stopped."""
         seq = Sequence(prompt_ids=list(prompt_ids), params=params)
+        self.engine.validate(seq)
         stream = RequestStream(seq, self, asyncio.get_running_loop())
         with self._lock:
-            self.engine.add(seq)  # QueueFullError / ValueError propagate to the API
+            if self._failed is not None or self._stop:
+                reason = f"after an internal error: {self._failed}" if self._failed else "for shutdown"
+                raise EngineStoppedError(f"The engine stopped {reason}")
+            waiting = self.engine.scheduler.num_waiting + len(self._adds)
+            if waiting >= self.engine.config.max_waiting:
+                raise QueueFullError(
+                    f"{waiting} requests are waiting (max_waiting {self.engine.config.max_waiting})"
+                )
+            self._adds.append(seq)
             self._streams[seq.request_id] = stream
         self.metrics.record_prompt_tokens(len(prompt_ids))
         self._wake.set()
@@ -108,22 +127,43 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
-                with self._lock:
-                    for request_id in self._aborts:
-                        self.engine.abort(request_id)
-                    self._aborts.clear()
-                    busy = self.engine.has_work
-                if not busy:
+                self._take_requests()
+                if not self.engine.has_work:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                events, preempted = self.engine.step(self._lock)
+                events, preempted = self.engine.step()
                 self._deliver(events)
                 self._observe(preempted)
         except BaseException as error:  # the model failed: end every stream, report unhealthy
             log.exception("the engine loop failed")
             self._failed = error
+            if self.on_failure is not None:
+                self.on_failure()
             self._fail_all()
+
+    def _take_requests(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        for seq in adds:
+            try:
+                self.engine.add(seq)
+            except (QueueFullError, ValueError) as error:  # raced past submit's checks
+                log.warning("request %s not admitted: %s", seq.request_id, error)
+                self._end(seq.request_id, seq)
+        for request_id in aborts:
+            if not self.engine.abort(request_id):
+                pending = next((s for s in adds if s.request_id == request_id), None)
+                if pending is not None:
+                    self._end(request_id, pending)
+
+    def _end(self, request_id: str, seq: Sequence) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.done = True
+            self._emit(stream, TokenEvent(None, FinishReason.ABORT, seq.num_prompt_tokens, 0))
 
     def _deliver(self, events: list[StepEvent]) -> None:
         now = time.monotonic()
@@ -144,7 +184,8 @@ class AsyncEngine:
             self._emit(stream, TokenEvent(event.token, reason, seq.num_prompt_tokens, seq.num_cached_tokens))
             if event.finished:
                 stream.done = True
-                del self._streams[seq.request_id]
+                with self._lock:
+                    self._streams.pop(seq.request_id, None)
                 self.metrics.record_request_finished(reason or FinishReason.ABORT, now - seq.arrival_time)
         if generated:
             self.metrics.record_generated_tokens(generated)
@@ -157,12 +198,14 @@ class AsyncEngine:
         bm, scheduler = self.engine.block_manager, self.engine.scheduler
         self.metrics.set_scheduler_state(scheduler.num_running, scheduler.num_waiting)
         self.metrics.set_kv_blocks(bm.num_used_blocks, bm.num_blocks)
-        queried, hit, tier = bm.queried_tokens, bm.hit_tokens, bm.tier_hit_tokens
-        if queried != self._hits[0]:
-            self.metrics.record_prefix_cache(queried - self._hits[0], hit - self._hits[1])
-        if tier != self._hits[2]:
-            self.metrics.record_kv_tier_hit(tier - self._hits[2])
-        self._hits = (queried, hit, tier)
+        if bm.queried_tokens != self._reported_queried:
+            self.metrics.record_prefix_cache(
+                bm.queried_tokens - self._reported_queried, bm.hit_tokens - self._reported_hits
+            )
+        if bm.tier_hit_tokens != self._reported_tier_hits:
+            self.metrics.record_kv_tier_hit(bm.tier_hit_tokens - self._reported_tier_hits)
+        self._reported_queried, self._reported_hits = bm.queried_tokens, bm.hit_tokens
+        self._reported_tier_hits = bm.tier_hit_tokens
         if preempted:
             self.metrics.record_preemptions(preempted)
 

@@ -146,7 +146,16 @@ class LLMEngine:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
 
+    def validate(self, seq: Sequence) -> None:
+        """ValueError (saying why) for a request this engine can never run."""
+        vocab = self.model.config.vocab_size
+        if seq.prompt_ids and not 0 <= min(seq.prompt_ids) <= max(seq.prompt_ids) < vocab:
+            bad = next(t for t in seq.prompt_ids if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+        self.scheduler.validate(seq)
+
     def add(self, seq: Sequence) -> None:
+        self.validate(seq)
         self.scheduler.add(seq)
         self.runner.seed(seq.request_id, seq.params.seed)
 

@@ -41,7 +41,9 @@ class ModelRunner:
         ]
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
-        if cuda_graph_max_batch and self.device.type == "cuda":
+        # Graphs need a decode without host synchronisation: the absorbed MLA in every layer.
+        absorbed = all(block.self_attn.absorbed_decode for block in model.blocks)
+        if cuda_graph_max_batch and self.device.type == "cuda" and absorbed:
             self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
     def seed(self, request_id: str, seed: int | None) -> None:
@@ -59,15 +61,18 @@ class ModelRunner:
         if not output.chunks:
             return {}
         inputs = build_step(output.chunks, self.device)
+        rows = inputs.sample_rows
         logits = None
         if self.graphs is not None and inputs.meta.num_decode == len(output.chunks):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            graphed = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            # Every row's logits; a one-token chunk need not sample (a prompt chunk cut to one token).
+            logits = None if graphed is None else graphed[rows]
         if logits is None:
             hidden = self.model(inputs.input_ids, inputs.positions, self.caches, inputs.meta)
-            logits = self.model.logits(hidden[inputs.sample_rows])
+            logits = self.model.logits(hidden[rows])
         params: list[SamplingParams] = [c.seq.params for c in inputs.sampling]
         generators = [self.generators.get(c.seq.request_id) for c in inputs.sampling]
-        tokens = sample(logits[: len(params)], params, generators)
+        tokens = sample(logits, params, generators)
         return {c.seq.request_id: t for c, t in zip(inputs.sampling, tokens, strict=True)}
 
     # -- the KV tier moves whole blocks: [tokens, layers, latent] --------------------------------

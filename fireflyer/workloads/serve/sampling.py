@@ -7,6 +7,10 @@ import torch
 
 from fireflyer.workloads.serve.types import SamplingParams
 
+# Below this a temperature only sharpens the distribution onto its top token (and dividing by it
+# could overflow): such requests are served greedily.
+MIN_TEMPERATURE = 1e-5
+
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -17,13 +21,13 @@ def sample(
     greedy = logits.argmax(dim=-1)
     chosen = greedy.tolist()
     for row, p in enumerate(params):
-        if p.temperature > 0:
+        if p.temperature >= MIN_TEMPERATURE:
             chosen[row] = _draw(logits[row], p, generators[row])
     return chosen
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    scaled = logits / p.temperature
+    scaled = (logits - logits.max()) / p.temperature  # ≤ 0 everywhere: no overflow
     if 0 < p.top_k < scaled.shape[-1]:
         cutoff = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))

@@ -82,7 +82,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new request. Raises QueueFullError when `max_waiting` are waiting, ValueError
         for a request that can never run."""
-        self._validate(seq)
+        self.validate(seq)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_waiting {self.max_waiting})")
         seq.status = SequenceStatus.WAITING
@@ -91,7 +91,8 @@ class Scheduler:
         self._next_arrival += 1
         self.waiting.append(seq)
 
-    def _validate(self, seq: Sequence) -> None:
+    def validate(self, seq: Sequence) -> None:
+        """ValueError (with the numbers) for a request that can never run here."""
         n = seq.num_tokens
         bm = self.block_manager
         if seq.request_id in self._live:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     eng.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     eng.add_argument("--cuda-graph-max-batch", type=int, default=128, help="0 disables CUDA graphs")
-    eng.add_argument("--log-level", default="info")
+    eng.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
 def check_unit(args: argparse.Namespace) -> None:
@@ -80,8 +83,20 @@ def check_unit(args: argparse.Namespace) -> None:
         )
 
 
-def build(args: argparse.Namespace) -> Any:
-    """Model, engine and API app from the flags."""
+def checkpoint_fingerprint(model_dir: Path, dtype: str) -> str:
+    """Names the weights, not just the directory: KV blocks on a shared tier are only ever reused
+    by the same config, the same weight files (names, sizes, modification times) and cache dtype."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update((model_dir / "config.json").read_bytes())
+    digest.update(dtype.encode())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None) -> Any:
+    """Model, engine and API app from the flags; `on_failure` runs if the engine loop dies."""
     import torch
 
     from fireflyer.workloads.model.loader import load_model
@@ -121,10 +136,10 @@ def build(args: argparse.Namespace) -> Any:
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         kv_cache_dir=Path(args.kv_cache_dir) if args.kv_cache_dir else None,
         kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
-        namespace=name,
+        namespace=f"{name}/{checkpoint_fingerprint(model_dir, str(model.dtype))}",
     )
     engine = LLMEngine(model, tokenizer.eos_token_ids, config)
-    served = AsyncEngine(engine, tokenizer, name, EngineMetrics())
+    served = AsyncEngine(engine, tokenizer, name, EngineMetrics(), on_failure=on_failure)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -147,10 +162,23 @@ def run(args: argparse.Namespace) -> int:
             "role %s: a one-rank unit computes prefill and decode itself", args.role
         )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = build(args)
     import uvicorn
 
-    uvicorn.run(
+    server: uvicorn.Server | None = None
+    failed = threading.Event()
+
+    def stop_serving() -> None:  # the engine died: exit non-zero so that Kubernetes restarts the pod
+        failed.set()
+        if server is not None:
+            server.should_exit = True
+
+    app = build(args, on_failure=stop_serving)
+    config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if failed.is_set():
+        print("fireflyer serve: the engine failed (see the log above); exiting", file=sys.stderr)
+        return 1
     return 0
