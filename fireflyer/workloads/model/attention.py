@@ -60,12 +60,14 @@ class MLA(nn.Module):
     def prepare(self) -> None:
         """After loading: the absorbed decode multiplies queries into the latent space with
         kv_b_proj's key part and outputs out of it with its value part."""
-        w = self.kv_b_proj.dequantized(self.o_proj_dtype).view(self.heads, self.nope + self.v_dim, self.rank)
+        w = self.kv_b_proj.dequantized(self.activation_dtype).view(
+            self.heads, self.nope + self.v_dim, self.rank
+        )
         self.w_uk = w[:, : self.nope].contiguous()
         self.w_uv = w[:, self.nope :].contiguous()
 
     @property
-    def o_proj_dtype(self) -> torch.dtype:
+    def activation_dtype(self) -> torch.dtype:
         norm = self.kv_a_layernorm.weight
         return norm.dtype
 
@@ -92,12 +94,12 @@ class MLA(nn.Module):
         flat_cache[meta.slot_mapping] = entry.to(cache.dtype)
 
         out = x.new_empty(tokens, self.heads, self.v_dim)
-        nd = meta.num_decode
-        if nd:
+        decodes = meta.num_decode
+        if decodes:
             if self.absorbed_decode:
-                out[:nd] = self._decode_absorbed(q_nope[:nd], q_pe[:nd], cache, meta)
+                out[:decodes] = self._decode_absorbed(q_nope[:decodes], q_pe[:decodes], cache, meta)
             else:
-                for i in range(nd):
+                for i in range(decodes):
                     rows = _rows(meta, i)
                     out[i : i + 1] = self._attend_expanded(
                         q_nope[i : i + 1], q_pe[i : i + 1], flat_cache[rows], len(rows) - 1

@@ -145,7 +145,7 @@ def expected_names(model: DeepseekV3) -> set[str]:
     """The checkpoint names that must be present for this rank."""
     config = model.config
     names = set()
-    for param, tensor in model.named_parameters():
+    for param, _ in model.named_parameters():
         if ".experts.w" in param:
             continue
         if param == "lm_head":
@@ -153,7 +153,6 @@ def expected_names(model: DeepseekV3) -> set[str]:
                 names.add("lm_head.weight")
             continue
         names.add(f"model.{param}")
-        del tensor
     for i, block in enumerate(model.layers):
         if isinstance(block.mlp, MoE):
             suffixes = ["weight", "weight_scale_inv"] if config.fp8_weights else ["weight"]

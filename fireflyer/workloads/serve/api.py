@@ -281,12 +281,12 @@ async def _until_disconnect(request: Request, source: AsyncIterator[T]) -> Async
     """The items of `source`; raises _Disconnected as soon as the client goes away, even while
     `source` is waiting (a queued request produces nothing for a while)."""
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(_next(source))
             await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
                 raise _Disconnected
             try:
                 item = step.result()
@@ -294,7 +294,10 @@ async def _until_disconnect(request: Request, source: AsyncIterator[T]) -> Async
                 return
             yield item
     finally:
+        # Also when the server cancels this generator: no task is left waiting on the engine.
         watcher.cancel()
+        if step is not None and not step.done():
+            step.cancel()
 
 
 async def _next(source: AsyncIterator[T]) -> T:

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from fireflyer.storage.kvcache import KVBlockStore
+from fireflyer.errors import FireflyerError
+from fireflyer.storage.kvcache import KVBlockStore, KVStoreError
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.serve.block_manager import BlockManager
 from fireflyer.workloads.serve.kv_tier import StoreTier
@@ -65,6 +66,17 @@ def plan_kv_blocks(model: DeepseekV3, config: EngineConfig) -> int:
     return max(16, config.kv_cache_memory // per_block)
 
 
+class EngineSetupError(FireflyerError, ValueError):
+    """Flags that cannot work together (the message says which)."""
+
+
+def _open_store(root: Path, **kwargs: Any) -> KVBlockStore:
+    try:
+        return KVBlockStore(root, **kwargs)
+    except (KVStoreError, OSError) as error:
+        raise EngineSetupError(f"--kv-cache-dir {root}: {error}") from error
+
+
 class LLMEngine:
     def __init__(
         self, model: DeepseekV3, eos_token_ids: set[int], config: EngineConfig | None = None
@@ -95,11 +107,12 @@ class LLMEngine:
         self.store: KVBlockStore | None = None
         tier = None
         if config.kv_cache_dir is not None:
-            if model.dtype not in (torch.bfloat16, torch.float8_e4m3fn):
-                raise ValueError(
-                    f"--kv-cache-dir stores BF16 or FP8 blocks; this model's cache is {model.dtype}"
+            if model.dtype != torch.bfloat16:
+                raise EngineSetupError(
+                    f"--kv-cache-dir stores BF16 blocks; this model's cache is {model.dtype}"
+                    " (use --dtype bfloat16)"
                 )
-            self.store = KVBlockStore(
+            self.store = _open_store(
                 config.kv_cache_dir,
                 layers=model.config.num_hidden_layers,
                 latent_dim=model.config.latent_dim,

@@ -14,17 +14,19 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from fireflyer.errors import FireflyerError
+
 GIB = 1 << 30
 BACKENDS = ("auto", "triton", "torch", "official")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--model", required=True, help="a Hugging Face DeepSeek-V3 checkpoint directory")
-    a("--served-model-name", default=None, help="the `model` clients name (default: the directory name)")
-    a("--host", default="0.0.0.0")
-    a("--port", type=int, default=30000)
-    a(
+    top = parser.add_argument
+    top("--model", required=True, help="a Hugging Face DeepSeek-V3 checkpoint directory")
+    top("--served-model-name", default=None, help="the `model` clients name (default: the directory name)")
+    top("--host", default="0.0.0.0")
+    top("--port", type=int, default=30000)
+    top(
         "--role",
         choices=("prefill", "decode", "both"),
         default="both",
@@ -110,9 +112,14 @@ def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"fireflyer serve: {model_dir} is not a checkpoint directory (no config.json)")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    try:
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        )
+    except RuntimeError as error:
+        raise FireflyerError(f"--device {args.device}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FireflyerError(f"--device {args.device}: no CUDA device is available")
     on_gpu = device.type == "cuda"
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     log = logging.getLogger("fireflyer.serve")
@@ -157,9 +164,13 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     check_unit(args)
+    log = logging.getLogger("fireflyer.serve")
     if args.role != "both":
-        logging.getLogger("fireflyer.serve").info(
-            "role %s: a one-rank unit computes prefill and decode itself", args.role
+        log.info("role %s: a one-rank unit computes prefill and decode itself", args.role)
+    if args.dist_init_addr or args.placement_dir or args.redundant_experts:
+        log.info(
+            "one rank: --dist-init-addr, --dispatch-mode/--dispatch-backend, --placement-dir and"
+            " --redundant-experts take effect in units of several ranks"
         )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import uvicorn
