@@ -50,7 +50,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: these tensors are tiny, and on a loaded 2-core machine OpenMP's
+    """One intra-op thread: these tensors are tiny, and on a busy host OpenMP's
     fork/join made every op ~20-40x slower with 2 threads (a decode step 7 ms → 250 ms)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -17,17 +17,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from fireflyer.workloads.model.init import (
-    FP8_DTYPE,
+from fireflyer.workloads.model.checkpoint_writer import (
     INDEX_FILE,
     SINGLE_FILE,
-    TORCH_DTYPES,
     StoredTensor,
     staged_directory,
     write_index,
     write_json,
     write_safetensors,
 )
+from fireflyer.workloads.model.init import FP8_DTYPE, TORCH_DTYPES
 
 SCALE_SUFFIX = "_scale_inv"
 _KEEP_FLOAT32 = ("e_score_correction_bias",)

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +23,15 @@ from typing import Any, Literal
 import torch
 
 from fireflyer.kernels.fp8 import quantize_per_block
+from fireflyer.workloads.model.checkpoint_writer import (
+    StoredTensor,
+    plan_shards,
+    shard_file_names,
+    staged_directory,
+    write_index,
+    write_json,
+    write_safetensors,
+)
 from fireflyer.workloads.model.presets import get_preset
 from fireflyer.workloads.model.tokenizer_files import tokenizer_vocab_size, write_tokenizer
 
@@ -40,8 +45,6 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
     "weight_block_size": [BLOCK, BLOCK],
 }
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 # Scales of the random weights. Linears are drawn with std 1/sqrt(fan_in) so each keeps its input's
 # magnitude and the residual stream stays O(1) through the layers. The gains below make the random
@@ -314,7 +317,8 @@ def _spec_tensors(
 @contextlib.contextmanager
 def _cpu_threads(device: str) -> Iterator[None]:
     """One intra-op thread while generating on CPU: each op is a single small tensor, and OpenMP's
-    fork/join then costs more than it saves (2.5-3.5x slower with 2 threads on a loaded 2-core box)."""
+    fork/join then costs more than it saves (several threads on a busy host make each small op
+    much slower)."""
     if torch.device(device).type != "cpu":
         yield
         return
@@ -340,29 +344,9 @@ def random_state_dict(
 
 # --- writing -------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-    FP8_DTYPE: "F8_E4M3",
-}
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor as it lands in a file: known before it is generated, so a shard's header can be
-    written first and the data streamed after it."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
 
 def stored_tensors(spec: TensorSpec, config: dict[str, Any], dtype: str) -> list[StoredTensor]:
+    """What `_spec_tensors` makes of `spec`, known before it is generated."""
     if not _quantised(spec, dtype):
         return [StoredTensor(spec.name, _storage_dtype(spec, config), spec.shape)]
     n, k = spec.shape
@@ -371,119 +355,6 @@ def stored_tensors(spec: TensorSpec, config: dict[str, Any], dtype: str) -> list
         StoredTensor(spec.name, FP8_DTYPE, spec.shape),
         StoredTensor(f"{spec.name}_scale_inv", torch.float32, scale_shape),
     ]
-
-
-def plan_shards(
-    specs: list[TensorSpec], config: dict[str, Any], dtype: str, max_shard_bytes: int
-) -> list[list[TensorSpec]]:
-    """Tensors packed in order into shards of at most max_shard_bytes (a tensor larger than that
-    gets a shard of its own); a weight and its scale are never split."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = sum(t.nbytes for t in stored_tensors(spec, config, dtype))
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    return shards
-
-
-def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _safetensors_header(entries: list[StoredTensor]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for entry in entries:
-        header[entry.name] = {
-            "dtype": _SAFETENSORS_DTYPES[entry.dtype],
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.nbytes],
-        }
-        offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    # The format pads the header with spaces so the data starts 8-byte aligned.
-    return raw + b" " * (-len(raw) % 8)
-
-
-def write_safetensors(
-    path: Path, entries: list[StoredTensor], tensors: Iterator[tuple[str, torch.Tensor]]
-) -> None:
-    """Streams `tensors` (in the order of `entries`, matching them) into a safetensors file, so
-    only one tensor is ever in memory."""
-    header = _safetensors_header(entries)
-    with path.open("wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        expected = iter(entries)
-        for name, tensor in tensors:
-            entry = next(expected, None)
-            if entry != StoredTensor(name, tensor.dtype, tuple(tensor.shape)):
-                raise RuntimeError(f"{name} {tensor.dtype} {tuple(tensor.shape)} is not the header's {entry}")
-            # x86 and ARM are little-endian, the byte order safetensors stores.
-            f.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-        if next(expected, None) is not None:
-            raise RuntimeError(f"{path.name}: fewer tensors than its header lists")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json(out / INDEX_FILE, index)
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / "dir")
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A fresh directory beside `out` that becomes `out` when the block succeeds. On an error it is
-    removed; a killed process leaves only a hidden `.NAME.tmp-*` beside `out`, never a half `out`."""
-    out = out.absolute()
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield staging
-        _fsync_dir(staging)
-        _check_target(out, overwrite)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync_dir(out.parent)
 
 
 def _write_metadata(staging: Path, config: dict[str, Any]) -> None:
@@ -503,7 +374,10 @@ def _write_weights(
     max_shard_bytes: int,
     progress: Callable[[str], None] | None,
 ) -> None:
-    shards = plan_shards(tensor_specs(config), config, dtype, max_shard_bytes)
+    def spec_bytes(spec: TensorSpec) -> int:  # a weight and its scale go into one shard
+        return sum(t.nbytes for t in stored_tensors(spec, config, dtype))
+
+    shards = plan_shards(tensor_specs(config), spec_bytes, max_shard_bytes)
     names = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
     total = 0

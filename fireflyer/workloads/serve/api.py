@@ -124,7 +124,7 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
             if body.stream:
                 chunks = _completion_chunks(generation, meta, echo, body.include_usage)
                 return _sse(request, generation, chunks)
-            text, finish = await _collect(request, generation)
+            text, finish = await _collect(request, generation, engine)
             return _json(
                 p.CompletionResponse(
                     id=meta.id,
@@ -146,7 +146,7 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
             generation = _start(engine, prompt_ids, body, max_tokens)  # from here on it must be closed
             if body.stream:
                 return _sse(request, generation, _chat_chunks(generation, meta, body.include_usage))
-            text, finish = await _collect(request, generation)
+            text, finish = await _collect(request, generation, engine)
             return _json(
                 p.ChatCompletionResponse(
                     id=meta.id,
@@ -304,7 +304,9 @@ async def _next(source: AsyncIterator[T]) -> T:
     return await anext(source)
 
 
-async def _collect(request: Request, generation: Generation) -> tuple[str, p.FinishReasonText]:
+async def _collect(
+    request: Request, generation: Generation, engine: Engine
+) -> tuple[str, p.FinishReasonText]:
     parts: list[str] = []
     finish: p.FinishReasonText = None
     try:
@@ -316,6 +318,13 @@ async def _collect(request: Request, generation: Generation) -> tuple[str, p.Fin
         raise
     finally:
         generation.close()
+    if finish == "abort" and not engine.is_healthy():  # cut off by an engine failure, not by us
+        raise p.ApiError(
+            503,
+            "The engine stopped while generating this answer.",
+            type="service_unavailable_error",
+            code="engine_stopped",
+        )
     return "".join(parts), finish
 
 
