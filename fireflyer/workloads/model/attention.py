@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from fireflyer.kernels import mla
 from fireflyer.kernels.backend import Backend
@@ -125,10 +126,9 @@ class MLA(nn.Module):
         )
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        mask = None
-        if context:
-            key_pos = torch.arange(n_kv, device=q.device)
-            mask = key_pos[None, :] <= (context + torch.arange(n_q, device=q.device))[:, None]
+        # After a cached prefix, query i sits at position context + i: causal from the lower right.
+        # A bias object rather than a mask tensor, so the fused kernels still apply.
+        mask = causal_lower_right(n_q, n_kv) if context else None
         if q.is_cuda and self.v_dim < q.shape[-1]:
             # Flash attention wants one head width for q, k and v: pad v and drop the pad after.
             v = F.pad(v, (0, q.shape[-1] - self.v_dim))
