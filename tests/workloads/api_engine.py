@@ -50,7 +50,7 @@ class FakeStream:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._generate())
 
-    def abort(self) -> None:
+    def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:
         self.aborted = True
         self._wake.set()
 

@@ -120,3 +120,28 @@ def test_a_failing_model_ends_every_stream_and_reports_unhealthy(model: Deepseek
             asyncio.run(submit_again())
     finally:
         served.shutdown()
+
+
+def test_a_request_stopped_by_a_stop_string_counts_as_stop(model: DeepseekV3, checkpoint: Path) -> None:
+    metrics = EngineMetrics()
+    engine = LLMEngine(model, set(), EngineConfig(num_kv_blocks=64))
+    served = AsyncEngine(engine, ServeTokenizer.from_pretrained(checkpoint), "tiny", metrics)
+
+    async def scenario() -> list[FinishReason | None]:
+        served.start()
+        stream = served.submit(_prompts(1)[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        reasons = []
+        async for event in stream:
+            reasons.append(event.finish_reason)
+            if len(reasons) == 2:
+                stream.abort(FinishReason.STOP)  # what the API does when the text hits a stop string
+        return reasons
+
+    try:
+        reasons = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        served.shutdown()
+    assert reasons[-1] == FinishReason.ABORT and len(reasons) < 200  # the engine stopped generating
+    text = metrics.render().decode()
+    assert 'fireflyer_serve_requests_total{finish_reason="stop"} 1.0' in text
+    assert 'fireflyer_serve_requests_total{finish_reason="abort"} 0.0' in text

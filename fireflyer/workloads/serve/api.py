@@ -30,7 +30,13 @@ from fireflyer.workloads.serve import protocol as p
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.text_output import Delta, Generation
 from fireflyer.workloads.serve.tokenizer import ChatTemplateError, ServeTokenizer
-from fireflyer.workloads.serve.types import EngineStoppedError, QueueFullError, SamplingParams, TokenEvent
+from fireflyer.workloads.serve.types import (
+    EngineStoppedError,
+    FinishReason,
+    QueueFullError,
+    SamplingParams,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ class EngineStream(Protocol):
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
 
-    def abort(self) -> None: ...
+    def abort(self, reason: FinishReason = FinishReason.ABORT) -> None: ...
 
 
 class Engine(Protocol):

@@ -48,9 +48,10 @@ class RequestStream:
             if event.finish_reason is not None:
                 return
 
-    def abort(self) -> None:
+    def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Stop generating; `reason` is what the request is counted as (STOP for a stop string)."""
         if not self.done:
-            self.engine.abort(self.request_id)
+            self.engine.abort(self.request_id, reason)
 
 
 class AsyncEngine:
@@ -74,6 +75,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._adds: list[Sequence] = []
         self._aborts: list[str] = []
+        self._abort_reasons: dict[str, FinishReason] = {}
         self._streams: dict[str, RequestStream] = {}
         self._stop = False
         self._failed: BaseException | None = None
@@ -117,9 +119,10 @@ class AsyncEngine:
         self._wake.set()
         return stream
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
         with self._lock:
             self._aborts.append(request_id)
+            self._abort_reasons[request_id] = reason
         self._wake.set()
 
     # -- the loop (engine thread) ----------------------------------------------------------------
@@ -161,6 +164,7 @@ class AsyncEngine:
     def _end(self, request_id: str, seq: Sequence) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
+            self._abort_reasons.pop(request_id, None)
         if stream is not None:
             stream.done = True
             self._emit(stream, TokenEvent(None, FinishReason.ABORT, seq.num_prompt_tokens, 0))
@@ -186,6 +190,9 @@ class AsyncEngine:
                 stream.done = True
                 with self._lock:
                     self._streams.pop(seq.request_id, None)
+                    counted = self._abort_reasons.pop(seq.request_id, None)
+                if reason == FinishReason.ABORT and counted is not None:
+                    reason = counted
                 self.metrics.record_request_finished(reason or FinishReason.ABORT, now - seq.arrival_time)
         if generated:
             self.metrics.record_generated_tokens(generated)

@@ -69,7 +69,7 @@ class _Stream(Protocol):
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
 
-    def abort(self) -> None: ...
+    def abort(self, reason: FinishReason = FinishReason.ABORT) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ class Generation:
             text = self._stops.feed(text)
             if self._stops.stopped is not None:
                 if event.finish_reason is None:
-                    self._stream.abort()  # the engine would go on generating past the stop string
+                    # the engine would go on generating past the stop string
+                    self._stream.abort(FinishReason.STOP)
                 self.finished = True
                 yield Delta(text, "stop")
                 return
