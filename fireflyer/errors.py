@@ -24,5 +24,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
         TopologyError,
         PlacementError,
         FileNotFoundError,
+        FileExistsError,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -487,3 +488,13 @@ def test_transformers_loads_the_dequantised_fp8_checkpoint(tiny_fp8: Path, tmp_p
     assert model.dtype == torch.float32
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[0, 10, 20, 30]])).logits).all()
+
+
+def test_checkpoint_directory_is_readable_by_other_users(tmp_path: Path) -> None:
+    """Pods read a checkpoint under their own uid: the directory keeps the umask's permissions."""
+    previous = os.umask(0o022)
+    try:
+        out = init_checkpoint(tmp_path / "shared", preset="tiny")
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o755

@@ -117,7 +117,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty")
+        raise FileExistsError(f"{out} exists and is not empty (--force replaces it)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,6 +146,10 @@ def staged_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes it private; a checkpoint is read by other users (the pods' own uid).
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         _fsync_dir(staging)
