@@ -53,6 +53,7 @@ from fireflyer.workloads.serve.block_manager import blocks_for
 from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from fireflyer.workloads.serve.types import SamplingParams
+from fireflyer.workloads.threads import single_intra_op_thread
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-e2e"  # the main server's --served-model-name
@@ -103,7 +104,7 @@ class Server:
         self.port = free_port()
         cmd = [sys.executable, "-m", "fireflyer.cli", "serve", "--model", str(self.model_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *self.flags]
-        # One intra-op thread, as in one_thread() below.
+        # One intra-op thread, as in single_intra_op_thread().
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         with self.log_path.open("ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -198,29 +199,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- the offline reference ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while this process computes: these ops are tiny, and with several
-    threads on a busy host OpenMP's fork/join makes each of them several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Reference:
     """Greedy generation by LLMEngine in this process, float32, every prompt computed from
     scratch: one batch, all prompts admitted in the first step (so no prefix-cache hits), with
     KV blocks to spare (so no preemption)."""
 
     def __init__(self, model_dir: Path) -> None:
-        with one_thread():
+        with single_intra_op_thread():
             self.model = load_model(model_dir, device="cpu", dtype=torch.float32)
         self.tokenizer = ServeTokenizer.from_pretrained(model_dir)
 
-    @one_thread()
+    @single_intra_op_thread()
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
         blocks = sum(blocks_for(len(p) + m) for p, m in zip(prompts, max_tokens, strict=True))
         config = EngineConfig(

@@ -35,6 +35,7 @@ from fireflyer.workloads.model.tokenizer_files import PAD_ID
 from fireflyer.workloads.serve.batch_builder import build_step
 from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
 from fireflyer.workloads.serve.types import BLOCK_TOKENS, SamplingParams, ScheduledChunk, Sequence
+from fireflyer.workloads.threads import single_intra_op_thread
 
 PROMPT_LEN = 100
 CHUNKS = (70, 30)  # chunked prefill: the second chunk attends to the first through the paged cache
@@ -50,14 +51,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: these tensors are tiny, and on a busy host OpenMP's
-    fork/join made every op ~20-40x slower with 2 threads (a decode step 7 ms → 250 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """These tensors are tiny: one intra-op thread (a decode step took 7 ms with one, 250 ms with
+    two on a busy host)."""
+    with single_intra_op_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from fireflyer.workloads.model.checkpoint_writer import (
 )
 from fireflyer.workloads.model.presets import get_preset
 from fireflyer.workloads.model.tokenizer_files import tokenizer_vocab_size, write_tokenizer
+from fireflyer.workloads.threads import single_intra_op_thread
 
 DTYPES = ("bf16", "fp8")
 BLOCK = 128
@@ -314,20 +315,9 @@ def _spec_tensors(
     return [(spec.name, q), (f"{spec.name}_scale_inv", scale_inv)]
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: str) -> Iterator[None]:
-    """One intra-op thread while generating on CPU: each op is a single small tensor, and OpenMP's
-    fork/join then costs more than it saves (several threads on a busy host make each small op
-    much slower)."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _cpu_threads(device: str) -> contextlib.AbstractContextManager[None]:
+    """Generating on CPU: each op is one small tensor, so one thread (see single_intra_op_thread)."""
+    return single_intra_op_thread() if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 def random_state_dict(
