@@ -54,10 +54,17 @@ def dequantize_per_token_group(q: torch.Tensor, scale: torch.Tensor, group: int 
     return (q.float().view(m, k // group, group) * scale[..., None]).view(m, k)
 
 
-def dequantize_per_block(q: torch.Tensor, scale: torch.Tensor, block: int = GROUP) -> torch.Tensor:
+def dequantize_per_block(
+    q: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = GROUP
+) -> torch.Tensor:
+    """q · scale per block (rows × cols; one int for square blocks). The last row and column blocks
+    may be partial, as in checkpoints whose N or K is not a multiple of the block."""
+    rows, cols = (block, block) if isinstance(block, int) else block
     n, k = q.shape
-    rows = scale.repeat_interleave(block, dim=0)[:n]  # [N, K/block]
-    return (q.float().view(n, k // block, block) * rows[..., None]).view(n, k)
+    per_row = scale.float().repeat_interleave(rows, dim=0)[:n]  # [N, ⌈K/cols⌉]
+    if k % cols == 0:
+        return (q.float().view(n, k // cols, cols) * per_row[..., None]).view(n, k)
+    return q.float() * per_row.repeat_interleave(cols, dim=1)[:, :k]
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from fireflyer.kernels.fp8 import dequantize_per_block
+from fireflyer.storage.safetensors_format import DTYPES_BY_NAME
 from fireflyer.workloads.model.checkpoint_writer import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -26,7 +28,8 @@ from fireflyer.workloads.model.checkpoint_writer import (
     write_json,
     write_safetensors,
 )
-from fireflyer.workloads.model.init import FP8_DTYPE, TORCH_DTYPES
+from fireflyer.workloads.model.init import FP8_DTYPE
+from fireflyer.workloads.model.model import TORCH_DTYPES
 
 SCALE_SUFFIX = "_scale_inv"
 _KEEP_FLOAT32 = ("e_score_correction_bias",)
@@ -62,20 +65,7 @@ def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
         raise ValueError(
             f"scale_inv shape {tuple(scale_inv.shape)} does not match {expected} for a {n}×{k} weight"
         )
-    scale = scale_inv.float().repeat_interleave(rows, dim=0)[:n].repeat_interleave(cols, dim=1)[:, :k]
-    return q.float() * scale
-
-
-_SAFETENSORS_TO_TORCH = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": FP8_DTYPE,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "BOOL": torch.bool,
-}
+    return dequantize_per_block(q, scale_inv, block)
 
 
 class _Checkpoint:
@@ -96,7 +86,7 @@ class _Checkpoint:
 
     def dtype_and_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         view = self._file(name).get_slice(name)
-        return _SAFETENSORS_TO_TORCH[view.get_dtype()], tuple(view.get_shape())
+        return DTYPES_BY_NAME[view.get_dtype()], tuple(view.get_shape())
 
     def tensor(self, name: str) -> torch.Tensor:
         tensor: torch.Tensor = self._file(name).get_tensor(name)

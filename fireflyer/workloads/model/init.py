@@ -32,6 +32,7 @@ from fireflyer.workloads.model.checkpoint_writer import (
     write_json,
     write_safetensors,
 )
+from fireflyer.workloads.model.model import TORCH_DTYPES
 from fireflyer.workloads.model.presets import get_preset
 from fireflyer.workloads.model.tokenizer_files import tokenizer_vocab_size, write_tokenizer
 from fireflyer.workloads.threads import single_intra_op_thread
@@ -45,7 +46,6 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
     "quant_method": "fp8",
     "weight_block_size": [BLOCK, BLOCK],
 }
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Scales of the random weights. Linears are drawn with std 1/sqrt(fan_in) so each keeps its input's
 # magnitude and the residual stream stays O(1) through the layers. The gains below make the random

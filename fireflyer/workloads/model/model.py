@@ -16,7 +16,8 @@ from fireflyer.workloads.model.config import ModelConfig
 from fireflyer.workloads.model.layers import RMSNorm, Rotary
 from fireflyer.workloads.model.moe import MLP, MoE
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# config.json's torch_dtype → torch
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class DeepseekV3(nn.Module):
         parallel = parallel or Parallel()
         backends = backends or Backends()
         self.config = config
-        self.dtype = dtype or DTYPES.get(config.torch_dtype, torch.bfloat16)
+        self.dtype = dtype or TORCH_DTYPES.get(config.torch_dtype, torch.bfloat16)
         self.parallel = parallel
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, dtype=self.dtype, device=device

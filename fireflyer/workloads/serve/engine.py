@@ -4,7 +4,6 @@ server drives it from its own thread (`async_engine`), tests and benchmarks call
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
 from fireflyer.workloads.serve.scheduler import Scheduler
 from fireflyer.workloads.serve.types import (
     BLOCK_TOKENS,
-    FinishReason,
     SamplingParams,
     ScheduledChunk,
     SchedulerOutput,
@@ -148,7 +146,7 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         generator = torch.Generator().manual_seed(0)
         while tokens <= self.config.max_num_batched_tokens:
-            blocks = -(-tokens // 64)
+            blocks = -(-tokens // BLOCK_TOKENS)
             if blocks > self.block_manager.num_blocks:
                 break
             ids = torch.randint(0, vocab, (tokens,), generator=generator).tolist()
@@ -161,15 +159,18 @@ class LLMEngine:
 
     def validate(self, seq: Sequence) -> None:
         """ValueError (saying why) for a request this engine can never run."""
-        vocab = self.model.config.vocab_size
-        if seq.prompt_ids and not 0 <= min(seq.prompt_ids) <= max(seq.prompt_ids) < vocab:
-            bad = next(t for t in seq.prompt_ids if not 0 <= t < vocab)
-            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+        self._check_vocabulary(seq)
         self.scheduler.validate(seq)
 
+    def _check_vocabulary(self, seq: Sequence) -> None:
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in seq.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+
     def add(self, seq: Sequence) -> None:
-        self.validate(seq)
-        self.scheduler.add(seq)
+        self._check_vocabulary(seq)
+        self.scheduler.add(seq)  # validates the rest
         self.runner.seed(seq.request_id, seq.params.seed)
 
     def abort(self, request_id: str) -> bool:
@@ -179,15 +180,11 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def step(self, lock: AbstractContextManager[Any] | None = None) -> tuple[list[StepEvent], int]:
-        """One step; returns what happened to each sequence, and how many were preempted. `lock`
-        guards the scheduler (not the model run) against requests added from another thread."""
-        guard = lock if lock is not None else nullcontext()
-        with guard:
-            output = self.scheduler.schedule()
+    def step(self) -> tuple[list[StepEvent], int]:
+        """One step; returns what happened to each sequence, and how many were preempted."""
+        output = self.scheduler.schedule()
         sampled = self.runner.step(output)
-        with guard:
-            finished = self.scheduler.update(output, sampled)
+        finished = self.scheduler.update(output, sampled)
         done = {seq.request_id for seq in finished}
         events = [
             StepEvent(c.seq, c.seq.token_ids[-1], c.seq.request_id in done)
@@ -217,4 +214,4 @@ class LLMEngine:
             self.store.close()
 
 
-__all__ = ["EngineConfig", "FinishReason", "LLMEngine", "StepEvent", "plan_kv_blocks"]
+__all__ = ["EngineConfig", "EngineSetupError", "LLMEngine", "StepEvent", "plan_kv_blocks"]
