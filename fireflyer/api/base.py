@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
@@ -143,6 +144,31 @@ LEVEL_RANK = {"accelerator": 0, "leaf": 1, "spine": 2, "core": 3}
 _LEVEL_MAP = "{'accelerator': 0, 'leaf': 1, 'spine': 2, 'core': 3}"
 
 
+class Toleration(ApiModel):
+    """A Kubernetes toleration (the same fields as a pod's)."""
+
+    key: str | None = Field(default=None, max_length=316)
+    """The taint key; empty with operator Exists tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Equal compares the value; Exists matches any value."""
+    value: str | None = Field(default=None, max_length=63)
+    """The taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The effect matched; empty matches every effect."""
+    toleration_seconds: int | None = None
+    """For NoExecute: how long the pod stays after the taint appears."""
+
+    def tolerates(self, taint: Mapping[str, Any]) -> bool:
+        """The API server's matching rule: an empty key with Exists matches every taint."""
+        if self.effect is not None and taint.get("effect") != self.effect:
+            return False
+        if self.key is None:
+            return self.operator == "Exists"
+        if taint.get("key") != self.key:
+            return False
+        return self.operator == "Exists" or (taint.get("value") or "") == (self.value or "")
+
+
 class Placement(ApiModel):
     """Where units go on the network fabric."""
 
@@ -178,6 +204,12 @@ class Placement(ApiModel):
     isolation."""
     scheduler_name: str | None = None
     """Scheduler for unit pods (default: the cluster's default scheduler)."""
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Only nodes with all these labels are considered (e.g. one node pool); pods also carry it
+    as their nodeSelector."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints the pods tolerate beyond the GPU operator's own; a node tainted with anything else
+    is not considered."""
     bind_timeout_seconds: int = Field(default=300, ge=10, le=86400)
     """A unit that is not fully running this long after it was placed is torn down and planned
     again."""

@@ -12,6 +12,7 @@ from fireflyer.api.base import (
     Network,
     ObjectMeta,
     Placement,
+    Toleration,
     StatusBase,
     cel,
     defaulted,
@@ -103,6 +104,13 @@ class Router(ApiModel):
     """Router replicas in front of the units."""
     policy: Literal["round-robin", "least-load", "cache-aware"] = "cache-aware"
     """How requests are spread over prefill and decode units."""
+    service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
+    """The router Service's type; with LoadBalancer, status.endpoints.router is the address the
+    load balancer publishes."""
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Node labels the router pods need (they use no GPU)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints the router pods tolerate."""
 
 
 class Eplb(ApiModel):

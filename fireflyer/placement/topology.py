@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,10 +121,14 @@ def build_topology(
     custom_keys: Sequence[str] = (),
     ignore_pods: Mapping[str, str] | None = None,
     reserved: Mapping[str, tuple[int, int]] | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    tolerates: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> ClusterTopology:
     """Free resources per node = allocatable − requests of non-terminated pods bound there −
     reservations (GPUs, RDMA devices) of units planned onto the node whose pods are not bound yet.
-    Pods whose labels match all of ignore_pods (e.g. the units being re-planned) are not counted."""
+    Pods whose labels match all of ignore_pods (e.g. the units being re-planned) are not counted.
+    A node that lacks a node_selector label, or has a taint that neither the GPU operator's
+    exemption nor `tolerates` covers, is unusable."""
     keys = level_keys(profile, custom_keys)
     used_gpu: dict[str, float] = {}
     used_rdma: dict[str, float] = {}
@@ -153,7 +157,10 @@ def build_topology(
         domains = {level: labels[key] for level, key in keys.items() if labels.get(key)}
         present.update(domains)
         why = ""
-        if node.get("spec", {}).get("unschedulable"):
+        mismatch = [k for k, v in (node_selector or {}).items() if labels.get(k) != v]
+        if mismatch:
+            why = f"does not match placement.nodeSelector ({mismatch[0]})"
+        elif node.get("spec", {}).get("unschedulable"):
             why = "cordoned"
         elif not _ready(node):
             why = "not Ready"
@@ -162,6 +169,7 @@ def build_topology(
                 if (
                     taint.get("effect") in ("NoSchedule", "NoExecute")
                     and taint.get("key") not in TOLERATED_TAINTS
+                    and not (tolerates is not None and tolerates(taint))
                 ):
                     why = f"tainted {taint.get('key')}"
                     break

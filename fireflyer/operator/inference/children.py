@@ -76,6 +76,28 @@ def _network_env(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
     ]
 
 
+def _model_volumes(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
+    """A model given as a path lives on the node (a 3FS FUSE mount or a local disk): the pods
+    see it at the same path, read-only."""
+    if not spec.model.source.startswith("/"):
+        return []
+    return [{"name": "model", "hostPath": {"path": spec.model.source, "type": "Directory"}}]
+
+
+def _model_mounts(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
+    if not spec.model.source.startswith("/"):
+        return []
+    # HostToContainer: a FUSE mount that comes back after the pod started is seen.
+    return [
+        {
+            "name": "model",
+            "mountPath": spec.model.source,
+            "readOnly": True,
+            "mountPropagation": "HostToContainer",
+        }
+    ]
+
+
 def statefulset(
     cr: dict[str, Any],
     spec: InferenceDeploymentSpec,
@@ -112,11 +134,19 @@ def statefulset(
             {"name": "MASTER_ADDR", "value": ctx.leader_host},
         ],
         "ports": [{"name": "serve", "containerPort": SERVE_PORT}],
+        **(
+            # Every rank of our engine answers /health once its model is loaded and its
+            # collectives are up, so a unit is Ready only when it can serve.
+            {"readinessProbe": {"httpGet": {"path": "/health", "port": "serve"}, "periodSeconds": 2}}
+            if spec.engine.kind == "fireflyer"
+            else {}
+        ),
         "resources": _resources(spec, role),
         "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
         "volumeMounts": [
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "engine", "mountPath": "/etc/fireflyer/net", "readOnly": True},
+            *_model_mounts(spec),
         ],
     }
     return {
@@ -159,11 +189,14 @@ def statefulset(
                     },
                     "tolerations": [
                         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        *(t.to_wire() for t in spec.placement.tolerations),
                     ],
+                    **({"nodeSelector": dict(spec.placement.node_selector)} if spec.placement.node_selector else {}),
                     "containers": [container],
                     "volumes": [
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE[role_name]}},
                         {"name": "engine", "configMap": {"name": config_map_name(deployment)}},
+                        *_model_volumes(spec),
                     ],
                 },
             },
@@ -232,6 +265,16 @@ def router(
                                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
                             }
                         ],
+                        **(
+                            {"nodeSelector": dict(spec.router.node_selector)}
+                            if spec.router.node_selector
+                            else {}
+                        ),
+                        **(
+                            {"tolerations": [t.to_wire() for t in spec.router.tolerations]}
+                            if spec.router.tolerations
+                            else {}
+                        ),
                     },
                 },
             },
@@ -246,6 +289,7 @@ def router(
                 "ownerReferences": [owner_reference(cr)],
             },
             "spec": {
+                "type": spec.router.service_type,
                 "selector": selector,
                 "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http"}],
             },

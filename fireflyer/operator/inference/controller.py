@@ -59,6 +59,7 @@ def observe(
         statefulsets={s["metadata"]["name"]: s for s in ours},
         other_units=[s for s in all_units if s not in ours],
         router=kube.get("Deployment", f"{name}-router", namespace),
+        router_service=kube.get("Service", f"{name}-router", namespace),
         now=datetime.now(UTC),
         failed_units=_failed_units.pop((namespace, name), {}),
     )

@@ -31,6 +31,7 @@ class Observed:
     """Unit StatefulSets of other deployments (their planned nodes are reserved)."""
     failed_units: dict[str, str] = field(default_factory=dict)
     """Unit name → a failure seen in a pod event (the pod itself may already be replaced)."""
+    router_service: dict[str, Any] | None = None
 
 
 @dataclass
@@ -115,6 +116,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         spec.placement.custom_level_keys,
         ignore_pods={L.DEPLOYMENT: name},
         reserved=reservations(observed.other_units, observed.pods, spec.network.rdma_resource),
+        node_selector=spec.placement.node_selector,
+        tolerates=lambda taint: any(t.tolerates(taint) for t in spec.placement.tolerations),
     )
     own_pods = [
         p
@@ -259,7 +262,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     desired_children.append(children.config_map(cr, spec, hcas))
     desired_children.extend(children.router(cr, spec, hosts))
 
-    status = _status(cr, spec, placement, unit_status, ready_count, observed.router, rolling, recreate)
+    status = _status(
+        cr, spec, placement, unit_status, ready_count, observed.router, rolling, recreate, observed.router_service
+    )
     requeue = (
         5.0
         if recreate or rolling or not placement.complete or any(not u["ready"] for u in unit_status)
@@ -358,6 +363,7 @@ def _status(
     router: dict[str, Any] | None,
     rolling: bool,
     recreate: dict[str, str],
+    router_service: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     conds = []
     if placement.complete:
@@ -436,5 +442,12 @@ def _status(
         "prefillReady": f"{ready_count['prefill']}/{spec.prefill.units}",
         "decodeReady": f"{ready_count['decode']}/{spec.decode.units}",
         "units": unit_status,
-        "endpoints": {"router": f"http://{name}-router.{namespace}.svc:{children.ROUTER_PORT}"},
+        "endpoints": {"router": router_url(name, namespace, router_service)},
     }
+
+
+def router_url(name: str, namespace: str, service: dict[str, Any] | None) -> str:
+    """The load balancer's address when the router Service has one, else its cluster DNS name."""
+    ingress = ((service or {}).get("status", {}).get("loadBalancer") or {}).get("ingress") or []
+    host = next((i.get("ip") or i.get("hostname") for i in ingress if i.get("ip") or i.get("hostname")), None)
+    return f"http://{host or f'{name}-router.{namespace}.svc'}:{children.ROUTER_PORT}"
