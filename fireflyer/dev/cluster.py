@@ -24,7 +24,7 @@ STAGES_FILE = build.REPO_ROOT / "hack" / "kwok" / "stages.yaml"
 NOT_READY_TOLERATION_SECONDS = 15
 START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # Processes started beside the control plane (the demo's operator) are stopped first.
-EXTRA_PROCESSES = ("fireflyer", "admin-runner")
+EXTRA_PROCESSES = ("fireflyer", "admin-runner", "pod-runtime")
 
 
 class ClusterError(RuntimeError):
@@ -63,6 +63,13 @@ class State:
     ports: Ports
     pids: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
+    local_nodes: int = 0
+    """Nodes whose pods run as processes on this machine (fireflyer.dev.runtime)."""
+
+    @property
+    def network_index(self) -> int:
+        """Tells this cluster's pod network apart from another dev cluster's."""
+        return (self.ports.etcd_client // 1000) % 100
 
     @property
     def kubeconfig(self) -> Path:
@@ -236,9 +243,16 @@ def _running_state(state_dir: Path) -> State | None:
     return None
 
 
-def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) -> State:
+def up(
+    state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE, local_nodes: int = 0
+) -> State:
+    """local_nodes: nodes whose pods really run here, beside the simulated topology (needs root)."""
     state_dir = state_dir.resolve()
     topo = topology.load(topology_name)  # validate before touching anything
+    if local_nodes:
+        from fireflyer.dev.runtime.network import require_privileges
+
+        require_privileges()
     existing = _running_state(state_dir)
     if existing is not None:
         _log(
@@ -256,7 +270,7 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
     bin_dir = build.ensure_binaries()
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
-    state = State(str(state_dir), topo.name, str(bin_dir), ports, started_at=time.time())
+    state = State(str(state_dir), topo.name, str(bin_dir), ports, started_at=time.time(), local_nodes=local_nodes)
     pki_dir = state_dir / "pki"
     pki.generate(pki_dir)
     server = f"https://127.0.0.1:{ports.apiserver}"
@@ -299,6 +313,15 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
             state,
             "kwok",
         )
+        if local_nodes:
+            _start_runtime(state)
+            _wait(
+                f"{local_nodes} local nodes to be Ready",
+                lambda: _ready_nodes(state) >= topo.node_count + local_nodes,
+                60,
+                state,
+                "pod-runtime",
+            )
         _wait(
             "the default ServiceAccount",
             lambda: _api(state, "/api/v1/namespaces/default/serviceaccounts/default") is not None,
@@ -315,6 +338,20 @@ def up(state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE) 
         f"({topo.node_count} nodes, topology {topo.name})"
     )
     return state
+
+
+def _start_runtime(state: State) -> None:
+    """The local pod runtime (fireflyer.dev.runtime), stopped by `down` with every pod."""
+    log = Path(state.state_dir) / "logs" / "pod-runtime.log"
+    args = [
+        "-m", "fireflyer.dev.runtime",
+        "--kubeconfig", str(Path(state.state_dir) / "kwok.kubeconfig"),
+        "--state-dir", str(Path(state.state_dir) / "runtime"),
+        "--nodes", str(state.local_nodes),
+        "--network-index", str(state.network_index),
+    ]  # fmt: skip
+    state.pids["pod-runtime"] = processes.start(Path(sys.executable), args, log)
+    state.save()
 
 
 def _ready_nodes(state: State) -> int:
@@ -371,8 +408,13 @@ def down(state_dir: Path, quiet: bool = False, keep_logs: bool = False) -> bool:
         return False
     for name in (*EXTRA_PROCESSES, *reversed(START_ORDER)):
         pid = state.pids.get(name)
-        if pid is not None and processes.stop(pid, _binary_of(name)) and not quiet:
+        grace = 40.0 if name == "pod-runtime" else 10.0  # it stops every pod first
+        if pid is not None and processes.stop(pid, _binary_of(name), grace) and not quiet:
             _log(f"stopped {name} (pid {pid})")
+    if state.local_nodes:
+        from fireflyer.dev.runtime.network import ClusterNetwork, PodNetwork
+
+        PodNetwork(ClusterNetwork(state.network_index)).teardown()  # in case the runtime died
     if keep_logs:
         for child in state_dir.iterdir():
             if child.name != "logs":

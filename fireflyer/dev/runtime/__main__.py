@@ -1,0 +1,5 @@
+import sys
+
+from fireflyer.dev.runtime.kubelet import main
+
+sys.exit(main())
