@@ -14,7 +14,7 @@ Handler = Callable[[argparse.Namespace], int]
 def _dev_up(args: argparse.Namespace) -> int:
     from fireflyer.dev import cluster
 
-    state = cluster.up(Path(args.state_dir), args.topology, args.port_base)
+    state = cluster.up(Path(args.state_dir), args.topology, args.port_base, args.local_nodes)
     print(f"export KUBECONFIG={state.kubeconfig}")
     return 0
 
@@ -46,6 +46,12 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         default=DEFAULT_PORT_BASE,
         help="first of the loopback ports the components use (API server: base+63)",
+    )
+    up.add_argument(
+        "--local-nodes",
+        type=int,
+        default=0,
+        help="nodes whose pods run for real as processes here, beside the simulated ones (root)",
     )
     up.set_defaults(handler=_dev_up)
     down = dev_sub.add_parser("down", help="stop the processes `dev up` started; remove the state")
@@ -266,6 +272,25 @@ def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     init.set_defaults(handler=_model_init)
 
 
+def _router(args: argparse.Namespace) -> int:
+    from fireflyer.workloads.router.server import run
+
+    return run(args)
+
+
+def _add_router(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from fireflyer.workloads.router.server import add_arguments
+
+    p = sub.add_parser(
+        "router",
+        help="the OpenAI API in front of an InferenceDeployment's units (policies, health, retries)",
+        description="Route OpenAI API requests over the units that `fireflyer serve` runs"
+        " (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_router)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireflyer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifests(sub)
     _add_plan(sub)
     _add_serve(sub)
+    from fireflyer.workloads.train.cli import add_parser as _add_train
+
+    _add_train(sub)
+    _add_router(sub)
     _add_model(sub)
     from fireflyer.eplb.cli import add_parser as _add_eplb
 

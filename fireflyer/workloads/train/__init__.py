@@ -1,0 +1,1 @@
+"""The trainer: `fireflyer train` (see docs/training.md)."""

@@ -1,0 +1,130 @@
+"""One process per node: read the rendezvous environment, start this node's ranks, wait for them.
+
+    MASTER_ADDR, MASTER_PORT   rank 0's host and port (tcp rendezvous)
+    NNODES, NODE_RANK          nodes of the job and this node's index
+    NPROC_PER_NODE             ranks started on this node (one per GPU)
+
+World size = NNODES × NPROC_PER_NODE and RANK = NODE_RANK × NPROC_PER_NODE + local rank. With
+none set: one node of one rank, run in this process. When any local rank fails the others are
+stopped and the process exits non-zero, so the pod fails and the Job restarts the run, which then
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fireflyer.workloads.train.config import TrainConfig, TrainError
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    nnodes: int = 1
+    node_rank: int = 0
+    nproc_per_node: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def rank(self, local_rank: int) -> int:
+        return self.node_rank * self.nproc_per_node + local_rank
+
+    @property
+    def master(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Rendezvous:
+        def number(name: str, default: int, low: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise TrainError(f"{name}={raw!r}: not an integer") from None
+            if value < low:
+                raise TrainError(f"{name}={value}: must be ≥ {low}")
+            return value
+
+        nnodes = number("NNODES", 1, 1)
+        node_rank = number("NODE_RANK", 0, 0)
+        if node_rank >= nnodes:
+            raise TrainError(f"NODE_RANK={node_rank} is not below NNODES={nnodes}")
+        addr = env.get("MASTER_ADDR", "").strip()
+        if nnodes > 1 and not addr:
+            raise TrainError(f"NNODES={nnodes}: set MASTER_ADDR to rank 0's host")
+        return cls(
+            master_addr=addr or "127.0.0.1",
+            master_port=number("MASTER_PORT", 29500, 1),
+            nnodes=nnodes,
+            node_rank=node_rank,
+            nproc_per_node=number("NPROC_PER_NODE", 1, 1),
+        )
+
+
+def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> None:
+    """One rank: join the group, serve status (rank 0), train, leave the group."""
+    import torch
+
+    from fireflyer.workloads.train import parallel
+    from fireflyer.workloads.train.status import Status, StatusServer
+    from fireflyer.workloads.train.trainer import Trainer
+
+    device = parallel.pick_device(config.device, local_rank)
+    if device.type == "cpu" and rdv.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # The node's cores are shared by its ranks; more threads than cores slows every rank.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.nproc_per_node))
+    rank = parallel.init(rdv.rank(local_rank), rdv.world, local_rank, device, rdv.master)
+    status = Status()
+    server = None
+    try:
+        if rank.is_leader and config.status_port:
+            server = StatusServer(status, config.status_host, config.status_port)
+        Trainer(config, rank, status).run()
+    finally:
+        if server is not None:
+            server.close()
+        parallel.close(rank)
+
+
+def _spawned(local_rank: int, config: TrainConfig, rdv: Rendezvous) -> None:
+    """A local rank's process: user errors end as one line and exit code 2, like the CLI's."""
+    from fireflyer.errors import user_errors
+
+    try:
+        run_rank(config, rdv, local_rank)
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        print(f"fireflyer: error: rank {rdv.rank(local_rank)}: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
+    """Run this node's ranks; → the exit status (non-zero when any rank failed)."""
+    rdv = Rendezvous.from_env(os.environ if env is None else env)
+    if rdv.nproc_per_node == 1:
+        run_rank(config, rdv, 0)
+        return 0
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_spawned, args=(config, rdv), nprocs=rdv.nproc_per_node, join=True)
+    except mp.ProcessExitedException as failed:
+        # The rank reported its own error; the others were stopped by spawn.
+        print(
+            f"fireflyer: error: rank {rdv.rank(failed.error_index)} exited with code {failed.exit_code}",
+            file=sys.stderr,
+        )
+        return failed.exit_code if failed.exit_code and failed.exit_code > 0 else 1
+    except mp.ProcessRaisedException as failed:
+        print(f"fireflyer: error: rank {rdv.rank(failed.error_index)} failed:\n{failed}", file=sys.stderr)
+        return 1
+    return 0
