@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from fireflyer.operator import cache, events, kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.inference.plan import Desired, Observed, plan
+from fireflyer.operator.locks import PLACEMENT
 from fireflyer.operator.metrics import timed
 
 KIND = "InferenceDeployment"
@@ -28,7 +28,7 @@ PLURAL = "inferencedeployments"
 CHILD_KINDS = ("StatefulSet", "Service", "Deployment", "ConfigMap")
 RESYNC_SECONDS = 20.0
 
-_placement_lock = threading.RLock()
+_placement_lock = PLACEMENT  # shared with the training controller
 log = logging.getLogger(__name__)
 
 
@@ -176,6 +176,8 @@ def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str
 @kopf.on.event("pods", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+# The router Deployment: its availability is part of Ready and lags its pods' readiness.
+@kopf.on.event("apps", "v1", "deployments", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
     """A child changed (pod failed, service deleted, …): reconcile its deployment soon."""
     deployment = (body.get("metadata", {}).get("labels") or {}).get(L.DEPLOYMENT)

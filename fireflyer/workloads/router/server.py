@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per health check of every unit would drown the log; requests are logged by uvicorn.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     import uvicorn
 
     from fireflyer.workloads.router.app import create_app
