@@ -35,6 +35,13 @@ LOAD_COLLECTED = "LoadCollected"
 LOAD_UNAVAILABLE = "LoadUnavailable"
 REBALANCE_APPLIED = "RebalanceApplied"
 REBALANCE_SKIPPED = "RebalanceSkipped"
+JOB_RUNNING = "JobRunning"
+JOB_SUCCEEDED = "JobSucceeded"
+JOB_RESTARTED = "JobRestarted"
+JOB_RECREATED = "JobRecreated"
+JOB_FAILED = "JobFailed"
+PODS_STARTING = "PodsStarting"
+MAX_RESTARTS_EXCEEDED = "MaxRestartsExceeded"
 
 
 def condition(type_: str, status: bool | str, reason: str, message: str = "") -> dict[str, Any]:

@@ -53,6 +53,9 @@ class TrainingParallelism(ApiModel):
 
 
 class TrainingModel(ApiModel):
+    source: str | None = Field(default=None, min_length=1, max_length=2048)
+    """Hugging Face checkpoint directory the trainer starts from (config.json, tokenizer and
+    safetensors weights), usually on a 3FS mount: --model."""
     architecture: Architecture = defaulted(Architecture)
     """The model's shape."""
 
@@ -75,7 +78,9 @@ class Restart(ApiModel):
     max_restarts: int = Field(default=3, ge=0, le=1000)
     """Whole-job restarts after a failure before the job is marked Failed."""
     resume: Literal["latest", "none"] = "latest"
-    """Resume from the latest complete checkpoint on restart."""
+    """latest: a restarted job continues from the newest complete checkpoint in checkpoint.path.
+    The trainer finds it by itself; the operator starts every attempt with the same
+    arguments."""
 
 
 class TrainingJobSpec(ApiModel):
@@ -102,15 +107,38 @@ class TrainingJobSpec(ApiModel):
                 "restart.resume latest needs checkpoint.path",
                 ".checkpoint",
             ),
+            cel(
+                "(has(self.command) && size(self.command) > 0) || "
+                "(has(self.model.source) && has(self.dataset))",
+                "the default command (fireflyer train) needs model.source and dataset.path",
+                ".model.source",
+            ),
+            cel(
+                "!has(self.microBatches) || self.microBatches >= self.parallelism.pipeline",
+                "microBatches must be at least parallelism.pipeline (one per stage in flight)",
+                ".microBatches",
+            ),
+            cel(
+                "!has(self.microBatches) || self.parallelism.schedule != 'dualpipe' || "
+                "self.microBatches >= 2 * self.parallelism.pipeline",
+                "schedule dualpipe needs microBatches of at least 2 × parallelism.pipeline",
+                ".microBatches",
+            ),
         )
     )
 
     image: str = Field(min_length=1, max_length=1024)
     """Workload image (torch and the fireflyer trainer)."""
     command: list[str] = Field(default_factory=list, max_length=64)
-    """Entrypoint override (default: fireflyer-train)."""
+    """Entrypoint override (default: fireflyer train). It receives the rendered trainer
+    arguments."""
     args: list[str] = Field(default_factory=list, max_length=256)
-    """Arguments to the command."""
+    """Extra arguments appended after the ones rendered from the spec."""
+    steps: int = Field(default=1000, ge=1, le=1_000_000_000)
+    """Optimizer steps to train for (--steps); a resumed run continues up to the same step."""
+    micro_batches: int | None = Field(default=None, ge=1, le=65536)
+    """Micro-batches per step and pipeline (--micro-batches); default 2 × parallelism.pipeline
+    with a pipeline, else 1."""
     nodes: int = Field(ge=1, le=8192)
     """Nodes in the job (one pod per node)."""
     gpus_per_node: int = Field(default=8, ge=1, le=16)
@@ -129,15 +157,42 @@ class TrainingJobSpec(ApiModel):
     """RDMA-aware placement of the job's nodes."""
     network: Network = defaulted(Network)
     """RDMA and bootstrap networking."""
+    pod_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Labels added to every pod of the job (network policies, cost attribution, queues)."""
+
+    @property
+    def effective_micro_batches(self) -> int:
+        if self.micro_batches is not None:
+            return self.micro_batches
+        return 2 * self.parallelism.pipeline if self.parallelism.pipeline > 1 else 1
+
+
+TrainingPhase = Literal["", "Pending", "Running", "Restarting", "Succeeded", "Failed"]
 
 
 class TrainingJobStatus(StatusBase):
-    phase: str = ""
-    """Pending, Running, Succeeded, Failed."""
-    restarts: int = 0
-    last_checkpoint_step: int | None = None
+    phase: TrainingPhase = ""
+    """Pending (placing, pods starting), Running, Restarting (a whole-job restart is under
+    way), Succeeded (every pod exited 0), Failed (restart.maxRestarts used up)."""
+    restarts: int = Field(default=0, ge=0)
+    """Whole-job restarts so far (a pod failed, a node was lost, or the pods did not bind in
+    time)."""
+    last_failure: str | None = None
+    """Why the job last restarted or failed, e.g. "pod x-1 exited 1" or "node y NotReady"."""
     ready: str = ""
     """Running/desired nodes (printer column)."""
+    nodes: list[str] = Field(default_factory=list)
+    """The nodes the current attempt is placed on."""
+    domain: str | None = None
+    """The fabric domain the current attempt is placed in, level/name."""
+    step: int | None = None
+    """The trainer's current step (from rank 0's /status)."""
+    loss: float | None = None
+    """The trainer's latest training loss (from rank 0's /status)."""
+    last_checkpoint_step: int | None = None
+    """The step of the latest complete checkpoint (from rank 0's /status)."""
+    tokens_per_second: float | None = None
+    """Training throughput of the whole job (from rank 0's /status)."""
 
 
 class TrainingJob(ApiModel):

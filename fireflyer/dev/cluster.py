@@ -270,7 +270,9 @@ def up(
     bin_dir = build.ensure_binaries()
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
-    state = State(str(state_dir), topo.name, str(bin_dir), ports, started_at=time.time(), local_nodes=local_nodes)
+    state = State(
+        str(state_dir), topo.name, str(bin_dir), ports, started_at=time.time(), local_nodes=local_nodes
+    )
     pki_dir = state_dir / "pki"
     pki.generate(pki_dir)
     server = f"https://127.0.0.1:{ports.apiserver}"

@@ -4,9 +4,11 @@ table of the resources until they settle."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,35 @@ def start_admin_runner(state: cluster.State) -> int:
     return proc.pid
 
 
+TINY_MODEL = Path("/var/tmp/fireflyer/models/tiny")
+CPU_INFERENCE = "tiny-cpu"
+LOCAL_NODES = 4
+
+
+def ensure_tiny_model(path: Path = TINY_MODEL) -> Path:
+    """The CPU samples' model, written once by `fireflyer model init` (random weights)."""
+    if not (path / "config.json").exists():
+        subprocess.run(
+            [sys.executable, "-m", "fireflyer.cli", "model", "init", "--preset", "tiny", "--out", str(path)],
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+def _detail(item: dict[str, Any], ready: dict[str, Any], others: str) -> str:
+    status: dict[str, Any] = item.get("status") or {}
+    if item["kind"] == "InferenceDeployment" and status:
+        balance = status.get("balancedness")
+        extra = f" balancedness {balance:.2f}" if isinstance(balance, int | float) else ""
+        return f"prefill {status.get('prefillReady', '-')} decode {status.get('decodeReady', '-')}{extra}"
+    if item["kind"] == "TrainingJob" and status.get("step") is not None:
+        loss = status.get("loss")
+        shown = f"{loss:.3f}" if isinstance(loss, int | float) else "-"
+        return f"step {status['step']} loss {shown} restarts {status.get('restarts', 0)}"
+    return str(ready.get("message") or others or "accepted (no status yet)")
+
+
 def _rows(kubeconfig: Path) -> list[tuple[str, str, str, str]]:
     listing = json.loads(_kubectl(kubeconfig, "get", "fireflyer", "-A", "-o", "json"))
     rows = []
@@ -88,51 +119,110 @@ def _rows(kubeconfig: Path) -> list[tuple[str, str, str, str]]:
         conditions = {c["type"]: c for c in status.get("conditions", [])}
         ready = conditions.get("Ready", {})
         others = " ".join(f"{t}={c['status']}" for t, c in sorted(conditions.items()) if t != "Ready")
-        detail = ready.get("message") or others or "accepted (no status yet)"
         rows.append(
             (
                 f"{item['kind']}/{item['metadata']['name']}",
                 ready.get("status", "-"),
                 ready.get("reason", ""),
-                detail[:90],
+                _detail(item, ready, others)[:90],
             )
         )
     return sorted(rows)
 
 
-def _print_table(rows: list[tuple[str, str, str, str]], elapsed: float) -> None:
+def _print_table(rows: list[tuple[str, str, str, str]], elapsed: float, notes: list[str]) -> None:
     if sys.stdout.isatty():
         print("\033[2J\033[H", end="")
     print(f"fireflyer demo — {elapsed:5.1f}s")
     print(f"{'RESOURCE':48} {'READY':6} {'REASON':22} DETAIL")
     for name, ready, reason, detail in rows:
         print(f"{name:48} {ready:6} {reason:22} {detail}")
+    for line in notes:
+        print(line)
     print(flush=True)
 
 
+def router_url(kubeconfig: Path, name: str = CPU_INFERENCE, namespace: str = "default") -> str | None:
+    """The router's address once the deployment is Ready and its load balancer has one."""
+    try:
+        item = json.loads(_kubectl(kubeconfig, "get", "infd", name, "-n", namespace, "-o", "json"))
+    except cluster.ClusterError:
+        return None
+    status = item.get("status") or {}
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+    url = (status.get("endpoints") or {}).get("router", "")
+    return url if ready and "://127." in url else None
+
+
+def chat(url: str, prompt: str, model: str = "fireflyer-tiny", max_tokens: int = 24) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    return str(answer["choices"][0]["message"]["content"])
+
+
+def _sample_files(local: bool) -> list[Path]:
+    """Every small sample; the CPU ones only when local nodes can run them."""
+    return sorted(p for p in SAMPLES.glob("*.yaml") if local or "cpu" not in p.name)
+
+
 def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 8.0) -> int:
-    state = cluster.up(state_dir, topology)
+    started = time.monotonic()
+    local = os.geteuid() == 0
+    notes: list[str] = []
+    if not local:
+        notes.append(
+            "not root: no local nodes, so the CPU samples (real engine, router, trainer) are skipped"
+        )
+    else:
+        ensure_tiny_model()
+    state = cluster.up(state_dir, topology, local_nodes=LOCAL_NODES if local else 0)
     kubeconfig = state.kubeconfig
     install_crds(kubeconfig)
     start_operator(state)
     start_admin_runner(state)
-    _kubectl(kubeconfig, "apply", "--server-side", "-n", "default", "-f", str(SAMPLES))
-    started = time.monotonic()
+    for sample in _sample_files(local):
+        _kubectl(kubeconfig, "apply", "--server-side", "-n", "default", "-f", str(sample))
+    answered = not local
     last: list[tuple[str, str, str, str]] = []
     stable_since = time.monotonic()
     while time.monotonic() - started < timeout:
+        if not answered:
+            url = router_url(kubeconfig)
+            if url is not None:
+                prompt = "Hello! Who are you?"
+                reply = chat(url, prompt)
+                notes += [
+                    f"first completion after {time.monotonic() - started:.1f}s through {url} "
+                    "(random weights: the words are noise, the path is real):",
+                    f"  user: {prompt}",
+                    f"  fireflyer-tiny: {reply!r}",
+                    f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+                    '         -d \'{"model": "fireflyer-tiny", "messages": '
+                    '[{"role": "user", "content": "Hi"}]}\'',
+                ]
+                answered, last = True, []
         rows = _rows(kubeconfig)
         if rows != last:
-            _print_table(rows, time.monotonic() - started)
+            _print_table(rows, time.monotonic() - started, notes)
             last, stable_since = rows, time.monotonic()
         all_ready = rows and all(r[1] == "True" or r[0].startswith("ExpertPlacement/") for r in rows)
         # A file system still bootstrapping keeps moving through admin steps: keep watching it.
         bootstrapping = any(r[2] == "Bootstrapping" for r in rows)
-        if all_ready or (time.monotonic() - stable_since > settle_seconds and not bootstrapping):
+        settled = time.monotonic() - stable_since > settle_seconds and not bootstrapping
+        if answered and (all_ready or settled):
             break
         time.sleep(1.0)
     print(f"settled after {time.monotonic() - started:.1f}s; the cluster keeps running:")
     print(f"  export KUBECONFIG={kubeconfig}")
     print("  kubectl get fireflyer -A        # the resources")
+    if local:
+        print(f"  kubectl get infd {CPU_INFERENCE} -o jsonpath='{{.status.endpoints.router}}'  # router URL")
+        print("  kubectl logs -l fireflyer.dev/deployment=tiny-cpu --all-containers   # the engines' logs")
     print(f"  fireflyer dev down --state-dir {state_dir}   # stop everything")
     return 0

@@ -98,6 +98,7 @@ class PodWorker:
             while not self._stop.is_set():
                 if self.pod["metadata"].get("deletionTimestamp"):
                     self._terminate(float(self.pod["metadata"].get("deletionGracePeriodSeconds") or 30))
+                    self._release_network()  # gone before the pod object is: nothing outlives it
                     self.ctx.remove(self.namespace, self.name, self.uid)
                     return
                 self._tick()

@@ -9,6 +9,8 @@ from typing import Any
 from fireflyer.api.inference import InferenceDeploymentSpec, Role
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference.engines import SERVE_PORT, UnitContext, image, shell_line
+from fireflyer.operator.network import network_env
+from fireflyer.operator.network import node_hca as node_hca  # re-exported: the plan uses it
 from fireflyer.operator.objects import owner_reference
 
 ROUTER_PORT = 8000
@@ -61,19 +63,8 @@ def _resources(spec: InferenceDeploymentSpec, role: Role) -> dict[str, Any]:
 
 
 def _network_env(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
-    return [
-        {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{L.POD_INDEX}']"}}},
-        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "NCCL_SOCKET_IFNAME", "value": spec.network.socket_ifname},
-        {"name": "GLOO_SOCKET_IFNAME", "value": spec.network.socket_ifname},
-        {"name": "NCCL_IB_GID_INDEX", "value": "3"},
-        {"name": "NCCL_NVLS_ENABLE", "value": "0"},
-        # NVSHMEM over InfiniBand GPUDirect Async: the GPU drives the NIC (DeepEP low-latency).
-        {"name": "NVSHMEM_IB_ENABLE_IBGDA", "value": "1"},
-        {"name": "NVSHMEM_IBGDA_NIC_HANDLER", "value": "gpu"},
-        {"name": "NVSHMEM_DISABLE_P2P", "value": "0"},
-    ]
+    rank = {"fieldRef": {"fieldPath": f"metadata.labels['{L.POD_INDEX}']"}}
+    return [{"name": "RANK", "valueFrom": rank}, *network_env(spec.network)]
 
 
 def _model_volumes(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
@@ -134,9 +125,9 @@ def statefulset(
             {"name": "MASTER_ADDR", "value": ctx.leader_host},
         ],
         "ports": [{"name": "serve", "containerPort": SERVE_PORT}],
+        # Every rank of our engine answers /health once its model is loaded and its
+        # collectives are up, so a unit is Ready only when it can serve.
         **(
-            # Every rank of our engine answers /health once its model is loaded and its
-            # collectives are up, so a unit is Ready only when it can serve.
             {"readinessProbe": {"httpGet": {"path": "/health", "port": "serve"}, "periodSeconds": 2}}
             if spec.engine.kind == "fireflyer"
             else {}
@@ -191,7 +182,11 @@ def statefulset(
                         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
                         *(t.to_wire() for t in spec.placement.tolerations),
                     ],
-                    **({"nodeSelector": dict(spec.placement.node_selector)} if spec.placement.node_selector else {}),
+                    **(
+                        {"nodeSelector": dict(spec.placement.node_selector)}
+                        if spec.placement.node_selector
+                        else {}
+                    ),
                     "containers": [container],
                     "volumes": [
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE[role_name]}},
@@ -327,22 +322,3 @@ def config_map(
         },
         "data": data,
     }
-
-
-def node_hca(node: dict[str, Any], gpus_per_node: int) -> tuple[str, str]:
-    """(HCA list, GPU→HCA rail map) from the node's NIC annotation. On rail-optimised nodes
-    GPU i uses the NIC that serves it, one NIC per GPU."""
-    raw = (node.get("metadata", {}).get("annotations") or {}).get("fireflyer.dev/rdma-nics", "[]")
-    try:
-        nics = json.loads(raw)
-    except json.JSONDecodeError:
-        nics = []
-    names = [n["name"] for n in nics if "name" in n]
-    rails = []
-    for gpu in range(gpus_per_node):
-        owner = next((n["name"] for n in nics if gpu in n.get("gpus", [])), None)
-        if owner is None and names:
-            owner = names[gpu % len(names)]
-        if owner:
-            rails.append(f"{gpu}:{owner}")
-    return ",".join(names), ",".join(rails)

@@ -263,7 +263,15 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     desired_children.extend(children.router(cr, spec, hosts))
 
     status = _status(
-        cr, spec, placement, unit_status, ready_count, observed.router, rolling, recreate, observed.router_service
+        cr,
+        spec,
+        placement,
+        unit_status,
+        ready_count,
+        observed.router,
+        rolling,
+        recreate,
+        observed.router_service,
     )
     requeue = (
         5.0

@@ -1,0 +1,1 @@
+"""The TrainingJob controller: an indexed Job per attempt, whole-job restarts."""

@@ -1,0 +1,274 @@
+"""observe → plan → apply → status for one TrainingJob, its kopf handlers, and the timer that
+reads the trainer's progress from rank 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from fireflyer.api import conditions as C
+from fireflyer.api.base import GROUP, VERSION
+from fireflyer.operator import cache, events, kube
+from fireflyer.operator import labels as L
+from fireflyer.operator.debounce import Debouncer
+from fireflyer.operator.locks import PLACEMENT
+from fireflyer.operator.metrics import timed
+from fireflyer.operator.training import children
+from fireflyer.operator.training.plan import Desired, Observed, finished, plan
+from fireflyer.operator.training.progress import progress_changes, rank0_address
+
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+RESYNC_SECONDS = 20.0
+POLL_SECONDS = 15.0
+POLL_TIMEOUT_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
+
+# Failures seen in pod events, by (namespace, job) → Job uid → cause: a deleted pod is gone by
+# the time a reconcile lists the pods. Keyed by the Job's uid, so that the teardown of one
+# attempt never counts against the next.
+_noted: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+
+
+def observe(
+    cr: dict[str, Any], nodes: list[dict[str, Any]] | None, pods: list[dict[str, Any]] | None
+) -> Observed:
+    name = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    job = kube.get("Job", children.child_name(name), namespace)
+    if job is not None and not any(
+        o.get("uid") == cr["metadata"]["uid"] for o in job["metadata"].get("ownerReferences") or []
+    ):
+        raise kopf.PermanentError(
+            f"Job {namespace}/{job['metadata']['name']} exists and is not this TrainingJob's"
+        )
+    managed = f"{L.MANAGED_BY}={L.MANAGER}"
+    others = []
+    for kind, selector in (
+        ("StatefulSet", f"{L.COMPONENT}=unit,{managed}"),
+        ("Job", f"{L.COMPONENT}={children.COMPONENT},{managed}"),
+    ):
+        for item in kube.list_(kind, None, selector):
+            if kind == "Job" and item["metadata"].get("uid") == (job or {}).get("metadata", {}).get("uid"):
+                continue
+            others.append({**item, "kind": kind})  # list items carry no kind
+    return Observed(
+        nodes=nodes if nodes is not None else kube.list_("Node"),
+        pods=pods if pods is not None else kube.list_("Pod"),
+        job_pods=kube.list_("Pod", namespace, f"{L.TRAINING_JOB}={children.label_value(name)}"),
+        job=job,
+        others=others,
+        now=datetime.now(UTC),
+        noted=_noted.pop((namespace, name), {}),
+    )
+
+
+def apply(cr: dict[str, Any], desired: Desired) -> None:
+    name = cr["metadata"]["name"]
+    namespace = cr["metadata"]["namespace"]
+    generation = cr["metadata"].get("generation", 0)
+    previous = (cr.get("status") or {}).get("conditions", [])
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status = dict(desired.status)
+    status["conditions"] = C.merge(previous, status.get("conditions", []), now, generation)
+    status["observedGeneration"] = generation
+    if desired.persist_first:
+        # The restart is counted before anything is deleted: an operator that dies between the
+        # two finds the old attempt stale (its attempt annotation is behind) and does not count
+        # the same failure again.
+        kube.patch_status(KIND, name, namespace, status)
+    job_name = children.child_name(name)
+    for pod, force in sorted(desired.delete_pods.items()):
+        kube.delete("Pod", pod, namespace, grace_seconds=0 if force else None)
+    if desired.delete_job:
+        kube.delete("Job", job_name, namespace, propagation="Foreground")
+    if desired.suspend_job:
+        kube.patch("Job", job_name, namespace, {"spec": {"suspend": True}})
+    for child in desired.children:
+        try:
+            kube.apply(child)
+        except kube.ApiException as exc:
+            if exc.status != 422:
+                raise
+            # The spec renders into something the API server refuses (a pod label, say).
+            invalid = [C.condition(C.READY, False, C.INVALID_SPEC, f"{child['kind']}: {exc.body}"[:1000])]
+            kube.patch_status(
+                KIND, name, namespace, {"conditions": C.merge(previous, invalid, now, generation)}
+            )
+            raise kopf.PermanentError(
+                f"{child['kind']} {child['metadata']['name']} rejected: {exc.body}"
+            ) from exc
+    for event in desired.events:  # after the changes they announce have been made
+        events.post(cr, event.type, event.reason, event.message)
+    current = cr.get("status") or {}
+    if not desired.persist_first and any(current.get(k) != v for k, v in status.items()):
+        kube.patch_status(KIND, name, namespace, status)
+
+
+@timed(KIND)
+def reconcile(
+    namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None
+) -> Desired | None:
+    """One full pass for one TrainingJob."""
+    # Training and inference place onto the same GPUs: one planner at a time.
+    with PLACEMENT:
+        cr = kube.get(KIND, name, namespace)
+        if cr is None or cr["metadata"].get("deletionTimestamp"):
+            _noted.pop((namespace, name), None)
+            return None  # the children go with it (owner references)
+        try:
+            nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
+            pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
+            observed = Observed([], [], [], None) if finished(cr) else observe(cr, nodes, pods)
+            desired = plan(cr, observed)
+        except ValidationError as exc:  # admission should have caught it; say so, do not retry
+            invalid = [C.condition(C.READY, False, C.INVALID_SPEC, str(exc)[:1000])]
+            kube.patch_status(KIND, name, namespace, {"conditions": invalid})
+            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        apply(cr, desired)
+        return desired
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
+    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, sharp=False)
+def resync(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Drift repair and the deadlines nothing else wakes us for (bind timeout)."""
+    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+
+
+_debounce = Debouncer(window=1.0)
+
+
+def _kick(namespace: str, job: str, urgent: bool, kwargs: dict[str, Any]) -> None:
+    def run() -> None:
+        try:
+            reconcile(namespace, job, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+        except kube.ApiException as exc:
+            if exc.status == 403 and "being terminated" in str(exc.body):
+                log.debug("namespace %s is being deleted; %s goes with it", namespace, job)
+                return
+            log.warning("reconcile of training job %s/%s after a child event failed: %s", namespace, job, exc)
+        except kopf.PermanentError as exc:
+            log.warning("reconcile of training job %s/%s after a child event failed: %s", namespace, job, exc)
+
+    _debounce.request((namespace, job), run, urgent=urgent)
+
+
+def _owner(body: Any) -> str | None:
+    """The TrainingJob that owns a child (the label may be a shortened name)."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND:
+            return str(ref.get("name"))
+    return None
+
+
+@kopf.on.event("pods", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+def on_pod_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
+    """A pod of a job started, failed or went away: reconcile its job soon (at once on failure)."""
+    if type is None or namespace is None:
+        return
+    meta = body.get("metadata", {})
+    job_uid = next((o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
+    job = (meta.get("labels") or {}).get(L.TRAINING_JOB)
+    if not job:
+        return
+    phase = body.get("status", {}).get("phase")
+    if type == "DELETED" and phase not in ("Succeeded", "Failed") and job_uid:
+        _noted[(namespace, job)].setdefault(str(job_uid), f"pod {meta.get('name')} was deleted")
+    if type == "DELETED" or phase in ("Failed", "Running", "Succeeded") or meta.get("deletionTimestamp"):
+        _kick(namespace, job, phase == "Failed" or type == "DELETED", kwargs)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+@kopf.on.event("services", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
+def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
+    """The Job finished, failed or went away (the end of a teardown), or the Service was deleted."""
+    job = _owner(body)
+    if type is None or namespace is None or not job:
+        return
+    conditions = body.get("status", {}).get("conditions") or []
+    finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+    if type == "DELETED" or finished:
+        _kick(namespace, job, True, kwargs)
+
+
+def _node_unusable(body: Any) -> bool:
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (body.get("status", {}) or {}).get("conditions", []) or []
+    )
+    return not ready
+
+
+@kopf.on.event("nodes")
+def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
+    """A node went NotReady or away: restart the jobs with a rank on it now, before the taint
+    manager evicts the ranks one by one."""
+    if type is None or not (type == "DELETED" or _node_unusable(body)):
+        return
+    pods = kwargs.get("cluster_pods")
+    owners = {
+        (p["metadata"]["namespace"], p["metadata"]["labels"][L.TRAINING_JOB])
+        for p in (cache.snapshot(pods) if pods is not None else kube.list_("Pod"))
+        if p["spec"].get("nodeName") == name
+        and (p["metadata"].get("labels") or {}).get(L.COMPONENT) == children.COMPONENT
+        and L.TRAINING_JOB in (p["metadata"].get("labels") or {})
+        and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+    }
+    for namespace, job in sorted(owners):
+        _kick(namespace, job, True, kwargs)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def fetch_progress(
+    address: str, port: int = children.STATUS_PORT, timeout: float = POLL_TIMEOUT_SECONDS
+) -> dict[str, Any] | None:
+    """GET http://<address>:29600/status; None when the trainer does not answer (yet)."""
+    url = f"http://{address}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = json.loads(response.read(65536))
+    except (OSError, ValueError) as exc:
+        log.debug("no progress from %s: %s", url, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=POLL_SECONDS, sharp=False)
+def poll_progress(namespace: str | None, name: str, status: Any, **_: Any) -> None:
+    """Step, loss and the last checkpoint from rank 0, while the job runs. Failures are
+    tolerated: a trainer still loading, or a pod the operator cannot reach, leaves the last
+    values in place."""
+    if (status or {}).get("phase") not in ("Running", "Restarting"):
+        return
+    namespace = namespace or "default"
+    pods = kube.list_(
+        "Pod",
+        namespace,
+        f"{L.TRAINING_JOB}={children.label_value(name)},{L.ATTEMPT}={(status or {}).get('restarts', 0)}",
+    )
+    address = rank0_address(pods)
+    if address is None:
+        return
+    polled = fetch_progress(address)
+    if polled is None:
+        return
+    changes = progress_changes(dict(status or {}), polled)
+    if changes:
+        kube.patch_status(KIND, name, namespace, changes)
