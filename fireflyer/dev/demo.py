@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -98,6 +99,28 @@ def ensure_tiny_model(path: Path = TINY_MODEL) -> Path:
     return path
 
 
+DEMO_DATA = Path("/var/tmp/fireflyer/data/docs")
+DEMO_CHECKPOINTS = Path("/var/tmp/fireflyer/checkpoints")
+
+
+def ensure_docs_dataset(model: Path = TINY_MODEL, out: Path = DEMO_DATA) -> Path:
+    """The CPU training sample's data: this repository's documentation, tokenized with the tiny
+    model's tokenizer into the trainer's shard format (written once)."""
+    if (out / "index.json").exists():
+        return out
+    from tokenizers import Tokenizer
+
+    from fireflyer.workloads.train.data import write_shards
+
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    texts = [
+        p.read_text()
+        for p in sorted([build.REPO_ROOT / "README.md", *(build.REPO_ROOT / "docs").glob("*.md")])
+    ]
+    eos = json.loads((model / "config.json").read_text()).get("eos_token_id")
+    return write_shards((e.ids for e in tokenizer.encode_batch(texts)), out, eos_id=eos)
+
+
 def _detail(item: dict[str, Any], ready: dict[str, Any], others: str) -> str:
     status: dict[str, Any] = item.get("status") or {}
     if item["kind"] == "InferenceDeployment" and status:
@@ -180,7 +203,9 @@ def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 
             "not root: no local nodes, so the CPU samples (real engine, router, trainer) are skipped"
         )
     else:
-        ensure_tiny_model()
+        ensure_docs_dataset(ensure_tiny_model())
+        # A fresh run each time: the job would otherwise resume its finished last run.
+        shutil.rmtree(DEMO_CHECKPOINTS / "tiny-train-cpu", ignore_errors=True)
     state = cluster.up(state_dir, topology, local_nodes=LOCAL_NODES if local else 0)
     kubeconfig = state.kubeconfig
     install_crds(kubeconfig)

@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    eng.add_argument("--cpu-threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)")
     eng.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float32"),
@@ -121,6 +122,8 @@ def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FireflyerError(f"--device {args.device}: no CUDA device is available")
     on_gpu = device.type == "cuda"
+    if not on_gpu and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     log = logging.getLogger("fireflyer.serve")
     log.info("loading %s on %s", model_dir, device)

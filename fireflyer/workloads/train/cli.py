@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="auto", help="compute (auto: bf16 on CUDA, fp32 on CPU)"
     )
     run.add_argument("--device", choices=DEVICES, default="auto")
+    run.add_argument(
+        "--cpu-threads", type=int, default=0, help="intra-op threads per rank on CPU (0: cores ÷ local ranks)"
+    )
 
     opt = parser.add_argument_group("optimizer")
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")

@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    cpu_threads: int = 0
     bias_update_speed: float = 0.001
     seq_aux_alpha: float = 1e-4
     checkpoint_dir: Path | None = None
@@ -75,6 +76,7 @@ class TrainConfig:
             seed=args.seed,
             dtype=args.dtype,
             device=args.device,
+            cpu_threads=args.cpu_threads,
             bias_update_speed=args.bias_update_speed,
             seq_aux_alpha=args.seq_aux_alpha,
             checkpoint_dir=path(args.checkpoint_dir),

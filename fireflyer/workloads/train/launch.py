@@ -78,7 +78,9 @@ def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> None:
     from fireflyer.workloads.train.trainer import Trainer
 
     device = parallel.pick_device(config.device, local_rank)
-    if device.type == "cpu" and rdv.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if device.type == "cpu" and config.cpu_threads > 0:
+        torch.set_num_threads(config.cpu_threads)
+    elif device.type == "cpu" and rdv.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         # The node's cores are shared by its ranks; more threads than cores slows every rank.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.nproc_per_node))
     rank = parallel.init(rdv.rank(local_rank), rdv.world, local_rank, device, rdv.master)

@@ -1,0 +1,105 @@
+"""The CPU training sample on the local nodes: two real trainer processes (gloo over the pod
+network) checkpoint, one is killed, the operator restarts the whole job, and the new attempt
+resumes from the checkpoint and finishes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fireflyer.dev import demo
+from tests.conftest import Operator
+from tests.e2e.conftest import needs_root
+from tests.kube import Kube, wait_for
+
+pytestmark = [pytest.mark.integration, needs_root]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = yaml.safe_load((REPO_ROOT / "manifests/samples/small/training-cpu.yaml").read_text())
+NAME = SAMPLE["metadata"]["name"]
+
+
+def _job(kube: Kube) -> dict[str, Any]:
+    return kube.get("trainingjob", NAME)  # type: ignore[no-any-return]
+
+
+def _pods(kube: Kube) -> list[dict[str, Any]]:
+    return kube.get("pods")["items"]  # type: ignore[no-any-return]
+
+
+def _checkpoints(directory: Path) -> list[int]:
+    return sorted(
+        int(p.name.split("-")[1]) for p in directory.glob("step-*") if (p / "manifest.json").exists()
+    )
+
+
+def _kill_pod_processes(uid: str) -> int:
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    space = next(n for n in names if n.endswith(uid[:12]))
+    pids = subprocess.run(["ip", "netns", "pids", space], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    return len(pids)
+
+
+@pytest.fixture
+def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Kube:
+    demo.ensure_docs_dataset(Path(tiny_model))
+    name = f"train-cpu-{uuid.uuid4().hex[:5]}"
+    local_cluster.run("create", "namespace", name, namespaced=False)
+    kube = local_cluster.with_namespace(name)
+    wait_for("the default ServiceAccount", lambda: kube.exists("serviceaccount", "default"))
+    return kube
+
+
+def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(ns: Kube, tmp_path: Path) -> None:
+    doc = copy.deepcopy(SAMPLE)
+    checkpoints = tmp_path / "checkpoints"
+    doc["spec"]["steps"] = 60
+    doc["spec"]["checkpoint"] = {"path": str(checkpoints), "intervalSteps": 10, "keep": 2}
+    ns.apply(doc)
+    wait_for("the first checkpoint", lambda: _checkpoints(checkpoints), timeout=180)
+    first = _pods(ns)
+    victim = next(
+        p for p in first if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "1"
+    )
+    assert _kill_pod_processes(victim["metadata"]["uid"]) > 0
+    restarted = wait_for(
+        "restarts = 1", lambda: (_job(ns).get("status") or {}).get("restarts") == 1, timeout=90
+    )
+    assert restarted
+    events = ns.run("get", "events", "--field-selector", f"involvedObject.name={NAME}", "-o", "name").stdout
+    assert events.strip(), "the restart is announced in an Event"
+
+    def leader_log() -> str:
+        pods = [p for p in _pods(ns) if p["metadata"]["uid"] not in {q["metadata"]["uid"] for q in first}]
+        leader = [
+            p for p in pods if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0"
+        ]
+        if not leader:
+            return ""
+        result = ns.run("logs", leader[0]["metadata"]["name"], check=False)
+        resumed_and_stepping = "resumed from the checkpoint of step" in result.stdout and any(
+            line.startswith("step ") for line in result.stdout.splitlines()
+        )
+        return result.stdout if resumed_and_stepping else ""
+
+    log = wait_for("the new attempt to resume", leader_log, timeout=120)
+    resumed = int(log.split("resumed from the checkpoint of step ")[1].split()[0])
+    assert resumed >= 10 and resumed % 10 == 0
+    first_step = next(line for line in log.splitlines() if line.startswith("step "))
+    assert int(first_step.split()[1]) == resumed + 1, "training continues after the checkpoint, not from 0"
+    done = wait_for(
+        "Succeeded",
+        lambda: (s := _job(ns).get("status") or {}).get("phase") == "Succeeded" and s,
+        timeout=240,
+    )
+    assert done["restarts"] == 1
+    assert _checkpoints(checkpoints)[-1] == 60
