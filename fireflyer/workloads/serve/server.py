@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    eng.add_argument("--cpu-threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)")
+    eng.add_argument(
+        "--cpu-threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)"
+    )
     eng.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float32"),

@@ -54,7 +54,9 @@ class Trainer:
             position, meta = state.resume(config.checkpoint_dir, rank, self.model, self.optimizer, self.named)
             self._warn_changed(meta)
             if position.step and rank.is_leader:
-                log.warning("resumed from the checkpoint of step %d in %s", position.step, config.checkpoint_dir)
+                log.warning(
+                    "resumed from the checkpoint of step %d in %s", position.step, config.checkpoint_dir
+                )
         self.position = position
         global_batch = config.micro_batch_size * config.micro_batches * rank.world
         self.loader = Loader(
