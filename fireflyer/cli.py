@@ -136,7 +136,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="local cluster + operator + small samples, with a live table")
     p.add_argument("--topology", default="small")
     p.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
-    p.add_argument("--timeout", type=float, default=180.0, help="stop watching after this many seconds")
+    p.add_argument("--timeout", type=float, default=300.0, help="stop watching after this many seconds")
     p.set_defaults(handler=_demo)
 
 

@@ -24,7 +24,7 @@ STAGES_FILE = build.REPO_ROOT / "hack" / "kwok" / "stages.yaml"
 NOT_READY_TOLERATION_SECONDS = 15
 START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # Processes started beside the control plane (the demo's operator) are stopped first.
-EXTRA_PROCESSES = ("fireflyer", "admin-runner", "pod-runtime")
+EXTRA_PROCESSES = ("fireflyer", "pod-runtime")
 
 
 class ClusterError(RuntimeError):
@@ -65,6 +65,8 @@ class State:
     started_at: float = 0.0
     local_nodes: int = 0
     """Nodes whose pods run as processes on this machine (fireflyer.dev.runtime)."""
+    play_threefs: bool = False
+    """The runtime also plays the 3FS admin Jobs of the simulated nodes (a simulated 3FS)."""
 
     @property
     def network_index(self) -> int:
@@ -244,9 +246,14 @@ def _running_state(state_dir: Path) -> State | None:
 
 
 def up(
-    state_dir: Path, topology_name: str, port_base: int = DEFAULT_PORT_BASE, local_nodes: int = 0
+    state_dir: Path,
+    topology_name: str,
+    port_base: int = DEFAULT_PORT_BASE,
+    local_nodes: int = 0,
+    play_threefs: bool = False,
 ) -> State:
-    """local_nodes: nodes whose pods really run here, beside the simulated topology (needs root)."""
+    """local_nodes: nodes whose pods really run here, beside the simulated topology (needs root).
+    play_threefs: the pod runtime also plays 3FS admin Jobs against a simulated 3FS."""
     state_dir = state_dir.resolve()
     topo = topology.load(topology_name)  # validate before touching anything
     if local_nodes:
@@ -271,7 +278,13 @@ def up(
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
     state = State(
-        str(state_dir), topo.name, str(bin_dir), ports, started_at=time.time(), local_nodes=local_nodes
+        str(state_dir),
+        topo.name,
+        str(bin_dir),
+        ports,
+        started_at=time.time(),
+        local_nodes=local_nodes,
+        play_threefs=play_threefs,
     )
     pki_dir = state_dir / "pki"
     pki.generate(pki_dir)
@@ -315,8 +328,9 @@ def up(
             state,
             "kwok",
         )
-        if local_nodes:
+        if local_nodes or play_threefs:
             _start_runtime(state)
+        if local_nodes:
             _wait(
                 f"{local_nodes} local nodes to be Ready",
                 lambda: _ready_nodes(state) >= topo.node_count + local_nodes,
@@ -351,6 +365,7 @@ def _start_runtime(state: State) -> None:
         "--state-dir", str(Path(state.state_dir) / "runtime"),
         "--nodes", str(state.local_nodes),
         "--network-index", str(state.network_index),
+        *(["--threefs-state-dir", str(Path(state.state_dir) / "threefs-sim")] if state.play_threefs else []),
     ]  # fmt: skip
     state.pids["pod-runtime"] = processes.start(Path(sys.executable), args, log)
     state.save()

@@ -55,36 +55,9 @@ def start_operator(state: cluster.State) -> int:
     return proc.pid
 
 
-def start_admin_runner(state: cluster.State) -> int:
-    """The dev cluster's stand-in for 3FS admin Job containers (fireflyer.dev.admin_runner)."""
-    existing = state.pids.get("admin-runner")
-    if existing and processes.is_ours(existing, Path(sys.executable).resolve().name):
-        return existing
-    log = Path(state.state_dir) / "logs" / "admin-runner.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fireflyer.dev.admin_runner",
-                "--kubeconfig",
-                str(state.kubeconfig),
-                "--state-dir",
-                str(Path(state.state_dir) / "threefs-sim"),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    state.pids["admin-runner"] = proc.pid
-    state.save()
-    return proc.pid
-
-
 TINY_MODEL = Path("/var/tmp/fireflyer/models/tiny")
 CPU_INFERENCE = "tiny-cpu"
+CPU_TRAINING = "tiny-train-cpu"
 LOCAL_NODES = 4
 
 
@@ -205,12 +178,11 @@ def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 
     else:
         ensure_docs_dataset(ensure_tiny_model())
         # A fresh run each time: the job would otherwise resume its finished last run.
-        shutil.rmtree(DEMO_CHECKPOINTS / "tiny-train-cpu", ignore_errors=True)
-    state = cluster.up(state_dir, topology, local_nodes=LOCAL_NODES if local else 0)
+        shutil.rmtree(DEMO_CHECKPOINTS / CPU_TRAINING, ignore_errors=True)
+    state = cluster.up(state_dir, topology, local_nodes=LOCAL_NODES if local else 0, play_threefs=True)
     kubeconfig = state.kubeconfig
     install_crds(kubeconfig)
     start_operator(state)
-    start_admin_runner(state)
     for sample in _sample_files(local):
         _kubectl(kubeconfig, "apply", "--server-side", "-n", "default", "-f", str(sample))
     answered = not local
@@ -240,10 +212,21 @@ def run(state_dir: Path, topology: str, timeout: float, settle_seconds: float = 
         # A file system still bootstrapping keeps moving through admin steps: keep watching it.
         bootstrapping = any(r[2] == "Bootstrapping" for r in rows)
         settled = time.monotonic() - stable_since > settle_seconds and not bootstrapping
-        if answered and (all_ready or settled):
+        # The CPU training job is watched to its end: its step and loss are the show.
+        training = not local or any(
+            r[0] == f"TrainingJob/{CPU_TRAINING}"
+            and r[2] in ("JobSucceeded", "JobFailed", "MaxRestartsExceeded")
+            for r in rows
+        )
+        if answered and training and (all_ready or settled):
             break
         time.sleep(1.0)
-    print(f"settled after {time.monotonic() - started:.1f}s; the cluster keeps running:")
+    if time.monotonic() - started >= timeout:
+        print(
+            f"still moving after {timeout:.0f}s (raise --timeout to watch longer); the cluster keeps running:"
+        )
+    else:
+        print(f"settled after {time.monotonic() - started:.1f}s; the cluster keeps running:")
     print(f"  export KUBECONFIG={kubeconfig}")
     print("  kubectl get fireflyer -A        # the resources")
     if local:

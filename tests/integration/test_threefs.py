@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from fireflyer.dev import faults
-from fireflyer.dev.admin_runner import AdminRunner
+from fireflyer.dev.runtime.threefs_admin import AdminRunner
 from tests.conftest import Operator
 from tests.kube import Kube, condition, wait_for
 

@@ -234,22 +234,40 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import signal
 
+    from fireflyer.dev.runtime.threefs_admin import AdminRunner
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--nodes", type=int, default=0, help="local nodes whose pods run here (root)")
     parser.add_argument("--slots", type=int, default=2, help="workload ranks per node (nvidia.com/gpu)")
-    parser.add_argument("--network-index", type=int, required=True)
+    parser.add_argument("--network-index", type=int, default=0)
     parser.add_argument("--kubelet-port", type=int, default=0)
+    parser.add_argument(
+        "--threefs-state-dir", type=Path, help="also play the 3FS admin Jobs of the simulated nodes"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    kubelet = Kubelet(
-        args.kubeconfig, args.state_dir, args.nodes, args.network_index, args.slots, args.kubelet_port
-    )
-    signal.signal(signal.SIGTERM, lambda *_: kubelet._stop.set())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    admin = AdminRunner(args.kubeconfig, args.threefs_state_dir) if args.threefs_state_dir else None
+    if admin is not None:
+        admin.start()
+    kubelet = None
+    if args.nodes:
+        kubelet = Kubelet(
+            args.kubeconfig, args.state_dir, args.nodes, args.network_index, args.slots, args.kubelet_port
+        )
+        kubelet._stop = stop
     try:
-        kubelet.run()
+        if kubelet is not None:
+            kubelet.run()
+        else:
+            stop.wait()
     finally:
-        kubelet.stop()
-        log.info("local runtime stopped; no pod process is left (pid %d)", os.getpid())
+        if admin is not None:
+            admin.stop()
+        if kubelet is not None:
+            kubelet.stop()
+            log.info("local runtime stopped; no pod process is left (pid %d)", os.getpid())
     return 0

@@ -1,19 +1,20 @@
-"""The dev cluster's stand-in for what a kubelet and 3FS would do with 3FS admin Jobs.
+"""The pod runtime's part for the simulated nodes: what a kubelet and 3FS would do with 3FS
+admin Jobs.
 
-kwok runs no containers, so on the dev cluster this process plays the part of the admin Job's
-container: for every Running pod labelled fireflyer.dev/admin-step it materialises the pod's
-ConfigMap volumes, runs the step's commands through the admin_cli contract double
-(tests/doubles/admin_cli.py, a simulated 3FS with its state in a file per ThreeFSCluster), writes
-the result Secret exactly as the Job's script does, and ends the pod with the exit code. It also
-plays the storage services' heartbeats: a storage pod that runs on a Ready node is an alive 3FS
-storage node (its node id read from the pod's app TOML), one on a NotReady node is dead.
+kwok runs no containers and 3FS's binaries do not run here, so for the pods of 3FS admin Jobs on
+the simulated nodes the runtime plays the container: for every Running pod labelled
+fireflyer.dev/admin-step it materialises the pod's ConfigMap volumes, runs the step's commands
+through the admin_cli contract double (tests/doubles/admin_cli.py, a simulated 3FS with its state
+in a file per ThreeFSCluster), writes the result Secret exactly as the Job's script does, and ends
+the pod with the exit code. It also plays the storage services' heartbeats: a storage pod that
+runs on a Ready node is an alive 3FS storage node (its node id read from the pod's app TOML), one
+on a NotReady node is dead.
 
-Run: python -m fireflyer.dev.admin_runner --kubeconfig K --state-dir D
+It runs inside the pod runtime process (`python -m fireflyer.dev.runtime --threefs-state-dir D`).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import importlib.util
 import json
@@ -223,17 +224,3 @@ class AdminRunner:
         except client.ApiException:
             return ""
         return base64.b64decode((secret.data or {}).get("token", "")).decode()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kubeconfig", type=Path, required=True)
-    parser.add_argument("--state-dir", type=Path, required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    AdminRunner(args.kubeconfig, args.state_dir).run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
