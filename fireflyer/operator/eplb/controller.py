@@ -47,10 +47,16 @@ def _sources(cr: dict[str, Any], role: str, units: int) -> list[str]:
     if override:
         return [override]
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
-    return [
-        f"http://{children.leader_host(name, role, i, namespace)}:{SERVE_PORT}/v1/eplb/load"
-        for i in range(units)
-    ]
+    sources = []
+    for i in range(units):
+        # The leader's pod address when it has one: reachable wherever the pod network is,
+        # including from an operator outside the cluster's DNS (the dev cluster's).
+        leader = kube.get("Pod", f"{children.unit_name(name, role, i)}-0", namespace)
+        host = ((leader or {}).get("status") or {}).get("podIP") or children.leader_host(
+            name, role, i, namespace
+        )
+        sources.append(f"http://{host}:{SERVE_PORT}/v1/eplb/load")
+    return sources
 
 
 def collect(sources: list[str], layers: int, experts: int) -> np.ndarray:
