@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from fireflyer.dev import cluster as dev_cluster
 from fireflyer.dev import demo
 from tests.conftest import TEST_PORT_BASE, Operator
-from tests.kube import Kube
+from tests.kube import Kube, wait_for
 
 LOCAL_NODES = 4
 # Beside the integration tests' clusters (TEST_PORT_BASE, + 1000 for the large topology).
@@ -21,7 +22,8 @@ needs_root = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
+# Package scope: the cluster and every pod on it stop once the end-to-end tests are done.
+@pytest.fixture(scope="package")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     state_dir = tmp_path_factory.mktemp("dev-cluster-local")
     state = dev_cluster.up(state_dir, "small", E2E_PORT_BASE, local_nodes=LOCAL_NODES)
@@ -32,7 +34,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         dev_cluster.down(state_dir, quiet=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def local_operator(local_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     op = Operator(local_cluster.kubeconfig, tmp_path_factory.mktemp("operator-local") / "operator.log")
     op.start()
@@ -45,3 +47,15 @@ def local_operator(local_cluster: Kube, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     return str(demo.ensure_tiny_model())
+
+
+def fresh_namespace(cluster: Kube, prefix: str) -> Iterator[Kube]:
+    """A namespace for one test; deleted afterwards with everything in it, processes included."""
+    name = f"{prefix}-{uuid.uuid4().hex[:5]}"
+    cluster.run("create", "namespace", name, namespaced=False)
+    kube = cluster.with_namespace(name)
+    wait_for(f"the default ServiceAccount in {name}", lambda: kube.exists("serviceaccount", "default"))
+    try:
+        yield kube
+    finally:
+        cluster.run("delete", "namespace", name, "--timeout=120s", namespaced=False, check=False)

@@ -8,7 +8,7 @@ import json
 import subprocess
 import time
 import urllib.request
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import yaml
 
 from fireflyer.dev import demo
 from tests.conftest import Operator
-from tests.e2e.conftest import needs_root
+from tests.e2e.conftest import fresh_namespace, needs_root
 from tests.kube import Kube, wait_for
 
 pytestmark = [pytest.mark.integration, needs_root]
@@ -54,12 +54,8 @@ def _netns_pids(uid: str) -> list[str]:
 
 
 @pytest.fixture
-def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Kube:
-    name = f"infd-cpu-{uuid.uuid4().hex[:5]}"
-    local_cluster.run("create", "namespace", name, namespaced=False)
-    kube = local_cluster.with_namespace(name)
-    wait_for("the default ServiceAccount", lambda: kube.exists("serviceaccount", "default"))
-    return kube
+def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Iterator[Kube]:
+    yield from fresh_namespace(local_cluster, "infd-cpu")
 
 
 def test_cpu_sample_serves_through_the_router_recovers_a_unit_and_cleans_up(ns: Kube) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import needs_root
+from tests.e2e.conftest import fresh_namespace, needs_root
 from tests.kube import Kube, condition, wait_for
 
 pytestmark = [pytest.mark.integration, needs_root]
@@ -29,12 +30,8 @@ def _pod(name: str, command: str, **extra: object) -> dict[str, object]:
 
 
 @pytest.fixture
-def ns(local_cluster: Kube) -> Kube:
-    name = f"runtime-{subprocess.run(['date', '+%s%N'], capture_output=True, text=True).stdout[-8:-1]}"
-    local_cluster.run("create", "namespace", name, namespaced=False)
-    kube = local_cluster.with_namespace(name)
-    wait_for("the default ServiceAccount", lambda: kube.exists("serviceaccount", "default"))
-    return kube
+def ns(local_cluster: Kube) -> Iterator[Kube]:
+    yield from fresh_namespace(local_cluster, "runtime")
 
 
 def _status(kube: Kube, pod: str) -> dict[str, object]:

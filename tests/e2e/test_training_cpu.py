@@ -8,7 +8,7 @@ import copy
 import os
 import signal
 import subprocess
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import yaml
 
 from fireflyer.dev import demo
 from tests.conftest import Operator
-from tests.e2e.conftest import needs_root
+from tests.e2e.conftest import fresh_namespace, needs_root
 from tests.kube import Kube, wait_for
 
 pytestmark = [pytest.mark.integration, needs_root]
@@ -50,13 +50,9 @@ def _kill_pod_processes(uid: str) -> int:
 
 
 @pytest.fixture
-def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Kube:
+def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Iterator[Kube]:
     demo.ensure_docs_dataset(Path(tiny_model))
-    name = f"train-cpu-{uuid.uuid4().hex[:5]}"
-    local_cluster.run("create", "namespace", name, namespaced=False)
-    kube = local_cluster.with_namespace(name)
-    wait_for("the default ServiceAccount", lambda: kube.exists("serviceaccount", "default"))
-    return kube
+    yield from fresh_namespace(local_cluster, "train-cpu")
 
 
 def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(ns: Kube, tmp_path: Path) -> None:

@@ -79,3 +79,28 @@ def test_cuda_graphs_and_batching_keep_greedy_tokens(checkpoint: Path) -> None:
     # BF16 batch shapes change reduction orders; a near-tie may flip a late token in a few requests.
     assert same >= 20, [(a, b) for a, b in zip(together, alone, strict=True) if a != b][:3]
     assert all(len(t) == 24 for t in together)
+
+
+def test_cuda_graph_decode_counts_the_expert_load(checkpoint: Path) -> None:
+    """The EPLB load window counts decode steps replayed from CUDA graphs, their padding rows
+    excluded: every MoE layer sees each computed token top-k times, and nothing of warm-up."""
+    model = load_model(checkpoint, device="cuda")
+    engine = LLMEngine(model, set(), EngineConfig(num_kv_blocks=256, cuda_graph_max_batch=8))
+    graphs, window = engine.runner.graphs, engine.eplb_load
+    assert graphs is not None and window is not None
+    assert window.window().sum() == 0  # graph capture and warm-up runs are not load
+    replays = []
+    real_run = graphs.run
+
+    def counted_run(input_ids, positions, meta):  # type: ignore[no-untyped-def]
+        replays.append(int(input_ids.shape[0]))
+        return real_run(input_ids, positions, meta)
+
+    graphs.run = counted_run  # type: ignore[method-assign]
+    prompts = _prompts(3, 900, seed=2)  # 3 sequences replay the graph of 4: one padding row
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    engine.generate(prompts, params)
+    assert replays and 3 in replays, replays
+    table = window.window()
+    expected = sum(len(p) + 9 for p in prompts) * model.config.num_experts_per_tok
+    assert table.sum(axis=1).tolist() == [expected] * table.shape[0]

@@ -137,6 +137,18 @@ def test_bad_requests_get_openai_errors(server: Server, reference: Reference) ->
         assert data["choices"][0]["message"]["content"] == expected[1]
         assert c.get("/health").status_code == 200
 
+        # The expert load window (docs/eplb.md's contract): 2 MoE layers of 16 experts, top-4;
+        # every computed token passed through both layers.
+        r = c.get("/v1/eplb/load")
+        assert r.status_code == 200, r.text
+        load = r.json()
+        assert (load["layers"], load["experts"], load["windowSeconds"]) == (2, 16, 600)
+        assert [len(row) for row in load["tokens"]] == [16, 16]
+        assert all(isinstance(t, int) and t >= 0 for row in load["tokens"] for t in row)
+        first, second = (sum(row) for row in load["tokens"])
+        assert first == second and first > 0 and first % 4 == 0, load
+        assert_error(c.get("/v1/eplb/load?windowSeconds=601"), 400, param="windowSeconds")
+
 
 def test_multi_rank_unit_is_refused(checkpoint: Path) -> None:
     cmd = [sys.executable, "-m", "fireflyer.cli", "serve", "--model", str(checkpoint), "--nnodes", "2"]

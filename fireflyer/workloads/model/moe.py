@@ -293,6 +293,9 @@ class MoE(nn.Module):
                 gemm_backend=gemm_backend,
             )
         self.load: torch.Tensor | None = None  # tokens per logical expert, counted when set
+        # With `load`: 1 or 0 per token row, [≥ tokens] int64; rows of 0 (the padding rows of a
+        # CUDA graph's batch) are not counted. None: every row counts.
+        self.load_mask: torch.Tensor | None = None
         # Set when the experts are spread over an expert-parallel group (every rank then runs
         # every MoE layer in step, with an empty batch when it has no tokens).
         self.dispatcher: Dispatcher | None = None
@@ -300,7 +303,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         if self.load is not None:
-            self.load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+            if self.load_mask is None:
+                counts = torch.ones_like(ids.reshape(-1))
+            else:
+                counts = self.load_mask[: ids.shape[0], None].expand_as(ids).reshape(-1)
+            self.load.scatter_add_(0, ids.reshape(-1), counts)
         if self.dispatcher is not None:
             out = self.experts.forward_dispatched(x, weights, ids, self.dispatcher)
         else:

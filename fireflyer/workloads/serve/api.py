@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of `fireflyer serve` (FastAPI).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-GET /v1/models/{id}, GET /health, GET /metrics. Every error is answered in OpenAI's shape
+GET /v1/models/{id}, GET /health, GET /metrics, and GET /v1/eplb/load (the expert load window,
+docs/eplb.md's load contract). Every error is answered in OpenAI's shape
 {"error": {message, type, param, code}}; see protocol.py for what is accepted.
 
 /v1/completions takes one prompt per request: a string, a list of token ids, or a list holding
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Protocol, TypeVar
@@ -63,6 +65,15 @@ class EngineStream(Protocol):
     def abort(self, reason: FinishReason = FinishReason.ABORT) -> None: ...
 
 
+class LoadSource(Protocol):
+    """The expert load window (eplb_load.LoadWindow)."""
+
+    @property
+    def window_seconds(self) -> float: ...
+
+    def report(self, seconds: float | None = None) -> dict[str, Any]: ...
+
+
 class Engine(Protocol):
     """What the API needs of the engine (async_engine.AsyncEngine)."""
 
@@ -77,6 +88,9 @@ class Engine(Protocol):
 
     @property
     def metrics(self) -> EngineMetrics: ...
+
+    @property
+    def eplb_window(self) -> LoadSource | None: ...  # None: a model without MoE layers
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> EngineStream: ...
 
@@ -104,6 +118,18 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(content=engine.metrics.render(), media_type=engine.metrics.content_type)
+
+    @app.get("/v1/eplb/load")
+    async def eplb_load(request: Request) -> Response:
+        window = engine.eplb_window
+        if window is None:
+            raise p.ApiError(
+                404,
+                "This model has no MoE layers: there is no expert load to report.",
+                code="no_moe_layers",
+            )
+        seconds = _window_seconds(request.query_params.get("windowSeconds"), window.window_seconds)
+        return JSONResponse(window.report(seconds))
 
     @app.get("/v1/models")
     async def models() -> p.ModelList:
@@ -179,6 +205,22 @@ class _Meta:
 def _model_card(engine: Engine, created: int) -> p.ModelCard:
     name = engine.model_name
     return p.ModelCard(id=name, created=created, root=name, max_model_len=engine.max_model_len)
+
+
+def _window_seconds(raw: str | None, limit: float) -> float | None:
+    """`?windowSeconds=N`: a number of seconds in (0, the configured window]; None when absent."""
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= limit):
+        raise p.invalid(
+            f"windowSeconds must be a number of seconds in (0, {limit:g}], not {raw!r}.",
+            param="windowSeconds",
+        )
+    return seconds
 
 
 def _check_model(engine: Engine, model: str | None) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fireflyer.workloads.serve.engine import LLMEngine, StepEvent
+from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from fireflyer.workloads.serve.types import (
@@ -82,6 +83,12 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._reported_queried = self._reported_hits = self._reported_tier_hits = 0
         metrics.set_kv_blocks(0, engine.block_manager.num_blocks)
+        # The expert load window (None for a dense model): the engine thread fills it, the API
+        # reads its host copies (GET /v1/eplb/load).
+        self.eplb_window: LoadWindow | None = engine.eplb_load
+        if self.eplb_window is not None:
+            self.eplb_window.on_bucket = lambda window: metrics.set_eplb_balancedness(window.balancedness())
+            metrics.set_eplb_balancedness(self.eplb_window.balancedness())
 
     def start(self) -> None:
         self._thread.start()
@@ -134,6 +141,7 @@ class AsyncEngine:
                 if not self.engine.has_work:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
+                    self.engine.idle()
                     continue
                 events, preempted = self.engine.step()
                 self._deliver(events)

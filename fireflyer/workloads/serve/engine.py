@@ -14,6 +14,7 @@ from fireflyer.errors import FireflyerError
 from fireflyer.storage.kvcache import KVBlockStore, KVStoreError
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.serve.block_manager import BlockManager
+from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.kv_tier import StoreTier
 from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
 from fireflyer.workloads.serve.scheduler import Scheduler
@@ -42,6 +43,8 @@ class EngineConfig:
     kv_cache_dir_bytes: int = 64 << 30
     namespace: str = ""  # prefix-cache keys: requests of different models never share blocks
     warmup: bool = True  # on a GPU: compile and tune every kernel shape bucket before serving
+    eplb_window_seconds: float = 600.0  # the expert load window (GET /v1/eplb/load)
+    eplb_bucket_seconds: float = 10.0  # its granularity: counts leave the window a bucket at a time
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,16 @@ class LLMEngine:
                 num_blocks,
                 BLOCK_TOKENS,
             )
+        # Tokens per expert of every MoE layer (None for a dense model). Made before the runner:
+        # its CUDA graphs capture the counting into these very counters.
+        try:
+            self.eplb_load = LoadWindow.for_model(
+                model,
+                window_seconds=config.eplb_window_seconds,
+                bucket_seconds=config.eplb_bucket_seconds,
+            )
+        except ValueError as error:
+            raise EngineSetupError(f"--eplb-window-seconds: {error}") from error
         self.runner = ModelRunner(
             model, num_blocks, cuda_graph_max_batch=graphs, max_model_len=self.max_model_len
         )
@@ -132,6 +145,8 @@ class LLMEngine:
         )
         if config.warmup and model.device.type == "cuda":
             self.warmup()
+        if self.eplb_load is not None:
+            self.eplb_load.reset()  # the CUDA graphs' warm-up runs are no load
         log.info(
             "KV cache: %d blocks of 64 tokens (%.1f MiB)",
             num_blocks,
@@ -156,6 +171,8 @@ class LLMEngine:
             tokens *= 2
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
+        if self.eplb_load is not None:
+            self.eplb_load.reset()  # warm-up tokens are no load
 
     def validate(self, seq: Sequence) -> None:
         """ValueError (saying why) for a request this engine can never run."""
@@ -195,7 +212,14 @@ class LLMEngine:
         events += [StepEvent(seq, None, True) for seq in finished if seq.request_id not in reported]
         for seq in finished:
             self.runner.forget(seq.request_id)
+        if self.eplb_load is not None:  # a step boundary; an engine going idle publishes at once
+            self.eplb_load.tick(stepped=bool(output.chunks), flush=not self.has_work)
         return events, len(output.preempted)
+
+    def idle(self) -> None:
+        """Between steps while there is no work: the load window's buckets still close on time."""
+        if self.eplb_load is not None:
+            self.eplb_load.tick(stepped=False)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
@@ -210,6 +234,8 @@ class LLMEngine:
         return seqs
 
     def close(self) -> None:
+        if self.eplb_load is not None:
+            self.eplb_load.detach()
         if self.store is not None:
             self.store.close()
 

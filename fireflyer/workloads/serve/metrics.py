@@ -12,6 +12,11 @@ gauges
   kv_blocks_used, kv_blocks_total paged KV cache blocks (GPU tier)
   prefix_cache_hit_ratio          cumulative hit tokens / queried tokens since start
   generation_tokens_per_second    generated tokens over the last `rate_window_s` seconds
+  eplb_balancedness               MoE models only: mean over MoE layers of mean / max tokens per
+                                  logical expert in the EPLB load window, set as each 10-s bucket
+                                  closes (per expert, not per GPU: a one-rank unit hosts them all;
+                                  1.0 is perfect, idle layers count 1). No per-expert series: the
+                                  table itself is GET /v1/eplb/load
 counters
   prompt_tokens_total             prompt tokens admitted
   generation_tokens_total         tokens generated
@@ -115,6 +120,7 @@ class EngineMetrics:
         for reason in FinishReason:
             self.requests.labels(reason.value)  # present at 0 before the first finish
         self.preemptions = Counter(PREFIX + "preemptions", "Sequences preempted", registry=r)
+        self.eplb_balancedness: Gauge | None = None  # registered by the first set_eplb_balancedness
 
     # -- called by the engine loop -------------------------------------------------------------
 
@@ -172,6 +178,18 @@ class EngineMetrics:
 
     def record_preemptions(self, n: int = 1) -> None:
         self.preemptions.inc(n)
+
+    def set_eplb_balancedness(self, value: float) -> None:
+        """The expert load window's balancedness (MoE models; a dense model never has the gauge)."""
+        with self._lock:
+            if self.eplb_balancedness is None:
+                self.eplb_balancedness = Gauge(
+                    PREFIX + "eplb_balancedness",
+                    "Mean over MoE layers of mean / max tokens per logical expert in the EPLB load window",
+                    registry=self.registry,
+                )
+            gauge = self.eplb_balancedness
+        gauge.set(value)
 
     # -- read side --------------------------------------------------------------------------------
 

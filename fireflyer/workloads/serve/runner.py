@@ -9,6 +9,7 @@ import torch
 
 from fireflyer.workloads.model.batch import BatchMetadata
 from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.model.moe import MoE
 from fireflyer.workloads.serve.batch_builder import build_step
 from fireflyer.workloads.serve.sampling import sample
 from fireflyer.workloads.serve.types import BLOCK_TOKENS, SamplingParams, SchedulerOutput
@@ -92,7 +93,11 @@ class ModelRunner:
 class DecodeGraphs:
     """One CUDA graph per padded decode batch size. Padding rows decode a dummy sequence of one
     token whose latent is written to the last cache block's first row: the scheduler never hands
-    that block out (the engine reserves it)."""
+    that block out (the engine reserves it).
+
+    The expert load counters (`MoE.load`, the EPLB window) are captured with the graphs: they must
+    be set before the runner is built and never reallocated. Padding rows are not counted: the
+    graphs count each row by `count_rows` (1 for the batch's rows, 0 for padding)."""
 
     def __init__(self, runner: ModelRunner, max_batch: int) -> None:
         self.runner = runner
@@ -107,6 +112,7 @@ class DecodeGraphs:
         self.slots = torch.full((b,), self.scratch_row, dtype=torch.long, device=device)
         self.table = torch.full((b, self.max_blocks), runner.num_blocks - 1, dtype=torch.int32, device=device)
         self.seqlens = torch.ones(b, dtype=torch.int32, device=device)
+        self.count_rows = torch.zeros(b, dtype=torch.long, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
@@ -127,12 +133,19 @@ class DecodeGraphs:
         return model.logits(hidden)
 
     def _capture(self, size: int) -> None:
-        for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its algorithms
-            self._forward(size)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[size] = self._forward(size)
+        moes = [block.mlp for block in self.runner.model.blocks if isinstance(block.mlp, MoE)]
+        for moe in moes:
+            moe.load_mask = self.count_rows
+        try:
+            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its algorithms
+                self._forward(size)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[size] = self._forward(size)
+        finally:
+            for moe in moes:  # eager steps have no padding rows
+                moe.load_mask = None
         self.pool = graph.pool()
         self.graphs[size] = graph
 
@@ -151,5 +164,7 @@ class DecodeGraphs:
         self.table[:n, : table.shape[1]] = table
         self.seqlens[:n] = meta.decode_seqlens
         self.seqlens[n:size] = 1
+        self.count_rows[:n] = 1
+        self.count_rows[n:size] = 0
         self.graphs[size].replay()
         return self.logits[size][:n]

@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     eng.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     eng.add_argument("--cuda-graph-max-batch", type=int, default=128, help="0 disables CUDA graphs")
+    eng.add_argument(
+        "--eplb-window-seconds",
+        type=float,
+        default=600.0,
+        help="the expert load window served at GET /v1/eplb/load (10-s buckets)",
+    )
     eng.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -146,6 +152,7 @@ def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None
         kv_cache_memory=int(args.kv_cache_memory_gb * GIB),
         gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        eplb_window_seconds=args.eplb_window_seconds,
         kv_cache_dir=Path(args.kv_cache_dir) if args.kv_cache_dir else None,
         kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
         namespace=f"{name}/{checkpoint_fingerprint(model_dir, str(model.dtype))}",
