@@ -119,6 +119,11 @@ class LoadBalancers:
     def _listen(self, uid: str, address: str, port: int) -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             choices = [b for b in self.backends.get(uid, []) if b[2] == port]
+            for _ in range(50):  # a pod that just turned Ready reaches this list within a refresh
+                if choices:
+                    break
+                await asyncio.sleep(0.1)
+                choices = [b for b in self.backends.get(uid, []) if b[2] == port]
             if not choices:
                 writer.close()
                 return
