@@ -457,7 +457,7 @@ def status(state_dir: Path) -> dict[str, Any]:
                 "pid": pid,
                 "running": processes.is_ours(pid, _binary_of(name)),
                 "log": str(
-                    Path(state.state_dir) / "logs" / f"{name if name in START_ORDER else 'operator'}.log"
+                    Path(state.state_dir) / "logs" / f"{'operator' if name == 'fireflyer' else name}.log"
                 ),
             }
             for name, pid in state.pids.items()
