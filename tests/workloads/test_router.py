@@ -34,6 +34,7 @@ from fireflyer.api.inference import InferenceDeployment
 from fireflyer.cli import build_parser
 from fireflyer.operator.inference import children
 from fireflyer.workloads.router.app import RouterConfig, create_app
+from fireflyer.workloads.router.backends import read_backends_file
 from fireflyer.workloads.router.policies import Candidate, Policy, affine, request_key
 from fireflyer.workloads.serve.api import create_app as create_serve_app
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
@@ -487,19 +488,33 @@ async def test_backends_file_adds_and_removes_units_without_restart(
 # -- the command line and a real unit --------------------------------------------------------------
 
 
-def test_the_operator_rendered_command_parses() -> None:
+def test_the_operator_rendered_command_parses(tmp_path: Path) -> None:
     doc = yaml.safe_load((REPO / "manifests/samples/small/inference.yaml").read_text())
     doc["metadata"] |= {"namespace": "default", "uid": "u-1"}
     spec = InferenceDeployment.model_validate(doc).spec
     hosts = {"prefill": ["p0.svc"], "decode": ["d0.svc", "d1.svc"]}
-    deployment = children.router(doc, spec, hosts)[0]
+    deployment, units, _service = children.router(doc, spec, hosts)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["fireflyer"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "router" and args.policy == spec.router.policy
-    assert args.prefill == ["http://p0.svc:30000"]
-    assert args.decode == ["http://d0.svc:30000", "http://d1.svc:30000"]
     assert args.port == children.ROUTER_PORT and args.health_interval == 2.0
+    # The units come from the mounted ConfigMap, in the file format the router reads.
+    mount = container["volumeMounts"][0]
+    assert args.backends_file == f"{mount['mountPath']}/{children.ROUTER_BACKENDS_FILE}"
+    assert (
+        deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == units["metadata"]["name"]
+    )
+    written = tmp_path / "backends.json"
+    written.write_text(units["data"][children.ROUTER_BACKENDS_FILE])
+    assert sorted(read_backends_file(written)) == [
+        ("http://d0.svc:30000", "decode"),
+        ("http://d1.svc:30000", "decode"),
+        ("http://p0.svc:30000", "prefill"),
+    ]
+    # A scaled role changes the file, not the pod template: the router is not restarted.
+    more = children.router(doc, spec, {**hosts, "decode": [*hosts["decode"], "d2.svc"]})
+    assert more[0] == deployment and more[1]["data"] != units["data"]
 
 
 def test_router_in_front_of_a_real_serve_process(checkpoint: Path, tmp_path: Path) -> None:

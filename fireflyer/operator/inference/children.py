@@ -14,6 +14,8 @@ from fireflyer.operator.network import node_hca as node_hca  # re-exported: the 
 from fireflyer.operator.objects import owner_reference
 
 ROUTER_PORT = 8000
+ROUTER_CONFIG_DIR = "/etc/fireflyer/router"
+ROUTER_BACKENDS_FILE = "backends.json"
 # /dev/shm per pod: NCCL/DeepEP buffers and host-side staging scale with the role's batch.
 SHM_SIZE = {"prefill": "64Gi", "decode": "32Gi"}
 
@@ -228,10 +230,14 @@ def router(
     namespace = cr["metadata"]["namespace"]
     name = f"{deployment}-router"
     selector = {L.DEPLOYMENT: deployment, L.COMPONENT: "router"}
+    # The units are a file the router re-reads, not flags: scaling a role changes the ConfigMap,
+    # never the pod template, so the router is not restarted.
     args = ["router", "--policy", spec.router.policy, "--port", str(ROUTER_PORT)]
-    for role_name in ("prefill", "decode"):
-        for host in unit_hosts.get(role_name, []):
-            args += [f"--{role_name}", f"http://{host}:{SERVE_PORT}"]
+    args += ["--backends-file", f"{ROUTER_CONFIG_DIR}/{ROUTER_BACKENDS_FILE}"]
+    backends = {
+        role_name: [f"http://{host}:{SERVE_PORT}" for host in unit_hosts.get(role_name, [])]
+        for role_name in ("prefill", "decode")
+    }
     labels = base_labels(deployment, "router")
     return [
         {
@@ -258,8 +264,12 @@ def router(
                                 "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
                                 "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
                                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                                "volumeMounts": [
+                                    {"name": "units", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}
+                                ],
                             }
                         ],
+                        "volumes": [{"name": "units", "configMap": {"name": name}}],
                         **(
                             {"nodeSelector": dict(spec.router.node_selector)}
                             if spec.router.node_selector
@@ -273,6 +283,17 @@ def router(
                     },
                 },
             },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "ownerReferences": [owner_reference(cr)],
+            },
+            "data": {ROUTER_BACKENDS_FILE: json.dumps(backends, indent=1, sort_keys=True)},
         },
         {
             "apiVersion": "v1",
