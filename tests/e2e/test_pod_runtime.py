@@ -60,7 +60,7 @@ def test_a_pod_gets_its_volumes_environment_address_and_peer_names(ns: Kube) -> 
         "client",
         'python3 -c "import urllib.request as u; '
         "print(u.urlopen('http://web-0.web." + ns.namespace + ".svc.cluster.local:8080/').status)\"; "
-        "touch /etc/cfg-written-here && echo wrote; exit 3",
+        "touch /etc/cfg-written-here && echo wrote; printf 'gave up' > /dev/termination-log; exit 3",
         restartPolicy="Never",
     )
     ns.apply(
@@ -99,6 +99,8 @@ def test_a_pod_gets_its_volumes_environment_address_and_peer_names(ns: Kube) -> 
     assert "wrote" in out  # the pod writes to its own root, not this machine's
     terminated = _status(ns, "client")["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
     assert terminated["exitCode"] == 3
+    assert terminated["message"] == "gave up"  # its termination message, from its own /dev
+    assert not Path("/dev/termination-log").exists()
     assert not Path("/etc/cfg-written-here").exists()
 
 

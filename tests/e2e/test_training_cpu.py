@@ -98,4 +98,5 @@ def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(ns: Ku
         timeout=240,
     )
     assert done["restarts"] == 1
+    assert done.get("step") == 60, "the final step comes from rank 0's termination message"
     assert _checkpoints(checkpoints)[-1] == 60

@@ -515,3 +515,25 @@ def test_progress_is_fetched_and_a_silent_trainer_is_tolerated() -> None:
         server.shutdown()
         server.server_close()
     assert fetch_progress("127.0.0.1", server.server_address[1], timeout=0.5) is None
+
+
+def test_a_succeeded_job_reports_rank0s_final_step_from_its_termination_message() -> None:
+    """The poller cannot reach rank 0 once it has exited; its last /status is its termination
+    message, and the job's final status carries it."""
+    job = _started(_cr())
+    pods = _pods(job, "Succeeded")
+    final = {"step": 1000, "loss": 1.25, "lastCheckpointStep": 1000, "tokensPerSecond": 9.0, "phase": "done"}
+    for pod, message in zip(pods, [json.dumps(final), "not json"], strict=True):
+        pod["status"]["containerStatuses"] = [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": message}}}
+        ]
+    desired = plan(_cr({"phase": "Running", "step": 990}), _observed(job, pods))
+    assert desired.status["phase"] == "Succeeded"
+    assert (desired.status["step"], desired.status["loss"], desired.status["lastCheckpointStep"]) == (
+        1000,
+        1.25,
+        1000,
+    )
+    # Rank 1's message is not rank 0's: without one from rank 0 nothing is claimed.
+    pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = ""
+    assert "step" not in plan(_cr({"phase": "Running"}), _observed(job, pods)).status

@@ -145,6 +145,7 @@ class PodWorker:
                 return
             st.running, st.ready, st.exit_code, st.finished_at = False, False, code, now_iso()
             st.reason, st.waiting_reason = "", ""
+            st.message = self._termination_message(c, code)
             c.process = None
             if not podspec.restarts_when(policy, code):
                 return
@@ -169,7 +170,15 @@ class PodWorker:
             st.waiting_reason, st.message = "CreateContainerConfigError", str(exc)
             c.restart_at = time.monotonic() + 2.0
             return
+        termination = self.dir / f"{c.spec['name']}.termination-log"
+        termination.write_text("")
         mounts += [
+            {
+                "kind": "bind",
+                "source": str(termination),
+                "target": c.spec.get("terminationMessagePath") or "/dev/termination-log",
+                "file": True,
+            },
             {
                 "kind": "bind",
                 "source": str(self.ctx.hosts_file(self.namespace)),
@@ -240,6 +249,15 @@ class PodWorker:
                             c.spec["name"],
                         )
                         c.process.stop(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
+
+    def _termination_message(self, c: _Container, code: int) -> str:
+        """What the container wrote to its terminationMessagePath, or with the policy
+        FallbackToLogsOnError and nothing written, the end of its log after a failure."""
+        written = (self.dir / f"{c.spec['name']}.termination-log").read_text(errors="replace")[:4096]
+        if written or code == 0 or c.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return written
+        lines = self.log_path(c.spec["name"]).read_text(errors="replace").splitlines()[-80:]
+        return "\n".join(lines)[-2048:]
 
     def _lookup(self, kind: str, name: str, key: str) -> str | None:
         obj = self.ctx.read(kind, self.namespace, name)

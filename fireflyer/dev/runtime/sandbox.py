@@ -24,7 +24,10 @@ from typing import Any
 
 # Mounts of this machine that the pod sees as they are (the overlay shows only the root file
 # system itself, not what is mounted on top of it).
-KEEP_HOST_MOUNTS = ("/dev", "/sys")
+KEEP_HOST_MOUNTS = ("/sys",)
+# The pod's /dev is its own tmpfs with these devices of this machine bound in, as a container
+# runtime gives it: files a pod creates there (its termination log) stay the pod's.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
 def _mount(*args: str) -> None:
@@ -38,7 +41,9 @@ def _host_submounts() -> list[str]:
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split()[4].replace("\\040", " ")
-        if point == "/" or any(point == p or point.startswith(p + "/") for p in (*KEEP_HOST_MOUNTS, "/proc")):
+        if point == "/" or any(
+            point == p or point.startswith(p + "/") for p in (*KEEP_HOST_MOUNTS, "/proc", "/dev")
+        ):
             continue
         if point.startswith("/run/netns"):
             continue
@@ -74,6 +79,17 @@ def build_root(spec: dict[str, Any]) -> Path:
     for point in KEEP_HOST_MOUNTS:
         _mount("--rbind", point, str(_target(root, point, False)))
     _mount("-t", "proc", "proc", str(_target(root, "/proc", False)))
+    _mount("-t", "tmpfs", "-o", "mode=755,size=1m", "dev", str(_target(root, "/dev", False)))
+    for device in DEVICES:
+        _mount("--bind", f"/dev/{device}", str(_target(root, f"/dev/{device}", True)))
+    _mount("--rbind", "/dev/pts", str(_target(root, "/dev/pts", False)))
+    for name, points_to in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        (root / "dev" / name).symlink_to(points_to)
     _mount("-t", "tmpfs", "-o", "size=64m", "shm", str(_target(root, "/dev/shm", False)))
     for point in submounts:
         source = Path(point)

@@ -27,6 +27,7 @@ from fireflyer.api.training import TrainingJob, TrainingJobSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.training import children
 from fireflyer.operator.training.failures import failure, job_condition, node_problem, owner_uid
+from fireflyer.operator.training.progress import rank0_final
 from fireflyer.placement import UnitRequest, build_topology, plan_units
 from fireflyer.placement.planner import CLUSTER
 from fireflyer.placement.reservations import planned_nodes, reservations
@@ -169,6 +170,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             "phase": "Succeeded",
             "restarts": restarts,
             "ready": f"{want}/{want}",
+            **rank0_final(pods),
             **where,
             "conditions": _conditions(
                 placed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -49,3 +50,22 @@ def progress_status(polled: dict[str, Any]) -> dict[str, Any]:
 def progress_changes(previous: dict[str, Any], polled: dict[str, Any]) -> dict[str, Any]:
     """The polled fields that differ from the status (nothing to patch when empty)."""
     return {k: v for k, v in progress_status(polled).items() if previous.get(k) != v}
+
+
+def rank0_final(pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's last report, from its container's termination message (the trainer writes its
+    final /status there): the numbers the poller could not read once rank 0 had exited."""
+    for pod in pods:
+        if (pod["metadata"].get("annotations") or {}).get(L.COMPLETION_INDEX) != "0":
+            continue
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+            if not message:
+                continue
+            try:
+                report = json.loads(message)
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                return progress_status(report)
+    return {}

@@ -12,10 +12,12 @@ resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 
@@ -90,10 +92,24 @@ def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> None:
         if rank.is_leader and config.status_port:
             server = StatusServer(status, config.status_host, config.status_port)
         Trainer(config, rank, status).run()
+        if rank.is_leader:
+            write_termination_message(json.dumps(status.snapshot()))
     finally:
         if server is not None:
             server.close()
         parallel.close(rank)
+
+
+# Kubernetes' default terminationMessagePath: what a container writes here ends up in its
+# status (state.terminated.message), where the operator reads the final step and loss after
+# rank 0, and with it the /status endpoint, is gone.
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def write_termination_message(message: str, path: Path = TERMINATION_LOG) -> None:
+    """Only where the file exists (a pod); a run outside Kubernetes writes nothing."""
+    if path.is_file():
+        path.write_text(message[:4096])
 
 
 def _spawned(local_rank: int, config: TrainConfig, rdv: Rendezvous) -> None:
