@@ -3,6 +3,7 @@ table of the resources until they settle."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,15 +62,34 @@ CPU_TRAINING = "tiny-train-cpu"
 LOCAL_NODES = 4
 
 
+STAMP = ".fireflyer-stamp"
+
+
+def _model_stamp() -> str:
+    """What the tiny checkpoint is made from: a model written by another version is rewritten."""
+    from fireflyer.workloads.model.presets import get_preset
+    from fireflyer.workloads.model.tokenizer_files import build_tokenizer
+
+    material = json.dumps(get_preset("tiny"), sort_keys=True) + build_tokenizer().to_str()
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
 def ensure_tiny_model(path: Path = TINY_MODEL) -> Path:
-    """The CPU samples' model, written once by `fireflyer model init` (random weights)."""
-    if not (path / "config.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "fireflyer.cli", "model", "init", "--preset", "tiny", "--out", str(path)],
-            check=True,
-            capture_output=True,
-        )
+    """The CPU samples' model, written by `fireflyer model init` (random weights, deterministic)
+    when it is missing or was written from another preset or tokenizer."""
+    stamp = _model_stamp()
+    if not (path / "config.json").exists() or _read(path / STAMP) != stamp:
+        init = ["model", "init", "--preset", "tiny", "--force", "--out", str(path)]
+        subprocess.run([sys.executable, "-m", "fireflyer.cli", *init], check=True, capture_output=True)
+        (path / STAMP).write_text(stamp)
     return path
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 DEMO_DATA = Path("/var/tmp/fireflyer/data/docs")
@@ -79,19 +99,22 @@ DEMO_CHECKPOINTS = Path("/var/tmp/fireflyer/checkpoints")
 def ensure_docs_dataset(model: Path = TINY_MODEL, out: Path = DEMO_DATA) -> Path:
     """The CPU training sample's data: this repository's documentation, tokenized with the tiny
     model's tokenizer into the trainer's shard format (written once)."""
-    if (out / "index.json").exists():
+    docs = sorted([build.REPO_ROOT / "README.md", *(build.REPO_ROOT / "docs").glob("*.md")])
+    content = hashlib.sha256(b"".join(p.read_bytes() for p in docs)).hexdigest()[:16]
+    stamp = f"{_read(model / STAMP)}:{content}"
+    if (out / "index.json").exists() and _read(out / STAMP) == stamp:
         return out
     from tokenizers import Tokenizer
 
     from fireflyer.workloads.train.data import write_shards
 
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    texts = [
-        p.read_text()
-        for p in sorted([build.REPO_ROOT / "README.md", *(build.REPO_ROOT / "docs").glob("*.md")])
-    ]
+    texts = [p.read_text() for p in docs]
     eos = json.loads((model / "config.json").read_text()).get("eos_token_id")
-    return write_shards((e.ids for e in tokenizer.encode_batch(texts)), out, eos_id=eos)
+    shutil.rmtree(out, ignore_errors=True)
+    write_shards((e.ids for e in tokenizer.encode_batch(texts)), out, eos_id=eos)
+    (out / STAMP).write_text(stamp)
+    return out
 
 
 def _detail(item: dict[str, Any], ready: dict[str, Any], others: str) -> str:
