@@ -38,13 +38,18 @@ def base_labels(deployment: str, component: str) -> dict[str, str]:
 
 
 def revision(spec: InferenceDeploymentSpec, role_name: str, nodes: tuple[str, ...]) -> str:
-    """Everything that, when it changes, needs the unit's pods recreated."""
+    """Everything that, when it changes, needs the unit's pods recreated. How many units a role
+    has, and how many may be down at once, are not about any one unit: scaling a role never
+    restarts the units it keeps."""
     role: Role = getattr(spec, role_name)
+    unit_shape = role.model_dump(
+        by_alias=True, exclude_none=True, mode="json", exclude={"units", "max_unavailable_units"}
+    )
     material = {
         "engine": spec.engine.to_wire(),
         "kernels": spec.kernels.to_wire(),
         "model": spec.model.to_wire(),
-        "role": role.to_wire(),
+        "role": unit_shape,
         "network": spec.network.to_wire(),
         "eplb": {"mode": spec.eplb.mode, "redundant": spec.eplb.redundant_experts},
         "nodes": list(nodes),
