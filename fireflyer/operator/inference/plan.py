@@ -326,7 +326,10 @@ def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: date
             return f"node {node} is gone"
         if not info.usable:
             return f"node {node} is {info.why_unusable}"
-    for pod in unit.pods:
+    # Pods already on their way out (the previous recreation's) are no longer members: counting
+    # them would judge the fresh pods "replaced on their own" and delete them again.
+    members = [p for p in unit.pods if not p["metadata"].get("deletionTimestamp")]
+    for pod in members:
         if pod.get("status", {}).get("phase") == "Failed":
             return f"pod {pod['metadata']['name']} failed"
     # The StatefulSet controller replaces a failed pod on its own, sometimes before we see it
@@ -334,22 +337,22 @@ def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: date
     # alone: its peers hold state from a rank that is gone.
     created = sorted(
         (t, pod["metadata"]["name"])
-        for pod in unit.pods
+        for pod in members
         if (t := _parse(pod["metadata"].get("creationTimestamp"))) is not None
     )
     if len(created) > 1 and (created[-1][0] - created[0][0]).total_seconds() > REPLACED_ALONE_SECONDS:
         return f"pod {created[-1][1]} was replaced on its own (its rank restarted)"
     role = getattr(spec, unit.role)
-    running = sum(1 for p in unit.pods if p.get("status", {}).get("phase") == "Running")
+    running = sum(1 for p in members if p.get("status", {}).get("phase") == "Running")
     if running < role.nodes_per_unit:
         # Waiting since the oldest pod that is not running was created (or since placement,
         # for pods the StatefulSet has not created yet).
         waiting = [
             _parse(p["metadata"].get("creationTimestamp"))
-            for p in unit.pods
+            for p in members
             if p.get("status", {}).get("phase") != "Running"
         ]
-        if len(unit.pods) < role.nodes_per_unit:
+        if len(members) < role.nodes_per_unit:
             waiting.append(
                 _parse((unit.sts or {}).get("metadata", {}).get("annotations", {}).get(L.PLACED_AT))
             )

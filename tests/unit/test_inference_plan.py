@@ -1,0 +1,83 @@
+"""The inference plan against hand-built observations: what happens to a unit whose pods are
+being replaced."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fireflyer.dev import topology
+from fireflyer.operator import labels as L
+from fireflyer.operator.inference.plan import Observed, plan
+from tests.unit.test_inference_revision import SAMPLE
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def _nodes() -> list[dict[str, Any]]:
+    nodes = topology.nodes(topology.load("small"))
+    for node in nodes:
+        node["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    return nodes
+
+
+def _cr() -> dict[str, Any]:
+    doc = copy.deepcopy(SAMPLE)
+    doc["metadata"] |= {"namespace": "ns", "uid": "uid-1", "generation": 1}
+    return doc
+
+
+def _pods(sts: dict[str, Any], created: datetime, **meta: Any) -> list[dict[str, Any]]:
+    template = sts["spec"]["template"]
+    nodes = template["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    hosts = nodes["nodeSelectorTerms"][0]["matchExpressions"][0]["values"]
+    return [
+        {
+            "metadata": {
+                "name": f"{sts['metadata']['name']}-{rank}",
+                "namespace": "ns",
+                "labels": {**template["metadata"]["labels"], L.POD_INDEX: str(rank)},
+                "creationTimestamp": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                **meta,
+            },
+            "spec": {"nodeName": host, "containers": template["spec"]["containers"]},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+        for rank, host in enumerate(hosts)
+    ]
+
+
+def _placed() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    cr = _cr()
+    first = plan(cr, Observed(nodes=_nodes(), pods=[], statefulsets={}, router=None, now=NOW))
+    sets = {c["metadata"]["name"]: c for c in first.children if c["kind"] == "StatefulSet"}
+    return cr, sets
+
+
+def test_a_unit_whose_old_pods_are_still_terminating_is_not_recreated_again() -> None:
+    cr, sets = _placed()
+    decode = next(s for n, s in sets.items() if "decode" in n)
+    old = _pods(decode, NOW - timedelta(minutes=30), deletionTimestamp=NOW.isoformat())
+    for pod in old:
+        pod["metadata"]["name"] += "-old"
+    fresh = _pods(decode, NOW - timedelta(seconds=5))
+    pods = [*old, *fresh]
+    for sts in sets.values():
+        if sts is not decode:
+            pods += _pods(sts, NOW - timedelta(minutes=30))
+    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert desired.recreate == {}, desired.recreate
+
+
+def test_a_unit_with_one_pod_replaced_alone_is_recreated_whole() -> None:
+    cr, sets = _placed()
+    decode = next(s for n, s in sets.items() if "decode" in n)
+    pods = _pods(decode, NOW - timedelta(minutes=30))
+    pods[1]["metadata"]["creationTimestamp"] = (NOW - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for sts in sets.values():
+        if sts is not decode:
+            pods += _pods(sts, NOW - timedelta(minutes=30))
+    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert list(desired.recreate) == [decode["metadata"]["name"]]
+    assert "replaced on its own" in desired.recreate[decode["metadata"]["name"]]
