@@ -81,3 +81,19 @@ def test_a_unit_with_one_pod_replaced_alone_is_recreated_whole() -> None:
     desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
     assert list(desired.recreate) == [decode["metadata"]["name"]]
     assert "replaced on its own" in desired.recreate[decode["metadata"]["name"]]
+
+
+def test_a_recreated_unit_gets_a_fresh_bind_deadline() -> None:
+    cr, sets = _placed()
+    decode = next(s for n, s in sets.items() if "decode" in n)
+    long_ago = (NOW - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    decode["metadata"]["annotations"][L.PLACED_AT] = long_ago
+    pods = _pods(decode, NOW - timedelta(hours=2))
+    pods[0]["status"]["phase"] = "Failed"
+    for sts in sets.values():
+        if sts is not decode:
+            pods += _pods(sts, NOW - timedelta(minutes=30))
+    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert "failed" in desired.recreate[decode["metadata"]["name"]]
+    again = next(c for c in desired.children if c["metadata"]["name"] == decode["metadata"]["name"])
+    assert again["metadata"]["annotations"][L.PLACED_AT] == NOW.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -201,7 +201,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         old_nodes = _sts_nodes(unit.sts)
         same = unit.sts is not None and list(p.nodes) == old_nodes
         annotations = (unit.sts or {}).get("metadata", {}).get("annotations", {})
-        placed_at = annotations.get(L.PLACED_AT) if same else None
+        # A unit recreated now (even on its old nodes) gets a fresh bind deadline: its pods are
+        # about to be short while they come back, which is not a failure to bind.
+        placed_at = annotations.get(L.PLACED_AT) if same and unit.name not in recreate else None
         if not same:
             events.append(Event("Normal", C.UNITS_PLACED, f"placed {p.describe()}"))
         label_key = keys.get(p.level, "") if p.level != CLUSTER else ""
