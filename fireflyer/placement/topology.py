@@ -120,13 +120,15 @@ def build_topology(
     rdma_resource: str = "rdma/ib",
     custom_keys: Sequence[str] = (),
     ignore_pods: Mapping[str, str] | None = None,
+    ignore_namespace: str | None = None,
     reserved: Mapping[str, tuple[int, int]] | None = None,
     node_selector: Mapping[str, str] | None = None,
     tolerates: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> ClusterTopology:
     """Free resources per node = allocatable − requests of non-terminated pods bound there −
     reservations (GPUs, RDMA devices) of units planned onto the node whose pods are not bound yet.
-    Pods whose labels match all of ignore_pods (e.g. the units being re-planned) are not counted.
+    Pods whose labels match all of ignore_pods (e.g. the units being re-planned) are not counted,
+    when they are in ignore_namespace (given): a same-named deployment elsewhere is not ours.
     A node that lacks a node_selector label, or has a taint that neither the GPU operator's
     exemption nor `tolerates` covers, is unusable."""
     keys = level_keys(profile, custom_keys)
@@ -138,7 +140,8 @@ def build_topology(
         if not node_name or phase in ("Succeeded", "Failed"):
             continue
         labels = pod.get("metadata", {}).get("labels", {}) or {}
-        if ignore_pods and all(labels.get(k) == v for k, v in ignore_pods.items()):
+        ours = ignore_namespace is None or pod.get("metadata", {}).get("namespace") == ignore_namespace
+        if ignore_pods and ours and all(labels.get(k) == v for k, v in ignore_pods.items()):
             continue
         used_gpu[node_name] = used_gpu.get(node_name, 0.0) + _requests(pod, GPU_RESOURCE)
         used_rdma[node_name] = used_rdma.get(node_name, 0.0) + _requests(pod, rdma_resource)

@@ -97,3 +97,28 @@ def test_a_recreated_unit_gets_a_fresh_bind_deadline() -> None:
     assert "failed" in desired.recreate[decode["metadata"]["name"]]
     again = next(c for c in desired.children if c["metadata"]["name"] == decode["metadata"]["name"])
     assert again["metadata"]["annotations"][L.PLACED_AT] == NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_same_named_deployment_in_another_namespace_keeps_its_nodes() -> None:
+    """Its pods are someone else's: their GPUs are taken, not free for re-planning ours."""
+    cr, sets = _placed()
+    theirs = []
+    for sts in sets.values():
+        for pod in _pods(sts, NOW - timedelta(minutes=30)):
+            pod["metadata"]["namespace"] = "other-team"
+            gpus = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
+            pod["spec"]["containers"] = [
+                {"name": "engine", "resources": {"requests": {"nvidia.com/gpu": gpus}}}
+            ]
+            theirs.append(pod)
+    taken = {p["spec"]["nodeName"] for p in theirs}
+    desired = plan(cr, Observed(nodes=_nodes(), pods=theirs, statefulsets={}, router=None, now=NOW))
+    ours = [c for c in desired.children if c["kind"] == "StatefulSet"]
+    planned = {
+        host
+        for sts in ours
+        for host in sts["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"]
+    }
+    assert ours and not planned & taken

@@ -115,6 +115,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         spec.network.rdma_resource,
         spec.placement.custom_level_keys,
         ignore_pods={L.DEPLOYMENT: name},
+        ignore_namespace=namespace,
         reserved=reservations(observed.other_units, observed.pods, spec.network.rdma_resource),
         node_selector=spec.placement.node_selector,
         tolerates=lambda taint: any(t.tolerates(taint) for t in spec.placement.tolerations),

@@ -354,6 +354,7 @@ def _start(
         spec.network.rdma_resource,
         spec.placement.custom_level_keys,
         ignore_pods={L.TRAINING_JOB: children.label_value(name)},
+        ignore_namespace=cr["metadata"]["namespace"],
         reserved=reservations(observed.others, observed.pods, spec.network.rdma_resource),
         node_selector=spec.placement.node_selector,
         tolerates=lambda taint: any(t.tolerates(taint) for t in spec.placement.tolerations),
