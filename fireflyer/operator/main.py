@@ -14,6 +14,7 @@ from fireflyer.api.base import GROUP
 
 FIELD_MANAGER = "fireflyer-operator"
 PEERING_NAME = "fireflyer"
+log = logging.getLogger(__name__)
 
 
 @kopf.on.startup()
@@ -40,8 +41,38 @@ def load_controllers() -> None:
     from fireflyer.operator import controllers  # noqa: F401
 
 
+def ensure_peering(namespace: str | None) -> bool:
+    """Create the kopf peering object replicas agree through (namespaced with --namespace, else
+    cluster-wide) when it is missing: without it kopf waits, silently, forever. False when
+    kopf's peering CRDs are not installed at all."""
+    from kubernetes import client
+
+    from fireflyer.operator.kube import api_client
+
+    api = client.CustomObjectsApi(api_client())
+    kind = "KopfPeering" if namespace else "ClusterKopfPeering"
+    body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": PEERING_NAME}}
+    try:
+        if namespace:
+            api.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", body)
+        else:
+            api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
+        log.info("created %s %s", kind, PEERING_NAME)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        if exc.status != 409:  # 409: it exists already
+            log.warning(
+                "could not create %s %s (%s); kopf waits until it exists", kind, PEERING_NAME, exc.reason
+            )
+    return True
+
+
 def run(namespace: str | None, metrics_port: int, health_port: int, standalone: bool) -> None:
     load_controllers()
+    if not standalone and not ensure_peering(namespace):
+        log.warning("kopf's peering CRDs are not installed: running standalone (one replica only)")
+        standalone = True
     if metrics_port:
         start_http_server(metrics_port)
     kopf.configure(verbose=bool(os.environ.get("FIREFLYER_VERBOSE")))
