@@ -172,6 +172,14 @@ class Clients(ApiModel):
                 "clients.mountPoint must be an absolute path",
                 ".mountPoint",
             ),
+            # The FUSE pods share the mount point's parent with the host (Bidirectional), so a
+            # one-level path would share the host's root; the path also reaches a shell line.
+            cel(
+                "self.mountPoint.matches('^(/[A-Za-z0-9._-]+){2,}$') && !self.mountPoint.contains('/..')",
+                "clients.mountPoint must have at least two levels below / (e.g. /3fs/stage: its parent "
+                "is shared with the host) of letters, digits, '.', '_' and '-', with no '..'",
+                ".mountPoint",
+            ),
         )
     )
 

@@ -182,6 +182,8 @@ MALFORMED: list[tuple[str, dict[str, Any], list[str]]] = [
     (TFS, {"spec.storage.diskPathTemplate": "/storage/data"}, ["spec.storage.diskPathTemplate", "{disk}"]),
     (TFS, {"spec.storage.stripeSize": 1000}, ["spec.storage.stripeSize", "number of chains"]),
     (TFS, {"spec.clients.mountPoint": "3fs"}, ["spec.clients.mountPoint", "absolute path"]),
+    (TFS, {"spec.clients.mountPoint": "/3fs"}, ["spec.clients.mountPoint", "two levels"]),
+    (TFS, {"spec.clients.mountPoint": "/3fs/a;reboot"}, ["spec.clients.mountPoint", "two levels"]),
     (
         TFS,
         {"spec.monitor.clickhouse": "external"},

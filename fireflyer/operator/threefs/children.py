@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -384,7 +385,7 @@ def fuse_daemonset(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_digest: 
     cluster = cr["metadata"]["name"]
     mount_parent = spec.clients.mount_point.rsplit("/", 1)[0] or "/"
     command = (
-        f"set -e; mkdir -p {spec.clients.mount_point}; ulimit -l unlimited; "
+        f"set -e; mkdir -p {shlex.quote(spec.clients.mount_point)}; ulimit -l unlimited; "
         f"exec /opt/3fs/bin/hf3fs_fuse_main --launcher_cfg {CONFIG_DIR}/fuse/hf3fs_fuse_main_launcher.toml"
     )
     pod_spec: dict[str, Any] = {
