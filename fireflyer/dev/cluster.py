@@ -261,6 +261,11 @@ def up(
 
         require_privileges()
     existing = _running_state(state_dir)
+    if existing is not None and (existing.local_nodes or existing.play_threefs):
+        pid = existing.pids.get("pod-runtime")
+        if pid is None or not processes.is_ours(pid, _binary_of("pod-runtime")):
+            _log("the pod runtime is not running: starting it again (its pods start again)")
+            _start_runtime(existing)
     if existing is not None:
         _log(
             f"a dev cluster is already running from {state_dir} (topology {existing.topology}, "
