@@ -160,6 +160,11 @@ class PodWorker:
 
     def _start(self, c: _Container) -> None:
         st = c.state
+        refusal = podspec.unsupported(self.pod)
+        if refusal:
+            st.waiting_reason, st.message = "CreateContainerConfigError", refusal
+            c.restart_at = time.monotonic() + 30.0
+            return
         try:
             env = podspec.container_env(
                 self.pod, c.spec, self._lookup, {**self.ctx.base_env, "HOSTNAME": self.name}

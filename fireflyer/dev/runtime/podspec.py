@@ -126,6 +126,17 @@ def argv(container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
     return [expand(str(part), env) for part in [*command, *(container.get("args") or [])]]
 
 
+def unsupported(pod: Mapping[str, Any]) -> str:
+    """Why the local runtime cannot run this pod as asked ("" when it can): better a pod that
+    says so than one that runs without what it asked for."""
+    spec = pod.get("spec", {})
+    if spec.get("initContainers"):
+        return "init containers are not supported by the local runtime"
+    if spec.get("hostNetwork"):
+        return "hostNetwork pods are not supported by the local runtime (every pod has its own network)"
+    return ""
+
+
 def decode_secret(data: Mapping[str, str] | None) -> dict[str, str]:
     return {k: base64.b64decode(v).decode(errors="replace") for k, v in (data or {}).items()}
 
