@@ -62,3 +62,14 @@ def merge(
         kept = old.get("lastTransitionTime") if old and old.get("status") == cond["status"] else None
         merged.append({**cond, "lastTransitionTime": kept or now, "observedGeneration": generation})
     return merged
+
+
+def invalid_spec_status(cr: dict[str, Any], message: str, now: str) -> dict[str, Any]:
+    """The status of a resource whose spec could not be read: not Ready, Degraded, saying why,
+    for this generation (so kstatus and GitOps tools see the failure is about the current spec),
+    with the other conditions kept."""
+    generation = int(cr["metadata"].get("generation", 0))
+    previous = (cr.get("status") or {}).get("conditions") or []
+    why = message[:1000]
+    desired = [condition(READY, False, INVALID_SPEC, why), condition(DEGRADED, True, INVALID_SPEC, why)]
+    return {"conditions": merge(previous, desired, now, generation), "observedGeneration": generation}

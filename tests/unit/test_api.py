@@ -89,3 +89,19 @@ def test_defaulted_objects_fill_their_fields() -> None:
     assert model.spec.model.architecture.routed_experts == 256
     assert model.spec.placement.required_level == "spine"
     assert model.spec.network.rdma_resource == "rdma/ib"
+
+
+def test_an_unreadable_spec_reports_not_ready_and_degraded_for_its_generation() -> None:
+    from fireflyer.api import conditions as C
+
+    placed = {"type": "Placed", "status": "True", "reason": "UnitsPlaced", "lastTransitionTime": "t0"}
+    ready = {"type": "Ready", "status": "False", "reason": "Placing", "lastTransitionTime": "t1"}
+    cr = {"metadata": {"generation": 7}, "status": {"conditions": [placed, ready]}}
+    status = C.invalid_spec_status(cr, "x" * 5000, "t2")
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert status["observedGeneration"] == 7
+    assert by_type["Ready"]["reason"] == C.INVALID_SPEC and by_type["Ready"]["status"] == "False"
+    assert by_type["Ready"]["lastTransitionTime"] == "t1"  # it did not flip
+    assert by_type["Degraded"]["status"] == "True" and by_type["Degraded"]["lastTransitionTime"] == "t2"
+    assert by_type["Placed"] == placed  # another part's condition is kept
+    assert len(by_type["Ready"]["message"]) == 1000

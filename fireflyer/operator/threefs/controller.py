@@ -150,12 +150,8 @@ def reconcile(namespace: str, name: str) -> Desired | None:
         try:
             desired = plan(cr, observe(cr))
         except ValidationError as exc:
-            kube.patch_status(
-                KIND,
-                name,
-                namespace,
-                {"conditions": [C.condition(C.READY, False, C.INVALID_SPEC, str(exc)[:1000])]},
-            )
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            kube.patch_status(KIND, name, namespace, C.invalid_spec_status(cr, str(exc), now))
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         apply(cr, desired)
         return desired

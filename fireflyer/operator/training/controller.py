@@ -130,8 +130,8 @@ def reconcile(
             observed = Observed([], [], [], None) if finished(cr) else observe(cr, nodes, pods)
             desired = plan(cr, observed)
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
-            invalid = [C.condition(C.READY, False, C.INVALID_SPEC, str(exc)[:1000])]
-            kube.patch_status(KIND, name, namespace, {"conditions": invalid})
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            kube.patch_status(KIND, name, namespace, C.invalid_spec_status(cr, str(exc), now))
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         apply(cr, desired)
         return desired
