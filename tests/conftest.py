@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fireflyer.dev import demo, operator_process
-from tests.kube import Kube, wait_for
+from tests.kube import Kube, fresh_namespace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tests run their own cluster beside a demo cluster that may be up on the default ports.
@@ -79,9 +79,9 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = Operator(crds.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+@contextlib.contextmanager
+def running_operator(kubeconfig: Path, log: Path) -> Iterator[Operator]:
+    op = Operator(kubeconfig, log)
     op.start()
     try:
         yield op
@@ -89,16 +89,14 @@ def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
         op.stop()
 
 
+@pytest.fixture(scope="session")
+def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    with running_operator(crds.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log") as op:
+        yield op
+
+
 @pytest.fixture
 def kube(cluster: Kube, request: pytest.FixtureRequest) -> Iterator[Kube]:
     """A fresh namespace for one test, deleted afterwards."""
     base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    name = f"{base}-{uuid.uuid4().hex[:5]}"
-    cluster.run("create", "namespace", name, namespaced=False)
-    ns = cluster.with_namespace(name)
-    wait_for(f"the default ServiceAccount in {name}", lambda: ns.exists("serviceaccount", "default"))
-    try:
-        yield ns
-    finally:
-        # Wait, so that the next test finds the GPUs free again.
-        cluster.run("delete", "namespace", name, "--timeout=90s", namespaced=False, check=False)
+    yield from fresh_namespace(cluster, base)

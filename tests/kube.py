@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,17 @@ def condition(obj: dict[str, Any], cond_type: str) -> dict[str, Any] | None:
         if cond.get("type") == cond_type:
             return dict(cond)
     return None
+
+
+def fresh_namespace(cluster: Kube, base: str, *delete_flags: str) -> Iterator[Kube]:
+    """A namespace of its own (for a test or a module), deleted afterwards with everything in it;
+    delete_flags default to waiting up to 90 s, so that the next test finds the GPUs free."""
+    name = f"{base}-{uuid.uuid4().hex[:5]}"
+    cluster.run("create", "namespace", name, namespaced=False)
+    ns = cluster.with_namespace(name)
+    wait_for(f"the default ServiceAccount in {name}", lambda: ns.exists("serviceaccount", "default"))
+    try:
+        yield ns
+    finally:
+        flags = delete_flags or ("--timeout=90s",)
+        cluster.run("delete", "namespace", name, *flags, namespaced=False, check=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -193,3 +194,17 @@ def patch_status(kind: str, name: str, namespace: str, status: dict[str, Any]) -
         {"status": status},
         content_type="application/merge-patch+json",
     )
+
+
+def invalid_spec(kind: str, cr: dict[str, Any], error: Exception) -> Exception:
+    """Say on the resource's status that its spec cannot be read (admission should have caught
+    it); → the error that stops kopf from retrying."""
+    import kopf
+
+    from fireflyer.api import conditions as C
+    from fireflyer.operator.planning import format_time
+
+    now = format_time(datetime.now(UTC))
+    meta = cr["metadata"]
+    patch_status(kind, meta["name"], meta["namespace"], C.invalid_spec_status(cr, str(error), now))
+    return kopf.PermanentError(f"invalid spec: {error}")

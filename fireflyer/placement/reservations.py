@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fireflyer.placement.pinning import HOSTNAME
 from fireflyer.placement.topology import GPU_RESOURCE, parse_quantity
-
-HOSTNAME = "kubernetes.io/hostname"
 
 
 def planned_nodes(workload: Mapping[str, Any]) -> list[str]:

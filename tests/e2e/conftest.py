@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from fireflyer.dev import cluster as dev_cluster
 from fireflyer.dev import demo
-from tests.conftest import TEST_PORT_BASE, Operator
-from tests.kube import Kube, wait_for
+from tests.conftest import TEST_PORT_BASE, Operator, running_operator
+from tests.kube import Kube
 
 LOCAL_NODES = 4
 # Beside the integration tests' clusters (TEST_PORT_BASE, + 1000 for the large topology).
@@ -36,26 +35,11 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 
 @pytest.fixture(scope="package")
 def local_operator(local_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = Operator(local_cluster.kubeconfig, tmp_path_factory.mktemp("operator-local") / "operator.log")
-    op.start()
-    try:
+    log = tmp_path_factory.mktemp("operator-local") / "operator.log"
+    with running_operator(local_cluster.kubeconfig, log) as op:
         yield op
-    finally:
-        op.stop()
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     return str(demo.ensure_tiny_model())
-
-
-def fresh_namespace(cluster: Kube, prefix: str) -> Iterator[Kube]:
-    """A namespace for one test; deleted afterwards with everything in it, processes included."""
-    name = f"{prefix}-{uuid.uuid4().hex[:5]}"
-    cluster.run("create", "namespace", name, namespaced=False)
-    kube = cluster.with_namespace(name)
-    wait_for(f"the default ServiceAccount in {name}", lambda: kube.exists("serviceaccount", "default"))
-    try:
-        yield kube
-    finally:
-        cluster.run("delete", "namespace", name, "--timeout=120s", namespaced=False, check=False)

@@ -17,8 +17,8 @@ import yaml
 
 from fireflyer.dev import demo
 from tests.conftest import Operator
-from tests.e2e.conftest import fresh_namespace, needs_root
-from tests.kube import Kube, wait_for
+from tests.e2e.conftest import needs_root
+from tests.kube import Kube, fresh_namespace, wait_for
 
 pytestmark = [pytest.mark.integration, needs_root]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def _netns_pids(uid: str) -> list[str]:
 
 @pytest.fixture
 def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Iterator[Kube]:
-    yield from fresh_namespace(local_cluster, "infd-cpu")
+    yield from fresh_namespace(local_cluster, "infd-cpu", "--timeout=120s")
 
 
 def test_cpu_sample_serves_through_the_router_recovers_a_unit_and_cleans_up(ns: Kube) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import fresh_namespace, needs_root
-from tests.kube import Kube, condition, wait_for
+from tests.e2e.conftest import needs_root
+from tests.kube import Kube, condition, fresh_namespace, wait_for
 
 pytestmark = [pytest.mark.integration, needs_root]
 LOCAL = {"fireflyer.dev/local-runtime": "true"}
@@ -31,7 +31,7 @@ def _pod(name: str, command: str, **extra: object) -> dict[str, object]:
 
 @pytest.fixture
 def ns(local_cluster: Kube) -> Iterator[Kube]:
-    yield from fresh_namespace(local_cluster, "runtime")
+    yield from fresh_namespace(local_cluster, "runtime", "--timeout=120s")
 
 
 def _status(kube: Kube, pod: str) -> dict[str, object]:

@@ -17,8 +17,8 @@ import yaml
 
 from fireflyer.dev import demo
 from tests.conftest import Operator
-from tests.e2e.conftest import fresh_namespace, needs_root
-from tests.kube import Kube, wait_for
+from tests.e2e.conftest import needs_root
+from tests.kube import Kube, fresh_namespace, wait_for
 
 pytestmark = [pytest.mark.integration, needs_root]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def _kill_pod_processes(uid: str) -> int:
 @pytest.fixture
 def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Iterator[Kube]:
     demo.ensure_docs_dataset(Path(tiny_model))
-    yield from fresh_namespace(local_cluster, "train-cpu")
+    yield from fresh_namespace(local_cluster, "train-cpu", "--timeout=120s")
 
 
 def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(ns: Kube, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ with a message that names the field to fix."""
 from __future__ import annotations
 
 import copy
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube import Kube, wait_for
+from tests.kube import Kube, fresh_namespace
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,14 +40,7 @@ def _mutate(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def dry_run(crds: Kube) -> Iterator[Kube]:
     """One namespace for every server-side dry run: they create nothing, so they can share it."""
-    name = f"admission-dry-run-{uuid.uuid4().hex[:5]}"
-    crds.run("create", "namespace", name, namespaced=False)
-    ns = crds.with_namespace(name)
-    wait_for(f"the default ServiceAccount in {name}", lambda: ns.exists("serviceaccount", "default"))
-    try:
-        yield ns
-    finally:
-        crds.run("delete", "namespace", name, "--wait=false", namespaced=False, check=False)
+    yield from fresh_namespace(crds, "admission-dry-run", "--wait=false")
 
 
 @pytest.mark.parametrize("path", sorted(SAMPLES.rglob("*.yaml")), ids=lambda p: p.name)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Operator, install_crds
+from tests.conftest import install_crds, running_operator
 from tests.kube import Kube, condition, wait_for
 
 pytestmark = pytest.mark.integration
@@ -19,12 +19,10 @@ TOPOGRAPH = "network.topology.nvidia.com/"
 @pytest.fixture(scope="module")
 def deepseek_operator(deepseek_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     install_crds(deepseek_cluster)
-    op = Operator(deepseek_cluster.kubeconfig, tmp_path_factory.mktemp("ds-operator") / "operator.log")
-    op.start()
-    try:
+    with running_operator(
+        deepseek_cluster.kubeconfig, tmp_path_factory.mktemp("ds-operator") / "operator.log"
+    ):
         yield deepseek_cluster
-    finally:
-        op.stop()
 
 
 def test_deepseek_sample_units_land_in_the_tightest_domain(deepseek_operator: Kube) -> None:

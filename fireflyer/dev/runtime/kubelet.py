@@ -46,7 +46,9 @@ class Kubelet:
         network_index: int,
         slots: int = 2,
         kubelet_port: int = 0,
+        stop: threading.Event | None = None,
     ) -> None:
+        """stop: set to end run() (the process's SIGTERM)."""
         require_privileges()
         api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.serializer = client.ApiClient()
@@ -78,7 +80,7 @@ class Kubelet:
             },
             host_ip=self.network.cluster.host_ip,
         )
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
 
     # -- API helpers ----------------------------------------------------------------------------
 
@@ -256,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     kubelet = None
     if args.nodes:
         kubelet = Kubelet(
-            args.kubeconfig, args.state_dir, args.nodes, args.network_index, args.slots, args.kubelet_port
+            args.kubeconfig,
+            args.state_dir,
+            args.nodes,
+            args.network_index,
+            args.slots,
+            args.kubelet_port,
+            stop,
         )
-        kubelet._stop = stop
     try:
         if kubelet is not None:
             kubelet.run()

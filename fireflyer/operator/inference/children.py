@@ -12,6 +12,7 @@ from fireflyer.operator.inference.engines import SERVE_PORT, UnitContext, image,
 from fireflyer.operator.network import network_env
 from fireflyer.operator.network import node_hca as node_hca  # re-exported: the plan uses it
 from fireflyer.operator.objects import owner_reference
+from fireflyer.placement.pinning import pod_placement
 
 ROUTER_PORT = 8000
 ROUTER_CONFIG_DIR = "/etc/fireflyer/router"
@@ -113,10 +114,7 @@ def statefulset(
     rev = revision(spec, role_name, nodes)
     selector = {L.DEPLOYMENT: deployment, L.ROLE: role_name, L.UNIT: str(index)}
     pod_labels = {**base_labels(deployment, "unit"), **selector, L.REVISION: rev}
-    level, label_key, domain_value = domain
-    match = [{"key": "kubernetes.io/hostname", "operator": "In", "values": list(nodes)}]
-    if label_key:
-        match.append({"key": label_key, "operator": "In", "values": [domain_value]})
+    level, _, domain_value = domain
     ctx = UnitContext(
         deployment, role_name, index, leader_host(deployment, role_name, index, namespace), "$NCCL_IB_HCA"
     )
@@ -170,30 +168,7 @@ def statefulset(
                     "schedulerName": spec.placement.scheduler_name or "default-scheduler",
                     "hostNetwork": spec.network.host_network,
                     "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
-                    "affinity": {
-                        "nodeAffinity": {
-                            "requiredDuringSchedulingIgnoredDuringExecution": {
-                                "nodeSelectorTerms": [{"matchExpressions": match}]
-                            }
-                        },
-                        "podAntiAffinity": {
-                            "requiredDuringSchedulingIgnoredDuringExecution": [
-                                {
-                                    "labelSelector": {"matchLabels": selector},
-                                    "topologyKey": "kubernetes.io/hostname",
-                                }
-                            ]
-                        },
-                    },
-                    "tolerations": [
-                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-                        *(t.to_wire() for t in spec.placement.tolerations),
-                    ],
-                    **(
-                        {"nodeSelector": dict(spec.placement.node_selector)}
-                        if spec.placement.node_selector
-                        else {}
-                    ),
+                    **pod_placement(spec.placement, selector, nodes, domain),
                     "containers": [container],
                     "volumes": [
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE[role_name]}},

@@ -131,9 +131,7 @@ def reconcile(
             pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
             desired = plan(cr, observe(cr, nodes, pods))
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            kube.patch_status(KIND, name, namespace, C.invalid_spec_status(cr, str(exc), now))
-            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+            raise kube.invalid_spec(KIND, cr, exc) from exc
         apply(cr, desired, force)
         return desired
 

@@ -10,8 +10,10 @@ from fireflyer.api import conditions as C
 from fireflyer.api.inference import InferenceDeployment, InferenceDeploymentSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference import children
+from fireflyer.operator.planning import Event, format_time, parse_time
 from fireflyer.placement import UnitRequest, build_topology, plan_units
 from fireflyer.placement.planner import CLUSTER
+from fireflyer.placement.reservations import planned_nodes, reservations
 from fireflyer.placement.topology import level_keys
 
 ROLES = ("prefill", "decode")
@@ -32,13 +34,6 @@ class Observed:
     failed_units: dict[str, str] = field(default_factory=dict)
     """Unit name → a failure seen in a pod event (the pod itself may already be replaced)."""
     router_service: dict[str, Any] | None = None
-
-
-@dataclass
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass
@@ -67,36 +62,6 @@ def _ready(pod: dict[str, Any]) -> bool:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in pod.get("status", {}).get("conditions", []) or []
     )
-
-
-def _sts_nodes(sts: dict[str, Any] | None) -> list[str]:
-    if not sts:
-        return []
-    terms = (
-        sts["spec"]["template"]["spec"]
-        .get("affinity", {})
-        .get("nodeAffinity", {})
-        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
-        .get("nodeSelectorTerms", [])
-    )
-    for term in terms:
-        for expr in term.get("matchExpressions", []):
-            if expr.get("key") == "kubernetes.io/hostname":
-                return list(expr.get("values", []))
-    return []
-
-
-def _iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(ts: str | None) -> datetime | None:
-    if not ts:
-        return None
-    try:
-        return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def plan(cr: dict[str, Any], observed: Observed) -> Desired:
@@ -143,7 +108,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     # Units that are broken lose their placement and are planned again from scratch.
     keep: dict[str, list[str]] = {}
     for unit in units:
-        nodes = _sts_nodes(unit.sts)
+        nodes = planned_nodes(unit.sts or {})
         if not nodes:
             continue
         broken = observed.failed_units.get(unit.name) or _broken(unit, topology, spec, now)
@@ -199,7 +164,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             unit_status.append({"role": unit.role, "index": unit.index, "ready": False, "leader": leader})
             unavailable[unit.role] += 1
             continue
-        old_nodes = _sts_nodes(unit.sts)
+        old_nodes = planned_nodes(unit.sts or {})
         same = unit.sts is not None and list(p.nodes) == old_nodes
         annotations = (unit.sts or {}).get("metadata", {}).get("annotations", {})
         # A unit recreated now (even on its old nodes) gets a fresh bind deadline: its pods are
@@ -216,7 +181,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                 unit.index,
                 p.nodes,
                 (p.level, label_key, p.domain),
-                placed_at or _iso(now),
+                placed_at or format_time(now),
             )
         )
         desired_children.append(children.headless_service(cr, unit.role, unit.index))
@@ -284,45 +249,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     return Desired(desired_children, recreate, events, status, requeue)
 
 
-def reservations(
-    statefulsets: list[dict[str, Any]], pods: list[dict[str, Any]], rdma_resource: str
-) -> dict[str, tuple[int, int]]:
-    """Nodes planned for other units whose pods are not bound there yet: the StatefulSet
-    controller creates pods after the plan is applied, and nobody else may take those GPUs."""
-    bound = {
-        (
-            p["metadata"].get("namespace"),
-            (p["metadata"].get("labels") or {}).get(L.UNIT),
-            (p["metadata"].get("labels") or {}).get(L.ROLE),
-            (p["metadata"].get("labels") or {}).get(L.DEPLOYMENT),
-            p["spec"].get("nodeName"),
-        )
-        for p in pods
-        if p["spec"].get("nodeName")
-    }
-    reserved: dict[str, tuple[int, int]] = {}
-    for sts in statefulsets:
-        labels = sts["metadata"].get("labels") or {}
-        limits = sts["spec"]["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
-        gpus = int(limits.get("nvidia.com/gpu", 0))
-        rdma = int(limits.get(rdma_resource, 0))
-        for node in _sts_nodes(sts):
-            key = (
-                sts["metadata"].get("namespace"),
-                labels.get(L.UNIT),
-                labels.get(L.ROLE),
-                labels.get(L.DEPLOYMENT),
-                node,
-            )
-            if key not in bound:
-                g, r = reserved.get(node, (0, 0))
-                reserved[node] = (g + gpus, r + rdma)
-    return reserved
-
-
 def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: datetime) -> str:
     """Why a placed unit must be torn down and planned again ("" when it is fine)."""
-    nodes = _sts_nodes(unit.sts)
+    nodes = planned_nodes(unit.sts or {})
     for node in nodes:
         info = topology.nodes.get(node)
         if info is None:
@@ -341,7 +270,7 @@ def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: date
     created = sorted(
         (t, pod["metadata"]["name"])
         for pod in members
-        if (t := _parse(pod["metadata"].get("creationTimestamp"))) is not None
+        if (t := parse_time(pod["metadata"].get("creationTimestamp"))) is not None
     )
     if len(created) > 1 and (created[-1][0] - created[0][0]).total_seconds() > REPLACED_ALONE_SECONDS:
         return f"pod {created[-1][1]} was replaced on its own (its rank restarted)"
@@ -351,13 +280,13 @@ def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: date
         # Waiting since the oldest pod that is not running was created (or since placement,
         # for pods the StatefulSet has not created yet).
         waiting = [
-            _parse(p["metadata"].get("creationTimestamp"))
+            parse_time(p["metadata"].get("creationTimestamp"))
             for p in members
             if p.get("status", {}).get("phase") != "Running"
         ]
         if len(members) < role.nodes_per_unit:
             waiting.append(
-                _parse((unit.sts or {}).get("metadata", {}).get("annotations", {}).get(L.PLACED_AT))
+                parse_time((unit.sts or {}).get("metadata", {}).get("annotations", {}).get(L.PLACED_AT))
             )
         since = min((t for t in waiting if t is not None), default=None)
         if since and (now - since).total_seconds() > spec.placement.bind_timeout_seconds:

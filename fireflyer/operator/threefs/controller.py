@@ -150,9 +150,7 @@ def reconcile(namespace: str, name: str) -> Desired | None:
         try:
             desired = plan(cr, observe(cr))
         except ValidationError as exc:
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            kube.patch_status(KIND, name, namespace, C.invalid_spec_status(cr, str(exc), now))
-            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+            raise kube.invalid_spec(KIND, cr, exc) from exc
         apply(cr, desired)
         return desired
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fireflyer.api import conditions as C
 from fireflyer.api.threefs import ThreeFSCluster, ThreeFSClusterSpec
+from fireflyer.operator.planning import Event
 from fireflyer.operator.threefs import children as K
 from fireflyer.operator.threefs.admin_jobs import (
     StepResult,
@@ -48,13 +49,6 @@ META_READY = "MetaReady"
 STORAGE_READY = "StorageReady"
 CHAIN_TABLE_READY = "ChainTableReady"
 CLIENTS_READY = "ClientsReady"
-
-
-@dataclass
-class Event:
-    type: str
-    reason: str
-    message: str
 
 
 @dataclass

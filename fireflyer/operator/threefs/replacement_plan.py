@@ -80,7 +80,8 @@ def plan_replacement(
     new_id_rendered: this pass's storage configuration already gives the replaced ordinal its
     new node id (the old pod is only deleted then, so its successor cannot start as the old node).
     """
-    from fireflyer.operator.threefs.plan import Event, _launch
+    from fireflyer.operator.planning import Event
+    from fireflyer.operator.threefs.plan import _launch
 
     pods = _storage_pods(observed)
     current = status.get("replacement")
@@ -196,7 +197,7 @@ def _detect_failure(
 
 def record_replacement_step(step: str, status: dict[str, Any], desired: Desired, now: datetime) -> None:
     """An admin step of the replacement finished: move to the next stage."""
-    from fireflyer.operator.threefs.plan import Event
+    from fireflyer.operator.planning import Event
 
     current = status.get("replacement")
     if not current:

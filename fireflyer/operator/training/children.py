@@ -22,6 +22,7 @@ from fireflyer.api.training import TrainingJobSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.network import hca_env, network_env
 from fireflyer.operator.objects import owner_reference
+from fireflyer.placement.pinning import pod_placement
 
 MASTER_PORT = 29500
 STATUS_PORT = 29600
@@ -135,37 +136,6 @@ def _host_paths(spec: TrainingJobSpec) -> list[tuple[str, str, bool]]:
     return [(name, path, ro) for path, (name, ro) in paths.items()]
 
 
-def _placement_rules(
-    spec: TrainingJobSpec, selector: dict[str, str], nodes: tuple[str, ...], domain: tuple[str, str, str]
-) -> dict[str, Any]:
-    _, label_key, domain_value = domain
-    match = [{"key": "kubernetes.io/hostname", "operator": "In", "values": list(nodes)}]
-    if label_key:
-        match.append({"key": label_key, "operator": "In", "values": [domain_value]})
-    rules: dict[str, Any] = {
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [{"matchExpressions": match}]
-                }
-            },
-            # One pod per node: a rank owns its node's GPUs and NICs.
-            "podAntiAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": [
-                    {"labelSelector": {"matchLabels": selector}, "topologyKey": "kubernetes.io/hostname"}
-                ]
-            },
-        },
-        "tolerations": [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-            *(t.to_wire() for t in spec.placement.tolerations),
-        ],
-    }
-    if spec.placement.node_selector:
-        rules["nodeSelector"] = dict(spec.placement.node_selector)
-    return rules
-
-
 def job(
     cr: dict[str, Any],
     spec: TrainingJobSpec,
@@ -242,7 +212,7 @@ def job(
                     "schedulerName": spec.placement.scheduler_name or "default-scheduler",
                     "hostNetwork": spec.network.host_network,
                     "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
-                    **_placement_rules(spec, selector, nodes, domain),
+                    **pod_placement(spec.placement, selector, nodes, domain),
                     "containers": [container],
                     "volumes": volumes,
                 },

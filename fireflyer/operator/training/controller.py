@@ -130,9 +130,7 @@ def reconcile(
             observed = Observed([], [], [], None) if finished(cr) else observe(cr, nodes, pods)
             desired = plan(cr, observed)
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            kube.patch_status(KIND, name, namespace, C.invalid_spec_status(cr, str(exc), now))
-            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+            raise kube.invalid_spec(KIND, cr, exc) from exc
         apply(cr, desired)
         return desired
 

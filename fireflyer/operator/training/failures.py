@@ -3,21 +3,13 @@ failed, pods not scheduled in time. Pure."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from fireflyer.api.training import TrainingJobSpec
 from fireflyer.operator import labels as L
+from fireflyer.operator.planning import parse_time
 from fireflyer.placement.reservations import planned_nodes
-
-
-def _parse(ts: str | None) -> datetime | None:
-    if not ts:
-        return None
-    try:
-        return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -120,7 +112,7 @@ def failure(
         return f"Job failed: {failed_cond.get('reason', '')}: {failed_cond.get('message', '')}", lost
     if int(job.get("status", {}).get("failed") or 0) > 0:
         return f"Job counts {job['status']['failed']} failed pods", lost
-    placed_at = _parse((job["metadata"].get("annotations") or {}).get(L.PLACED_AT))
+    placed_at = parse_time((job["metadata"].get("annotations") or {}).get(L.PLACED_AT))
     scheduled = sum(
         1 for p in pods if p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")
     )

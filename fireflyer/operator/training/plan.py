@@ -25,6 +25,7 @@ from fireflyer.api import conditions as C
 from fireflyer.api.base import LEVEL_RANK
 from fireflyer.api.training import TrainingJob, TrainingJobSpec
 from fireflyer.operator import labels as L
+from fireflyer.operator.planning import Event, format_time
 from fireflyer.operator.training import children
 from fireflyer.operator.training.failures import failure, job_condition, node_problem, owner_uid
 from fireflyer.operator.training.progress import rank0_final
@@ -51,13 +52,6 @@ class Observed:
 
 
 @dataclass
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass
 class Desired:
     children: list[dict[str, Any]]
     """Applied with server-side apply: the Service always, the Job when an attempt starts."""
@@ -71,10 +65,6 @@ class Desired:
     """Stop the Job's remaining pods: the job Failed for good."""
     persist_first: bool = False
     """Patch the status before anything is deleted, so that a restart is counted exactly once."""
-
-
-def _iso(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _conditions(
@@ -384,7 +374,7 @@ def _start(
     label_key = keys.get(p.level, "") if p.level != CLUSTER else ""
     node_objs = [n for n in observed.nodes if n["metadata"]["name"] in p.nodes]
     job = children.job(
-        cr, spec, restarts, p.nodes, (p.level, label_key, p.domain), _iso(observed.now), node_objs
+        cr, spec, restarts, p.nodes, (p.level, label_key, p.domain), format_time(observed.now), node_objs
     )
     where = "the whole cluster" if p.level == CLUSTER else f"{p.level} {p.domain}"
     message = f"attempt {restarts}: {want} nodes in {where}: {', '.join(p.nodes)}"
