@@ -505,7 +505,8 @@ class Dispatcher:
     # -- combine ---------------------------------------------------------------------------------
 
     def combine(self, expert_out: torch.Tensor, handle: Any, *, masked: bool = False) -> torch.Tensor:
-        """Σ_k weight_k · expert_k(token), in BF16 (accumulated in FP32).
+        """Σ_k weight_k · expert_k(token), in BF16 (accumulated in FP32); the portable transport
+        returns FP32 for FP32 expert outputs, so an FP32 model's results do not depend on the split.
 
         expert_out: [entries, hidden] in dispatch's grouped order, or with masked=True the
         low-latency masked layout [local experts, capacity, hidden].
@@ -526,7 +527,8 @@ class Dispatcher:
         else:
             source, positions = expert_out, handle.row_entries
         # One row per (token, rank): the weighted sum of this rank's experts for that token.
-        per_row = gather_sum(source, positions, handle.row_weights, torch.bfloat16)
+        out_dtype = torch.float32 if expert_out.dtype == torch.float32 else torch.bfloat16
+        per_row = gather_sum(source, positions, handle.row_weights, out_dtype)
         back = self._exchange(per_row, handle.recv_counts, handle.send_counts, len(handle.send_token))
         ones = torch.ones(handle.token_rows.shape, dtype=torch.float32, device=back.device)
-        return gather_sum(back, handle.token_rows, ones, torch.bfloat16)
+        return gather_sum(back, handle.token_rows, ones, out_dtype)

@@ -146,5 +146,19 @@ class DeepseekV3(nn.Module):
             x = block(x, positions, self.rotary, cache, meta)
         return self.norm(x)
 
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether MoE layers dispatch to an expert-parallel group (every rank must then run
+        every MoE layer in step with the others)."""
+        return any(isinstance(b.mlp, MoE) and b.mlp.dispatcher is not None for b in self.blocks)
+
+    def idle_pass(self) -> None:
+        """A rank with no tokens this step still takes part in every expert-parallel MoE layer's
+        dispatch and combine, so the ranks that have tokens are not left waiting."""
+        empty = torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE) and block.mlp.dispatcher is not None:
+                block.mlp(empty)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

@@ -144,7 +144,9 @@ class Experts(nn.Module):
         """Expert parallelism: tokens go to the ranks hosting their experts (FP8 rows when the
         weights are FP8), come back weighted and summed. Every rank of the group calls this."""
         payload: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-        payload = fp8.quantize_per_token_group(x) if self.fp8 else x.to(torch.bfloat16)
+        # GPU transports move BF16 (or FP8) rows; the portable one keeps an FP32 model in FP32.
+        wire = x.dtype if dispatcher.transport == "portable" and x.dtype == torch.float32 else torch.bfloat16
+        payload = fp8.quantize_per_token_group(x) if self.fp8 else x.to(wire)
         received, handle = dispatcher.dispatch(payload, ids, weights.float())
         # Entries come grouped by local expert; low-latency mode pads them with invalid ones at the end.
         counts = received.tokens_per_expert.long()
@@ -155,7 +157,7 @@ class Experts(nn.Module):
         rows = received.x if self.fp8 else received.x.to(x.dtype)
         out = self._run(route, rows, received.scales, x.dtype)
         out = torch.where((local < len(counts))[:, None], out, 0.0)  # padding entries read row 0
-        return dispatcher.combine(out.to(torch.bfloat16), handle).to(x.dtype)
+        return dispatcher.combine(out.to(wire), handle).to(x.dtype)
 
     def _run(
         self, route: _Route, rows: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype

@@ -25,6 +25,7 @@ from fireflyer.workloads.serve.types import (
     Sequence,
     TokenEvent,
 )
+from fireflyer.workloads.serve.unit.leader import UnitEngine
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class RequestStream:
 class AsyncEngine:
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: LLMEngine | UnitEngine,
         tokenizer: ServeTokenizer,
         model_name: str,
         metrics: EngineMetrics,
@@ -223,6 +224,10 @@ class AsyncEngine:
         self._reported_tier_hits = bm.tier_hit_tokens
         if preempted:
             self.metrics.record_preemptions(preempted)
+        if isinstance(self.engine, UnitEngine):
+            for rank, count in enumerate(self.engine.take_assigned()):
+                if count:
+                    self.metrics.record_rank_requests(rank, count)
 
     def _fail_all(self) -> None:
         with self._lock:

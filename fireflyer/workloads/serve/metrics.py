@@ -24,6 +24,8 @@ counters
   kv_tier_hit_tokens_total        prompt tokens whose KV was loaded from the KV block store tier
   requests_total{finish_reason}   finished requests by reason (stop, length, abort)
   preemptions_total               sequences preempted for lack of KV blocks
+  rank_requests_total{rank}       units of several ranks: requests the leader gave each
+                                  data-parallel rank (by least KV load)
 
 The engine loop calls the `record_*` / `set_*` methods; `render()` is the exposition.
 Each instance owns its registry, so several engines (or tests) never collide.
@@ -121,6 +123,12 @@ class EngineMetrics:
             self.requests.labels(reason.value)  # present at 0 before the first finish
         self.preemptions = Counter(PREFIX + "preemptions", "Sequences preempted", registry=r)
         self.eplb_balancedness: Gauge | None = None  # registered by the first set_eplb_balancedness
+        self.rank_requests = Counter(
+            PREFIX + "rank_requests",
+            "Requests given to each data-parallel rank of the unit",
+            ["rank"],
+            registry=r,
+        )
 
     # -- called by the engine loop -------------------------------------------------------------
 
@@ -133,6 +141,10 @@ class EngineMetrics:
         """Once per step: KV cache blocks in use and in all."""
         self.kv_blocks_used.set(used)
         self.kv_blocks_total.set(total)
+
+    def record_rank_requests(self, rank: int, n: int) -> None:
+        """Requests the unit's leader gave data-parallel rank `rank` since the last call."""
+        self.rank_requests.labels(str(rank)).inc(n)
 
     def record_prompt_tokens(self, n: int) -> None:
         """A request's prompt admitted (count every prompt token once, cached ones included)."""

@@ -41,6 +41,7 @@ class ModelRunner:
             for _ in range(model.config.num_hidden_layers)
         ]
         self.generators: dict[str, torch.Generator] = {}
+        self.expert_parallel = model.expert_parallel
         self.graphs: DecodeGraphs | None = None
         # Graphs need a decode without host synchronisation: the absorbed MLA in every layer.
         absorbed = all(block.self_attn.absorbed_decode for block in model.blocks)
@@ -60,6 +61,8 @@ class ModelRunner:
     def step(self, output: SchedulerOutput) -> dict[str, int]:
         """Compute the chunks; returns the sampled token of every chunk that reached its end."""
         if not output.chunks:
+            if self.expert_parallel:
+                self.model.idle_pass()  # the unit steps together: this rank joins with no tokens
             return {}
         inputs = build_step(output.chunks, self.device)
         rows = inputs.sample_rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -12,9 +13,12 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fireflyer.errors import FireflyerError
+
+if TYPE_CHECKING:
+    from fireflyer.workloads.serve.unit.topology import UnitShape
 
 GIB = 1 << 30
 BACKENDS = ("auto", "triton", "torch", "official")
@@ -83,15 +87,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
-def check_unit(args: argparse.Namespace) -> None:
-    """One rank per unit for now: a larger unit needs the multi-rank engine."""
-    world = args.nnodes * args.gpus_per_node
-    if world != 1 or args.expert_parallel > 1 or args.tensor_parallel > 1 or args.data_parallel > 1:
-        raise SystemExit(
-            f"fireflyer serve: this unit has {world} ranks (--nnodes {args.nnodes} × --gpus-per-node"
-            f" {args.gpus_per_node}, EP {args.expert_parallel}, DP {args.data_parallel}); this engine runs"
-            " one rank per unit: use nodesPerUnit 1 and gpusPerNode 1, or engine kind sglang/vllm"
+def check_unit(args: argparse.Namespace) -> UnitShape:
+    """The unit the flags describe; exits with the reason for one this engine cannot run."""
+    from fireflyer.workloads.serve.unit.topology import UnitShapeError, unit_shape
+
+    try:
+        return unit_shape(
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            gpus_per_node=args.gpus_per_node,
+            tensor_parallel=args.tensor_parallel,
+            data_parallel=args.data_parallel,
+            expert_parallel=args.expert_parallel,
+            dist_init_addr=args.dist_init_addr,
         )
+    except UnitShapeError as error:
+        raise SystemExit(f"fireflyer serve: {error}") from error
 
 
 def checkpoint_fingerprint(model_dir: Path, dtype: str) -> str:
@@ -106,43 +117,56 @@ def checkpoint_fingerprint(model_dir: Path, dtype: str) -> str:
     return digest.hexdigest()
 
 
-def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None) -> Any:
-    """Model, engine and API app from the flags; `on_failure` runs if the engine loop dies."""
+def resolve_device(args: argparse.Namespace, local_rank: int = 0) -> Any:
+    import torch
+
+    try:
+        if args.device == "auto":
+            device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        elif args.device == "cuda":
+            device = torch.device(f"cuda:{local_rank}")
+        else:
+            device = torch.device(args.device)
+    except RuntimeError as error:
+        raise FireflyerError(f"--device {args.device}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FireflyerError(f"--device {args.device}: no CUDA device is available")
+    if device.type != "cuda" and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
+    return device
+
+
+def load(args: argparse.Namespace, device: Any, parallel: Any = None) -> tuple[Any, Any]:
+    """The model (this rank's experts only, under `parallel`) and the tokenizer."""
     import torch
 
     from fireflyer.workloads.model.loader import load_model
     from fireflyer.workloads.model.model import Backends
-    from fireflyer.workloads.serve.api import create_app
-    from fireflyer.workloads.serve.async_engine import AsyncEngine
-    from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
-    from fireflyer.workloads.serve.metrics import EngineMetrics
     from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"fireflyer serve: {model_dir} is not a checkpoint directory (no config.json)")
-    try:
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        )
-    except RuntimeError as error:
-        raise FireflyerError(f"--device {args.device}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FireflyerError(f"--device {args.device}: no CUDA device is available")
-    on_gpu = device.type == "cuda"
-    if not on_gpu and args.cpu_threads > 0:
-        torch.set_num_threads(args.cpu_threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    log = logging.getLogger("fireflyer.serve")
-    log.info("loading %s on %s", model_dir, device)
+    logging.getLogger("fireflyer.serve").info("loading %s on %s", model_dir, device)
     model = load_model(
         model_dir,
         device=device,
         dtype=dtype,
+        parallel=parallel,
         backends=Backends(attention=args.attention_backend, gemm=args.gemm_backend),
     )
-    tokenizer = ServeTokenizer.from_pretrained(model_dir)
-    name = args.served_model_name or model_dir.resolve().name
+    return model, ServeTokenizer.from_pretrained(model_dir)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    return str(args.served_model_name or Path(args.model).resolve().name)
+
+
+def engine_config(args: argparse.Namespace, model: Any, **overrides: Any) -> Any:
+    from fireflyer.workloads.serve.engine import EngineConfig
+
+    on_gpu = model.device.type == "cuda"
     config = EngineConfig(
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs or (256 if on_gpu else 32),
@@ -155,10 +179,20 @@ def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None
         eplb_window_seconds=args.eplb_window_seconds,
         kv_cache_dir=Path(args.kv_cache_dir) if args.kv_cache_dir else None,
         kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
-        namespace=f"{name}/{checkpoint_fingerprint(model_dir, str(model.dtype))}",
+        namespace=f"{served_name(args)}/{checkpoint_fingerprint(Path(args.model), str(model.dtype))}",
     )
-    engine = LLMEngine(model, tokenizer.eos_token_ids, config)
-    served = AsyncEngine(engine, tokenizer, name, EngineMetrics(), on_failure=on_failure)
+    return dataclasses.replace(config, **overrides)
+
+
+def create_served_app(
+    engine: Any, tokenizer: Any, args: argparse.Namespace, on_failure: Callable[[], None] | None
+) -> Any:
+    """The API app over an engine (one rank's `LLMEngine`, or a unit's leader)."""
+    from fireflyer.workloads.serve.api import create_app
+    from fireflyer.workloads.serve.async_engine import AsyncEngine
+    from fireflyer.workloads.serve.metrics import EngineMetrics
+
+    served = AsyncEngine(engine, tokenizer, served_name(args), EngineMetrics(), on_failure=on_failure)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -171,20 +205,19 @@ def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None
     return create_app(served, lifespan=lifespan)
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    check_unit(args)
-    log = logging.getLogger("fireflyer.serve")
-    if args.role != "both":
-        log.info("role %s: a one-rank unit computes prefill and decode itself", args.role)
-    if args.dist_init_addr or args.placement_dir or args.redundant_experts:
-        log.info(
-            "one rank: --dist-init-addr, --dispatch-mode/--dispatch-backend, --placement-dir and"
-            " --redundant-experts take effect in units of several ranks"
-        )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None) -> Any:
+    """Model, engine and API app of a one-rank unit from the flags; `on_failure` runs if the
+    engine loop dies."""
+    from fireflyer.workloads.serve.engine import LLMEngine
+
+    device = resolve_device(args)
+    model, tokenizer = load(args, device)
+    engine = LLMEngine(model, tokenizer.eos_token_ids, engine_config(args, model))
+    return create_served_app(engine, tokenizer, args, on_failure)
+
+
+def serve_http(args: argparse.Namespace, make_app: Callable[[Callable[[], None]], Any]) -> int:
+    """Serve the app until shutdown; 1 when the engine failed (so that the pod restarts)."""
     import uvicorn
 
     server: uvicorn.Server | None = None
@@ -195,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build(args, on_failure=stop_serving)
+    app = make_app(stop_serving)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10
     )
@@ -205,3 +238,24 @@ def run(args: argparse.Namespace) -> int:
         print("fireflyer serve: the engine failed (see the log above); exiting", file=sys.stderr)
         return 1
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    shape = check_unit(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if shape.world > 1:
+        from fireflyer.workloads.serve.unit.launch import run_node
+
+        return run_node(args, shape)
+    log = logging.getLogger("fireflyer.serve")
+    if args.role != "both":
+        log.info("role %s: a one-rank unit computes prefill and decode itself", args.role)
+    if args.dist_init_addr or args.placement_dir or args.redundant_experts:
+        log.info(
+            "one rank: --dist-init-addr, --dispatch-mode/--dispatch-backend, --placement-dir and"
+            " --redundant-experts take effect in units of several ranks"
+        )
+    return serve_http(args, lambda on_failure: build(args, on_failure=on_failure))

@@ -1,0 +1,210 @@
+"""The unit's leader (rank 0): the engine the HTTP API drives when a unit has several ranks.
+
+It looks like one `LLMEngine` to `AsyncEngine`. Each request goes to the data-parallel rank with
+the least KV load; every step the leader broadcasts the new requests and aborts, all ranks step
+together (ranks without tokens join the MoE collectives with empty batches), and the leader
+gathers their tokens and applies them to its own copies of the sequences."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fireflyer.workloads.serve.block_manager import blocks_for
+from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine, StepEvent
+from fireflyer.workloads.serve.eplb_load import LoadWindow
+from fireflyer.workloads.serve.types import Sequence, SequenceStatus
+from fireflyer.workloads.serve.unit.protocol import NewRequest, RankReport, StepCommand
+from fireflyer.workloads.serve.unit.rank import RankEngine
+from fireflyer.workloads.serve.unit.topology import choose_rank
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0  # how often an idle leader shows the other ranks it is alive
+
+
+@dataclass
+class _CacheView:
+    """The unit's KV cache as the metrics see it: the sum over ranks (as last reported)."""
+
+    unit: UnitEngine
+
+    def _sum(self, name: str) -> int:
+        return sum(int(getattr(report, name)) for report in self.unit.reports)
+
+    @property
+    def num_blocks(self) -> int:
+        return self._sum("num_blocks")
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self._sum("used_blocks")
+
+    @property
+    def queried_tokens(self) -> int:
+        return self._sum("queried_tokens")
+
+    @property
+    def hit_tokens(self) -> int:
+        return self._sum("hit_tokens")
+
+    @property
+    def tier_hit_tokens(self) -> int:
+        return self._sum("tier_hit_tokens")
+
+
+@dataclass
+class _QueueView:
+    unit: UnitEngine
+
+    @property
+    def num_running(self) -> int:
+        return sum(report.running for report in self.unit.reports)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(report.waiting for report in self.unit.reports) + len(self.unit.pending_adds)
+
+
+class UnitEngine:
+    def __init__(self, local: LLMEngine, control_group: Any, world: int) -> None:
+        self.local = RankEngine(local, 0)
+        self.group = control_group
+        self.world = world
+        self.config: EngineConfig = local.config
+        self.max_model_len = local.max_model_len
+        self.eplb_load: LoadWindow | None = local.eplb_load
+        self.pending_adds: list[NewRequest] = []
+        self.pending_aborts: list[str] = []
+        self.remote: dict[str, tuple[int, Sequence]] = {}
+        # Blocks of the requests sent to each rank since its last report (its load in the meantime).
+        self.promised = [0] * world
+        blocks = local.block_manager.num_blocks
+        self.reports = [RankReport(rank=r, num_blocks=blocks) for r in range(world)]
+        self.block_manager = _CacheView(self)
+        self.scheduler = _QueueView(self)
+        self._assigned = [0] * world  # requests given to each rank, since `take_assigned`
+        self._last_exchange = time.monotonic()
+        self._stopped = False
+
+    # -- what AsyncEngine calls (the engine thread) ------------------------------------------------
+
+    def validate(self, seq: Sequence) -> None:
+        self.local.engine.validate(seq)  # every rank runs the same model with the same limits
+
+    def add(self, seq: Sequence) -> None:
+        self.validate(seq)
+        self.reports[0] = self.local.report([], 0, with_load=False)
+        loads = [self.reports[r].kv_load + self.promised[r] for r in range(self.world)]
+        running = [report.running for report in self.reports]
+        rank = choose_rank(loads, running)
+        self.promised[rank] += blocks_for(seq.num_tokens)
+        self._assigned[rank] += 1
+        if rank == 0:
+            self.local.engine.add(seq)
+            return
+        self.pending_adds.append(NewRequest(seq.request_id, list(seq.prompt_ids), seq.params, rank))
+        self.remote[seq.request_id] = (rank, seq)
+
+    def abort(self, request_id: str) -> bool:
+        if request_id in self.remote:
+            self.pending_aborts.append(request_id)
+            return True
+        return self.local.engine.abort(request_id)
+
+    def take_assigned(self) -> list[int]:
+        """Requests given to each rank since the last call (for the metrics)."""
+        assigned, self._assigned = self._assigned, [0] * self.world
+        return assigned
+
+    @property
+    def has_work(self) -> bool:
+        return bool(
+            self.local.engine.has_work
+            or self.pending_adds
+            or self.pending_aborts
+            or any(report.has_work for report in self.reports[1:])
+        )
+
+    def step(self) -> tuple[list[StepEvent], int]:
+        command = StepCommand(adds=self.pending_adds, aborts=self.pending_aborts, run=True)
+        self.pending_adds, self.pending_aborts = [], []
+        return self._exchange(command)
+
+    def idle(self) -> None:
+        if time.monotonic() - self._last_exchange >= HEARTBEAT_SECONDS:
+            self._exchange(StepCommand(run=False))
+        else:
+            self.local.engine.idle()
+
+    def close(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            try:
+                dist.broadcast_object_list([StepCommand(run=False, stop=True)], src=0, group=self.group)
+            except Exception as error:  # the other ranks are gone already
+                log.info("could not tell the unit's ranks to stop: %s", error)
+        self.local.engine.close()
+
+    # -- one step of the whole unit ----------------------------------------------------------------
+
+    def _exchange(self, command: StepCommand) -> tuple[list[StepEvent], int]:
+        dist.broadcast_object_list([command], src=0, group=self.group)
+        events, preempted = self.local.step(command)
+        mine = self.local.report(events, preempted, with_load=False)
+        gathered: list[Any] = [None] * self.world
+        dist.gather_object(mine, gathered, dst=0, group=self.group)
+        self._last_exchange = time.monotonic()
+        for report in gathered[1:]:
+            failure = getattr(report, "error", None)
+            if failure:
+                raise RuntimeError(f"rank {report.rank} of the unit failed: {failure}")
+        reports: list[RankReport] = gathered
+        self.reports = reports
+        self.promised = [0] * self.world
+        for report in reports[1:]:
+            events += self._remote_events(report)
+            preempted += report.preempted
+        self._count_remote_load(reports[1:])
+        return events, preempted
+
+    def _remote_events(self, report: RankReport) -> list[StepEvent]:
+        """Apply a rank's tokens to the leader's copies of its sequences (the API streams those)."""
+        out: list[StepEvent] = []
+        for record in report.events:
+            entry = self.remote.get(record.request_id)
+            if entry is None:
+                continue
+            seq = entry[1]
+            if record.token is not None:
+                seq.token_ids.append(record.token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = time.monotonic()
+            seq.num_cached_tokens = record.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            if record.finished:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = record.finish_reason
+                del self.remote[record.request_id]
+            out.append(StepEvent(seq, record.token, record.finished))
+        return out
+
+    def _count_remote_load(self, reports: list[RankReport]) -> None:
+        """The unit's expert load window counts every rank's tokens: the other ranks' counts are
+        added to the leader's counters, which the window reads at its next tick."""
+        window = self.eplb_load
+        if window is None:
+            return
+        deltas = [report.load_delta for report in reports if report.load_delta is not None]
+        for delta in deltas:
+            window.counters += torch.from_numpy(delta).to(window.counters.device)
+        if deltas:
+            window.tick(stepped=True, flush=not self.has_work)
+
+
+__all__ = ["UnitEngine"]

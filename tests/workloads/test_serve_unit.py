@@ -1,0 +1,154 @@
+"""A unit of two ranks (`fireflyer serve --gpus-per-node 2 --expert-parallel 2`, gloo on CPU):
+data-parallel attention with the routed experts split over the ranks. Served over HTTP it gives
+exactly the greedy tokens of the single-process engine on the same checkpoint, its load window
+counts every rank's routing, and a lost rank ends the requests in flight instead of hanging them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.workloads.serve_servers import (
+    Server,
+    assert_matches,
+    client,
+    free_port,
+    logs_on_failure,
+    random_prompt,
+    run_all,
+)
+from tests.workloads.serve_servers import checkpoint as checkpoint
+from tests.workloads.serve_servers import reference as reference
+
+TOP_K = 4  # the tiny preset's num_experts_per_tok
+MOE_LAYERS = 2  # 3 layers, the first dense
+
+
+def unit_flags(ranks: int = 2) -> list[str]:
+    return (
+        f"--dtype float32 --num-kv-blocks 128 --nnodes 1 --gpus-per-node {ranks}"
+        f" --expert-parallel {ranks} --data-parallel {ranks} --dist-init-addr 127.0.0.1:{free_port()}"
+    ).split()
+
+
+@pytest.fixture(scope="module")
+def unit(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server("unit", checkpoint, tmp_path_factory.mktemp("unit-logs"), unit_flags())
+    server.start()
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def rank_processes(server: Server) -> list[int]:
+    """The pids of the node process's spawned ranks (local ranks 1..)."""
+    assert server.proc is not None
+    out = subprocess.run(
+        ["pgrep", "-P", str(server.proc.pid), "-f", "spawn_main"], capture_output=True, text=True
+    )
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def test_two_rank_unit_gives_the_single_engine_greedy_tokens(unit: Server, reference: object) -> None:
+    rng = random.Random(11)
+    prompts = [random_prompt(rng, rng.randrange(3, 150)) for _ in range(32)]
+    max_tokens = [rng.randrange(1, 24) for _ in prompts]
+    streamed = [i % 2 == 0 for i in range(len(prompts))]
+    expected = reference.texts(prompts, max_tokens)  # type: ignore[attr-defined]
+    before = httpx.get(unit.url + "/v1/eplb/load", timeout=10).json()
+    with logs_on_failure(unit):
+        results = run_all(unit, prompts, max_tokens, streamed)
+        assert_matches(results, expected, prompts, max_tokens)
+        # Both ranks took requests: the leader spreads them by KV load.
+        log = unit.log_path.read_text()
+        assert "rank 1 of 2 ready (experts split)" in log
+        after = httpx.get(unit.url + "/v1/eplb/load", timeout=10).json()
+    # Every token the unit computed (prompts, then each generated token fed back but the last)
+    # was routed to TOP_K experts in each MoE layer, on whichever rank it ran.
+    computed = sum(
+        len(p) + m - 1 - r.cached_tokens for p, m, r in zip(prompts, max_tokens, results, strict=True)
+    )
+    assert after["layers"] == MOE_LAYERS
+    for layer in range(MOE_LAYERS):
+        counted = sum(after["tokens"][layer]) - sum(before["tokens"][layer])
+        assert counted == computed * TOP_K, (layer, counted, computed * TOP_K)
+
+
+def test_requests_spread_over_the_ranks(unit: Server) -> None:
+    """Concurrent requests land on both ranks: each rank reports its own KV blocks in use."""
+    rng = random.Random(5)
+
+    async def burst() -> None:
+        async with client(unit) as c:
+            body = {"max_tokens": 64, "temperature": 0, "ignore_eos": True}
+            jobs = [
+                c.post("/v1/completions", json={**body, "prompt": random_prompt(rng, 200)}) for _ in range(6)
+            ]
+            for response in await asyncio.gather(*jobs):
+                assert response.status_code == 200, response.text
+
+    asyncio.run(burst())
+    given = {
+        line.split()[0]: float(line.split()[1])
+        for line in httpx.get(unit.url + "/metrics", timeout=10).text.splitlines()
+        if line.startswith("fireflyer_serve_rank_requests_total{")
+    }
+    assert given.get('fireflyer_serve_rank_requests_total{rank="0"}', 0) > 0, given
+    assert given.get('fireflyer_serve_rank_requests_total{rank="1"}', 0) > 0, given
+
+
+def test_a_lost_rank_ends_requests_in_flight_with_an_error(
+    checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = Server("unit-kill", checkpoint, tmp_path_factory.mktemp("unit-kill-logs"), unit_flags())
+    server.start()
+    try:
+        server.wait_ready()
+        (rank1,) = rank_processes(server)
+
+        async def long_streams() -> list[tuple[int, str | None, float]]:
+            async def one(c: httpx.AsyncClient, seed: int) -> tuple[int, str | None, float]:
+                body = {
+                    "prompt": random_prompt(random.Random(seed), 20),
+                    "max_tokens": 3000,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                reason = None
+                tokens = 0
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            event = json.loads(line.removeprefix("data: "))
+                            for choice in event.get("choices", []):
+                                tokens += 1
+                                reason = choice["finish_reason"] or reason
+                            if tokens == 5 and seed == 0:
+                                subprocess.run(["kill", "-9", str(rank1)], check=True)
+                return tokens, reason, time.monotonic()
+
+            async with client(server) as c:
+                return list(await asyncio.gather(*(one(c, seed) for seed in range(4))))
+
+        started = time.monotonic()
+        with logs_on_failure(server):
+            results = asyncio.run(asyncio.wait_for(long_streams(), timeout=60))
+            for tokens, reason, ended in results:
+                assert reason == "abort", "a stream on a broken unit ends with an abort"
+                assert tokens < 3000
+                assert ended - started < 45, "ended promptly, not at a collective timeout"
+            assert server.proc is not None
+            assert server.proc.wait(timeout=30) == 1, "the unit exits non-zero, so that its pod restarts"
+            assert "the engine failed" in server.log_tail()
+    finally:
+        server.stop()
