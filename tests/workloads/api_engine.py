@@ -115,6 +115,8 @@ class FakeEngine:
         self.gate.set()
         self.streams: list[FakeStream] = []
         self.active: set[FakeStream] = set()
+        self.placement_generation: int | None = None
+        self.placement_error: str | None = None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> FakeStream:
         if self.submit_error is not None:

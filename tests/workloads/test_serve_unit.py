@@ -152,3 +152,91 @@ def test_a_lost_rank_ends_requests_in_flight_with_an_error(
             assert "the engine failed" in server.log_tail()
     finally:
         server.stop()
+
+
+def placement_table(seed: int, *, experts: int = 16, ranks: int = 2, redundant: int = 2) -> list[list[int]]:
+    """One row per MoE layer: every expert once, in a shuffled order, plus `redundant` replicas."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(MOE_LAYERS):
+        row = list(range(experts)) + rng.sample(range(experts), redundant)
+        rng.shuffle(row)
+        rows.append(row)
+    assert all(len(row) % ranks == 0 for row in rows)
+    return rows
+
+
+def write_placement(directory: Path, generation: int, phy2log: list[list[int]], ranks: int = 2) -> None:
+    body = {
+        "generation": generation,
+        "layers": MOE_LAYERS,
+        "logicalExperts": 16,
+        "gpus": ranks,
+        "slotsPerGpu": len(phy2log[0]) // ranks,
+        "phy2log": phy2log,
+    }
+    staged = directory / ".placement.json.tmp"
+    staged.write_text(json.dumps(body))
+    staged.rename(directory / "placement.json")  # whole, as kubelet swaps a ConfigMap volume
+
+
+def test_a_placement_generation_applies_under_traffic(
+    checkpoint: Path, reference: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    placement_dir = tmp_path_factory.mktemp("placement")
+    flags = [*unit_flags(), "--placement-dir", str(placement_dir)]
+    server = Server("unit-eplb", checkpoint, tmp_path_factory.mktemp("unit-eplb-logs"), flags)
+    server.start()
+    rng = random.Random(23)
+    sent: list[tuple[list[int], int]] = []
+    results = []
+
+    def generation() -> tuple[int | None, str | None]:
+        body = httpx.get(server.url + "/v1/eplb/load", timeout=10).json()
+        return body["generation"], body.get("placementError")
+
+    async def traffic_until_applied() -> None:
+        async def wave() -> None:
+            batch = [(random_prompt(rng, rng.randrange(3, 120)), rng.randrange(8, 30)) for _ in range(8)]
+            sent.extend(batch)
+            async with client(server) as c:
+                from tests.workloads.serve_servers import complete
+
+                results.extend(
+                    await asyncio.gather(
+                        *(complete(c, p, m, stream=i % 2 == 0) for i, (p, m) in enumerate(batch))
+                    )
+                )
+
+        first = asyncio.create_task(wave())
+        await asyncio.sleep(0.5)
+        write_placement(placement_dir, 1, placement_table(1))
+        await first
+        deadline = time.monotonic() + 60
+        while generation()[0] != 1:  # keep the unit busy until it has switched
+            assert time.monotonic() < deadline, "the placement was never applied"
+            await wave()
+        await wave()  # and serve on the new placement
+
+    try:
+        server.wait_ready()
+        with logs_on_failure(server):
+            assert generation() == (None, None), "no placement mounted: the even split"
+            asyncio.run(traffic_until_applied())
+            prompts, max_tokens = [p for p, _ in sent], [m for _, m in sent]
+            assert_matches(results, reference.texts(prompts, max_tokens), prompts, max_tokens)  # type: ignore[attr-defined]
+            assert "expert placement generation 1 applied" in server.log_tail(200_000)
+
+            # A placement that leaves an expert without a slot is refused; generation 1 stays.
+            broken = placement_table(2)
+            broken[1] = [e if e != 3 else 4 for e in broken[1]]
+            write_placement(placement_dir, 2, broken)
+            deadline = time.monotonic() + 30
+            while generation()[1] is None:
+                assert time.monotonic() < deadline, "the bad placement was never reported"
+                time.sleep(0.5)
+            current, error = generation()
+            assert current == 1
+            assert error is not None and "experts [3] have no slot" in error
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from fireflyer.errors import FireflyerError
 from fireflyer.workloads.model.config import ModelConfig
 from fireflyer.workloads.model.model import Backends, DeepseekV3, Parallel
-from fireflyer.workloads.model.moe import MoE
+from fireflyer.workloads.model.moe import Experts, MoE
 
 EXPERT = re.compile(
     r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$"
@@ -89,25 +89,34 @@ class _Target:
             raise CheckpointError(
                 f"layer {layer} has routed experts in the checkpoint but is dense in config.json"
             )
-        experts = mlp.experts
-        if index not in experts.experts:
-            return None  # hosted by another rank
-        local = index - experts.experts.start
-        scale = kind == "weight_scale_inv"
-        stacked = (
-            (experts.w2_scale if scale else experts.w2)
-            if proj == "down_proj"
-            else (experts.w13_scale if scale else experts.w13)
-        )
-        if stacked is None:
-            raise CheckpointError(
-                f"layer {layer} expert {index}: FP8 scales in a checkpoint without quantization_config"
-            )
-        half = stacked.shape[1] // 2
-        rows = {"gate_proj": slice(0, half), "up_proj": slice(half, 2 * half), "down_proj": slice(None)}[proj]
-        target = stacked.data[local, rows]
+        return expert_target(mlp.experts, layer, index, proj, kind)
 
-        def copy(tensor: torch.Tensor) -> None:
+
+def expert_target(
+    experts: Experts, layer: int, index: int, proj: str, kind: str
+) -> Callable[[torch.Tensor], None] | None:
+    """Where checkpoint tensor (expert `index`, `proj`, `kind`) goes in `experts`: every local
+    slot holding that expert (an EPLB placement may give one GPU two replicas); None when the
+    expert is hosted elsewhere."""
+    slots = [slot for slot, held in enumerate(experts.experts) if held == index]
+    if not slots:
+        return None  # hosted by another rank
+    scale = kind == "weight_scale_inv"
+    stacked = (
+        (experts.w2_scale if scale else experts.w2)
+        if proj == "down_proj"
+        else (experts.w13_scale if scale else experts.w13)
+    )
+    if stacked is None:
+        raise CheckpointError(
+            f"layer {layer} expert {index}: FP8 scales in a checkpoint without quantization_config"
+        )
+    half = stacked.shape[1] // 2
+    rows = {"gate_proj": slice(0, half), "up_proj": slice(half, 2 * half), "down_proj": slice(None)}[proj]
+    targets = [stacked.data[slot, rows] for slot in slots]
+
+    def copy(tensor: torch.Tensor) -> None:
+        for target in targets:
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
                     f"layer {layer} expert {index} {proj}.{kind}: checkpoint {tuple(tensor.shape)},"
@@ -115,7 +124,37 @@ class _Target:
                 )
             target.copy_(tensor.to(target.dtype) if target.dtype != tensor.dtype else tensor)
 
-        return copy
+    return copy
+
+
+def load_expert_slots(model_dir: str | Path, layer: int, experts: Experts) -> None:
+    """Fill `experts` (the slots of MoE layer `layer` on this rank) from the checkpoint: how an
+    EPLB placement gets the experts it moves here."""
+    model_dir = Path(model_dir)
+    device = str(experts.w13.device)
+    wanted: dict[str, Callable[[torch.Tensor], None]] = {}
+    for file, names in checkpoint_files(model_dir).items():
+        for name in names:
+            match = EXPERT.match(name.removeprefix("model."))
+            if match and int(match.group(1)) == layer:
+                copy = expert_target(experts, layer, int(match.group(2)), match.group(3), match.group(4))
+                if copy is not None:
+                    wanted[f"{file}\0{name}"] = copy
+    loaded: set[int] = set()
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for key in wanted:
+        file, name = key.split("\0", 1)
+        by_file[file].append(name)
+    for file, names in by_file.items():
+        with safe_open(str(model_dir / file), framework="pt", device=device) as handle:
+            for name in names:
+                wanted[f"{file}\0{name}"](handle.get_tensor(name))
+                match = EXPERT.match(name.removeprefix("model."))
+                assert match is not None
+                loaded.add(int(match.group(2)))
+    missing = sorted(set(experts.experts) - loaded)
+    if missing:
+        raise CheckpointError(f"{model_dir}: layer {layer} experts {missing} are not in the checkpoint")
 
 
 def load_tensors(model: DeepseekV3, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

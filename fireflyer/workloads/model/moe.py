@@ -82,12 +82,13 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """The routed experts this rank hosts, stacked: w13 = [gate; up] [E, 2I, H], w2 [E, H, I]
-    (e4m3 with per-128×128 scales for FP8 checkpoints)."""
+    (e4m3 with per-128×128 scales for FP8 checkpoints). `experts` names the logical expert of each
+    local slot: a range for the even split, a list under an EPLB placement (replicas included)."""
 
     def __init__(
         self,
         config: ModelConfig,
-        experts: range,
+        experts: range | list[int],
         *,
         dtype: torch.dtype,
         device: torch.device | str,
@@ -122,6 +123,8 @@ class Experts(nn.Module):
         Only the (token, expert) entries' rows are moved, activated and quantised; the GEMMs run on
         a per-expert layout whose unused rows are never initialised or read."""
         tokens, top_k = ids.shape
+        if not isinstance(self.experts, range):
+            raise ValueError("experts placed by an EPLB placement run through the dispatcher only")
         local = ids - self.experts.start
         hosted = (local >= 0) & (local < len(self.experts))
         if tokens <= MASKED_MAX_TOKENS:

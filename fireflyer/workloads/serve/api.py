@@ -92,6 +92,12 @@ class Engine(Protocol):
     @property
     def eplb_window(self) -> LoadSource | None: ...  # None: a model without MoE layers
 
+    @property
+    def placement_generation(self) -> int | None: ...  # the EPLB placement the unit runs
+
+    @property
+    def placement_error(self) -> str | None: ...  # why the newest placement was refused
+
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> EngineStream: ...
 
     def is_healthy(self) -> bool: ...
@@ -129,7 +135,11 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
                 code="no_moe_layers",
             )
         seconds = _window_seconds(request.query_params.get("windowSeconds"), window.window_seconds)
-        return JSONResponse(window.report(seconds))
+        report = window.report(seconds)
+        report["generation"] = engine.placement_generation
+        if engine.placement_error:
+            report["placementError"] = engine.placement_error
+        return JSONResponse(report)
 
     @app.get("/v1/models")
     async def models() -> p.ModelList:

@@ -91,6 +91,15 @@ class AsyncEngine:
             self.eplb_window.on_bucket = lambda window: metrics.set_eplb_balancedness(window.balancedness())
             metrics.set_eplb_balancedness(self.eplb_window.balancedness())
 
+    @property
+    def placement_generation(self) -> int | None:
+        """The EPLB placement generation the unit runs (None: the even split, or one rank)."""
+        return self.engine.placement_generation if isinstance(self.engine, UnitEngine) else None
+
+    @property
+    def placement_error(self) -> str | None:
+        return self.engine.placement_error if isinstance(self.engine, UnitEngine) else None
+
     def start(self) -> None:
         self._thread.start()
 

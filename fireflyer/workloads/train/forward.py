@@ -70,6 +70,7 @@ def routed_experts(
     """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]): entries sorted by expert, one GEMM pair per
     expert over exactly its rows, results put back in entry order (no atomics: deterministic)."""
     tokens, top_k = ids.shape
+    assert isinstance(experts.experts, range), "training hosts an even split of the experts"
     flat = ids.reshape(-1) - experts.experts.start
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=len(experts.experts)).tolist()

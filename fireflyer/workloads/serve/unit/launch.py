@@ -12,6 +12,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fireflyer.workloads.serve.unit.topology import UnitShape
@@ -80,25 +82,37 @@ def init_groups(shape: UnitShape, rank: int, backend: str) -> Any:
     return dist.new_group(backend="gloo", timeout=UNIT_TIMEOUT)
 
 
-def attach_dispatchers(model: Any, args: argparse.Namespace, max_tokens: int) -> None:
-    """Route every MoE layer's tokens through the unit's expert-parallel group."""
+def dispatcher_factory(model: Any, args: argparse.Namespace, max_tokens: int) -> Callable[[Any], Any]:
+    """Builds one MoE layer's Dispatcher over the unit's group, for a placement row (None: the
+    even split of the experts over the ranks)."""
     import torch.distributed as dist
 
     from fireflyer.kernels.ep import Dispatcher, Mode
-    from fireflyer.workloads.model.moe import MoE
 
     mode: Mode = "low_latency" if args.dispatch_mode == "lowLatency" else "normal"
+
+    def make(phy2log: Any = None) -> Dispatcher:
+        return Dispatcher(
+            dist.group.WORLD,
+            model.config.hidden_size,
+            max_tokens,
+            model.config.n_routed_experts,
+            phy2log,
+            mode=mode,
+            transport=TRANSPORTS[args.dispatch_backend],  # type: ignore[arg-type]
+            device=model.device,
+        )
+
+    return make
+
+
+def attach_dispatchers(model: Any, make_dispatcher: Callable[[Any], Any]) -> None:
+    """Route every MoE layer's tokens through the unit's expert-parallel group."""
+    from fireflyer.workloads.model.moe import MoE
+
     for block in model.blocks:
         if isinstance(block.mlp, MoE):
-            block.mlp.dispatcher = Dispatcher(
-                dist.group.WORLD,
-                model.config.hidden_size,
-                max_tokens,
-                model.config.n_routed_experts,
-                mode=mode,
-                transport=TRANSPORTS[args.dispatch_backend],  # type: ignore[arg-type]
-                device=model.device,
-            )
+            block.mlp.dispatcher = make_dispatcher(None)
 
 
 def agreed_kv_blocks(model: Any, config: Any, group: Any) -> int:
@@ -122,6 +136,7 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
     from fireflyer.workloads.serve.engine import LLMEngine
     from fireflyer.workloads.serve.unit.follower import HealthServer, follow
     from fireflyer.workloads.serve.unit.leader import UnitEngine
+    from fireflyer.workloads.serve.unit.placement import Placement, PlacementWatch, apply_placement
     from fireflyer.workloads.serve.unit.rank import RankEngine
 
     rank = shape.rank(local_rank)
@@ -130,8 +145,9 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
     parallel = Parallel(rank, shape.world) if shape.expert_parallel else None
     model, tokenizer = server.load(args, device, parallel)
     config = server.engine_config(args, model, cuda_graph_max_batch=0)
+    make_dispatcher = dispatcher_factory(model, args, config.max_num_batched_tokens)
     if shape.expert_parallel:
-        attach_dispatchers(model, args, config.max_num_batched_tokens)
+        attach_dispatchers(model, make_dispatcher)
     config = server.engine_config(
         args, model, cuda_graph_max_batch=0, num_kv_blocks=agreed_kv_blocks(model, config, control)
     )
@@ -142,8 +158,23 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
         shape.world,
         "experts split" if shape.expert_parallel else "all experts",
     )
+
+    def switch(placement: Placement) -> None:
+        apply_placement(model, Path(args.model), placement, rank, make_dispatcher)
+
+    local = RankEngine(engine, rank, switch if shape.expert_parallel else None)
     if rank == 0:
-        unit = UnitEngine(engine, control, shape.world)
+        watch = None
+        if args.placement_dir and shape.expert_parallel and engine.eplb_load is not None:
+            watch = PlacementWatch(
+                Path(args.placement_dir),
+                layers=engine.eplb_load.layers,
+                experts=model.config.n_routed_experts,
+                gpus=shape.world,
+            )
+        elif args.placement_dir:
+            log.info("--placement-dir: the experts are not split over this unit; placements do not apply")
+        unit = UnitEngine(local, control, shape.world, watch)
         status = server.serve_http(
             args, lambda on_failure: server.create_served_app(unit, tokenizer, args, on_failure)
         )
@@ -153,7 +184,7 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
     if health is not None:
         health.start()
     try:
-        follow(RankEngine(engine, rank), control)
+        follow(local, control)
     except Exception as error:
         log.error("rank %d: the unit broke: %s", rank, error)
         return 1

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from fireflyer.workloads.serve.block_manager import blocks_for
-from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine, StepEvent
+from fireflyer.workloads.serve.engine import EngineConfig, StepEvent
 from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.types import Sequence, SequenceStatus
+from fireflyer.workloads.serve.unit.placement import Placement, PlacementWatch
 from fireflyer.workloads.serve.unit.protocol import NewRequest, RankReport, StepCommand
 from fireflyer.workloads.serve.unit.rank import RankEngine
 from fireflyer.workloads.serve.unit.topology import choose_rank
@@ -26,6 +27,7 @@ from fireflyer.workloads.serve.unit.topology import choose_rank
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0  # how often an idle leader shows the other ranks it is alive
+PLACEMENT_POLL_SECONDS = 2.0  # how often the mounted placement file is looked at
 
 
 @dataclass
@@ -72,9 +74,13 @@ class _QueueView:
 
 
 class UnitEngine:
-    def __init__(self, local: LLMEngine, control_group: Any, world: int) -> None:
-        self.local = RankEngine(local, 0)
+    def __init__(
+        self, rank0: RankEngine, control_group: Any, world: int, placement: PlacementWatch | None = None
+    ) -> None:
+        self.local = rank0
+        local = rank0.engine
         self.group = control_group
+        self.placement = placement  # the mounted EPLB placement, when the experts are split
         self.world = world
         self.config: EngineConfig = local.config
         self.max_model_len = local.max_model_len
@@ -89,7 +95,7 @@ class UnitEngine:
         self.block_manager = _CacheView(self)
         self.scheduler = _QueueView(self)
         self._assigned = [0] * world  # requests given to each rank, since `take_assigned`
-        self._last_exchange = time.monotonic()
+        self._last_exchange = self._last_poll = time.monotonic()
         self._stopped = False
 
     # -- what AsyncEngine calls (the engine thread) ------------------------------------------------
@@ -131,16 +137,36 @@ class UnitEngine:
             or any(report.has_work for report in self.reports[1:])
         )
 
+    @property
+    def placement_generation(self) -> int | None:
+        """The expert placement generation every rank runs (None: the even split)."""
+        return None if self.placement is None else self.placement.generation
+
+    @property
+    def placement_error(self) -> str | None:
+        """Why the newest mounted placement was refused, if it was."""
+        return None if self.placement is None else self.placement.error
+
     def step(self) -> tuple[list[StepEvent], int]:
-        command = StepCommand(adds=self.pending_adds, aborts=self.pending_aborts, run=True)
+        command = StepCommand(
+            adds=self.pending_adds, aborts=self.pending_aborts, run=True, placement=self._new_placement()
+        )
         self.pending_adds, self.pending_aborts = [], []
         return self._exchange(command)
 
     def idle(self) -> None:
-        if time.monotonic() - self._last_exchange >= HEARTBEAT_SECONDS:
-            self._exchange(StepCommand(run=False))
+        placement = self._new_placement()
+        if placement is not None or time.monotonic() - self._last_exchange >= HEARTBEAT_SECONDS:
+            self._exchange(StepCommand(run=False, placement=placement))
         else:
             self.local.engine.idle()
+
+    def _new_placement(self) -> Placement | None:
+        now = time.monotonic()
+        if self.placement is None or now - self._last_poll < PLACEMENT_POLL_SECONDS:
+            return None
+        self._last_poll = now
+        return self.placement.poll()
 
     def close(self) -> None:
         if not self._stopped:
@@ -155,6 +181,8 @@ class UnitEngine:
 
     def _exchange(self, command: StepCommand) -> tuple[list[StepEvent], int]:
         dist.broadcast_object_list([command], src=0, group=self.group)
+        if command.placement is not None:
+            self.local.switch(command.placement)
         events, preempted = self.local.step(command)
         mine = self.local.report(events, preempted, with_load=False)
         gathered: list[Any] = [None] * self.world
@@ -171,6 +199,8 @@ class UnitEngine:
             events += self._remote_events(report)
             preempted += report.preempted
         self._count_remote_load(reports[1:])
+        if command.placement is not None and self.placement is not None:
+            self.placement.generation = command.placement.generation  # every rank has switched
         return events, preempted
 
     def _remote_events(self, report: RankReport) -> list[StepEvent]:

@@ -4,28 +4,36 @@ step by the leader's commands, and the report it sends back."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
 from fireflyer.workloads.serve.block_manager import blocks_for
 from fireflyer.workloads.serve.engine import LLMEngine, StepEvent
 from fireflyer.workloads.serve.types import FinishReason, QueueFullError, Sequence
+from fireflyer.workloads.serve.unit.placement import Placement
 from fireflyer.workloads.serve.unit.protocol import RankReport, StepCommand, TokenRecord
 
 log = logging.getLogger(__name__)
 
 
 class RankEngine:
-    def __init__(self, engine: LLMEngine, rank: int) -> None:
+    def __init__(
+        self, engine: LLMEngine, rank: int, switch: Callable[[Placement], None] | None = None
+    ) -> None:
         self.engine = engine
         self.rank = rank
+        self._switch = switch  # applies an expert placement (None: the experts are not split)
         window = engine.eplb_load
         self._load_sent = None if window is None else np.zeros((window.layers, window.experts), np.int64)
         self._refused: list[TokenRecord] = []
 
     def apply(self, command: StepCommand) -> None:
-        """The requests the leader gave this rank, then the aborts (of any rank: unknown ids are
-        someone else's)."""
+        """A new expert placement first (every rank switches before the same step), then the
+        requests the leader gave this rank, then the aborts (of any rank: unknown ids are someone
+        else's)."""
+        if command.placement is not None:
+            self.switch(command.placement)
         for add in command.adds:
             if add.rank != self.rank:
                 continue
@@ -37,6 +45,12 @@ class RankEngine:
                 self._refused.append(TokenRecord(add.request_id, None, True, FinishReason.ABORT, 0))
         for request_id in command.aborts:
             self.engine.abort(request_id)
+
+    def switch(self, placement: Placement) -> None:
+        if self._switch is None:
+            raise RuntimeError("an expert placement reached a rank whose experts are not split")
+        self._switch(placement)
+        log.info("rank %d: expert placement generation %d applied", self.rank, placement.generation)
 
     def step(self, command: StepCommand) -> tuple[list[StepEvent], int]:
         """Every rank runs a step when the leader says so, with or without tokens of its own (an
