@@ -1,7 +1,7 @@
 """The router's OpenAI API (FastAPI): the same routes as a unit's `fireflyer serve`, answered by
 the units behind it.
 
-POST /v1/completions, /v1/chat/completions  forwarded to one healthy unit (proxy.py)
+POST /v1/completions, /v1/chat/completions  forwarded to a (prefill, decode) pair or a unit (proxy.py)
 GET  /v1/models, /v1/models/{id}             from a healthy unit
 GET  /health                                 200 while at least one unit is healthy, else 503
 GET  /metrics                                the router's own Prometheus metrics (metrics.py)
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fireflyer.workloads.router.backends import BackendSet
+from fireflyer.workloads.router.backends import BackendSet, Listed
 from fireflyer.workloads.router.metrics import RouterMetrics
 from fireflyer.workloads.router.policies import DEFAULT_LOAD_CAP, DEFAULT_PREFIX_CHARS, Policy, Role
 from fireflyer.workloads.router.proxy import Proxy, error_response, no_healthy_backend
@@ -37,7 +37,7 @@ MAX_PROBE_TIMEOUT_S = 5.0
 
 @dataclass
 class RouterConfig:
-    backends: list[tuple[str, Role]] = field(default_factory=list)  # from the flags
+    backends: Sequence[tuple[str, Role] | Listed] = field(default_factory=list)  # from the flags
     backends_file: Path | None = None
     policy: Policy = "cache-aware"
     health_interval: float = 2.0
@@ -136,7 +136,8 @@ def create_app(config: RouterConfig) -> FastAPI:
         if not router.backends.healthy():
             return error_response(no_healthy_backend(backends))
         units = [
-            {"url": b.url, "role": b.role, "healthy": b.healthy, "in_flight": b.in_flight}
+            {"url": b.url, "role": b.role, "revision": b.revision, "healthy": b.healthy}
+            | {"in_flight": b.in_flight}
             | ({"problem": b.problem} if b.problem else {})
             for b in backends
         ]

@@ -11,6 +11,7 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -20,6 +21,15 @@ from fireflyer.workloads.router.policies import Candidate, Role
 log = logging.getLogger("fireflyer.router")
 
 FILE_KEYS: dict[str, Role] = {"prefill": "prefill", "decode": "decode", "backends": "any"}
+MAX_REVISION_CHARS = 128
+
+
+class Listed(NamedTuple):
+    """One unit as the flags or the backends file name it."""
+
+    url: str
+    role: Role
+    revision: str | None = None  # None: not said, which pairs only with units that say none
 
 
 def normalize_url(url: str) -> str:
@@ -31,22 +41,47 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def read_backends_file(path: Path) -> list[tuple[str, Role]]:
-    """The units a backends file names: {"prefill": [urls], "decode": [urls]} (and "backends" for
-    role-less units)."""
+def parse_revision(value: Any) -> str | None:
+    """A unit's pairing revision (compared, never parsed), or None when not said."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_REVISION_CHARS or value != value.strip():
+        raise ValueError(
+            f"revision {value!r}: expected 1 to {MAX_REVISION_CHARS} characters, no surrounding spaces"
+        )
+    return value
+
+
+def parse_unit_flag(value: str) -> tuple[str, str | None]:
+    """`URL` or `URL#REVISION` (a unit's base URL has no use for a fragment)."""
+    url, sep, rev = value.partition("#")
+    return normalize_url(url), parse_revision(rev) if sep else None
+
+
+def read_backends_file(path: Path) -> list[Listed]:
+    """The units a backends file names: {"prefill": [...], "decode": [...]} (and "backends" for
+    role-less units), each entry a URL or {"url": URL, "revision": REVISION}."""
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError('expected a JSON object {"prefill": [urls], "decode": [urls]}')
+        raise ValueError('expected a JSON object {"prefill": [units], "decode": [units]}')
     unknown = sorted(set(data) - set(FILE_KEYS))
     if unknown:
         raise ValueError(f"unknown keys {unknown}; expected {sorted(FILE_KEYS)}")
-    entries: list[tuple[str, Role]] = []
+    entries: list[Listed] = []
     for key, role in FILE_KEYS.items():
-        urls = data.get(key) or []
-        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-            raise ValueError(f"{key!r} must be a list of URLs")
-        entries += [(normalize_url(u), role) for u in urls]
+        units = data.get(key) or []
+        if not isinstance(units, list):
+            raise ValueError(f"{key!r} must be a list of units")
+        entries += [_file_entry(key, unit, role) for unit in units]
     return entries
+
+
+def _file_entry(key: str, unit: Any, role: Role) -> Listed:
+    if isinstance(unit, str):
+        return Listed(normalize_url(unit), role)
+    if isinstance(unit, dict) and isinstance(unit.get("url"), str) and set(unit) <= {"url", "revision"}:
+        return Listed(normalize_url(unit["url"]), role, parse_revision(unit.get("revision")))
+    raise ValueError(f'{key!r}: {unit!r} is neither a URL nor {{"url": URL, "revision": REVISION}}')
 
 
 @dataclass(eq=False)
@@ -55,19 +90,22 @@ class Backend:
 
     url: str
     role: Role
+    revision: str | None = None
     healthy: bool = False  # unknown counts as unhealthy until the first check passes
     problem: str = "not checked yet"
     in_flight: int = 0
     active: bool = True  # False once removed from the set (requests already on it finish)
 
     def candidate(self) -> Candidate:
-        return Candidate(self.url, self.role, self.in_flight)
+        return Candidate(self.url, self.role, self.in_flight, self.revision)
 
 
 class BackendSet:
-    def __init__(self, static: Iterable[tuple[str, Role]], file: Path | None, metrics: RouterMetrics) -> None:
+    def __init__(
+        self, static: Iterable[tuple[str, Role] | Listed], file: Path | None, metrics: RouterMetrics
+    ) -> None:
         self.metrics = metrics
-        self._static = list(static)
+        self._static = [Listed(*entry) for entry in static]
         self._file = file
         self._file_stamp: tuple[int, int, int] | None = None
         self._file_missing = False
@@ -111,10 +149,10 @@ class BackendSet:
             return False
         return self._apply(self._static + entries)
 
-    def _apply(self, entries: Iterable[tuple[str, Role]]) -> bool:
-        wanted: dict[str, Role] = {}
-        for url, role in entries:
-            wanted.setdefault(url, role)  # the flags come first and win
+    def _apply(self, entries: Iterable[Listed]) -> bool:
+        wanted: dict[str, Listed] = {}
+        for entry in entries:
+            wanted.setdefault(entry.url, entry)  # the flags come first and win
         changed = False
         for url in [u for u in self._backends if u not in wanted]:
             gone = self._backends.pop(url)
@@ -122,16 +160,18 @@ class BackendSet:
             self.metrics.forget(url, gone.role)
             log.info("unit %s removed", url)
             changed = True
-        for url, role in wanted.items():
+        for url, role, revision in wanted.values():
             backend = self._backends.get(url)
-            if backend is not None and backend.role == role:
+            if backend is not None and (backend.role, backend.revision) == (role, revision):
                 continue
             if backend is None:
-                backend = self._backends[url] = Backend(url, role)
-                log.info("unit %s (%s) added", url, role)
+                backend = self._backends[url] = Backend(url, role, revision)
+                log.info("unit %s (%s, revision %s) added", url, role, revision)
             else:
+                # A unit recreated by a rollout keeps its URL: it pairs by its new revision at once.
+                log.info("unit %s is now %s, revision %s", url, role, revision)
                 self.metrics.forget(url, backend.role)
-                backend.role = role
+                backend.role, backend.revision = role, revision
             self._export(backend)
             changed = True
         return changed

@@ -8,9 +8,17 @@ counters
                                     stream_error (broken after streaming began), cancelled (the
                                     client left); a retried request counts once per unit tried.
                                     backend="" outcome="no_backend": nothing healthy to send it to
+  pairs_total{prefill,decode,outcome}
+                                    the attempts among those that went to a decode unit naming a
+                                    prefill unit (x-fireflyer-prefill), by pair and the same outcome
+  unpaired_total{reason}            attempts sent to a unit to compute whole: no_prefill_unit (none
+                                    healthy, or a one-role deployment), revision_mismatch (none of
+                                    the decode unit's revision), no_decode_unit (a prefill unit
+                                    computes it)
   retries_total{reason}             requests sent again to another unit (unreachable, server_error)
 gauges
-  in_flight_requests{backend}       requests this router has open on the unit
+  in_flight_requests{backend}       requests this router has open on the unit; on a prefill unit,
+                                    those named to it whose answer has not begun (it is prefilling)
   backend_healthy{backend,role}     1 while the unit passes its health checks
 histograms
   time_to_first_byte_seconds        arrival → first byte to the client (a whole JSON answer, or the
@@ -38,6 +46,15 @@ class RouterMetrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             PREFIX + "requests", "Forwarded attempts by unit and outcome", ["backend", "outcome"], registry=r
+        )
+        self.pairs = Counter(
+            PREFIX + "pairs",
+            "Attempts sent to a decode unit that fetches the KV from a prefill unit",
+            ["prefill", "decode", "outcome"],
+            registry=r,
+        )
+        self.unpaired = Counter(
+            PREFIX + "unpaired", "Attempts sent to a unit to compute whole, by why", ["reason"], registry=r
         )
         self.retries = Counter(
             PREFIX + "retries", "Requests sent again to another unit", ["reason"], registry=r

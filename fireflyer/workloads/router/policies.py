@@ -1,8 +1,9 @@
 """Routing policies: pure functions from (the healthy backends, a request's key) to a route.
 
-Today a unit computes a request whole, so a route names one unit. `Route.prefill` is where a
-prefill unit will go once prefill/decode units hand KV caches over: `choose` is the one place
-that decides, and the proxy only ever reads a `Route`.
+A route is a (prefill, decode) pair: the request goes to the decode unit, which fetches the
+prompt's KV from the prefill unit the router names; or one unit that computes the request whole,
+when no prefill unit can pair with it. `choose` is the one place that decides, and the proxy only
+ever reads a `Route`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ DEFAULT_PREFIX_CHARS = 256  # about one 64-token KV block of English text
 CHARS_PER_TOKEN = 4  # token-id prompts: the key takes prefix_chars / 4 ids
 
 # Ties go to decode units first: they are sized for many concurrent sequences, and a decode unit
-# is what a request will end on once prefill hands over.
+# is where a request ends when prefill hands over.
 _ROLE_RANK: dict[str, int] = {"decode": 0, "any": 1, "prefill": 2}
+
+# Why a route has no prefill side (`Route.whole`).
+NO_PREFILL_UNIT = "no_prefill_unit"  # no healthy prefill unit (or a one-role deployment)
+NO_DECODE_UNIT = "no_decode_unit"  # only prefill units are healthy: one computes it whole
+REVISION_MISMATCH = "revision_mismatch"  # prefill units are healthy, none of the decode's revision
 
 
 @dataclass(frozen=True)
@@ -30,16 +36,24 @@ class Candidate:
 
     url: str
     role: Role
-    in_flight: int  # requests this router has open on it
+    in_flight: int  # requests this router has open on it (for a prefill unit: not yet prefilled)
+    revision: str | None = None  # units pair only within one revision; None is a revision too
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where one request goes: `unit` runs it (whole, for now); `prefill` stays None until units
-    hand prefilled KV over to decode units."""
+    """Where one request goes: to `unit`, which fetches the prompt's KV from `prefill`; or, with
+    `prefill` None, to `unit` to compute whole, `whole` saying why."""
 
     unit: Candidate
     prefill: Candidate | None = None
+    whole: str = ""
+
+
+def pairs_with(prefill: Candidate, decode: Candidate) -> bool:
+    """A decode unit can consume a prefill unit's KV only when both run the same revision (the
+    same model, engine and kernels); an unknown revision pairs only with an unknown one."""
+    return prefill.role == "prefill" and prefill.revision == decode.revision
 
 
 def ordered(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -89,6 +103,17 @@ def cache_aware(
     return home
 
 
+def pick(policy: Policy, candidates: Sequence[Candidate], key: str, turn: int, load_cap: int) -> Candidate:
+    """One unit of a non-empty pool by `policy`."""
+    if policy == "round-robin":
+        return round_robin(candidates, turn)
+    if policy == "least-load":
+        return least_load(candidates, turn)
+    if policy == "cache-aware":
+        return cache_aware(candidates, key, load_cap, turn)
+    raise ValueError(f"unknown routing policy {policy!r}")
+
+
 def choose(
     policy: Policy,
     candidates: Sequence[Candidate],
@@ -97,18 +122,33 @@ def choose(
     turn: int = 0,
     load_cap: int = DEFAULT_LOAD_CAP,
 ) -> Route | None:
-    """The route of one request over the healthy `candidates` (all roles), None when there are none."""
+    """The route of one request over the healthy `candidates` (all roles), None when there are none.
+
+    The decode side is chosen first, by `policy` among the decode and role-less units: decode
+    units hold the deployment's serving capacity, so their load must not depend on which prefill
+    units are up. The prefill side is then chosen by the same policy among the prefill units of
+    the decode unit's revision; cache-aware affinity matters most there, where the prompt's prefix
+    cache is. With no such prefill unit (a one-role deployment, or a rollout that has not yet
+    brought up a prefill unit of that revision) the decode unit computes the request whole; with
+    no decode or role-less unit healthy, a prefill unit does.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown routing policy {policy!r}")
     if not candidates:
         return None
-    if policy == "round-robin":
-        unit = round_robin(candidates, turn)
-    elif policy == "least-load":
-        unit = least_load(candidates, turn)
-    elif policy == "cache-aware":
-        unit = cache_aware(candidates, key, load_cap, turn)
-    else:
-        raise ValueError(f"unknown routing policy {policy!r}")
-    return Route(unit)
+    decoders = [c for c in candidates if c.role != "prefill"]
+    prefillers = [c for c in candidates if c.role == "prefill"]
+    if not decoders:
+        return Route(pick(policy, prefillers, key, turn, load_cap), whole=NO_DECODE_UNIT)
+    unit = pick(policy, decoders, key, turn, load_cap)
+    if not prefillers:
+        return Route(unit, whole=NO_PREFILL_UNIT)
+    partners = [p for p in prefillers if pairs_with(p, unit)]
+    if not partners:
+        return Route(unit, whole=REVISION_MISMATCH)
+    # A turn of its own for the prefill side: with the decode side's turn, round-robin would tie
+    # each decode unit to one prefill unit whenever the two counts share a factor, and starve others.
+    return Route(unit, pick(policy, partners, key, turn // len(decoders), load_cap))
 
 
 def request_key(body: Any, prefix_chars: int = DEFAULT_PREFIX_CHARS) -> str:

@@ -1,10 +1,15 @@
-"""Forwarding one request: choose a unit, send the request, pass the answer back as the unit gave
+"""Forwarding one request: choose a route, send the request, pass the answer back as the unit gave
 it (JSON with its status code, or SSE event by event), and retry once where that is safe.
 
-Safe means nothing has reached the client yet: a unit that does not answer, answers 5xx, or ends
-a stream before its first event is replaced by another healthy unit. Once the first event went
-out, a failure ends the stream with an error event in OpenAI's shape and `data: [DONE]`. A 4xx is
-the client's own and goes back as it is.
+A route with a prefill unit sends the request to the decode unit as the client wrote it, plus the
+`x-fireflyer-prefill` header naming the prefill unit; the decode unit fetches the prompt's KV from
+there itself. The prefill unit gets nothing from the router.
+
+Safe means nothing has reached the client yet: a decode (or whole) unit that does not answer,
+answers 5xx, or ends a stream before its first event is replaced on another route without it.
+The prefill unit is not left out for it: when a prefill unit fails, the decode unit prefills the
+request itself. Once the first event went out, a failure ends the stream with an error event in
+OpenAI's shape and `data: [DONE]`. A 4xx is the client's own and goes back as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ log = logging.getLogger("fireflyer.router")
 
 MAX_ATTEMPTS = 2  # the first unit and one other
 BACKEND_HEADER = "x-fireflyer-backend"  # which unit answered: for people reading logs, and tests
+# To the decode unit: the base URL of the prefill unit to fetch the prompt's KV from. Also on the
+# answer, naming the prefill unit that was asked.
+PREFILL_HEADER = "x-fireflyer-prefill"
 # Not forwarded: they describe one hop, and httpx sets its own (no compression, so bytes pass as sent).
 _HOP_BY_HOP = frozenset(
     {
@@ -45,8 +53,23 @@ _HOP_BY_HOP = frozenset(
         "proxy-connection",
         "proxy-authorization",
         "accept-encoding",
+        # Only the router names a prefill unit: a client must not point a decode unit at a URL.
+        PREFILL_HEADER,
     }
 )
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A route, as the backends it names."""
+
+    unit: Backend  # where the request is sent
+    prefill: Backend | None  # named in PREFILL_HEADER
+    whole: str  # why there is no prefill side (policies.Route.whole)
+
+    def headers(self) -> dict[str, str]:
+        """The answer's headers that say where it came from."""
+        return {BACKEND_HEADER: self.unit.url} | ({PREFILL_HEADER: self.prefill.url} if self.prefill else {})
 
 
 @dataclass
@@ -95,11 +118,14 @@ class Proxy:
         self.prefix_chars = prefix_chars
         self._turns = itertools.count()
 
-    def route(self, key: str, exclude: Sequence[Backend] = ()) -> Backend | None:
+    def route(self, key: str, exclude: Sequence[Backend] = ()) -> Pick | None:
         healthy = {b.url: b for b in self.backends.healthy(exclude)}
         candidates = [b.candidate() for b in healthy.values()]
         chosen = choose(self.policy, candidates, key, turn=next(self._turns), load_cap=self.load_cap)
-        return None if chosen is None else healthy[chosen.unit.url]
+        if chosen is None:
+            return None
+        prefill = None if chosen.prefill is None else healthy[chosen.prefill.url]
+        return Pick(healthy[chosen.unit.url], prefill, chosen.whole)
 
     def key(self, raw: bytes) -> str:
         if self.policy != "cache-aware":
@@ -111,20 +137,20 @@ class Proxy:
         return request_key(body, self.prefix_chars)
 
     async def forward(self, path: str, raw: bytes, headers: Headers, started: float) -> Response:
-        """POST `raw` to `path` on a chosen unit, and once more on another if that is safe."""
+        """POST `raw` to `path` on a chosen route, and once more on another if that is safe."""
         key = self.key(raw)
         upstream_headers = [(k, v) for k, v in headers.items() if k not in _HOP_BY_HOP]
-        tried: list[Backend] = []
+        tried: list[Backend] = []  # the units sent to; prefill units stay eligible (see above)
         failure: _Failure | None = None
         while len(tried) < MAX_ATTEMPTS:
-            backend = self.route(key, exclude=tried)
-            if backend is None:
+            pick = self.route(key, exclude=tried)
+            if pick is None:
                 break
             if failure is not None:
                 self.metrics.retries.labels(failure.reason).inc()
-                log.info("retrying on %s: %s %s", backend.url, tried[-1].url, failure.detail)
-            tried.append(backend)
-            outcome = await self._attempt(backend, path, raw, upstream_headers, started)
+                log.info("retrying on %s: %s %s", pick.unit.url, tried[-1].url, failure.detail)
+            tried.append(pick.unit)
+            outcome = await self._attempt(pick, path, raw, upstream_headers, started)
             if not isinstance(outcome, _Failure):
                 return outcome
             failure = outcome
@@ -147,13 +173,34 @@ class Proxy:
                 log.warning("GET %s%s: %s", backend.url, path, describe(exc))
                 continue
             if answer.status_code < 500:
-                return _passthrough(answer, answer.content, backend)
+                return _passthrough(answer, answer.content, {BACKEND_HEADER: backend.url})
         return error_response(no_healthy_backend(self.backends.all))
 
     async def _attempt(
-        self, backend: Backend, path: str, raw: bytes, headers: list[tuple[str, str]], started: float
+        self, pick: Pick, path: str, raw: bytes, headers: list[tuple[str, str]], started: float
     ) -> Response | _Failure:
+        backend, prefill = pick.unit, pick.prefill
+        if prefill is not None:
+            headers = [*headers, (PREFILL_HEADER, prefill.url)]
+            # The prefill unit's share of the request ends when the answer begins: the decode unit
+            # has the KV by then. Until then it counts toward the prefill unit's load.
+            self.backends.begin(prefill)
         self.backends.begin(backend)
+        prefilling = prefill is not None
+
+        def prefilled() -> None:
+            nonlocal prefilling
+            if prefilling and prefill is not None:
+                prefilling = False
+                self.backends.end(prefill)
+
+        def count(outcome: str) -> None:
+            self.metrics.requests.labels(backend.url, outcome).inc()
+            if prefill is not None:
+                self.metrics.pairs.labels(prefill.url, backend.url, outcome).inc()
+            else:
+                self.metrics.unpaired.labels(pick.whole).inc()
+
         upstream: httpx.Response | None = None
         outcome = "cancelled"  # until we know better
         handed_over = False  # to a UnitStream, which then owns `upstream` and the in-flight count
@@ -164,27 +211,28 @@ class Proxy:
                 outcome = "server_error"
                 body = await upstream.aread()
                 detail = f"answered {upstream.status_code}"
-                return _Failure("server_error", detail, _passthrough(upstream, body, backend))
+                return _Failure("server_error", detail, _passthrough(upstream, body, pick.headers()))
             if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 body = await upstream.aread()
                 outcome = "ok" if upstream.status_code < 400 else "client_error"
                 self._observe(started, first_byte=True, done=True)
-                return _passthrough(upstream, body, backend)
+                return _passthrough(upstream, body, pick.headers())
             events = SseEvents()
             chunks = upstream.aiter_bytes()
             first = b""
             while not first:  # StopAsyncIteration: the stream ended before its first event
                 first = events.feed(await anext(chunks))
+            prefilled()
             self._observe(started, first_byte=True)
             handed_over = True
 
             def closed(outcome: str) -> None:
                 self.backends.end(backend)
-                self.metrics.requests.labels(backend.url, outcome).inc()
+                count(outcome)
                 self._observe(started, done=True)
 
             stream = UnitStream(backend.url, upstream, chunks, events, closed)
-            return stream.response(first, {BACKEND_HEADER: backend.url})
+            return stream.response(first, pick.headers())
         except (httpx.HTTPError, StopAsyncIteration) as exc:
             outcome = "unreachable"
             detail = describe(exc) if isinstance(exc, httpx.HTTPError) else "no event before the stream ended"
@@ -193,11 +241,12 @@ class Proxy:
                 self.backends.set_health(backend, detail)
             return _Failure("unreachable", detail)
         finally:
+            prefilled()
             if not handed_over:
                 if upstream is not None:
                     await upstream.aclose()
                 self.backends.end(backend)
-                self.metrics.requests.labels(backend.url, outcome).inc()
+                count(outcome)
 
     def _observe(self, started: float, *, first_byte: bool = False, done: bool = False) -> None:
         elapsed = time.monotonic() - started
@@ -207,6 +256,6 @@ class Proxy:
             self.metrics.duration.observe(elapsed)
 
 
-def _passthrough(upstream: httpx.Response, body: bytes, backend: Backend) -> Response:
+def _passthrough(upstream: httpx.Response, body: bytes, headers: dict[str, str]) -> Response:
     media_type = upstream.headers.get("content-type", "application/json")
-    return Response(body, upstream.status_code, {BACKEND_HEADER: backend.url}, media_type=media_type)
+    return Response(body, upstream.status_code, headers, media_type=media_type)

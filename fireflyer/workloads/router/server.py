@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fireflyer.workloads.router.backends import normalize_url
+from fireflyer.workloads.router.backends import Listed, parse_unit_flag
 from fireflyer.workloads.router.policies import DEFAULT_LOAD_CAP, DEFAULT_PREFIX_CHARS, POLICIES, Role
 
 if TYPE_CHECKING:
@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fireflyer.router")
 
 
-def _url(value: str) -> str:
+def _unit(value: str) -> tuple[str, str | None]:
     try:
-        return normalize_url(value)
+        return parse_unit_flag(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -54,12 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("decode", "a decode unit"),
         ("backends", "a role-less unit"),
     ):
-        units.add_argument(f"--{flag}", action="append", default=[], type=_url, metavar="URL", help=what)
+        units.add_argument(
+            f"--{flag}",
+            action="append",
+            default=[],
+            type=_unit,
+            metavar="URL[#REVISION]",
+            help=f"{what}; units pair only within one revision",
+        )
     units.add_argument(
         "--backends-file",
         default=None,
         metavar="PATH",
-        help='JSON {"prefill": [urls], "decode": [urls]}, re-read when it changes (adds to the flags)',
+        help='JSON {"prefill": [units], "decode": [units]}, each unit a URL or {"url": URL, "revision":'
+        " REVISION}; re-read when it changes (adds to the flags)",
     )
     routing = parser.add_argument_group("routing")
     routing.add_argument("--policy", choices=POLICIES, default="cache-aware")
@@ -103,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     from fireflyer.workloads.router.app import RouterConfig
 
     roles: tuple[tuple[str, Role], ...] = (("prefill", "prefill"), ("decode", "decode"), ("backends", "any"))
-    backends = [(url, role) for flag, role in roles for url in getattr(args, flag)]
+    backends = [Listed(url, role, rev) for flag, role in roles for url, rev in getattr(args, flag)]
     return RouterConfig(
         backends=backends,
         backends_file=Path(args.backends_file) if args.backends_file else None,
