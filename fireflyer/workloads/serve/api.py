@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Protocol, TypeVar
@@ -29,6 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from fireflyer.workloads.serve import protocol as p
+from fireflyer.workloads.serve.handoff import (
+    PREFILL_HEADER,
+    PREFILL_PATH,
+    KVHandoff,
+    KVTarget,
+    handoff_blocks,
+)
+from fireflyer.workloads.serve.kv_transfer import TransferTarget
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.text_output import Delta, Generation
 from fireflyer.workloads.serve.tokenizer import ChatTemplateError, ServeTokenizer
@@ -98,7 +107,18 @@ class Engine(Protocol):
     @property
     def placement_error(self) -> str | None: ...  # why the newest placement was refused
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> EngineStream: ...
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        handoff: KVHandoff | None = None,
+        kv_target: KVTarget | None = None,
+    ) -> EngineStream: ...
+
+    def submit_prefill(self, prompt_ids: list[int], target: KVTarget) -> EngineStream: ...
+
+    async def fetch_kv(self, prompt_ids: list[int], prefill_url: str) -> KVHandoff | None: ...
 
     def is_healthy(self) -> bool: ...
 
@@ -162,7 +182,8 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
             if body.echo:
                 echo = prompt_text if prompt_text is not None else engine.tokenizer.decode(prompt_ids)
             meta = _Meta(p.new_id("cmpl"), p.now(), engine.model_name)
-            generation = _start(engine, prompt_ids, body, max_tokens)  # from here on it must be closed
+            handoff = await _handoff(engine, request, prompt_ids)
+            generation = _start(engine, prompt_ids, body, max_tokens, handoff)  # must be closed from here
             if body.stream:
                 chunks = _completion_chunks(generation, meta, echo, body.include_usage)
                 return _sse(request, generation, chunks)
@@ -185,7 +206,8 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
             prompt_ids = _chat_prompt(engine.tokenizer, body)
             max_tokens = _max_tokens(engine, body.requested_max_tokens, len(prompt_ids), "messages")
             meta = _Meta(p.new_id("chatcmpl"), p.now(), engine.model_name)
-            generation = _start(engine, prompt_ids, body, max_tokens)  # from here on it must be closed
+            handoff = await _handoff(engine, request, prompt_ids)
+            generation = _start(engine, prompt_ids, body, max_tokens, handoff)  # must be closed from here
             if body.stream:
                 return _sse(request, generation, _chat_chunks(generation, meta, body.include_usage))
             text, finish = await _collect(request, generation, engine)
@@ -198,6 +220,34 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
                     usage=generation.usage(),
                 )
             )
+
+    @app.post(PREFILL_PATH, response_model=None)
+    async def kv_prefill(body: p.KVPrefillRequest) -> Response:
+        """A decode unit's request: compute the prompt, push its first `blocks` full KV blocks
+        to `transfer` (they leave as they fill); answers once the prompt is computed."""
+        with _unexpected_errors():
+            try:
+                target = TransferTarget.from_json(body.transfer)
+            except ValueError as exc:
+                raise p.invalid(f"transfer: {exc}", param="transfer") from exc
+            if body.blocks > handoff_blocks(len(body.prompt_token_ids)):
+                raise p.invalid(
+                    "blocks: more than the prompt's full blocks before its last token", param="blocks"
+                )
+            _max_tokens(engine, 1, len(body.prompt_token_ids), "prompt_token_ids")
+            started = time.monotonic()
+            try:
+                stream = engine.submit_prefill(body.prompt_token_ids, KVTarget(target, body.blocks))
+            except QueueFullError as exc:
+                raise p.overloaded() from exc
+            except ValueError as exc:
+                raise p.invalid(str(exc)) from exc
+            reason = None
+            async for event in stream:
+                reason = event.finish_reason
+            if reason == FinishReason.ABORT:
+                raise p.ApiError(503, "the prefill was cancelled", type="service_unavailable_error")
+            return JSONResponse({"blocks": body.blocks, "seconds": round(time.monotonic() - started, 6)})
 
     return app
 
@@ -298,10 +348,11 @@ def _start(
     prompt_ids: list[int],
     body: p.CompletionRequest | p.ChatCompletionRequest,
     max_tokens: int,
+    handoff: KVHandoff | None = None,
 ) -> Generation:
     params = p.sampling_params(body, max_tokens)
     try:
-        stream = engine.submit(prompt_ids, params)
+        stream = engine.submit(prompt_ids, params, handoff=handoff)
     except QueueFullError as exc:
         raise p.overloaded() from exc
     except EngineStoppedError as exc:
@@ -315,6 +366,14 @@ def _start(
         p.stop_strings(body),
         skip_special_tokens=body.skip_special_tokens,
     )
+
+
+async def _handoff(engine: Engine, request: Request, prompt_ids: list[int]) -> KVHandoff | None:
+    """The prompt's KV from the prefill unit the router named, if it named one."""
+    prefill_url = request.headers.get(PREFILL_HEADER)
+    if not prefill_url:
+        return None
+    return await engine.fetch_kv(prompt_ids, prefill_url)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from fireflyer.workloads.serve.engine import LLMEngine, StepEvent
 from fireflyer.workloads.serve.eplb_load import LoadWindow
+from fireflyer.workloads.serve.handoff import DecodeFetcher, KVHandoff, KVTarget
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from fireflyer.workloads.serve.types import (
@@ -64,6 +65,7 @@ class AsyncEngine:
         model_name: str,
         metrics: EngineMetrics,
         on_failure: Callable[[], None] | None = None,
+        fetcher: DecodeFetcher | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -71,6 +73,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_model_len = engine.max_model_len
         self.on_failure = on_failure  # e.g. stop the server so that the pod restarts
+        self.fetcher = fetcher  # decode role: where prefilled KV blocks come from
         # Guards the hand-over lists and the stream table only: the engine thread alone touches
         # the scheduler, so the event loop never waits for a step (or its disk I/O).
         self._lock = threading.Lock()
@@ -115,10 +118,34 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._thread.is_alive() and self._failed is None
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+    async def fetch_kv(self, prompt_ids: list[int], prefill_url: str) -> KVHandoff | None:
+        """Decode role: the prompt's KV blocks from the prefill unit at `prefill_url` (None when
+        this engine takes no hand-offs, or nothing arrived: the request is then computed here)."""
+        if self.fetcher is None:
+            return None
+        result = await self.fetcher.fetch(prompt_ids, prefill_url)
+        self.metrics.record_kv_handoff(result.blocks, result.wanted, result.seconds, result.failure)
+        return result.handoff
+
+    def submit_prefill(self, prompt_ids: list[int], target: KVTarget) -> RequestStream:
+        """Prefill role: compute `prompt_ids` and send its first `target.num_blocks` full KV
+        blocks to `target` as they fill; the stream ends when the prompt is computed."""
+        return self.submit(
+            prompt_ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), kv_target=target
+        )
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        handoff: KVHandoff | None = None,
+        kv_target: KVTarget | None = None,
+    ) -> RequestStream:
         """Raises QueueFullError when the waiting queue is full, ValueError for a request that
         can never run (the message says why), EngineStoppedError once the engine has stopped."""
         seq = Sequence(prompt_ids=list(prompt_ids), params=params)
+        seq.handoff, seq.kv_target = handoff, kv_target
         self.engine.validate(seq)
         stream = RequestStream(seq, self, asyncio.get_running_loop())
         with self._lock:

@@ -13,9 +13,11 @@ import torch
 from fireflyer.errors import FireflyerError
 from fireflyer.storage.kvcache import KVBlockStore, KVStoreError
 from fireflyer.workloads.model.model import DeepseekV3
-from fireflyer.workloads.serve.block_manager import BlockManager
+from fireflyer.workloads.serve.block_manager import BlockManager, KVTier
 from fireflyer.workloads.serve.eplb_load import LoadWindow
+from fireflyer.workloads.serve.handoff import PrefillSends
 from fireflyer.workloads.serve.kv_tier import StoreTier
+from fireflyer.workloads.serve.kv_transfer import ReceivedTier, make_transport
 from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
 from fireflyer.workloads.serve.scheduler import Scheduler
 from fireflyer.workloads.serve.types import (
@@ -45,6 +47,8 @@ class EngineConfig:
     warmup: bool = True  # on a GPU: compile and tune every kernel shape bucket before serving
     eplb_window_seconds: float = 600.0  # the expert load window (GET /v1/eplb/load)
     eplb_bucket_seconds: float = 10.0  # its granularity: counts leave the window a bucket at a time
+    receive_kv: bool = False  # decode role: admit requests with KV blocks a prefill unit sent
+    kv_transfer: str = "auto"  # the hand-off transport: auto, tcp or nixl
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class LLMEngine:
             model, num_blocks, cuda_graph_max_batch=graphs, max_model_len=self.max_model_len
         )
         self.store: KVBlockStore | None = None
-        tier = None
+        tier: KVTier | None = None
         if config.kv_cache_dir is not None:
             if model.dtype != torch.bfloat16:
                 raise EngineSetupError(
@@ -132,6 +136,11 @@ class LLMEngine:
                 namespace=config.namespace,
             )
             tier = StoreTier(self.store, self.runner)
+        self.received: ReceivedTier | None = None
+        if config.receive_kv:  # handed-over blocks are found first, then the store's
+            self.received = ReceivedTier(self.runner, inner=tier)
+            tier = self.received
+        self.prefill_sends = PrefillSends(lambda: make_transport(config.kv_transfer).sender())
         # With CUDA graphs the last block is the padding rows' scratch space.
         usable = num_blocks - (1 if self.runner.graphs is not None else 0)
         self.block_manager = BlockManager(usable, namespace=config.namespace, tier=tier)
@@ -187,7 +196,12 @@ class LLMEngine:
 
     def add(self, seq: Sequence) -> None:
         self._check_vocabulary(seq)
+        if seq.handoff is not None and self.received is None:
+            raise ValueError("this engine does not take KV hand-offs (it is not a decode unit)")
         self.scheduler.add(seq)  # validates the rest
+        if seq.handoff is not None:
+            assert self.received is not None
+            self.received.put(seq.handoff.keys, seq.handoff.blocks)
         self.runner.seed(seq.request_id, seq.params.seed)
 
     def abort(self, request_id: str) -> bool:
@@ -201,7 +215,10 @@ class LLMEngine:
         """One step; returns what happened to each sequence, and how many were preempted."""
         output = self.scheduler.schedule()
         sampled = self.runner.step(output)
+        sending = self.prefill_sends.before_update([c.seq for c in output.chunks])
         finished = self.scheduler.update(output, sampled)
+        if sending:
+            self.prefill_sends.after_update(sending, self.runner.read_blocks)
         done = {seq.request_id for seq in finished}
         events = [
             StepEvent(c.seq, c.seq.token_ids[-1], c.seq.request_id in done)
@@ -212,6 +229,11 @@ class LLMEngine:
         events += [StepEvent(seq, None, True) for seq in finished if seq.request_id not in reported]
         for seq in finished:
             self.runner.forget(seq.request_id)
+            if seq.kv_target is not None:  # aborted before its blocks were all sent
+                self.prefill_sends.abort(seq, "the prefill request was cancelled")
+            if seq.handoff is not None and self.received is not None:
+                self.received.discard(seq.handoff.keys)  # blocks it was preempted past, if any
+                seq.handoff = None
         if self.eplb_load is not None:  # a step boundary; an engine going idle publishes at once
             self.eplb_load.tick(stepped=bool(output.chunks), flush=not self.has_work)
         return events, len(output.preempted)
@@ -234,6 +256,7 @@ class LLMEngine:
         return seqs
 
     def close(self) -> None:
+        self.prefill_sends.close()
         if self.eplb_load is not None:
             self.eplb_load.detach()
         if self.store is not None:

@@ -24,6 +24,9 @@ counters
   kv_tier_hit_tokens_total        prompt tokens whose KV was loaded from the KV block store tier
   requests_total{finish_reason}   finished requests by reason (stop, length, abort)
   preemptions_total               sequences preempted for lack of KV blocks
+  kv_handoff_blocks_total         decode role: KV blocks received from prefill units
+  kv_handoff_fallbacks_total      decode role: hand-offs that fell short (the rest computed here)
+  kv_handoff_seconds (histogram)  decode role: asking a prefill unit → its blocks received
   rank_requests_total{rank}       units of several ranks: requests the leader gave each
                                   data-parallel rank (by least KV load)
 
@@ -123,6 +126,17 @@ class EngineMetrics:
             self.requests.labels(reason.value)  # present at 0 before the first finish
         self.preemptions = Counter(PREFIX + "preemptions", "Sequences preempted", registry=r)
         self.eplb_balancedness: Gauge | None = None  # registered by the first set_eplb_balancedness
+        self.kv_handoff_blocks = Counter(
+            PREFIX + "kv_handoff_blocks", "KV blocks received from prefill units", registry=r
+        )
+        self.kv_handoff_fallbacks = Counter(
+            PREFIX + "kv_handoff_fallbacks",
+            "KV hand-offs that fell short, the rest of the prompt computed here",
+            registry=r,
+        )
+        self.kv_handoff_seconds = Histogram(
+            PREFIX + "kv_handoff_seconds", "Asking a prefill unit until its KV blocks arrived", registry=r
+        )
         self.rank_requests = Counter(
             PREFIX + "rank_requests",
             "Requests given to each data-parallel rank of the unit",
@@ -141,6 +155,14 @@ class EngineMetrics:
         """Once per step: KV cache blocks in use and in all."""
         self.kv_blocks_used.set(used)
         self.kv_blocks_total.set(total)
+
+    def record_kv_handoff(self, blocks: int, wanted: int, seconds: float, failure: str | None) -> None:
+        """One hand-off: `blocks` of `wanted` arrived in `seconds`; `failure` says why not all."""
+        self.kv_handoff_blocks.inc(blocks)
+        if wanted:
+            self.kv_handoff_seconds.observe(seconds)
+        if failure is not None:
+            self.kv_handoff_fallbacks.inc()
 
     def record_rank_requests(self, rank: int, n: int) -> None:
         """Requests the unit's leader gave data-parallel rank `rank` since the last call."""

@@ -136,6 +136,15 @@ class _SamplingRequest(_Request):
 PromptType = str | list[int] | list[str] | list[list[int]]
 
 
+class KVPrefillRequest(_Request):
+    """From a decode unit to a prefill unit (POST /v1/kv/prefill): compute the prompt and send
+    its first `blocks` full KV blocks to `transfer` ({"host", "port", "transfer_id"})."""
+
+    prompt_token_ids: list[int] = Field(min_length=1)
+    transfer: dict[str, Any]
+    blocks: int = Field(ge=0)
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: PromptType
     max_tokens: int | None = 16  # OpenAI's default; null = up to the context length

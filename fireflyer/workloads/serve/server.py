@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fireflyer.workloads.serve.unit.topology import UnitShape
 
 GIB = 1 << 30
+KV_TRANSFER_PORT = 30001
 BACKENDS = ("auto", "triton", "torch", "official")
 
 
@@ -50,6 +51,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unit.add_argument("--dist-init-addr", default=None, help="HOST:PORT of rank 0")
     unit.add_argument("--placement-dir", default=None, help="where the EPLB placement is mounted")
     unit.add_argument("--redundant-experts", type=int, default=0)
+    pd = parser.add_argument_group("prefill/decode hand-off")
+    pd.add_argument(
+        "--kv-transfer", choices=("auto", "tcp", "nixl"), default="auto", help="auto: nixl when installed"
+    )
+    pd.add_argument(
+        "--kv-transfer-port",
+        type=int,
+        default=KV_TRANSFER_PORT,
+        help="decode role: where KV blocks arrive (0: any)",
+    )
+    pd.add_argument(
+        "--kv-transfer-host",
+        default=None,
+        help="decode role: the address prefill units send to ($POD_IP, else --host, else this host's)",
+    )
     kv = parser.add_argument_group("KV cache")
     kv.add_argument(
         "--kv-cache-dir",
@@ -181,18 +197,57 @@ def engine_config(args: argparse.Namespace, model: Any, **overrides: Any) -> Any
         kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
         namespace=f"{served_name(args)}/{checkpoint_fingerprint(Path(args.model), str(model.dtype))}",
     )
+    config = dataclasses.replace(config, receive_kv=args.role == "decode", kv_transfer=args.kv_transfer)
     return dataclasses.replace(config, **overrides)
 
 
+def advertised_host(args: argparse.Namespace) -> str:
+    if args.kv_transfer_host:
+        return str(args.kv_transfer_host)
+    if os.environ.get("POD_IP"):
+        return os.environ["POD_IP"]
+    if args.host not in ("0.0.0.0", "::", ""):
+        return str(args.host)
+    import socket
+
+    return socket.gethostbyname(socket.gethostname())
+
+
+def decode_fetcher(args: argparse.Namespace, model: Any, namespace: str) -> Any:
+    """Decode role: the receiver prefill units push KV blocks to, and the client that asks them."""
+    if args.role != "decode":
+        return None
+    from fireflyer.workloads.serve.handoff import DecodeFetcher
+    from fireflyer.workloads.serve.kv_transfer import make_transport
+    from fireflyer.workloads.serve.types import BLOCK_TOKENS
+
+    shape = (BLOCK_TOKENS, model.config.num_hidden_layers, model.config.latent_dim)
+    receiver = make_transport(args.kv_transfer).receiver(
+        args.host,
+        args.kv_transfer_port,
+        advertise_host=advertised_host(args),
+        block_shape=shape,
+        dtype=model.dtype,
+    )
+    logging.getLogger("fireflyer.serve").info("KV hand-offs arrive at %s:%d", *receiver.address)
+    return DecodeFetcher(receiver, namespace)
+
+
 def create_served_app(
-    engine: Any, tokenizer: Any, args: argparse.Namespace, on_failure: Callable[[], None] | None
+    engine: Any,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    on_failure: Callable[[], None] | None,
+    fetcher: Any = None,
 ) -> Any:
     """The API app over an engine (one rank's `LLMEngine`, or a unit's leader)."""
     from fireflyer.workloads.serve.api import create_app
     from fireflyer.workloads.serve.async_engine import AsyncEngine
     from fireflyer.workloads.serve.metrics import EngineMetrics
 
-    served = AsyncEngine(engine, tokenizer, served_name(args), EngineMetrics(), on_failure=on_failure)
+    served = AsyncEngine(
+        engine, tokenizer, served_name(args), EngineMetrics(), on_failure=on_failure, fetcher=fetcher
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -201,6 +256,8 @@ def create_served_app(
             yield
         finally:
             served.shutdown()
+            if fetcher is not None:
+                await fetcher.close()
 
     return create_app(served, lifespan=lifespan)
 
@@ -212,8 +269,11 @@ def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None
 
     device = resolve_device(args)
     model, tokenizer = load(args, device)
-    engine = LLMEngine(model, tokenizer.eos_token_ids, engine_config(args, model))
-    return create_served_app(engine, tokenizer, args, on_failure)
+    config = engine_config(args, model)
+    engine = LLMEngine(model, tokenizer.eos_token_ids, config)
+    return create_served_app(
+        engine, tokenizer, args, on_failure, decode_fetcher(args, model, config.namespace)
+    )
 
 
 def serve_http(args: argparse.Namespace, make_app: Callable[[Callable[[], None]], Any]) -> int:
@@ -251,8 +311,6 @@ def run(args: argparse.Namespace) -> int:
 
         return run_node(args, shape)
     log = logging.getLogger("fireflyer.serve")
-    if args.role != "both":
-        log.info("role %s: a one-rank unit computes prefill and decode itself", args.role)
     if args.dist_init_addr or args.placement_dir or args.redundant_experts:
         log.info(
             "one rank: --dist-init-addr, --dispatch-mode/--dispatch-backend, --placement-dir and"

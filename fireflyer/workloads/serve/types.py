@@ -6,6 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 BLOCK_TOKENS = 64  # KV block size: FlashMLA's page
 
@@ -53,6 +54,10 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # Prefill/decode disaggregation (serve/handoff.py): blocks received for this prompt (decode),
+    # or where to send its blocks (prefill).
+    handoff: Any = field(default=None, repr=False)
+    kv_target: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -176,7 +176,10 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
             log.info("--placement-dir: the experts are not split over this unit; placements do not apply")
         unit = UnitEngine(local, control, shape.world, watch)
         status = server.serve_http(
-            args, lambda on_failure: server.create_served_app(unit, tokenizer, args, on_failure)
+            args,
+            lambda on_failure: server.create_served_app(
+                unit, tokenizer, args, on_failure, server.decode_fetcher(args, model, config.namespace)
+            ),
         )
         dist.destroy_process_group()
         return status

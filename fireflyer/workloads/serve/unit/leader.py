@@ -114,7 +114,10 @@ class UnitEngine:
         if rank == 0:
             self.local.engine.add(seq)
             return
-        self.pending_adds.append(NewRequest(seq.request_id, list(seq.prompt_ids), seq.params, rank))
+        self.pending_adds.append(
+            NewRequest(seq.request_id, list(seq.prompt_ids), seq.params, rank, seq.handoff, seq.kv_target)
+        )
+        seq.handoff = seq.kv_target = None  # they travel with the command; the rank owns them
         self.remote[seq.request_id] = (rank, seq)
 
     def abort(self, request_id: str) -> bool:

@@ -17,6 +17,8 @@ class NewRequest:
     prompt_ids: list[int]
     params: SamplingParams
     rank: int  # the data-parallel rank that runs it
+    handoff: Any = None  # KV blocks a prefill unit sent for it (decode role)
+    kv_target: Any = None  # where to send its KV blocks (prefill role)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class RankEngine:
             if add.rank != self.rank:
                 continue
             seq = Sequence(prompt_ids=list(add.prompt_ids), params=add.params, request_id=add.request_id)
+            seq.handoff, seq.kv_target = add.handoff, add.kv_target
             try:
                 self.engine.add(seq)
             except (QueueFullError, ValueError) as error:  # the leader validated it; a race at most
