@@ -291,6 +291,27 @@ def _add_router(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(handler=_router)
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    from fireflyer.workloads.preflight.launch import run
+
+    return run(args)
+
+
+def _add_preflight(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from fireflyer.workloads.preflight.launch import add_arguments
+
+    p = sub.add_parser(
+        "preflight",
+        help="check a unit before it serves: all-to-all through the expert-parallel dispatcher, bandwidth",
+        description="Start this pod's ranks, meet the unit's other ranks at --dist-init-addr, verify a"
+        " dispatch/combine round between every pair of ranks and measure all-to-all bandwidth."
+        " Exit 0 when the unit may serve; 3 with the failed ranks and links on stderr and in the"
+        " termination message when it may not.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_preflight)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireflyer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train(sub)
     _add_router(sub)
+    _add_preflight(sub)
     _add_model(sub)
     from fireflyer.eplb.cli import add_parser as _add_eplb
 

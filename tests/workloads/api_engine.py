@@ -118,7 +118,9 @@ class FakeEngine:
         self.placement_generation: int | None = None
         self.placement_error: str | None = None
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> FakeStream:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, *, handoff: Any = None, kv_target: Any = None
+    ) -> FakeStream:
         if self.submit_error is not None:
             raise self.submit_error
         if len(self.active) >= self.capacity:

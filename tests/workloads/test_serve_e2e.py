@@ -150,11 +150,18 @@ def test_bad_requests_get_openai_errors(server: Server, reference: Reference) ->
         assert_error(c.get("/v1/eplb/load?windowSeconds=601"), 400, param="windowSeconds")
 
 
-def test_multi_rank_unit_is_refused(checkpoint: Path) -> None:
-    cmd = [sys.executable, "-m", "fireflyer.cli", "serve", "--model", str(checkpoint), "--nnodes", "2"]
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nnodes", "2"], "needs --dist-init-addr HOST:PORT of rank 0"),
+        (["--tensor-parallel", "2"], "use parallelism.tensor 1"),
+        (["--gpus-per-node", "4", "--expert-parallel", "2", "--dist-init-addr", "h:1"], "--expert-parallel 2"),
+    ],
+)
+def test_a_unit_this_engine_cannot_run_is_refused(checkpoint: Path, flags: list[str], message: str) -> None:
+    cmd = [sys.executable, "-m", "fireflyer.cli", "serve", "--model", str(checkpoint), *flags]
     cmd += ["--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode != 0
-    assert "this unit has 2 ranks" in done.stderr, done.stderr
-    assert "one rank per unit" in done.stderr, done.stderr
+    assert message in done.stderr, done.stderr
     assert "Uvicorn running" not in done.stdout + done.stderr

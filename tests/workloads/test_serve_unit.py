@@ -240,3 +240,37 @@ def test_a_placement_generation_applies_under_traffic(
             assert error is not None and "experts [3] have no slot" in error
     finally:
         server.stop()
+
+
+def test_a_unit_whose_preflight_fails_never_serves(checkpoint: Path, tmp_path: Path) -> None:
+    """Node 0 of a two-node unit whose other node never comes: the preflight names the missing
+    rank, and the engine exits 3 instead of serving."""
+    flags = "--dtype float32 --nnodes 2 --node-rank 0 --gpus-per-node 1 --expert-parallel 2 --data-parallel 2"
+    flags += f" --dist-init-addr 127.0.0.1:{free_port()} --preflight --preflight-timeout 3"
+    server = Server("unit-preflight", checkpoint, tmp_path, flags.split())
+    server.start()
+    try:
+        assert server.proc is not None
+        assert server.proc.wait(timeout=90) == 3
+        log = server.log_tail()
+        assert "preflight failed: rank 1 of 2 did not join within 3 s" in log, log
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()
+
+
+def test_a_unit_with_preflight_serves_after_passing_it(
+    checkpoint: Path, tmp_path: Path, reference: object
+) -> None:
+    server = Server("unit-preflight-ok", checkpoint, tmp_path, [*unit_flags(), "--preflight"])
+    server.start()
+    try:
+        server.wait_ready()
+        with logs_on_failure(server):
+            assert "preflight passed" in server.log_tail(200_000)
+            prompt = random_prompt(random.Random(1), 40)
+            results = run_all(server, [prompt], [5], [False])
+            assert_matches(results, reference.texts([prompt], [5]), [prompt], [5])  # type: ignore[attr-defined]
+    finally:
+        server.stop()

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unit.add_argument("--dist-init-addr", default=None, help="HOST:PORT of rank 0")
     unit.add_argument("--placement-dir", default=None, help="where the EPLB placement is mounted")
     unit.add_argument("--redundant-experts", type=int, default=0)
+    unit.add_argument(
+        "--preflight", action="store_true", help="check the unit's all-to-all and bandwidth before serving"
+    )
+    unit.add_argument("--preflight-min-gbps", type=float, default=None, help="the per-rank all-to-all floor")
+    unit.add_argument("--preflight-timeout", type=float, default=300.0, help="seconds for the ranks to join")
     pd = parser.add_argument_group("prefill/decode hand-off")
     pd.add_argument(
         "--kv-transfer", choices=("auto", "tcp", "nixl"), default="auto", help="auto: nixl when installed"

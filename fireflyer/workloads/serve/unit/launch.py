@@ -69,16 +69,44 @@ def _child_main(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> 
     sys.exit(run_rank(args, shape, local_rank))
 
 
-def init_groups(shape: UnitShape, rank: int, backend: str) -> Any:
+def init_groups(shape: UnitShape, rank: int, backend: str, args: argparse.Namespace, device: Any) -> Any:
     """Join the unit's process group (NCCL on GPUs, gloo on CPU) through a TCP store hosted by
-    rank 0; returns the gloo group the leader's commands travel on."""
+    rank 0, after the preflight when asked (a unit that fails it never serves: the message names
+    the rank or link, goes to the pod's termination message, and the process exits 3); returns
+    the gloo group the leader's commands travel on."""
+    import socket
+
     import torch.distributed as dist
 
     host, port = shape.init_address()
-    store = dist.TCPStore(
-        host, port, shape.world, is_master=rank == 0, timeout=UNIT_TIMEOUT, wait_for_workers=False
-    )
-    dist.init_process_group(backend, store=store, rank=rank, world_size=shape.world, timeout=UNIT_TIMEOUT)
+    if not args.preflight:
+        store = dist.TCPStore(
+            host, port, shape.world, is_master=rank == 0, timeout=UNIT_TIMEOUT, wait_for_workers=False
+        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=shape.world, timeout=UNIT_TIMEOUT)
+        return dist.new_group(backend="gloo", timeout=UNIT_TIMEOUT)
+    from fireflyer.workloads.preflight import PreflightError, check_unit, join_unit
+    from fireflyer.workloads.preflight.failure import EXIT_FAILED, report_failure
+
+    name = f"{os.environ.get('POD_NAME') or socket.gethostname()}/rank{rank}"
+    try:
+        unit = join_unit(f"{host}:{port}", rank, shape.world, timeout=args.preflight_timeout, name=name)
+        dist.init_process_group(
+            backend, store=unit.store, rank=rank, world_size=shape.world, timeout=UNIT_TIMEOUT
+        )
+        report = check_unit(
+            dist.group.WORLD,
+            rank,
+            shape.world,
+            store=unit.store,
+            device=device,
+            min_gbps=args.preflight_min_gbps,
+            timeout=args.preflight_timeout,
+        )
+    except PreflightError as error:
+        report_failure(str(error))
+        os._exit(EXIT_FAILED)
+    log.info("preflight passed: %s", report.summary())
     return dist.new_group(backend="gloo", timeout=UNIT_TIMEOUT)
 
 
@@ -141,7 +169,7 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
 
     rank = shape.rank(local_rank)
     device = server.resolve_device(args, local_rank)
-    control = init_groups(shape, rank, "nccl" if device.type == "cuda" else "gloo")
+    control = init_groups(shape, rank, "nccl" if device.type == "cuda" else "gloo", args, device)
     parallel = Parallel(rank, shape.world) if shape.expert_parallel else None
     model, tokenizer = server.load(args, device, parallel)
     config = server.engine_config(args, model, cuda_graph_max_batch=0)
