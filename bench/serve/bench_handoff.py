@@ -81,7 +81,15 @@ def main() -> None:
         procs.append(whole_proc)
         prefill_proc, prefill = start(model, [*blocks, "--role", "prefill"], work / "prefill.log")
         procs.append(prefill_proc)
-        decode_flags = [*blocks, "--role", "decode", "--kv-transfer", "tcp", "--kv-transfer-port", str(free_port())]
+        decode_flags = [
+            *blocks,
+            "--role",
+            "decode",
+            "--kv-transfer",
+            "tcp",
+            "--kv-transfer-port",
+            str(free_port()),
+        ]
         decode_proc, decode = start(model, decode_flags, work / "decode.log")
         procs.append(decode_proc)
         rng = random.Random(0)
@@ -98,7 +106,12 @@ def main() -> None:
                         handed.append(b)
                 one, pd = statistics.median(single), statistics.median(handed)
                 rows.append(
-                    {"prompt_tokens": length, "ttft_single_s": one, "ttft_handoff_s": pd, "overhead": pd / one - 1}
+                    {
+                        "prompt_tokens": length,
+                        "ttft_single_s": one,
+                        "ttft_handoff_s": pd,
+                        "overhead": pd / one - 1,
+                    }
                 )
         print(f"{'prompt':>7} {'single (s)':>11} {'P/D (s)':>9} {'overhead':>9}")
         for row in rows:

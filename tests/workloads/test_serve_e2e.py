@@ -155,7 +155,10 @@ def test_bad_requests_get_openai_errors(server: Server, reference: Reference) ->
     [
         (["--nnodes", "2"], "needs --dist-init-addr HOST:PORT of rank 0"),
         (["--tensor-parallel", "2"], "use parallelism.tensor 1"),
-        (["--gpus-per-node", "4", "--expert-parallel", "2", "--dist-init-addr", "h:1"], "--expert-parallel 2"),
+        (
+            ["--gpus-per-node", "4", "--expert-parallel", "2", "--dist-init-addr", "h:1"],
+            "--expert-parallel 2",
+        ),
     ],
 )
 def test_a_unit_this_engine_cannot_run_is_refused(checkpoint: Path, flags: list[str], message: str) -> None:
