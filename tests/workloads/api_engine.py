@@ -116,6 +116,7 @@ class FakeEngine:
         self.streams: list[FakeStream] = []
         self.active: set[FakeStream] = set()
         self.placement_generation: int | None = None
+        self.prefill_urls: list[str] = []  # the x-fireflyer-prefill of each request, if any
         self.placement_error: str | None = None
 
     def submit(
@@ -129,6 +130,13 @@ class FakeEngine:
         self.streams.append(stream)
         self.active.add(stream)
         return stream
+
+    async def fetch_kv(self, prompt_ids: list[int], prefill_url: str) -> None:
+        """A scripted engine takes no KV hand-offs: it computes every request itself."""
+        self.prefill_urls.append(prefill_url)
+
+    def submit_prefill(self, prompt_ids: list[int], target: Any) -> FakeStream:
+        return self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0), kv_target=target)
 
     def is_healthy(self) -> bool:
         return self.healthy
