@@ -226,7 +226,9 @@ class Network(ApiModel):
     host_network: bool = False
     """Run pods in the host network namespace (common with RoCE)."""
     preflight: bool = True
-    """Run the RDMA preflight program before the workload starts."""
+    """Run the RDMA preflight (all-to-all and bandwidth check across the ranks) before the workload
+    starts; an inference unit (engine fireflyer) whose preflight fails is recreated on other
+    nodes."""
     socket_ifname: str = Field(default="eth0", max_length=64)
     """Interface for NCCL/Gloo bootstrap traffic (NCCL_SOCKET_IFNAME)."""
 

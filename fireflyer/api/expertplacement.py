@@ -65,7 +65,7 @@ class ExpertPlacementStatus(StatusBase):
     previous_balancedness: float | None = None
     """The same figure for the generation it replaced."""
     applied_units: int = 0
-    """Units running this generation."""
+    """Units of the role whose leader reports running this generation (GET /v1/eplb/load)."""
 
 
 class ExpertPlacement(ApiModel):

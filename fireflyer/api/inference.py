@@ -155,9 +155,10 @@ class KvCache(ApiModel):
     )
 
     three_fs_cluster: str = Field(alias="threeFSCluster", min_length=1, max_length=253)
-    """Name of a ThreeFSCluster in the same namespace whose mount holds the KV cache."""
+    """Name of a ThreeFSCluster in the same namespace whose FUSE mount holds the KV cache; unit
+    pods mount its clients.mountPoint, and units are created only once it is Ready."""
     path: str = Field(default="/3fs/stage/kvcache", max_length=1024)
-    """Directory for KV-cache blocks on that mount."""
+    """Directory for KV-cache blocks; must lie under that cluster's clients.mountPoint."""
 
 
 def _divides(role: str) -> dict[str, str]:
@@ -220,13 +221,20 @@ class UnitStatus(ApiModel):
     """All pods of the unit are Running and Ready."""
     leader: str = ""
     """Address of rank 0."""
+    avoid_nodes: list[str] = Field(default_factory=list)
+    """Nodes the unit's next placements avoid: its RDMA preflight failed there."""
+    avoid_until: str | None = None
+    """When avoidNodes expire (RFC 3339)."""
 
 
 class RoleStatus(ApiModel):
     units: int = 0
     ready_units: int = 0
     placement_generation: int | None = None
-    """The ExpertPlacement generation the role runs."""
+    """The ExpertPlacement generation published to the role's units (mounted into their pods)."""
+    applied_placement_generation: int | None = None
+    """The lowest placement generation any unit of the role reports running (0: the default even
+    split); absent while no unit reports one."""
     balancedness: float | None = None
     """Mean over layers of mean GPU load / max GPU load for the current placement."""
     last_rebalance_check: str | None = None

@@ -1,9 +1,12 @@
-"""The EPLB timer: per role with eplb.mode dynamic, collect → rebalance → publish."""
+"""The EPLB timer. Per role with eplb.mode dynamic: collect → rebalance → publish, every
+intervalSeconds. Per role with eplb.mode dynamic or static: which placement generation the units
+report running (appliedUnits, appliedPlacementGeneration), every APPLIED_POLL_SECONDS."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -18,8 +21,10 @@ from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.inference import EPLB_LOAD_URL_ANNOTATION, InferenceDeployment
 from fireflyer.operator import kube
 from fireflyer.operator import labels as L
+from fireflyer.operator.eplb import applied
+from fireflyer.operator.eplb.placements import current_placement, role_placements, static_condition
 from fireflyer.operator.eplb.plan import LoadError, current_table, decide, parse_window
-from fireflyer.operator.inference import children
+from fireflyer.operator.inference import children, writes
 from fireflyer.operator.inference.engines import SERVE_PORT
 
 BALANCEDNESS = Gauge(
@@ -38,8 +43,12 @@ COLLECT_ERRORS = Counter(
     ["namespace", "deployment", "role"],
 )
 CHECK_SECONDS = 5.0
+APPLIED_POLL_SECONDS = 30.0
 KEEP_GENERATIONS = 3
+TIME = "%Y-%m-%dT%H:%M:%SZ"
 log = logging.getLogger(__name__)
+# When each role's leaders were last asked (monotonic), by (namespace, deployment, role).
+_polled: dict[tuple[str, str, str], float] = {}
 
 
 def _sources(cr: dict[str, Any], role: str, units: int) -> list[str]:
@@ -59,16 +68,30 @@ def _sources(cr: dict[str, Any], role: str, units: int) -> list[str]:
     return sources
 
 
-def collect(sources: list[str], layers: int, experts: int) -> np.ndarray:
-    total = np.zeros((layers, experts))
+def fetch(sources: list[str]) -> list[tuple[str, Any]]:
+    """(url, payload or the LoadError that stood in its way) for every source."""
+    results: list[tuple[str, Any]] = []
     for url in sources:
         try:
             with urllib.request.urlopen(url, timeout=3) as resp:
-                payload = json.loads(resp.read())
+                results.append((url, json.loads(resp.read())))
         except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
-            raise LoadError(f"{url}: {exc}") from exc
+            results.append((url, LoadError(f"{url}: {exc}")))
+    return results
+
+
+def collect(windows: list[tuple[str, Any]], layers: int, experts: int) -> np.ndarray:
+    """The role's load: every unit's window, summed; any unusable window fails it."""
+    total = np.zeros((layers, experts))
+    for url, payload in windows:
+        if isinstance(payload, LoadError):
+            raise payload
         total += parse_window(payload, layers, experts, url)
     return total
+
+
+def generations(windows: list[tuple[str, Any]]) -> list[int | None]:
+    return [None if isinstance(p, LoadError) else applied.reported_generation(p) for _, p in windows]
 
 
 def _placement(
@@ -105,8 +128,10 @@ def _placement(
     }
 
 
-def rebalance_role(cr: dict[str, Any], role: str, now: datetime) -> dict[str, Any]:
-    """One collect → rebalance → publish pass; returns the role's status fields."""
+def rebalance_role(
+    cr: dict[str, Any], role: str, now: datetime, windows: list[tuple[str, Any]]
+) -> dict[str, Any]:
+    """One rebalance → publish pass over the collected windows; returns the role's status fields."""
     spec = InferenceDeployment.model_validate(cr).spec
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
     arch = spec.model.architecture
@@ -115,8 +140,8 @@ def rebalance_role(cr: dict[str, Any], role: str, now: datetime) -> dict[str, An
     slots = arch.routed_experts + spec.eplb.redundant_experts
     existing = kube.list_("ExpertPlacement", namespace, f"{L.DEPLOYMENT}={name},{L.ROLE}={role}")
     generation, table = current_table(existing, arch.moe_layers, arch.routed_experts, slots)
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    load = collect(_sources(cr, role, role_spec.units), arch.moe_layers, arch.routed_experts)
+    stamp = now.strftime(TIME)
+    load = collect(windows, arch.moe_layers, arch.routed_experts)
     decision = decide(spec, role, load, table)
     result: dict[str, Any] = {
         "lastRebalanceCheck": stamp,
@@ -149,12 +174,64 @@ def rebalance_role(cr: dict[str, Any], role: str, now: datetime) -> dict[str, An
     return result
 
 
+def record_applied(
+    cr: dict[str, Any], role: str, reported: list[int | None]
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Write appliedUnits on the role's placements; → (the role's status fields about them, in
+    static mode the role's EplbHealthy condition)."""
+    spec = InferenceDeployment.model_validate(cr).spec
+    name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
+    items = kube.list_("ExpertPlacement", namespace)
+    for placement, count in applied.applied_units(
+        role_placements(items, name, role, spec.eplb.mode), reported
+    ).items():
+        # Only this field: balancedness and conditions belong to whoever wrote them.
+        kube.patch_status("ExpertPlacement", placement, namespace, {"appliedUnits": count})
+    fields: dict[str, Any] = {"appliedPlacementGeneration": applied.lowest(reported)}
+    if spec.eplb.mode != "static":
+        return fields, None
+    chosen, skipped = current_placement(items, name, role, spec)
+    fields["placementGeneration"] = int(chosen["spec"]["generation"]) if chosen else None
+    return fields, static_condition(role, chosen, skipped)
+
+
 def _due(cr: dict[str, Any], role: str, interval: float, now: datetime) -> bool:
     last = ((cr.get("status") or {}).get(role) or {}).get("lastRebalanceCheck")
     if not last:
         return True
-    then = datetime.strptime(last, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    then = datetime.strptime(last, TIME).replace(tzinfo=UTC)
     return (now - then).total_seconds() >= interval
+
+
+def _poll_due(key: tuple[str, str, str], interval: float) -> bool:
+    last = _polled.get(key)
+    return last is None or time.monotonic() - last >= min(APPLIED_POLL_SECONDS, interval)
+
+
+def _role_pass(
+    cr: dict[str, Any], role: str, now: datetime, rebalance: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """→ (the role's status fields, an EplbHealthy condition or None)."""
+    spec = InferenceDeployment.model_validate(cr).spec
+    name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
+    windows = fetch(_sources(cr, role, getattr(spec, role).units))
+    fields: dict[str, Any] = {}
+    cond = None
+    if rebalance:
+        try:
+            result = rebalance_role(cr, role, now, windows)
+        except LoadError as exc:
+            COLLECT_ERRORS.labels(namespace, name, role).inc()
+            kopf.event(cast(Any, cr), type="Warning", reason=C.LOAD_UNAVAILABLE, message=f"{role}: {exc}")
+            fields["lastRebalanceCheck"] = now.strftime(TIME)
+            cond = C.condition(C.EPLB_HEALTHY, False, C.LOAD_UNAVAILABLE, f"{role}: {exc}")
+        else:
+            result.pop("reason")
+            fields.update({k: v for k, v in result.items() if v is not None})
+            cond = C.condition(C.EPLB_HEALTHY, True, C.LOAD_COLLECTED, "load collected")
+    more, static = record_applied(cr, role, generations(windows))
+    fields.update(more)
+    return fields, static or cond
 
 
 @kopf.timer(GROUP, VERSION, "inferencedeployments", interval=CHECK_SECONDS, sharp=False)
@@ -164,42 +241,40 @@ def eplb_timer(namespace: str | None, name: str, **_: Any) -> None:
     # No placement lock here: collecting load waits on the network, and must never hold up the
     # reconciles of other deployments.
     cr = kube.get("InferenceDeployment", name, namespace)
-    if cr is None or cr["metadata"].get("deletionTimestamp"):
-        return
-    spec = InferenceDeployment.model_validate(cr).spec
-    if spec.eplb.mode != "dynamic":
+    spec = None if cr is None else InferenceDeployment.model_validate(cr).spec
+    if cr is None or cr["metadata"].get("deletionTimestamp") or spec is None or spec.eplb.mode == "off":
+        for role in ("prefill", "decode"):
+            _polled.pop((namespace, name, role), None)
         return
     now = datetime.now(UTC)
+    status = cr.get("status") or {}
     patch: dict[str, Any] = {}
-    problems: list[str] = []
+    conds: list[dict[str, Any]] = []
     for role in ("prefill", "decode"):
-        if getattr(spec, role).units == 0 or not _due(cr, role, spec.eplb.interval_seconds, now):
+        if getattr(spec, role).units == 0:
             continue
-        try:
-            result = rebalance_role(cr, role, now)
-        except LoadError as exc:
-            COLLECT_ERRORS.labels(namespace, name, role).inc()
-            problems.append(f"{role}: {exc}")
-            kopf.event(cast(Any, cr), type="Warning", reason=C.LOAD_UNAVAILABLE, message=f"{role}: {exc}")
-            patch[role] = {"lastRebalanceCheck": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        rebalance = spec.eplb.mode == "dynamic" and _due(cr, role, spec.eplb.interval_seconds, now)
+        key = (namespace, name, role)
+        if not rebalance and not _poll_due(key, spec.eplb.interval_seconds):
             continue
-        result.pop("reason")
-        patch[role] = {k: v for k, v in result.items() if v is not None}
-    if not patch:
-        return
-    cond = (
-        C.condition(C.EPLB_HEALTHY, False, C.LOAD_UNAVAILABLE, "; ".join(problems)[:2000])
-        if problems
-        else C.condition(C.EPLB_HEALTHY, True, C.LOAD_COLLECTED, "load collected")
-    )
-    generation = cr["metadata"].get("generation", 0)
-    patch["conditions"] = C.merge(
-        (cr.get("status") or {}).get("conditions", []),
-        [cond],
-        now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        generation,
-    )
+        _polled[key] = time.monotonic()
+        fields, cond = _role_pass(cr, role, now, rebalance)
+        if cond is not None:
+            conds.append(cond)
+        current = status.get(role) or {}
+        # A merge patch with null removes a figure that no longer holds (nobody reports).
+        changes = {k: v for k, v in fields.items() if current.get(k) != v and (v is not None or k in current)}
+        if changes:
+            patch[role] = changes
+    cond = applied.combine_health(conds)
+    changed: list[dict[str, Any]] = []
+    if cond is not None:
+        before = next((c for c in status.get("conditions") or [] if c.get("type") == C.EPLB_HEALTHY), None)
+        if before is None or any(before.get(k) != cond[k] for k in ("status", "reason", "message")):
+            changed.append(cond)
     decode_b = (patch.get("decode") or {}).get("balancedness")
     if decode_b is not None:
         patch["balancedness"] = f"{decode_b:.2f}"
-    kube.patch_status("InferenceDeployment", name, namespace, patch)
+    if patch or changed:
+        # The reconcile writes this status too: its conditions are kept (writes.py).
+        writes.patch_status(name, namespace, patch, changed, cr["metadata"].get("generation", 0))

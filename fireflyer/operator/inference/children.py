@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fireflyer.api.inference import InferenceDeploymentSpec, Role
 from fireflyer.operator import labels as L
+from fireflyer.operator.inference import mounts
 from fireflyer.operator.inference.engines import SERVE_PORT, UnitContext, image, shell_line
+from fireflyer.operator.inference.pairing import pairing_revision
 from fireflyer.operator.network import network_env
 from fireflyer.operator.network import node_hca as node_hca  # re-exported: the plan uses it
 from fireflyer.operator.objects import owner_reference
@@ -38,10 +41,13 @@ def base_labels(deployment: str, component: str) -> dict[str, str]:
     return {L.DEPLOYMENT: deployment, L.COMPONENT: component, L.MANAGED_BY: L.MANAGER}
 
 
-def revision(spec: InferenceDeploymentSpec, role_name: str, nodes: tuple[str, ...]) -> str:
+def revision(
+    spec: InferenceDeploymentSpec, role_name: str, nodes: tuple[str, ...], kv_mount: str | None = None
+) -> str:
     """Everything that, when it changes, needs the unit's pods recreated. How many units a role
     has, and how many may be down at once, are not about any one unit: scaling a role never
-    restarts the units it keeps."""
+    restarts the units it keeps. The current ExpertPlacement is not part of it either (the pods
+    re-read it in place)."""
     role: Role = getattr(spec, role_name)
     unit_shape = role.model_dump(
         by_alias=True, exclude_none=True, mode="json", exclude={"units", "max_unavailable_units"}
@@ -55,6 +61,8 @@ def revision(spec: InferenceDeploymentSpec, role_name: str, nodes: tuple[str, ..
         "eplb": {"mode": spec.eplb.mode, "redundant": spec.eplb.redundant_experts},
         "nodes": list(nodes),
     }
+    if spec.kv_cache is not None:  # only when set: specs without it keep their revision
+        material["kvCache"] = {**spec.kv_cache.to_wire(), "mount": kv_mount}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -105,13 +113,16 @@ def statefulset(
     nodes: tuple[str, ...],
     domain: tuple[str, str, str],
     placed_at: str,
+    kv_mount: str | None = None,
 ) -> dict[str, Any]:
-    """One unit: a pod per planned node, all pinned inside the planned domain."""
+    """One unit: a pod per planned node, all pinned inside the planned domain. kv_mount: the
+    kvCache ThreeFSCluster's mount point."""
     deployment = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     role: Role = getattr(spec, role_name)
     name = unit_name(deployment, role_name, index)
-    rev = revision(spec, role_name, nodes)
+    rev = revision(spec, role_name, nodes, kv_mount)
+    extra_volumes, extra_mounts = mounts.unit_volumes(spec, deployment, role_name, kv_mount)
     selector = {L.DEPLOYMENT: deployment, L.ROLE: role_name, L.UNIT: str(index)}
     pod_labels = {**base_labels(deployment, "unit"), **selector, L.REVISION: rev}
     level, _, domain_value = domain
@@ -142,6 +153,7 @@ def statefulset(
         "volumeMounts": [
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "engine", "mountPath": "/etc/fireflyer/net", "readOnly": True},
+            *extra_mounts,
             *_model_mounts(spec),
         ],
     }
@@ -173,6 +185,7 @@ def statefulset(
                     "volumes": [
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE[role_name]}},
                         {"name": "engine", "configMap": {"name": config_map_name(deployment)}},
+                        *extra_volumes,
                         *_model_volumes(spec),
                     ],
                 },
@@ -204,8 +217,15 @@ def headless_service(cr: dict[str, Any], role_name: str, index: int) -> dict[str
 
 
 def router(
-    cr: dict[str, Any], spec: InferenceDeploymentSpec, unit_hosts: dict[str, list[str]]
+    cr: dict[str, Any],
+    spec: InferenceDeploymentSpec,
+    unit_hosts: dict[str, list[str]],
+    *,
+    unit_revisions: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The router's Deployment, ConfigMap (its backends file) and Service. Each unit is listed with
+    the pairing revision it runs: `unit_revisions[host]` where the caller knows it (units not yet
+    rolled out), else the spec's."""
     deployment = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     name = f"{deployment}-router"
@@ -214,8 +234,13 @@ def router(
     # never the pod template, so the router is not restarted.
     args = ["router", "--policy", spec.router.policy, "--port", str(ROUTER_PORT)]
     args += ["--backends-file", f"{ROUTER_CONFIG_DIR}/{ROUTER_BACKENDS_FILE}"]
+    current = pairing_revision(spec)
+    revisions = unit_revisions or {}
     backends = {
-        role_name: [f"http://{host}:{SERVE_PORT}" for host in unit_hosts.get(role_name, [])]
+        role_name: [
+            {"url": f"http://{host}:{SERVE_PORT}", "revision": revisions.get(host, current)}
+            for host in unit_hosts.get(role_name, [])
+        ]
         for role_name in ("prefill", "decode")
     }
     labels = base_labels(deployment, "router")

@@ -18,6 +18,7 @@ from fireflyer.api.base import GROUP, VERSION
 from fireflyer.operator import cache, events, kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
+from fireflyer.operator.inference import preflight, writes
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.locks import PLACEMENT
 from fireflyer.operator.metrics import timed
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 # Failures seen in pod events, by (namespace, deployment) → unit → reason. The StatefulSet
 # controller may replace a failed pod before a reconcile lists it, so the event is remembered.
 _failed_units: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+# Failed preflights seen in unit pod events, by (namespace, deployment) → pod uid → message. The
+# watch-fed pod cache keeps no container statuses; by uid, a late event of a replaced pod matches
+# no current pod.
+_preflight_failures: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
 # Pods this operator deleted itself (their DELETED events are not failures), uid → when.
 _deleted_by_us: dict[str, float] = {}
 _DELETED_MEMORY_SECONDS = 600.0
@@ -53,7 +58,13 @@ def observe(
         if s["metadata"].get("namespace") == namespace
         and (s["metadata"].get("labels") or {}).get(L.DEPLOYMENT) == name
     ]
+    spec = cr.get("spec") or {}
+    # A user's static placement need not carry our labels: the plan matches spec.deployment.
+    eplb_on = (spec.get("eplb") or {}).get("mode", "dynamic") != "off"
+    cluster = (spec.get("kvCache") or {}).get("threeFSCluster")
     return Observed(
+        placements=kube.list_("ExpertPlacement", namespace) if eplb_on else [],
+        threefs=kube.get("ThreeFSCluster", cluster, namespace) if cluster else None,
         nodes=nodes if nodes is not None else kube.list_("Node"),
         pods=pods if pods is not None else kube.list_("Pod"),
         statefulsets={s["metadata"]["name"]: s for s in ours},
@@ -62,6 +73,7 @@ def observe(
         router_service=kube.get("Service", f"{name}-router", namespace),
         now=datetime.now(UTC),
         failed_units=_failed_units.pop((namespace, name), {}),
+        preflight_failures=dict(_preflight_failures.get((namespace, name), {})),
     )
 
 
@@ -109,11 +121,13 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     status = dict(desired.status)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     generation = cr["metadata"].get("generation", 0)
-    status["conditions"] = C.merge(previous, status["conditions"], now, generation)
+    conditions = status.pop("conditions")
     status["observedGeneration"] = generation
     current = cr.get("status") or {}
-    if force or any(current.get(k) != v for k, v in status.items()):
-        kube.patch_status(KIND, name, namespace, status)
+    merged = C.merge(previous, conditions, now, generation)
+    if force or current.get("conditions") != merged or any(current.get(k) != v for k, v in status.items()):
+        # The EPLB timer writes this status too: its conditions are kept (writes.py).
+        writes.patch_status(name, namespace, status, conditions, generation)
 
 
 @timed(KIND)
@@ -167,6 +181,15 @@ def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str
         del _deleted_by_us[old]
 
 
+def _note_preflight(event_type: str | None, pod: Any, namespace: str, deployment: str) -> None:
+    uid = pod.get("metadata", {}).get("uid", "")
+    message = "" if event_type == "DELETED" else preflight.failure(pod)
+    if message:
+        _preflight_failures[(namespace, deployment)][uid] = message
+    else:
+        _preflight_failures[(namespace, deployment)].pop(uid, None)
+
+
 @kopf.on.event("pods", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
@@ -175,6 +198,8 @@ def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str
 def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
     """A child changed (pod failed, service deleted, …): reconcile its deployment soon."""
     deployment = (body.get("metadata", {}).get("labels") or {}).get(L.DEPLOYMENT)
+    if deployment and namespace and body.get("kind") == "Pod":
+        _note_preflight(type, body, namespace, deployment)  # the initial listing (type None) too
     if not deployment or type is None or namespace is None:
         return
     phase = body.get("status", {}).get("phase")
@@ -234,3 +259,23 @@ def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
             log.warning(
                 "reconcile of %s/%s after node %s changed failed: %s", namespace, deployment, name, exc
             )
+
+
+@kopf.on.event(GROUP, VERSION, "expertplacements")
+def on_placement_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
+    """A placement was published, edited or removed: the role's placement ConfigMap follows."""
+    deployment = (body.get("spec") or {}).get("deployment")
+    if type is None or namespace is None or not deployment:
+        return
+    _kick(namespace, deployment, False, kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "threefsclusters")
+def on_threefs_event(type: str, body: Any, namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Units with kvCache wait for their 3FS cluster to be Ready: re-check the deployments that
+    name it when it changes (the resync timer covers a missed event)."""
+    if type is None or namespace is None:
+        return
+    for cr in kube.list_(KIND, namespace):
+        if ((cr.get("spec") or {}).get("kvCache") or {}).get("threeFSCluster") == name:
+            _kick(namespace, cr["metadata"]["name"], False, kwargs)

@@ -8,6 +8,7 @@ import shlex
 from dataclasses import dataclass
 
 from fireflyer.api.inference import InferenceDeploymentSpec, Role
+from fireflyer.operator.inference.mounts import PLACEMENT_DIR
 
 DEFAULT_IMAGE = "ghcr.io/fireflyer/workloads:0.1.0"
 SERVE_PORT = 30000
@@ -71,12 +72,16 @@ def fireflyer_command(spec: InferenceDeploymentSpec, role: Role, unit: UnitConte
         "--port",
         str(SERVE_PORT),
         "--placement-dir",
-        "/etc/fireflyer/placement",
+        PLACEMENT_DIR,
     ]
     if spec.eplb.mode != "off":
         args += ["--redundant-experts", str(spec.eplb.redundant_experts)]
     if spec.kv_cache:
         args += ["--kv-cache-dir", spec.kv_cache.path]
+    if spec.network.preflight:
+        # The engine checks the unit's links before serving; on failure it exits with a
+        # termination message starting "preflight failed:" and the operator moves the unit.
+        args.append("--preflight")
     return args + list(spec.engine.args)
 
 

@@ -9,7 +9,11 @@ from typing import Any
 from fireflyer.api import conditions as C
 from fireflyer.api.inference import InferenceDeployment, InferenceDeploymentSpec
 from fireflyer.operator import labels as L
-from fireflyer.operator.inference import children
+from fireflyer.operator.eplb.placements import current_placement, placement_document
+from fireflyer.operator.inference import children, mounts, preflight
+from fireflyer.operator.inference import reasons as R
+from fireflyer.operator.inference.status import deployment_status, kv_events
+from fireflyer.operator.inference.status import router_url as router_url  # re-exported
 from fireflyer.operator.planning import Event, format_time, parse_time
 from fireflyer.placement import UnitRequest, build_topology, plan_units
 from fireflyer.placement.planner import CLUSTER
@@ -34,6 +38,13 @@ class Observed:
     failed_units: dict[str, str] = field(default_factory=dict)
     """Unit name → a failure seen in a pod event (the pod itself may already be replaced)."""
     router_service: dict[str, Any] | None = None
+    placements: list[dict[str, Any]] = field(default_factory=list)
+    """ExpertPlacements in the deployment's namespace."""
+    threefs: dict[str, Any] | None = None
+    """The ThreeFSCluster that kvCache names (None: it does not exist, or no kvCache)."""
+    preflight_failures: dict[str, str] = field(default_factory=dict)
+    """Unit pod uid → its failed preflight's message, from pod events (the cached pods carry no
+    container statuses)."""
 
 
 @dataclass
@@ -105,11 +116,29 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             ]
             units.append(_Unit(role_name, index, unit_id, pods, observed.statefulsets.get(unit_id)))
 
-    # Units that are broken lose their placement and are planned again from scratch.
+    # Units that are broken lose their placement and are planned again from scratch; one whose
+    # RDMA preflight failed is planned away from its nodes for a while.
+    status_units = (cr.get("status") or {}).get("units") or []
+    avoid = preflight.remembered(status_units, now)
     keep: dict[str, list[str]] = {}
     for unit in units:
         nodes = planned_nodes(unit.sts or {})
         if not nodes:
+            continue
+        failed = preflight.unit_failure(unit.pods, observed.preflight_failures)
+        if failed:
+            key = f"{unit.role}-{unit.index}"
+            bound = [pod["spec"].get("nodeName", "") for pod in unit.pods]
+            avoid[key] = preflight.extend(avoid.get(key), [*nodes, *bound], now)
+            recreate[unit.name] = failed
+            events.append(
+                Event(
+                    "Warning",
+                    R.PREFLIGHT_FAILED,
+                    f"{unit.name}: {failed}; recreating it on other nodes (avoiding "
+                    f"{', '.join(avoid[key].nodes)} until {format_time(avoid[key].until)})",
+                )
+            )
             continue
         broken = observed.failed_units.get(unit.name) or _broken(unit, topology, spec, now)
         if broken:
@@ -124,6 +153,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             continue
         keep[f"{unit.role}-{unit.index}"] = nodes
 
+    # With kvCache, units are created only once their 3FS cluster is Ready (existing ones stay).
+    kv = mounts.kv_cache_state(spec, observed.threefs)
+    kv_blocked = kv is not None and not kv.ready
     requests = [
         UnitRequest(
             u.role,
@@ -133,10 +165,14 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             spec.network.rdma_per_pod,
         )
         for u in units
+        if not (kv_blocked and u.sts is None)
     ]
+    # Nodes held by kept units stay usable for them; the rest of the avoided ones are not.
+    kept = {n for nodes in keep.values() for n in nodes}
+    avoided = sorted({n for a in avoid.values() for n in a.nodes} - kept)
     placement = plan_units(
         requests,
-        topology,
+        preflight.without(topology, avoided),
         spec.placement.required_level,
         spec.placement.preferred_level,
         spec.placement.spread_units,
@@ -146,6 +182,14 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     keys = level_keys(spec.placement.topology_profile, spec.placement.custom_level_keys)
 
     desired_children: list[dict[str, Any]] = []
+    if mounts.mounts_placement(spec):
+        # Before the units: their pods mount it (not optionally).
+        for role_name in ROLES:
+            if getattr(spec, role_name).units:
+                chosen, _ = current_placement(observed.placements, name, role_name, spec)
+                desired_children.append(
+                    mounts.placement_config_map(cr, role_name, placement_document(chosen))
+                )
     node_objs = {n["metadata"]["name"]: n for n in observed.nodes}
     hcas: dict[str, tuple[str, str]] = {}
     unit_status: list[dict[str, Any]] = []
@@ -173,6 +217,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         if not same:
             events.append(Event("Normal", C.UNITS_PLACED, f"placed {p.describe()}"))
         label_key = keys.get(p.level, "") if p.level != CLUSTER else ""
+        kv_mount = kv.mount_point if kv is not None and kv.mount_point else mounts.kv_mount_of(unit.sts)
         desired_children.append(
             children.statefulset(
                 cr,
@@ -182,6 +227,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                 p.nodes,
                 (p.level, label_key, p.domain),
                 placed_at or format_time(now),
+                kv_mount,
             )
         )
         desired_children.append(children.headless_service(cr, unit.role, unit.index))
@@ -189,7 +235,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             if node in node_objs:
                 hcas[node] = children.node_hca(node_objs[node], role.gpus_per_node)
         hosts[unit.role].append(leader)
-        rev = children.revision(spec, unit.role, p.nodes)
+        rev = children.revision(spec, unit.role, p.nodes, kv_mount)
         revisions = {(pod["metadata"].get("labels") or {}).get(L.REVISION) for pod in unit.pods}
         current = revisions == {rev}
         all_ready = len(unit.pods) == role.nodes_per_unit and all(_ready(pod) for pod in unit.pods)
@@ -220,6 +266,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     rolling = False
     for role_name in ROLES:
         budget = getattr(spec, role_name).max_unavailable_units - unavailable[role_name]
+        if kv_blocked:  # new pods could not start: the outdated units keep serving meanwhile
+            budget = 0
         for unit in (u for u in outdated if u.role == role_name):
             rolling = True
             if budget <= 0:
@@ -227,10 +275,16 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             recreate[unit.name] = "rolling out a new revision"
             budget -= 1
 
+    for entry in unit_status:
+        remembered = avoid.get(f"{entry['role']}-{entry['index']}")
+        if remembered:
+            entry.update(remembered.status())
+    events.extend(kv_events(cr, kv))
+
     desired_children.append(children.config_map(cr, spec, hcas))
     desired_children.extend(children.router(cr, spec, hosts))
 
-    status = _status(
+    status = deployment_status(
         cr,
         spec,
         placement,
@@ -240,6 +294,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         rolling,
         recreate,
         observed.router_service,
+        kv=kv,
+        avoided=avoided,
     )
     requeue = (
         5.0
@@ -295,102 +351,3 @@ def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: date
                 f"{spec.placement.bind_timeout_seconds}s of placement"
             )
     return ""
-
-
-def _status(
-    cr: dict[str, Any],
-    spec: InferenceDeploymentSpec,
-    placement: Any,
-    unit_status: list[dict[str, Any]],
-    ready_count: dict[str, int],
-    router: dict[str, Any] | None,
-    rolling: bool,
-    recreate: dict[str, str],
-    router_service: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    conds = []
-    if placement.complete:
-        reason = C.PLACED_ABOVE_PREFERRED_LEVEL if placement.notes else C.UNITS_PLACED
-        conds.append(
-            C.condition(
-                C.PLACED,
-                True,
-                reason,
-                "; ".join(placement.notes) or f"{len(placement.placed)} units placed whole",
-            )
-        )
-    else:
-        why = "; ".join(f"{u.name}: {w}" for u, w in placement.unplaced)
-        conds.append(C.condition(C.PLACED, False, C.INSUFFICIENT_CAPACITY, why))
-    role_ready = {}
-    for role_name, cond_type in (("prefill", C.PREFILL_READY), ("decode", C.DECODE_READY)):
-        want = getattr(spec, role_name).units
-        have = ready_count[role_name]
-        role_ready[role_name] = have >= want
-        reason = C.NO_UNITS if want == 0 else (C.ALL_UNITS_READY if have >= want else C.UNITS_NOT_READY)
-        conds.append(C.condition(cond_type, have >= want, reason, f"{have}/{want} units ready"))
-    available = int((router or {}).get("status", {}).get("availableReplicas") or 0)
-    router_ok = available >= spec.router.replicas
-    conds.append(
-        C.condition(
-            C.ROUTER_READY,
-            router_ok,
-            C.ROUTER_AVAILABLE if router_ok else C.ROUTER_UNAVAILABLE,
-            f"{available}/{spec.router.replicas} router replicas available",
-        )
-    )
-    ready = placement.complete and all(role_ready.values()) and router_ok
-    if ready:
-        conds.append(C.condition(C.READY, True, C.ALL_UNITS_READY, "every unit and the router are ready"))
-    else:
-        missing = [
-            t
-            for t, ok in (
-                ("placement", placement.complete),
-                ("prefill", role_ready["prefill"]),
-                ("decode", role_ready["decode"]),
-                ("router", router_ok),
-            )
-            if not ok
-        ]
-        conds.append(C.condition(C.READY, False, C.UNITS_NOT_READY, "waiting for " + ", ".join(missing)))
-    progressing = not ready and placement.complete
-    conds.append(
-        C.condition(
-            C.PROGRESSING,
-            progressing,
-            C.ROLLING_OUT if rolling else (C.PLACING if progressing else C.RECONCILED),
-            "units are being placed or rolled out" if progressing else "",
-        )
-    )
-    degraded_why = [f"{u}: {w}" for u, w in sorted(recreate.items()) if "rolling" not in w]
-    if not placement.complete:
-        degraded_why.append("not every unit fits the cluster")
-    conds.append(
-        C.condition(
-            C.DEGRADED,
-            bool(degraded_why),
-            C.UNIT_RECREATED
-            if degraded_why and placement.complete
-            else (C.INSUFFICIENT_CAPACITY if degraded_why else C.HEALTHY),
-            "; ".join(degraded_why),
-        )
-    )
-    name = cr["metadata"]["name"]
-    namespace = cr["metadata"]["namespace"]
-    return {
-        "conditions": conds,
-        "prefill": {"units": spec.prefill.units, "readyUnits": ready_count["prefill"]},
-        "decode": {"units": spec.decode.units, "readyUnits": ready_count["decode"]},
-        "prefillReady": f"{ready_count['prefill']}/{spec.prefill.units}",
-        "decodeReady": f"{ready_count['decode']}/{spec.decode.units}",
-        "units": unit_status,
-        "endpoints": {"router": router_url(name, namespace, router_service)},
-    }
-
-
-def router_url(name: str, namespace: str, service: dict[str, Any] | None) -> str:
-    """The load balancer's address when the router Service has one, else its cluster DNS name."""
-    ingress = ((service or {}).get("status", {}).get("loadBalancer") or {}).get("ingress") or []
-    host = next((i.get("ip") or i.get("hostname") for i in ingress if i.get("ip") or i.get("hostname")), None)
-    return f"http://{host or f'{name}-router.{namespace}.svc'}:{children.ROUTER_PORT}"
