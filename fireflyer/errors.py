@@ -26,4 +26,3 @@ def user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         FileExistsError,
     )
-
