@@ -7,6 +7,7 @@ ROLE = "fireflyer.dev/role"
 UNIT = "fireflyer.dev/unit"
 COMPONENT = "fireflyer.dev/component"
 REVISION = "fireflyer.dev/revision"
+PAIRING_REVISION = "fireflyer.dev/pairing-revision"  # prefill and decode units of one value pair
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fireflyer"
 PLACED_AT = "fireflyer.dev/placed-at"

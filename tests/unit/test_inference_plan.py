@@ -122,3 +122,27 @@ def test_a_same_named_deployment_in_another_namespace_keeps_its_nodes() -> None:
         ]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"]
     }
     assert ours and not planned & taken
+
+
+def test_during_a_rollout_the_router_lists_each_unit_with_the_spec_its_pods_run() -> None:
+    """A prefill unit still running the old model is listed with the old pairing revision, so the
+    router never pairs it with a decode unit of the new one."""
+    import json
+
+    cr, sets = _placed()
+    pods: list[dict[str, Any]] = []
+    for sts in sets.values():
+        pods += _pods(sts, NOW - timedelta(minutes=30))
+    prefill = [p for p in pods if p["metadata"]["labels"][L.ROLE] == "prefill"]
+    for pod in prefill:
+        pod["metadata"]["labels"][L.PAIRING_REVISION] = "0ldspec"
+    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    config = next(
+        c for c in desired.children if c["kind"] == "ConfigMap" and c["metadata"]["name"].endswith("-router")
+    )
+    backends = json.loads(config["data"]["backends.json"])
+    assert {entry["revision"] for entry in backends["prefill"]} == {"0ldspec"}
+    decode_revisions = {entry["revision"] for entry in backends["decode"]}
+    assert decode_revisions and "0ldspec" not in decode_revisions
+    template_labels = next(iter(sets.values()))["spec"]["template"]["metadata"]["labels"]
+    assert template_labels[L.PAIRING_REVISION] in decode_revisions, "new pods carry the spec's revision"

@@ -124,7 +124,12 @@ def statefulset(
     rev = revision(spec, role_name, nodes, kv_mount)
     extra_volumes, extra_mounts = mounts.unit_volumes(spec, deployment, role_name, kv_mount)
     selector = {L.DEPLOYMENT: deployment, L.ROLE: role_name, L.UNIT: str(index)}
-    pod_labels = {**base_labels(deployment, "unit"), **selector, L.REVISION: rev}
+    pod_labels = {
+        **base_labels(deployment, "unit"),
+        **selector,
+        L.REVISION: rev,
+        L.PAIRING_REVISION: pairing_revision(spec),
+    }
     level, _, domain_value = domain
     ctx = UnitContext(
         deployment, role_name, index, leader_host(deployment, role_name, index, namespace), "$NCCL_IB_HCA"

@@ -194,6 +194,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     hcas: dict[str, tuple[str, str]] = {}
     unit_status: list[dict[str, Any]] = []
     hosts: dict[str, list[str]] = {r: [] for r in ROLES}
+    unit_pairing: dict[str, str] = {}  # leader host → the pairing revision its pods run
     ready_count = dict.fromkeys(ROLES, 0)
     outdated: list[_Unit] = []
     unavailable = dict.fromkeys(ROLES, 0)
@@ -235,6 +236,11 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             if node in node_objs:
                 hcas[node] = children.node_hca(node_objs[node], role.gpus_per_node)
         hosts[unit.role].append(leader)
+        pairing = {(pod["metadata"].get("labels") or {}).get(L.PAIRING_REVISION) for pod in unit.pods} - {
+            None
+        }
+        if len(pairing) == 1:  # the unit's pods run that spec: the router pairs it by what it runs
+            unit_pairing[leader] = str(pairing.pop())
         rev = children.revision(spec, unit.role, p.nodes, kv_mount)
         revisions = {(pod["metadata"].get("labels") or {}).get(L.REVISION) for pod in unit.pods}
         current = revisions == {rev}
@@ -282,7 +288,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     events.extend(kv_events(cr, kv))
 
     desired_children.append(children.config_map(cr, spec, hcas))
-    desired_children.extend(children.router(cr, spec, hosts))
+    desired_children.extend(children.router(cr, spec, hosts, unit_revisions=unit_pairing))
 
     status = deployment_status(
         cr,
