@@ -138,6 +138,9 @@ class FakeEngine:
     def submit_prefill(self, prompt_ids: list[int], target: Any) -> FakeStream:
         return self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0), kv_target=target)
 
+    def gpu_tokens(self) -> list[list[int]] | None:
+        return None
+
     def is_healthy(self) -> bool:
         return self.healthy
 

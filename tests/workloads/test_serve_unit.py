@@ -81,6 +81,10 @@ def test_two_rank_unit_gives_the_single_engine_greedy_tokens(unit: Server, refer
     for layer in range(MOE_LAYERS):
         counted = sum(after["tokens"][layer]) - sum(before["tokens"][layer])
         assert counted == computed * TOP_K, (layer, counted, computed * TOP_K)
+        # ... and each of those (token, expert) pairs was computed by exactly one rank's experts.
+        per_rank = [a - b for a, b in zip(after["gpuTokens"][layer], before["gpuTokens"][layer], strict=True)]
+        assert len(per_rank) == 2 and all(n > 0 for n in per_rank), per_rank
+        assert sum(per_rank) == computed * TOP_K, (layer, per_rank)
 
 
 def test_requests_spread_over_the_ranks(unit: Server) -> None:

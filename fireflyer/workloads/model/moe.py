@@ -104,6 +104,7 @@ class Experts(nn.Module):
             torch.empty(e, 2 * i, h, dtype=weight_dtype, device=device), requires_grad=False
         )
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=weight_dtype, device=device), requires_grad=False)
+        self.last_entries = 0
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
         if self.fp8:
@@ -155,6 +156,7 @@ class Experts(nn.Module):
         counts = received.tokens_per_expert.long()
         local = torch.full((received.x.shape[0],), len(counts), dtype=torch.long, device=x.device)
         valid = int(counts.sum())
+        self.last_entries = valid  # (token, expert) pairs this rank computes in this call
         local[:valid] = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
         route = self._route_contiguous(local[:, None], (local < len(counts))[:, None])
         rows = received.x if self.fp8 else received.x.to(x.dtype)
@@ -304,6 +306,9 @@ class MoE(nn.Module):
         # Set when the experts are spread over an expert-parallel group (every rank then runs
         # every MoE layer in step, with an empty batch when it has no tokens).
         self.dispatcher: Dispatcher | None = None
+        # (token, expert) pairs this rank's experts computed since start, through the dispatcher:
+        # the load this GPU carried, whatever placement held which experts.
+        self.dispatched_entries = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
@@ -315,6 +320,7 @@ class MoE(nn.Module):
             self.load.scatter_add_(0, ids.reshape(-1), counts)
         if self.dispatcher is not None:
             out = self.experts.forward_dispatched(x, weights, ids, self.dispatcher)
+            self.dispatched_entries += self.experts.last_entries
         else:
             out = self.experts(x, weights, ids)
         if self.shared_experts is not None:

@@ -107,6 +107,8 @@ class Engine(Protocol):
     @property
     def placement_error(self) -> str | None: ...  # why the newest placement was refused
 
+    def gpu_tokens(self) -> list[list[int]] | None: ...  # per MoE layer and rank, since start
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -157,6 +159,9 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
         seconds = _window_seconds(request.query_params.get("windowSeconds"), window.window_seconds)
         report = window.report(seconds)
         report["generation"] = engine.placement_generation
+        gpu_tokens = engine.gpu_tokens()
+        if gpu_tokens is not None:
+            report["gpuTokens"] = gpu_tokens
         if engine.placement_error:
             report["placementError"] = engine.placement_error
         return JSONResponse(report)

@@ -99,6 +99,10 @@ class AsyncEngine:
         """The EPLB placement generation the unit runs (None: the even split, or one rank)."""
         return self.engine.placement_generation if isinstance(self.engine, UnitEngine) else None
 
+    def gpu_tokens(self) -> list[list[int]] | None:
+        """Units with the experts split: [MoE layer][rank] (token, expert) pairs computed since start."""
+        return self.engine.gpu_tokens() if isinstance(self.engine, UnitEngine) else None
+
     @property
     def placement_error(self) -> str | None:
         return self.engine.placement_error if isinstance(self.engine, UnitEngine) else None

@@ -13,6 +13,7 @@ import torch
 from fireflyer.errors import FireflyerError
 from fireflyer.storage.kvcache import KVBlockStore, KVStoreError
 from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.model.moe import MoE
 from fireflyer.workloads.serve.block_manager import BlockManager, KVTier
 from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.handoff import PrefillSends
@@ -182,6 +183,9 @@ class LLMEngine:
             torch.cuda.synchronize(self.model.device)
         if self.eplb_load is not None:
             self.eplb_load.reset()  # warm-up tokens are no load
+        for block in self.model.blocks:
+            if isinstance(block.mlp, MoE):
+                block.mlp.dispatched_entries = 0
 
     def validate(self, seq: Sequence) -> None:
         """ValueError (saying why) for a request this engine can never run."""

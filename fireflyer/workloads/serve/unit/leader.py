@@ -91,7 +91,9 @@ class UnitEngine:
         # Blocks of the requests sent to each rank since its last report (its load in the meantime).
         self.promised = [0] * world
         blocks = local.block_manager.num_blocks
-        self.reports = [RankReport(rank=r, num_blocks=blocks) for r in range(world)]
+        counted = rank0.gpu_entries()  # every rank starts from none (warm-up is not load)
+        zeros = None if counted is None else [0] * len(counted)
+        self.reports = [RankReport(rank=r, num_blocks=blocks, gpu_entries=zeros) for r in range(world)]
         self.block_manager = _CacheView(self)
         self.scheduler = _QueueView(self)
         self._assigned = [0] * world  # requests given to each rank, since `take_assigned`
@@ -140,6 +142,14 @@ class UnitEngine:
             or any(report.has_work for report in self.reports[1:])
         )
 
+    def gpu_tokens(self) -> list[list[int]] | None:
+        """[MoE layer][rank]: (token, expert) pairs each rank's experts computed since start, as
+        last reported: the per-GPU load the placement actually produced."""
+        rows = [report.gpu_entries for report in self.reports]
+        if any(row is None for row in rows):
+            return None
+        return [list(layer) for layer in zip(*rows, strict=True)]
+
     @property
     def placement_generation(self) -> int | None:
         """The expert placement generation every rank runs (None: the even split)."""
@@ -187,7 +197,7 @@ class UnitEngine:
         if command.placement is not None:
             self.local.switch(command.placement)
         events, preempted = self.local.step(command)
-        mine = self.local.report(events, preempted, with_load=False)
+        mine = self.local.report(events, preempted, with_load=False)  # rank 0 counts into the window itself
         gathered: list[Any] = [None] * self.world
         dist.gather_object(mine, gathered, dst=0, group=self.group)
         self._last_exchange = time.monotonic()

@@ -55,6 +55,7 @@ class RankReport:
     queried_tokens: int = 0
     hit_tokens: int = 0
     tier_hit_tokens: int = 0
+    gpu_entries: list[int] | None = None  # per MoE layer: (token, expert) pairs computed here, since start
     load_delta: Any = None  # tokens per (MoE layer, expert) since the last report (numpy), or None
     error: str | None = None
 

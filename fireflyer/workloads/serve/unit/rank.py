@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fireflyer.workloads.model.moe import MoE
 from fireflyer.workloads.serve.block_manager import blocks_for
 from fireflyer.workloads.serve.engine import LLMEngine, StepEvent
 from fireflyer.workloads.serve.types import FinishReason, QueueFullError, Sequence
@@ -89,8 +90,15 @@ class RankEngine:
             queried_tokens=blocks.queried_tokens,
             hit_tokens=blocks.hit_tokens,
             tier_hit_tokens=blocks.tier_hit_tokens,
+            gpu_entries=self.gpu_entries(),
             load_delta=self._load_delta() if with_load else None,
         )
+
+    def gpu_entries(self) -> list[int] | None:
+        moes = [block.mlp for block in self.engine.model.blocks if isinstance(block.mlp, MoE)]
+        if not moes or moes[0].dispatcher is None:
+            return None
+        return [moe.dispatched_entries for moe in moes]
 
     def _load_delta(self) -> np.ndarray | None:
         """Tokens per (MoE layer, expert) counted here since the last report; None if none."""
