@@ -103,3 +103,14 @@ def test_gate_follows_group_limited_biased_choice() -> None:
         assert sorted(ids[t].tolist()) == sorted(expected)
         raw = scores[t, ids[t]]
         torch.testing.assert_close(weights[t], raw / raw.sum() * 2.0)
+
+
+def test_a_rank_that_received_only_padding_computes_zeros() -> None:
+    """Low-latency dispatch pads every rank's buffer: a buffer of padding alone (tokens arrived,
+    none for this rank's experts) gives zero rows, not an index error."""
+    experts = moe.Experts(CONFIG, range(8), dtype=torch.float32, device="cpu", gemm_backend="torch")
+    local = torch.full((4,), 8)  # every entry marked invalid
+    route = experts._route_contiguous(local[:, None], (local < 8)[:, None])
+    out = experts._run(route, torch.randn(4, CONFIG.hidden_size), None, torch.float32)
+    assert out.shape == (4, CONFIG.hidden_size)
+    assert not out.any()

@@ -38,8 +38,8 @@ FALLBACKS = "fireflyer_serve_kv_handoff_fallbacks_total"
 def unit_flags(role: str) -> list[str]:
     flags = f"--role {role} --dtype float32 --num-kv-blocks 128 --nnodes 1 --gpus-per-node 2"
     flags += f" --expert-parallel 2 --data-parallel 2 --dist-init-addr 127.0.0.1:{free_port()}"
-    if role == "decode":
-        flags += f" --kv-transfer tcp --kv-transfer-port {free_port()}"
+    if role == "decode":  # decode units dispatch in low-latency mode, as the operator renders them
+        flags += f" --dispatch-mode lowLatency --kv-transfer tcp --kv-transfer-port {free_port()}"
     return flags.split()
 
 

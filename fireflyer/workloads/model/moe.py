@@ -168,8 +168,10 @@ class Experts(nn.Module):
         self, route: _Route, rows: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
         """One output row per entry: SiLU(gate)·up through w13, then w2, on the route's layout."""
-        if rows.shape[0] == 0:  # a rank that received nothing still takes part in combine
-            return torch.zeros(0, self.w2.shape[1], dtype=dtype, device=rows.device)
+        if rows.shape[0] == 0 or route.rows <= 1:
+            # Nothing for these experts (no rows, or only low-latency padding): the rank still
+            # takes part in combine, with zero outputs.
+            return torch.zeros(rows.shape[0], self.w2.shape[1], dtype=dtype, device=rows.device)
         h = self._gemm(
             route,
             self._scatter(route, rows),

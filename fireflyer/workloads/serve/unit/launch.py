@@ -55,9 +55,13 @@ def run_node(args: argparse.Namespace, shape: UnitShape) -> int:
         threading.Thread(target=watch, args=(child,), daemon=True).start()
     status = run_rank(args, shape, 0)
     for child in children:
-        child.join(timeout=30)
+        child.join(timeout=30 if status == 0 else 0)  # a failed unit's ranks may be blocked
         if child.is_alive():
             child.terminate()
+    if status != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # no teardown of a process group that is no longer in step
     return status
 
 
@@ -209,7 +213,8 @@ def run_rank(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> int
                 unit, tokenizer, args, on_failure, server.decode_fetcher(args, model, config.namespace)
             ),
         )
-        dist.destroy_process_group()
+        if status == 0 and not unit.broken:  # a broken group could block its own teardown
+            dist.destroy_process_group()
         return status
     health = HealthServer(args.host, args.port, rank) if local_rank == 0 else None
     if health is not None:

@@ -99,6 +99,7 @@ class UnitEngine:
         self._assigned = [0] * world  # requests given to each rank, since `take_assigned`
         self._last_exchange = self._last_poll = time.monotonic()
         self._stopped = False
+        self.broken = False  # a step failed part-way: the ranks are no longer in step
 
     # -- what AsyncEngine calls (the engine thread) ------------------------------------------------
 
@@ -182,7 +183,9 @@ class UnitEngine:
         return self.placement.poll()
 
     def close(self) -> None:
-        if not self._stopped:
+        # A unit broken mid-step cannot be told anything: the other ranks may be blocked in that
+        # step's collectives. They notice this process exit instead.
+        if not self._stopped and not self.broken:
             self._stopped = True
             try:
                 dist.broadcast_object_list([StepCommand(run=False, stop=True)], src=0, group=self.group)
@@ -193,6 +196,13 @@ class UnitEngine:
     # -- one step of the whole unit ----------------------------------------------------------------
 
     def _exchange(self, command: StepCommand) -> tuple[list[StepEvent], int]:
+        try:
+            return self._exchange_once(command)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _exchange_once(self, command: StepCommand) -> tuple[list[StepEvent], int]:
         dist.broadcast_object_list([command], src=0, group=self.group)
         if command.placement is not None:
             self.local.switch(command.placement)
