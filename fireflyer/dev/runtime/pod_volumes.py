@@ -1,17 +1,23 @@
 """A pod's volumes as directories on this machine, and the mounts the sandbox makes of them.
 
-ConfigMap, Secret, downward API and projected volumes are written into the pod's directory and
-refreshed while the pod runs (files are replaced by rename, so a reader never sees half a file,
-and a ConfigMap edit reaches a running pod as it does on a kubelet). emptyDir is a directory
-(tmpfs for medium Memory), hostPath is this machine's path, a PersistentVolumeClaim is the
-hostPath or local path of the volume bound to it."""
+ConfigMap, Secret, downward API and projected volumes are written into the pod's directory the
+way a kubelet's atomic writer does it, and refreshed while the pod runs (every
+VOLUME_SYNC_SECONDS, pod_worker.py): each version of the files goes into a new timestamped
+directory, a `..data` symlink is swapped to it with one rename, and the names the pod sees are
+symlinks through `..data`. A reader never sees half a file or a mix of two versions in one
+directory, and a ConfigMap edit reaches a running pod without a restart, as on a kubelet.
+emptyDir is a directory (tmpfs for medium Memory), hostPath is this machine's path, a
+PersistentVolumeClaim is the hostPath or local path of the volume bound to it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fireflyer.dev.runtime.podspec import PodSpecError, decode_secret, field_value
@@ -21,28 +27,98 @@ log = logging.getLogger(__name__)
 Reader = Callable[[str, str, str], dict[str, Any] | None]
 """(kind, namespace, name) → the object, None when it does not exist."""
 
+DATA_DIR = "..data"
+DATA_DIR_TMP = "..data_tmp"
+# A kubelet asks for a fresh service-account token once 80% of its hour has passed.
+TOKEN_REFRESH_SECONDS = 0.8 * 3600
 
-def _write_files(directory: Path, files: Mapping[str, str], mode: int) -> bool:
-    """Make directory hold exactly these files; True when anything changed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    changed = False
+
+def _check_paths(files: Mapping[str, str]) -> None:
+    """The rules a kubelet applies to volume item paths: relative, no `..` element, no leading
+    `..` (those names belong to the writer)."""
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or ".." in parts or rel.startswith(".."):
+            raise PodSpecError(f"volume item path {rel!r} must be relative, without '..'")
+
+
+def _same_files(data_dir: Path, files: Mapping[str, str], mode: int) -> bool:
+    """Whether the version data_dir holds is exactly these files, with this mode."""
+    present = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}
+    if present != set(files):
+        return False
     for rel, content in files.items():
-        path = directory / rel
+        path = data_dir / rel
+        if path.read_bytes() != content.encode() or path.stat().st_mode & 0o777 != mode:
+            return False
+    return True
+
+
+def atomic_write(directory: Path, files: Mapping[str, str], mode: int = 0o644) -> bool:
+    """Make directory show exactly these files (relative path → content), as a kubelet's atomic
+    writer does; True when anything changed.
+
+    Layout: `..<UTC timestamp>.<random>/` holds one version; `..data` is a symlink to it; each
+    top-level name the pod sees is a symlink `name → ..data/name`. A new version is written in
+    full into a new timestamped directory and made current by renaming a `..data_tmp` symlink
+    over `..data` (atomic), so an open of `directory/name` gets either the old file or the new
+    one. Then names that left the payload are removed, and the old version after them."""
+    _check_paths(files)
+    directory.mkdir(parents=True, exist_ok=True)
+    data_link = directory / DATA_DIR
+    old_version = os.readlink(data_link) if data_link.is_symlink() else None
+    if (
+        old_version is not None
+        and (directory / old_version).is_dir()
+        and _same_files(directory / old_version, files, mode)
+    ):
+        return False
+
+    # Go's time format "..2006_01_02_15_04_05." plus a random suffix, as the kubelet names them.
+    stamp = time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime())
+    version = Path(tempfile.mkdtemp(prefix=stamp, dir=directory))
+    version.chmod(0o755)
+    for rel, content in files.items():
+        path = version / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = content.encode()
-        if path.is_file() and path.read_bytes() == data:
+        path.write_bytes(content.encode())
+        path.chmod(mode)
+
+    wanted = {PurePosixPath(rel).parts[0] for rel in files}
+    for name in wanted:
+        visible = directory / name
+        target = f"{DATA_DIR}/{name}"
+        if visible.is_symlink() and os.readlink(visible) == target:
             continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.chmod(mode)
-        tmp.replace(path)
-        changed = True
-    for existing in directory.rglob("*"):
-        rel = existing.relative_to(directory).as_posix()
-        if existing.is_file() and rel not in files and not existing.name.startswith("."):
-            existing.unlink()
-            changed = True
-    return changed
+        if visible.is_dir() and not visible.is_symlink():
+            shutil.rmtree(visible)  # something in the way that is not ours
+        elif visible.exists() or visible.is_symlink():
+            visible.unlink()
+        # Dangling until ..data points at a version holding it: an open fails rather than
+        # reading anything stale.
+        visible.symlink_to(target)
+
+    tmp_link = directory / DATA_DIR_TMP
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(version.name)
+    tmp_link.replace(data_link)  # the switch: rename(2) over the old link
+
+    for entry in directory.iterdir():
+        if entry.name.startswith("..") or entry.name in wanted:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for entry in directory.iterdir():
+        # Every version but the current one: the previous, and any a crash left behind.
+        if entry.name.startswith("..") and entry.name not in (DATA_DIR, version.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return True
 
 
 def _keyed(data: Mapping[str, str], items: list[dict[str, Any]] | None) -> dict[str, str]:
@@ -96,10 +172,12 @@ class PodVolumes:
         self.read = read
         self.token = token
         self._token_value: str | None = None
+        self._token_at = 0.0
 
     def _cached_token(self) -> str:
-        if self._token_value is None:
-            self._token_value = self.token()
+        now = time.monotonic()
+        if self._token_value is None or now - self._token_at > TOKEN_REFRESH_SECONDS:
+            self._token_value, self._token_at = self.token(), now
         return self._token_value
 
     def sync(self, pod: Mapping[str, Any]) -> list[str]:
@@ -116,7 +194,8 @@ class PodVolumes:
                 waiting.append(volume["name"])
                 continue
             mode = int(source.get("defaultMode", 0o644))
-            _write_files(self.root / volume["name"], files, mode)
+            if atomic_write(self.root / volume["name"], files, mode):
+                log.debug("volume %s of pod %s updated", volume["name"], pod["metadata"]["name"])
         return waiting
 
     def mounts(self, pod: Mapping[str, Any], container: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -20,6 +20,10 @@ from fireflyer.dev.runtime.podspec import ContainerState, PodSpecError
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.25
+# How often a running pod's ConfigMap/Secret/downward-API/projected files are rewritten from the
+# objects (a kubelet's sync period is about a minute; short here, so a dev loop sees an edit
+# within seconds). A pod waiting for a volume's ConfigMap or Secret looks for it as often.
+VOLUME_SYNC_SECONDS = 2.0
 
 
 def now_iso() -> str:
@@ -124,7 +128,7 @@ class PodWorker:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        if now - self._volumes_synced > 1.0:
+        if now - self._volumes_synced >= VOLUME_SYNC_SECONDS:
             waiting = self.volumes.sync(self.pod)
             self._volumes_synced = now
             if waiting and not any(c.process for c in self.containers):
