@@ -157,7 +157,7 @@ def quiet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     ("extra", "env", "message"),
     [
         (["--model", "/nonexistent"], {}, "--model /nonexistent: no config.json"),
-        (["--pipeline", "2", "--schedule", "dualpipe"], {}, "pipeline parallelism (1F1B, DualPipe) is not"),
+        (["--pipeline", "2", "--schedule", "1f1b"], {}, "--pipeline 2 does not divide the 1 ranks"),
         (["--steps", "0"], {}, "--steps must be ≥ 1"),
         ([], {"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two': not an integer"),
         ([], {"NNODES": "2"}, "NNODES=2: set MASTER_ADDR"),

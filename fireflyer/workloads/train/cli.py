@@ -14,12 +14,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--model", required=True, help="Hugging Face DeepSeek-V3 checkpoint directory")
     io.add_argument("--data", required=True, help="directory of tokenized shards (index.json)")
     io.add_argument("--log-jsonl", help="rank 0 writes one JSON line per step here")
+    io.add_argument(
+        "--timeline-jsonl", help="rank 0 writes every rank's executed pipeline operations per step here"
+    )
     io.add_argument("--status-port", type=int, default=0, help="rank 0 serves GET /status here (0: off)")
     io.add_argument("--status-host", default="0.0.0.0", help="address the status endpoint listens on")
 
     run = parser.add_argument_group("steps and batches")
     run.add_argument("--steps", type=int, required=True, help="train until this many steps are done")
-    run.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step and rank")
+    run.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="micro-batches per step and data-parallel replica (one pipeline)",
+    )
     run.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch")
     run.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     run.add_argument("--seed", type=int, default=0, help="data order")
@@ -50,9 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ckpt.add_argument("--keep", type=int, default=3, help="complete checkpoints to keep (0: all)")
 
-    par = parser.add_argument_group("parallelism (data parallel over NNODES × NPROC_PER_NODE ranks)")
-    par.add_argument("--pipeline", type=int, default=1, help="pipeline stages (only 1 for now)")
-    par.add_argument("--schedule", choices=SCHEDULES, default="none", help="pipeline schedule")
+    par = parser.add_argument_group(
+        "parallelism (NNODES × NPROC_PER_NODE ranks = pipeline stages × data-parallel replicas)"
+    )
+    par.add_argument("--pipeline", type=int, default=1, help="pipeline stages P (the model is cut by layers)")
+    par.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="none",
+        help="pipeline schedule when P > 1: 1f1b, or dualpipe (P even, --micro-batches even and ≥ 2P)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,9 +83,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """The `train` subcommand of `fireflyer`."""
     p = sub.add_parser(
         "train",
-        help="train a DeepSeek-V3 checkpoint on tokenized shards (data parallel, resumable)",
-        description="Train a Hugging Face DeepSeek-V3 checkpoint directory on tokenized shards, with"
-        " data parallelism over NNODES × NPROC_PER_NODE ranks, checkpoints and resume (docs/training.md).",
+        help="train a DeepSeek-V3 checkpoint on tokenized shards (pipeline and data parallel, resumable)",
+        description="Train a Hugging Face DeepSeek-V3 checkpoint directory on tokenized shards over"
+        " NNODES × NPROC_PER_NODE ranks (pipeline stages × data-parallel replicas, 1F1B or DualPipe),"
+        " with checkpoints and resume (docs/training.md).",
     )
     add_arguments(p)
     p.set_defaults(handler=run)

@@ -46,6 +46,7 @@ class TrainConfig:
     pipeline: int = 1
     schedule: str = "none"
     log_jsonl: Path | None = None
+    timeline_jsonl: Path | None = None
     status_port: int = 0
     status_host: str = "0.0.0.0"
 
@@ -85,6 +86,7 @@ class TrainConfig:
             pipeline=args.pipeline,
             schedule=args.schedule,
             log_jsonl=path(args.log_jsonl),
+            timeline_jsonl=path(args.timeline_jsonl),
             status_port=args.status_port,
             status_host=args.status_host,
         )
@@ -124,10 +126,20 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.pipeline > 1:
-            raise TrainError(
-                f"--pipeline {self.pipeline}: pipeline parallelism (1F1B, DualPipe) is not available yet;"
-                " run with --pipeline 1 (data parallelism over every rank)"
-            )
+            self._validate_pipeline()
+
+    def _validate_pipeline(self) -> None:
+        p, m = self.pipeline, self.micro_batches
+        if self.schedule == "none":
+            raise TrainError(f"--pipeline {p} needs a --schedule: 1f1b or dualpipe")
+        if self.schedule == "dualpipe":
+            if p % 2:
+                raise TrainError(f"--schedule dualpipe needs an even --pipeline, not {p}")
+            if m % 2 or m < 2 * p:
+                raise TrainError(
+                    f"--schedule dualpipe with --pipeline {p} needs an even --micro-batches ≥ {2 * p},"
+                    f" not {m} (half the micro-batches enter at each end of the pipeline)"
+                )
 
     def check_inputs(self) -> None:
         """Fail fast, once and before rank processes start, on inputs that cannot work (the ranks
@@ -140,10 +152,20 @@ class TrainConfig:
             raise TrainError(f"--model {self.model}: no config.json (a Hugging Face checkpoint directory)")
         if not (self.data / "index.json").is_file():
             raise TrainError(f"--data {self.data}: no index.json (a directory of tokenized shards)")
-        positions = ModelConfig.from_pretrained(self.model).max_position_embeddings
+        model = ModelConfig.from_pretrained(self.model)
+        positions = model.max_position_embeddings
+        if self.pipeline > model.num_hidden_layers:
+            raise TrainError(
+                f"--pipeline {self.pipeline}: the model has {model.num_hidden_layers} layers, fewer than"
+                " one per stage"
+            )
         if self.seq_len > positions:
             raise TrainError(f"--seq-len {self.seq_len} exceeds the model's {positions} positions")
         Loader(TokenShards(self.data), self.seq_len, self.micro_batch_size, self.micro_batches)
         ckpt = self.checkpoint_dir
         if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
             raise TrainError(f"--checkpoint-dir {self.checkpoint_dir}: not a directory")
+        if ckpt is not None:
+            from fireflyer.workloads.train.layout import check_checkpoint_layout
+
+            check_checkpoint_layout(ckpt, self.pipeline)

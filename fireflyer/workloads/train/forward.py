@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from fireflyer.workloads.model.attention import MLA
-from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.model.layers import Rotary
+from fireflyer.workloads.model.model import Block, DeepseekV3
 from fireflyer.workloads.model.moe import MLP, Experts, MoE
 from fireflyer.workloads.train.balance import sequence_balance_loss
 
@@ -30,7 +31,7 @@ class Losses:
         return self.lm + self.balance
 
 
-def attention(mla: MLA, x: torch.Tensor, positions: torch.Tensor, model: DeepseekV3) -> torch.Tensor:
+def attention(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     """Causal MLA over whole sequences: x [B, T, hidden] → [B, T, hidden]. The same arithmetic as
     the serving prefill (latent normed, keys and values expanded through kv_b_proj)."""
     batch, tokens, _ = x.shape
@@ -41,9 +42,9 @@ def attention(mla: MLA, x: torch.Tensor, positions: torch.Tensor, model: Deepsee
     else:
         q = mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(flat)))
     q_nope, q_pe = q.view(batch * tokens, mla.heads, -1).split([mla.nope, mla.rope_dim], dim=-1)
-    q_pe = model.rotary(q_pe, flat_positions)
+    q_pe = rotary(q_pe, flat_positions)
     latent, k_pe = mla.kv_a_proj_with_mqa(flat).split([mla.rank, mla.rope_dim], dim=-1)
-    k_pe = model.rotary(k_pe, flat_positions)
+    k_pe = rotary(k_pe, flat_positions)
     k_nope, v = (
         mla.kv_b_proj(mla.kv_a_layernorm(latent))
         .view(batch * tokens, mla.heads, mla.nope + mla.v_dim)
@@ -106,21 +107,28 @@ def moe_forward(moe: MoE, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, 
     return out.view(batch, tokens, hidden), balance
 
 
+def block_forward(
+    block: Block, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decoder layer: x [B, T, hidden] → (x, the layer's balance loss or None when dense)."""
+    x = x + attention(block.self_attn, block.input_layernorm(x), positions, rotary)
+    h = block.post_attention_layernorm(x)
+    if isinstance(block.mlp, MoE):
+        out, balance = moe_forward(block.mlp, h, alpha)
+        return x + out, balance
+    assert isinstance(block.mlp, MLP)
+    return x + block.mlp(h), None
+
+
 def forward(model: DeepseekV3, tokens: torch.Tensor, alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, T] → (logits [B, T, vocab] FP32, summed balance loss)."""
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     x = model.embed_tokens(tokens)
     balance = torch.zeros((), device=tokens.device)
     for block in model.blocks:
-        x = x + attention(block.self_attn, block.input_layernorm(x), positions, model)
-        h = block.post_attention_layernorm(x)
-        if isinstance(block.mlp, MoE):
-            out, layer_balance = moe_forward(block.mlp, h, alpha)
+        x, layer_balance = block_forward(block, x, positions, model.rotary, alpha)
+        if layer_balance is not None:
             balance = balance + layer_balance
-        else:
-            assert isinstance(block.mlp, MLP)
-            out = block.mlp(h)
-        x = x + out
     return model.logits(model.norm(x)), balance
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fireflyer.workloads.train.config import TrainConfig, TrainError
+from fireflyer.workloads.train.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,24 @@ def _spawned(local_rank: int, config: TrainConfig, rdv: Rendezvous) -> None:
 def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     """Run this node's ranks; → the exit status (non-zero when any rank failed)."""
     rdv = Rendezvous.from_env(os.environ if env is None else env)
+    Layout(rdv.world, config.pipeline, config.schedule)  # refuses a --pipeline that does not divide the world
     if rdv.nproc_per_node == 1:
         run_rank(config, rdv, 0)
         return 0
     import torch.multiprocessing as mp
 
+    method = "spawn"
+    if config.device == "cpu":
+        # CPU ranks fork from this process with the trainer already imported, so starting a rank
+        # costs no second import of torch and the model code (seconds of CPU each). GPU ranks
+        # are spawned: CUDA state does not survive a fork.
+        import fireflyer.workloads.train.trainer  # noqa: F401
+
+        method = "fork"
     try:
-        mp.spawn(_spawned, args=(config, rdv), nprocs=rdv.nproc_per_node, join=True)
+        mp.start_processes(
+            _spawned, args=(config, rdv), nprocs=rdv.nproc_per_node, join=True, start_method=method
+        )
     except mp.ProcessExitedException as failed:
         # The rank reported its own error; the others were stopped by spawn.
         print(

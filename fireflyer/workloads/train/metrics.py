@@ -1,5 +1,5 @@
 """Rank 0's per-step record: one JSON line per step in --log-jsonl, flushed as it is written, and
-one short progress line on stderr."""
+one short progress line on stderr; and, with --timeline-jsonl, every rank's pipeline timeline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch only where a pipeline runs
+    from fireflyer.workloads.train.parallel import Rank
+    from fireflyer.workloads.train.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -28,21 +32,25 @@ class StepRecord:
         return 0.0 if self.seconds <= 0 else self.step_tokens / self.seconds
 
 
+def _open_resumed(path: Path, resumed: int) -> IO[str]:
+    """Open a JSONL file for a run that resumes after step `resumed`: the lines of steps
+    1…resumed stay, the rest go (they are about to be run again), so the file ends up with one
+    line per step whatever the restarts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [line for line in _lines(path) if 0 < _step_of(line) <= resumed]
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+    return open(path, "a")
+
+
 class StepLog:
-    """The JSONL file of a run. Opening it for a run that resumes after step `resumed` keeps the
-    lines of steps 1…resumed and drops the rest (they are about to be trained again), so the file
-    ends up with one line per step whatever the restarts."""
+    """The JSONL file of a run (one line per step, see `_open_resumed`)."""
 
     def __init__(self, path: Path | None, resumed: int) -> None:
         self._file: IO[str] | None = None
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in _lines(path) if 0 < _step_of(line) <= resumed]
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
-        self._file = open(path, "a")  # noqa: SIM115 — open for the whole run, closed by close()
+        if path is not None:
+            self._file = _open_resumed(path, resumed)
 
     def write(self, record: StepRecord) -> None:
         line: dict[str, float | None] = asdict(record)
@@ -58,6 +66,44 @@ class StepLog:
             file=sys.stderr,
             flush=True,
         )
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TimelineLog:
+    """--timeline-jsonl: per step, every rank's executed pipeline operations, gathered to rank 0:
+    {"step", "schedule", "stages", "microBatches", "ranks": [[[op, start, end, wait], …] per rank]}
+    with times in seconds on the host's monotonic clock (comparable between the ranks of one
+    host). `enabled` must be the same on every rank: gathering is a collective."""
+
+    def __init__(self, path: Path | None, resumed: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self._file: IO[str] | None = None
+        if path is not None:
+            self._file = _open_resumed(path, resumed)
+
+    def write(self, rank: Rank, step: int, pipeline: Pipeline) -> None:
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        mine = [[r.op, r.start, r.end, r.wait] for r in pipeline.timeline]
+        gathered: list[Any] = [None] * rank.world if rank.is_leader else []
+        dist.gather_object(mine, gathered if rank.is_leader else None, dst=0)
+        if self._file is None:
+            return
+        line = {
+            "step": step,
+            "schedule": pipeline.schedule.name,
+            "stages": pipeline.schedule.stages,
+            "microBatches": pipeline.schedule.micro_batches,
+            "ranks": gathered,
+        }
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:

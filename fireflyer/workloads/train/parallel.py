@@ -98,23 +98,34 @@ def average_gradients(rank: Rank, params: list[nn.Parameter], bucket_bytes: int 
             p.grad = torch.zeros_like(p)
     if not rank.distributed:
         return
+    reduce_buckets([p.grad for p in params if p.grad is not None], None, rank.world, bucket_bytes)
+
+
+def reduce_buckets(
+    grads: list[torch.Tensor],
+    group: dist.ProcessGroup | None,
+    divisor: int,
+    bucket_bytes: int = BUCKET_BYTES,
+) -> None:
+    """grads ← (sum over `group`, the world when None) ÷ divisor, in flat buckets of about
+    `bucket_bytes`: a few large all-reduces instead of one per tensor."""
     bucket: list[torch.Tensor] = []
     size = 0
-    for p in params:
-        assert p.grad is not None
-        bucket.append(p.grad)
-        size += p.grad.numel() * p.grad.element_size()
+    for g in grads:
+        bucket.append(g)
+        size += g.numel() * g.element_size()
         if size >= bucket_bytes:
-            _reduce_bucket(rank, bucket)
+            _reduce_bucket(bucket, group, divisor)
             bucket, size = [], 0
     if bucket:
-        _reduce_bucket(rank, bucket)
+        _reduce_bucket(bucket, group, divisor)
 
 
-def _reduce_bucket(rank: Rank, grads: list[torch.Tensor]) -> None:
+def _reduce_bucket(grads: list[torch.Tensor], group: dist.ProcessGroup | None, divisor: int) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(rank.world)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    if divisor != 1:
+        flat.div_(divisor)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -38,7 +38,7 @@ class Position:
     samples: int = 0
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()[None]}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)[None]
@@ -54,7 +54,7 @@ def state_dict(
     device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """(state dict, shard dims) of this rank for checkpoint.save_async."""
-    rng = _rng_state(device)
+    rng = rng_state(device)
     state = {
         "model": {name: p.detach() for name, p in model.named_parameters()},
         "optim": optim.optimizer_state(optimizer, named),

@@ -1,10 +1,14 @@
-"""The training loop of one data-parallel rank.
+"""The training loop of one rank.
 
 Per step: the LR for the step → M micro-batches of forward/backward (gradients accumulate) →
 gradients averaged over ranks → clipping → AdamW on the FP32 weights → router biases nudged
 towards balance → rank 0 logs the step → every K steps an asynchronous checkpoint. On start the
 newest intact checkpoint, if any, is loaded, and the data loader continues at the sample count it
 records, so a restarted run repeats the uninterrupted run's steps exactly.
+
+With --pipeline P > 1 the rank holds one or two stages of the model (`pipeline.Pipeline`) and
+runs the micro-batches' passes in the order of the schedule; data parallelism spans the P-rank
+pipelines (world = P × data-parallel replicas).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import torch
 from fireflyer.storage import checkpoint
 from fireflyer.workloads.model.loader import load_model
 from fireflyer.workloads.model.model import DeepseekV3
-from fireflyer.workloads.train import balance, optim, parallel, state
+from fireflyer.workloads.train import balance, optim, parallel, pipeline_state, state
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.data import Loader, TokenShards
 from fireflyer.workloads.train.forward import losses
-from fireflyer.workloads.train.metrics import StepLog, StepRecord
+from fireflyer.workloads.train.layout import Layout
+from fireflyer.workloads.train.metrics import StepLog, StepRecord, TimelineLog
 from fireflyer.workloads.train.parallel import Rank
+from fireflyer.workloads.train.pipeline import Pipeline
 from fireflyer.workloads.train.status import Status
 
 log = logging.getLogger(__name__)
@@ -37,8 +43,23 @@ class Trainer:
         self.status.update(phase="loading")
         config.check_inputs()  # the cheap checks first
         shards = TokenShards(config.data)
-        self.model: DeepseekV3 = load_model(config.model, device=rank.device, dtype=torch.float32)
-        self.named = optim.trainable_parameters(self.model)
+        self.layout = Layout(rank.world, config.pipeline, config.schedule)
+        self.dtype = optim.compute_dtype(config.dtype, rank.device)
+        model: DeepseekV3 = load_model(config.model, device=rank.device, dtype=torch.float32)
+        self.vocab_size = model.config.vocab_size
+        self.model: DeepseekV3 | None = None
+        self.pipeline: Pipeline | None = None
+        if config.pipeline > 1:
+            # The chunks keep the layers they run; the rest of the loaded model is dropped.
+            self.pipeline = Pipeline(
+                self.layout, rank, model, config.micro_batches, config.seq_aux_alpha, self.dtype
+            )
+            modules: list[torch.nn.Module] = list(self.pipeline.chunks)
+        else:
+            self.model = model
+            modules = [model]
+        del model
+        self.named = [pair for module in modules for pair in optim.trainable_parameters(module)]
         self.params = [p for _, p in self.named]
         self.optimizer = optim.build_optimizer(
             self.named,
@@ -48,24 +69,32 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.schedule = optim.LRSchedule(config.lr, config.warmup, config.steps, config.min_lr_ratio)
-        self.dtype = optim.compute_dtype(config.dtype, rank.device)
         position = state.Position()
         if config.checkpoint_dir is not None:
-            position, meta = state.resume(config.checkpoint_dir, rank, self.model, self.optimizer, self.named)
+            if self.pipeline is not None:
+                position, meta = pipeline_state.resume(
+                    config.checkpoint_dir, self.layout, rank, self.pipeline.chunks, self.optimizer, self.named
+                )
+            else:
+                assert self.model is not None
+                position, meta = state.resume(
+                    config.checkpoint_dir, rank, self.model, self.optimizer, self.named
+                )
             self._warn_changed(meta)
             if position.step and rank.is_leader:
                 log.warning(
                     "resumed from the checkpoint of step %d in %s", position.step, config.checkpoint_dir
                 )
         self.position = position
-        global_batch = config.micro_batch_size * config.micro_batches * rank.world
+        replicas = self.layout.data
+        global_batch = config.micro_batch_size * config.micro_batches * replicas
         self.loader = Loader(
             shards,
             config.seq_len,
             config.micro_batch_size,
             config.micro_batches,
-            rank.rank,
-            rank.world,
+            self.layout.replica(rank.rank),
+            replicas,
             config.seed,
             # Continue at the checkpoint's sample count even when the global batch size changed.
             sample_offset=position.samples - position.step * global_batch,
@@ -74,6 +103,11 @@ class Trainer:
         self.saved_step = position.step  # the newest checkpoint saved or being saved
         self.status.update(step=position.step, lastCheckpointStep=position.step or None)
         self.log = StepLog(config.log_jsonl if rank.is_leader else None, position.step)
+        self.timelines = TimelineLog(
+            config.timeline_jsonl if rank.is_leader else None,
+            position.step,
+            enabled=config.timeline_jsonl is not None,
+        )
 
     def _warn_changed(self, meta: dict[str, Any]) -> None:
         now = {"seed": self.config.seed, "seqLen": self.config.seq_len}
@@ -91,28 +125,18 @@ class Trainer:
         cfg, device = self.config, self.rank.device
         lr = self.schedule(step)
         optim.set_lr(self.optimizer, lr)
-        balance.start_counting(self.model)
         batch = torch.from_numpy(self.loader.batch(step)).to(device)
-        if int(batch.max()) >= self.model.config.vocab_size:
+        if int(batch.max()) >= self.vocab_size:
             raise TrainError(
                 f"--data {cfg.data}: token id {int(batch.max())} is past the model's vocab_size"
-                f" ({self.model.config.vocab_size})"
+                f" ({self.vocab_size})"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for micro in batch:
-            with optim.autocast(device, self.dtype):
-                result = losses(self.model, micro, cfg.seq_aux_alpha)
-            (result.total / cfg.micro_batches).backward()
-            sums += torch.stack([result.lm.detach(), result.balance.detach()]).double()
-        parallel.average_gradients(self.rank, self.params)
-        grad_norm = optim.clip_gradients(self.params, cfg.grad_clip)
-        self.optimizer.step()
-        balance.update_bias(
-            self.model, cfg.bias_update_speed, lambda t: parallel.all_reduce_sum(self.rank, t)
-        )
-        sums /= cfg.micro_batches
-        parallel.all_reduce_mean(self.rank, sums)
+        if self.pipeline is None:
+            sums, grad_norm = self._one_stage(batch)
+        else:
+            sums, grad_norm = self._pipelined(self.pipeline, batch)
+            self.timelines.write(self.rank, step + 1, self.pipeline)
         done = step + 1
         self.position = state.Position(done, self.loader.first_sample(done))
         step_tokens = self.loader.global_batch * cfg.seq_len
@@ -126,6 +150,41 @@ class Trainer:
             balance_loss=float(sums[1]),
             step_tokens=step_tokens,
         )
+
+    def _one_stage(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Every micro-batch through the whole model; → (mean [loss, balance loss], grad norm)."""
+        cfg, device, model = self.config, self.rank.device, self.model
+        assert model is not None
+        balance.start_counting(model)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for micro in batch:
+            with optim.autocast(device, self.dtype):
+                result = losses(model, micro, cfg.seq_aux_alpha)
+            (result.total / cfg.micro_batches).backward()
+            sums += torch.stack([result.lm.detach(), result.balance.detach()]).double()
+        parallel.average_gradients(self.rank, self.params)
+        grad_norm = optim.clip_gradients(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        balance.update_bias(model, cfg.bias_update_speed, lambda t: parallel.all_reduce_sum(self.rank, t))
+        sums /= cfg.micro_batches
+        parallel.all_reduce_mean(self.rank, sums)
+        return sums, grad_norm
+
+    def _pipelined(self, pipe: Pipeline, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The schedule's passes over this rank's stages; → (mean [loss, balance loss], grad norm)."""
+        cfg = self.config
+        pipe.start_counting()
+        sums = pipe.step(batch)
+        pipe.reduce_gradients()
+        grad_norm = pipe.clip(cfg.grad_clip)
+        self.optimizer.step()
+        pipe.update_bias(cfg.bias_update_speed)
+        # Each micro-batch's cross-entropy was counted on its last stage and each stage's balance
+        # loss where it ran: the sum over the world counts every micro-batch once per replica.
+        sums /= cfg.micro_batches
+        parallel.all_reduce_sum(self.rank, sums)
+        sums /= self.layout.data
+        return sums, grad_norm
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -146,19 +205,40 @@ class Trainer:
             "seqLen": self.config.seq_len,
             "globalBatch": self.loader.global_batch,
             "world": self.rank.world,
+            "pipeline": self.config.pipeline,
         }
-        tensors, shard_dims = state.state_dict(
-            self.model, self.optimizer, self.named, self.position, meta, self.rank.device
-        )
-        self.pending = checkpoint.save_async(
-            self.config.checkpoint_dir,
-            tensors,
-            self.position.step,
-            rank=self.rank.rank,
-            world=self.rank.world,
-            shard_dims=shard_dims,
-            keep_last=self.config.keep or None,
-        )
+        if self.pipeline is not None:
+            pipeline_state.prune(
+                self.config.checkpoint_dir,
+                self.layout,
+                self.rank,
+                self.pipeline.chunks[0].stage,
+                self.config.keep,
+            )
+            self.pending = pipeline_state.save(
+                self.config.checkpoint_dir,
+                self.layout,
+                self.rank,
+                self.pipeline.chunks,
+                self.optimizer,
+                self.named,
+                self.position,
+                meta,
+            )
+        else:
+            assert self.model is not None
+            tensors, shard_dims = state.state_dict(
+                self.model, self.optimizer, self.named, self.position, meta, self.rank.device
+            )
+            self.pending = checkpoint.save_async(
+                self.config.checkpoint_dir,
+                tensors,
+                self.position.step,
+                rank=self.rank.rank,
+                world=self.rank.world,
+                shard_dims=shard_dims,
+                keep_last=self.config.keep or None,
+            )
         self.saved_step = self.position.step
 
     # --- the loop ------------------------------------------------------------------------------
@@ -189,10 +269,15 @@ class Trainer:
             if cfg.checkpoint_dir is not None and self.position.step != self.saved_step:
                 self.save()
             self._collect_save(block=True)
+            if cfg.checkpoint_dir is not None and self.pipeline is not None:
+                pipeline_state.prune(
+                    cfg.checkpoint_dir, self.layout, self.rank, self.pipeline.chunks[0].stage, cfg.keep
+                )
             self.status.update(phase="done")
         except BaseException:
             self.status.update(phase="failed")
             raise
         finally:
             self.log.close()
+            self.timelines.close()
         return records
