@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fireflyer.dev import demo, operator_process
-from tests.kube import Kube, fresh_namespace
+from tests.kube import Kube, fresh_namespace, operator_identity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tests run their own cluster beside a demo cluster that may be up on the default ports.
@@ -55,16 +55,38 @@ def crds(cluster: Kube) -> Kube:
     return install_crds(cluster)
 
 
-class Operator:
-    """The operator as a separate process, as it runs in a cluster; restartable."""
+# The operator under test acts as the chart's ServiceAccount with the chart's RBAC (release
+# OPERATOR_RELEASE in OPERATOR_NAMESPACE), never as the cluster admin: a permission the chart
+# lacks fails the test that needs it, and its log is checked for refused requests.
+OPERATOR_RELEASE = "fireflyer-tests"
+OPERATOR_NAMESPACE = "fireflyer-tests"
+RBAC_DENIAL = re.compile(r'forbidden: User \\?"[^"\\]*\\?" cannot |Not enough permissions')
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.kubeconfig = kubeconfig
+
+class Operator:
+    """The operator as a separate process, as it runs in a cluster; restartable. watch_namespace:
+    its --namespace (the chart's namespace mode), else it watches every namespace."""
+
+    def __init__(self, kubeconfig: Path, log: Path, watch_namespace: str | None = None) -> None:
+        self.kubeconfig = kubeconfig  # the ServiceAccount's
         self.log = log
+        self.watch_namespace = watch_namespace
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = operator_process.start(self.kubeconfig, self.log)
+        if self.watch_namespace is None:
+            self.proc = operator_process.start(self.kubeconfig, self.log)
+            return
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*operator_process.COMMAND, "--namespace", self.watch_namespace],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
@@ -78,10 +100,21 @@ class Operator:
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
+    def refusals(self) -> list[str]:
+        """Log lines of requests the authorizer refused (not other 403s, such as a write into a
+        namespace being deleted), and kopf's notes that it lacks a permission."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if RBAC_DENIAL.search(line)]
+
 
 @contextlib.contextmanager
-def running_operator(kubeconfig: Path, log: Path) -> Iterator[Operator]:
-    op = Operator(kubeconfig, log)
+def running_operator(kubeconfig: Path, log: Path, watch_namespace: str | None = None) -> Iterator[Operator]:
+    """The operator against the cluster of the admin `kubeconfig`, as the chart's ServiceAccount
+    (cluster mode, or namespace mode watching `watch_namespace`). One replica, as --standalone."""
+    values = ["replicas=1", *([f"watchNamespace={watch_namespace}"] if watch_namespace else [])]
+    release = OPERATOR_RELEASE if watch_namespace is None else f"{OPERATOR_RELEASE}-namespaced"
+    identity, _ = operator_identity(Kube(kubeconfig), log.parent, release, OPERATOR_NAMESPACE, *values)
+    op = Operator(identity, log, watch_namespace)
     op.start()
     try:
         yield op
@@ -93,6 +126,8 @@ def running_operator(kubeconfig: Path, log: Path) -> Iterator[Operator]:
 def operator(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     with running_operator(crds.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log") as op:
         yield op
+    refused = op.refusals()
+    assert not refused, "the operator was refused requests its RBAC should allow:\n" + "\n".join(refused[:20])
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHART = REPO_ROOT / "charts" / "fireflyer"
+
 
 @dataclass
 class Kube:
@@ -95,3 +98,57 @@ def fresh_namespace(cluster: Kube, base: str, *delete_flags: str) -> Iterator[Ku
     finally:
         flags = delete_flags or ("--timeout=90s",)
         cluster.run("delete", "namespace", name, *flags, namespaced=False, check=False)
+
+
+def chart_rbac(release: str, namespace: str, *values: str) -> list[dict[str, Any]]:
+    """The chart's ServiceAccount and RBAC objects, rendered by `helm template` with `values`
+    (`key=value`, as --set takes them)."""
+    from fireflyer.dev import build
+
+    sets = [arg for value in values for arg in ("--set", value)]
+    rendered = subprocess.run(
+        [str(build.ensure_binaries() / "helm"), "template", release, str(CHART), "--namespace", namespace,
+         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml", *sets],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if rendered.returncode != 0:
+        raise AssertionError(f"helm template failed: {rendered.stderr}")
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def service_account_kubeconfig(cluster: Kube, namespace: str, name: str, path: Path) -> Path:
+    """A kubeconfig for the API server of `cluster` that authenticates as ServiceAccount
+    namespace/name, with a token from the TokenRequest API (what a pod of it would get)."""
+    token = cluster.with_namespace(namespace).run("create", "token", name, "--duration=48h")
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+    server = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
+    user = f"system:serviceaccount:{namespace}:{name}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [server],
+        "users": [{"name": user, "user": {"token": token.stdout.strip()}}],
+        "contexts": [{"name": user, "context": {"cluster": server["name"], "user": user}}],
+        "current-context": user,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def operator_identity(
+    cluster: Kube, workdir: Path, release: str, namespace: str, *values: str
+) -> tuple[Path, str]:
+    """Install the chart's ServiceAccount and RBAC as release `release` in `namespace` (created
+    if missing) and return (a kubeconfig that acts as that ServiceAccount, its name): the
+    operator under test then has exactly the chart's permissions, no more."""
+    if not cluster.with_namespace(namespace).exists("namespace", namespace):
+        cluster.run("create", "namespace", namespace, namespaced=False, check=False)
+    objects = chart_rbac(release, namespace, *values)
+    # Not `-n`: a Role may live in the watched namespace rather than the release's.
+    manifest = yaml.safe_dump_all(objects)
+    cluster.run("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=manifest, namespaced=False)
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    kubeconfig = service_account_kubeconfig(cluster, namespace, account, workdir / f"{release}.kubeconfig")
+    return kubeconfig, account

@@ -111,6 +111,14 @@ class Router(ApiModel):
     """Node labels the router pods need (they use no GPU)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Taints the router pods tolerate."""
+    api_key_secret: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+    )
+    """Name of a Secret in the deployment's namespace whose data key `api-keys` holds the accepted
+    API keys, one per line. The router then answers only requests that carry one (`Authorization:
+    Bearer KEY`; /health and /metrics stay open), and the fireflyer engine's units ask for a key
+    too (the router sends its own). Edits of the Secret take effect without a restart; setting or
+    clearing the field recreates the fireflyer engine's units."""
 
 
 class Eplb(ApiModel):

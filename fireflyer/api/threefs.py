@@ -6,10 +6,23 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from fireflyer.api.base import ApiModel, ObjectMeta, StatusBase, cel, defaulted, validations
+from fireflyer.api.base import ApiModel, ObjectMeta, StatusBase, Toleration, cel, defaulted, validations
 
 # 3FS chunk sizes are powers of two; CEL has no bitwise operators, so the allowed set is listed.
 CHUNK_SIZES = [1 << shift for shift in range(16, 27)]  # 64 KiB … 64 MiB
+
+# Host directories a ThreeFSCluster may not put a FUSE mount or a storage disk under: a mount
+# there would replace the node's own programs or configuration, and a disk path there would hand
+# host files (/proc/1 → the host's root) to the storage pods and to the disk-wipe Job.
+SYSTEM_DIRS = (
+    "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "nix", "opt", "proc",
+    "root", "run", "sbin", "snap", "sys", "usr", "var",
+)  # fmt: skip
+_SYSTEM_DIR_RE = f"^/({'|'.join(SYSTEM_DIRS)})(/|$)"
+_SYSTEM_DIR_LIST = ", ".join(f"/{d}" for d in SYSTEM_DIRS)
+# The client nodes of a ThreeFSCluster whose clients.nodeSelector is left out: nodes an
+# administrator labelled, never every node (the FUSE pod is privileged).
+CLIENT_NODE_LABEL = "fireflyer.dev/3fs-client"
 
 
 class ManagedFoundationDB(ApiModel):
@@ -121,6 +134,19 @@ class Storage(ApiModel):
                 "storage.diskPathTemplate must contain the {disk} placeholder",
                 ".diskPathTemplate",
             ),
+            # Host paths of the storage pods and of the disk-wipe Job, which deletes their contents.
+            cel(
+                "self.diskPathTemplate.matches('^(/[A-Za-z0-9._{}-]+)+$') && "
+                "!self.diskPathTemplate.matches('(^|/)[.][.]?(/|$)')",
+                "storage.diskPathTemplate must be an absolute path of letters, digits, '.', '_', '-' "
+                "and {disk}, with no '.' or '..' segments",
+                ".diskPathTemplate",
+            ),
+            cel(
+                f"!self.diskPathTemplate.matches('{_SYSTEM_DIR_RE}')",
+                f"storage.diskPathTemplate must not be under a system directory ({_SYSTEM_DIR_LIST})",
+                ".diskPathTemplate",
+            ),
             cel(
                 "self.stripeSize * (has(self.replicationFactor) ? self.replicationFactor : "
                 "(has(self.erasureCoding) ? self.erasureCoding.dataShards + "
@@ -140,7 +166,8 @@ class Storage(ApiModel):
     disks_per_node: int = Field(ge=1, le=64)
     """NVMe disks per storage node."""
     disk_path_template: str = Field(default="/storage/data{disk}", max_length=1024)
-    """Host path of each disk; {disk} is replaced by the disk index (0-based)."""
+    """Host path of each disk; {disk} is replaced by the disk index (0-based). Not under a
+    system directory (/etc, /proc, /usr, /var, …)."""
     targets_per_disk: int = Field(default=1, ge=1, le=99)
     """Storage targets on each disk."""
     replication_factor: int | None = Field(default=None, ge=1, le=16)
@@ -155,6 +182,8 @@ class Storage(ApiModel):
     """Chains a file is striped across."""
     replacement_grace_period_seconds: int = Field(default=300, ge=0, le=86400)
     """How long a storage node may stay NotReady before its targets move to a spare node."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints of the storage nodes that storage pods and disk-wipe Jobs tolerate."""
 
     @property
     def chain_width(self) -> int:
@@ -172,21 +201,38 @@ class Clients(ApiModel):
                 "clients.mountPoint must be an absolute path",
                 ".mountPoint",
             ),
-            # The FUSE pods share the mount point's parent with the host (Bidirectional), so a
-            # one-level path would share the host's root; the path also reaches a shell line.
+            # The FUSE pods share the mount point with the host (Bidirectional) and the path
+            # reaches a shell line: a plain path of two levels or more, never the host's top level.
             cel(
-                "self.mountPoint.matches('^(/[A-Za-z0-9._-]+){2,}$') && !self.mountPoint.contains('/..')",
-                "clients.mountPoint must have at least two levels below / (e.g. /3fs/stage: its parent "
-                "is shared with the host) of letters, digits, '.', '_' and '-', with no '..'",
+                "self.mountPoint.matches('^(/[A-Za-z0-9._-]+){2,}$') && "
+                "!self.mountPoint.contains('/..') && !self.mountPoint.matches('/[.](/|$)')",
+                "clients.mountPoint must have at least two levels below / (e.g. /3fs/stage) of "
+                "letters, digits, '.', '_' and '-', with no '.' or '..' segments",
                 ".mountPoint",
+            ),
+            cel(
+                f"!self.mountPoint.matches('{_SYSTEM_DIR_RE}')",
+                "clients.mountPoint must not be under a system directory "
+                f"({_SYSTEM_DIR_LIST}): the FUSE mount would replace the node's own files",
+                ".mountPoint",
+            ),
+            cel(
+                "size(self.nodeSelector) > 0",
+                "clients.nodeSelector must pick the client nodes (the FUSE pods are privileged); "
+                f"leave it out to use nodes labelled {CLIENT_NODE_LABEL}=true",
+                ".nodeSelector",
             ),
         )
     )
 
     mount_point: str = Field(default="/3fs/stage", max_length=1024)
-    """Where the FUSE client mounts the file system on each client node."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    """Labels that pick the client nodes (default: every GPU node)."""
+    """Where the FUSE client mounts the file system on each client node; only this directory is
+    shared with the host."""
+    node_selector: dict[str, str] = Field(default={CLIENT_NODE_LABEL: "true"})
+    """Labels that pick the client nodes, where the privileged FUSE pods run (default: nodes
+    labelled fireflyer.dev/3fs-client=true). Never empty."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints of the client nodes that the FUSE pods tolerate."""
 
 
 class Monitor(ApiModel):

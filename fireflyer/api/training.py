@@ -124,6 +124,12 @@ class TrainingJobSpec(ApiModel):
                 "schedule dualpipe needs microBatches of at least 2 × parallelism.pipeline",
                 ".microBatches",
             ),
+            cel(
+                "!has(self.microBatches) || self.parallelism.schedule != 'dualpipe' || "
+                "self.microBatches % 2 == 0",
+                "schedule dualpipe needs an even microBatches (half enter from each end)",
+                ".microBatches",
+            ),
         )
     )
 

@@ -12,17 +12,21 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from fireflyer.operator import labels as L
+
 __all__ = [
     "FIELD_MANAGER",
     "ApiException",
     "api_group_served",
     "apply",
+    "configure_watches",
     "create",
     "delete",
     "get",
     "list_",
     "patch",
     "patch_status",
+    "set_scope",
 ]
 
 FIELD_MANAGER = "fireflyer-operator"
@@ -52,6 +56,36 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
 
 _lock = threading.Lock()
 
+# The one namespace the operator watches (--namespace), or None for all. In that mode its Role
+# reaches no other namespace, so reads "across all namespaces" cover this one alone.
+_scope: str | None = None
+
+# Kinds whose watches are filtered by the API server: every handler of them asks for the
+# operator's managed-by label, so nothing else needs to reach the operator. Pods stay unfiltered
+# (free GPUs count every pod on a node); Secrets are never watched.
+FILTERED_WATCHES = (
+    ("batch", "v1", "jobs"),
+    ("v1", "services"),
+    ("apps", "v1", "statefulsets"),
+    ("apps", "v1", "deployments"),
+    ("apps", "v1", "daemonsets"),
+)
+
+
+def set_scope(namespace: str | None) -> None:
+    global _scope
+    _scope = namespace
+
+
+def configure_watches(settings: Any) -> None:
+    """Server-side label selectors for the child watches (kopf's handler `labels=` filter only on
+    the client). Namespace mode skips kopf's cluster-wide observation of namespaces and CRDs,
+    which its Role does not grant: the resources it serves are found once, at start."""
+    for resource in FILTERED_WATCHES:
+        settings.watching.label_selectors[resource] = f"{L.MANAGED_BY}={L.MANAGER}"
+    if _scope is not None:
+        settings.scanning.disabled = True
+
 
 @functools.cache
 def api_client() -> client.ApiClient:
@@ -67,6 +101,7 @@ def _path(kind: str, namespace: str | None = None, name: str | None = None, sub:
     """namespace None lists across all namespaces."""
     prefix, plural, namespaced = RESOURCES[kind]
     path = prefix
+    namespace = namespace or _scope
     if namespaced and namespace:
         path += f"/namespaces/{namespace}"
     path += f"/{plural}"
@@ -185,6 +220,30 @@ def patch(kind: str, name: str, namespace: str | None, body: dict[str, Any]) -> 
         "PATCH", _path(kind, namespace, name), body, content_type="application/merge-patch+json"
     )
     return result
+
+
+def drop_finalizer(kind: str, cr: dict[str, Any], finalizer: str) -> bool:
+    """Remove `finalizer` from the object if it carries it (a JSON patch that tests the list it
+    read, so a concurrent change to the finalizers is never lost); whether it was removed."""
+    finalizers = list(cr["metadata"].get("finalizers") or [])
+    if finalizer not in finalizers:
+        return False
+    ops = [
+        {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+        {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != finalizer]},
+    ]
+    try:
+        _call(
+            "PATCH",
+            _path(kind, cr["metadata"].get("namespace"), cr["metadata"]["name"]),
+            ops,
+            content_type="application/json-patch+json",
+        )
+    except ApiException as exc:
+        if exc.status in (404, 409, 422):  # gone, or the list changed: the next pass sees it
+            return False
+        raise
+    return True
 
 
 def patch_status(kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:

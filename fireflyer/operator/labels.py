@@ -10,6 +10,9 @@ REVISION = "fireflyer.dev/revision"
 PAIRING_REVISION = "fireflyer.dev/pairing-revision"  # prefill and decode units of one value pair
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fireflyer"
+# kopf's finalizer: only ThreeFSClusters need it now (their disks are wiped on deletion); older
+# releases put it on every InferenceDeployment and TrainingJob, and reconciles take it off.
+FINALIZER = "fireflyer.dev/finalizer"
 PLACED_AT = "fireflyer.dev/placed-at"
 PLACED_DOMAIN = "fireflyer.dev/domain"
 POD_INDEX = "apps.kubernetes.io/pod-index"

@@ -11,6 +11,8 @@ import kopf
 from prometheus_client import start_http_server
 
 from fireflyer.api.base import GROUP
+from fireflyer.operator import kube
+from fireflyer.operator import labels as L
 
 FIELD_MANAGER = "fireflyer-operator"
 PEERING_NAME = "fireflyer"
@@ -24,7 +26,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = L.FINALIZER
     # A watch that stalls silently is re-established within minutes.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -34,6 +36,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.reporting_component = FIELD_MANAGER
     settings.execution.max_workers = int(os.environ.get("FIREFLYER_WORKERS", "16"))
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    kube.configure_watches(settings)
 
 
 def load_controllers() -> None:
@@ -69,6 +72,7 @@ def ensure_peering(namespace: str | None) -> bool:
 
 
 def run(namespace: str | None, metrics_port: int, health_port: int, standalone: bool) -> None:
+    kube.set_scope(namespace)
     load_controllers()
     if not standalone and not ensure_peering(namespace):
         log.warning("kopf's peering CRDs are not installed: running standalone (one replica only)")

@@ -1,13 +1,20 @@
-"""Prometheus metrics of the operator process."""
+"""Prometheus metrics of the operator process (docs/observability.md lists every name).
+
+Counters and histograms of what the operator does live here; gauges read from the resources'
+status live in fireflyer.operator.object_metrics."""
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+from fireflyer.operator import labels as L
+from fireflyer.operator.inference import reasons as R
+from fireflyer.operator.planning import Event
 
 RECONCILES = Counter("fireflyer_reconcile_total", "Reconciles by kind and outcome", ["kind", "outcome"])
 RECONCILE_SECONDS = Histogram(
@@ -16,8 +23,55 @@ RECONCILE_SECONDS = Histogram(
     ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+# Reconciles run on kopf's worker threads, one deployment at a time under the placement lock:
+# a count that stays above 1 is a queue forming behind that lock.
+IN_FLIGHT = Gauge("fireflyer_reconciles_in_flight", "Reconciles started and not yet finished", ["kind"])
+PLAN_SECONDS = Histogram(
+    "fireflyer_plan_duration_seconds",
+    "The pure plan step of a reconcile (topology, gang placement, children), by kind",
+    ["kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+UNIT_RECREATIONS = Counter(
+    "fireflyer_unit_recreations_total",
+    "Inference units whose pods the operator deleted to recreate the unit whole, by reason",
+    ["namespace", "deployment", "role", "reason"],
+)
+EPLB_COLLECTIONS = Counter(
+    "fireflyer_eplb_collections_total",
+    "Load windows collected from every unit of a role and used for a rebalance decision",
+    ["namespace", "deployment", "role"],
+)
+EPLB_MEASURED = Gauge(
+    "fireflyer_eplb_measured_balancedness",
+    "Balancedness of the placement the role runs, on the last collected load window",
+    ["namespace", "deployment", "role"],
+)
+EPLB_PREDICTED = Gauge(
+    "fireflyer_eplb_predicted_balancedness",
+    "Balancedness the rebalance algorithm predicts for its best placement on the same window",
+    ["namespace", "deployment", "role"],
+)
+EPLB_GENERATION = Gauge(
+    "fireflyer_eplb_placement_generation",
+    "The newest ExpertPlacement generation of the role (0: the default even split)",
+    ["namespace", "deployment", "role"],
+)
+
+# Why a unit is recreated, from the plan's reasons (fireflyer.operator.inference.plan): a label
+# with a fixed set of values, never the free text (it names pods and nodes).
+RECREATION_REASONS = (
+    "node_unusable",
+    "pod_failed",
+    "pod_deleted",
+    "bind_timeout",
+    "preflight_failed",
+    "rollout",
+    "other",
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def timed(kind: str) -> Callable[[F], F]:
@@ -28,6 +82,7 @@ def timed(kind: str) -> Callable[[F], F]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             outcome = "error"
+            IN_FLIGHT.labels(kind).inc()
             try:
                 result = func(*args, **kwargs)
                 outcome = "ok"
@@ -36,9 +91,70 @@ def timed(kind: str) -> Callable[[F], F]:
                 outcome = "retry" if type(exc).__name__ == "TemporaryError" else "error"
                 raise
             finally:
+                IN_FLIGHT.labels(kind).dec()
                 RECONCILES.labels(kind, outcome).inc()
                 RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def timed_plan(kind: str, plan: Callable[[Any, Any], T], cr: Any, observed: Any) -> T:
+    """plan(cr, observed), timed (observe's I/O is not: it ran to build `observed`)."""
+    started = time.perf_counter()
+    try:
+        return plan(cr, observed)
+    finally:
+        PLAN_SECONDS.labels(kind).observe(time.perf_counter() - started)
+
+
+def recreation_reason(why: str, preflight: bool = False) -> str:
+    """The bounded label for a unit's recreation, from the plan's free-text reason."""
+    if preflight:
+        return "preflight_failed"
+    if "rolling out" in why or "two revisions" in why:
+        return "rollout"
+    if why.startswith("node "):
+        return "node_unusable"
+    if "running within" in why:
+        return "bind_timeout"
+    if "was deleted" in why:
+        return "pod_deleted"
+    if why.endswith(" failed") or "replaced on its own" in why:
+        return "pod_failed"
+    return "other"
+
+
+def unit_recreated(
+    cr: Mapping[str, Any],
+    unit: str,
+    why: str,
+    events: Iterable[Event],
+    pods: Iterable[Mapping[str, Any]],
+) -> bool:
+    """Count one recreation of `unit` when this pass deletes live pods of it: a pass that only
+    finds its pods already terminating (the previous pass's recreation) counts nothing. Returns
+    whether it counted."""
+    live = [
+        p
+        for p in pods
+        if p["metadata"]["name"].rsplit("-", 1)[0] == unit and not p["metadata"].get("deletionTimestamp")
+    ]
+    if not live:
+        return False
+    meta = cr["metadata"]
+    role = str((live[0]["metadata"].get("labels") or {}).get(L.ROLE, ""))
+    preflight = any(e.reason == R.PREFLIGHT_FAILED and e.message.startswith(f"{unit}:") for e in events)
+    UNIT_RECREATIONS.labels(meta["namespace"], meta["name"], role, recreation_reason(why, preflight)).inc()
+    return True
+
+
+def eplb_decision(
+    namespace: str, deployment: str, role: str, measured: float, predicted: float, generation: int
+) -> None:
+    """One collected window and the rebalance decision made on it."""
+    EPLB_COLLECTIONS.labels(namespace, deployment, role).inc()
+    EPLB_MEASURED.labels(namespace, deployment, role).set(measured)
+    EPLB_PREDICTED.labels(namespace, deployment, role).set(predicted)
+    EPLB_GENERATION.labels(namespace, deployment, role).set(generation)

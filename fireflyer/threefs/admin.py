@@ -16,7 +16,11 @@ from fireflyer.threefs.config import CONFIG_DIR
 
 COMMAND_MARK = "$ "
 FILES_DIR = "/etc/3fs/admin/files"
+USER_ADD = "user-add"
 TOKEN_PATTERN = re.compile(r"^Token\s+(\S+?)\(Expired at [^)]*\)\s*$", re.MULTILINE)
+# Any `Token <value>` line admin_cli prints (user-add, user-stat, current-user, …).
+TOKEN_LINE = re.compile(r"^(Token[ \t]+)[^(\s]+", re.MULTILINE)
+REDACTED = "<redacted>"
 
 
 class AdminOutputError(ValueError):
@@ -52,7 +56,7 @@ def set_config(service: str) -> AdminStep:
 
 
 def user_add() -> AdminStep:
-    return AdminStep("user-add", ("user-add --root --admin 0 root",))
+    return AdminStep(USER_ADD, ("user-add --root --admin 0 root",))
 
 
 def create_targets(table: ChainTable) -> AdminStep:
@@ -92,6 +96,12 @@ def split_output(output: str) -> list[tuple[str, str]]:
         elif sections:
             sections[-1][1].append(line)
     return [(command, "\n".join(lines)) for command, lines in sections]
+
+
+def redact(output: str) -> str:
+    """admin_cli output with every token blanked out, as the admin Job stores it; the operator
+    applies it again before output reaches status or an Event."""
+    return TOKEN_LINE.sub(rf"\1{REDACTED}", output)
 
 
 def parse_token(output: str) -> str:

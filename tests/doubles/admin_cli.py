@@ -464,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         print("admin_cli double: --state or FIREFLYER_ADMIN_CLI_STATE is required", file=sys.stderr)
         return 2
     root = Path(known.root)
-    tomllib.loads(_read(root, known.cfg).read_text())
-    token = overrides.get("--config.user_info.token", "")
+    config = tomllib.loads(_read(root, known.cfg).read_text())
+    # Like admin_cli: user_info.token from the config file, a --config.user_info.token override first.
+    token = overrides.get("--config.user_info.token", (config.get("user_info") or {}).get("token", ""))
     lines = (
         [known.command] if known.command else [line for line in sys.stdin.read().splitlines() if line.strip()]
     )

@@ -258,3 +258,23 @@ def test_changing_units_adds_and_removes_whole_units(operator: Operator, kube: K
         timeout=60,
     )
     assert len(_unit_pods(kube, "prefill", 0)) == 2
+
+
+def test_deletion_never_waits_for_the_operator(operator: Operator, kube: Kube) -> None:
+    """No finalizer on an InferenceDeployment, so that deleting it, or its namespace, never hangs
+    on a stopped operator (owner references collect the children); one an older release left is
+    taken off, and none comes back while the periodic resync and EPLB checks run."""
+    import time
+
+    doc = _sample()
+    doc["metadata"]["finalizers"] = ["fireflyer.dev/finalizer"]
+    kube.apply(doc)
+    wait_for("Ready", lambda: _ready(kube), timeout=60)
+    wait_for(
+        "the old finalizer to be taken off", lambda: not _infd(kube)["metadata"].get("finalizers"), timeout=30
+    )
+    deadline = time.monotonic() + 25  # longer than a resync period
+    while time.monotonic() < deadline:
+        assert not _infd(kube)["metadata"].get("finalizers"), _infd(kube)["metadata"]
+        time.sleep(1)
+    assert condition(_infd(kube), "Ready")["status"] == "True"  # type: ignore[index]

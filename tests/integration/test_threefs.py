@@ -4,6 +4,7 @@ storage node loss and replacement, deletion under both reclaim policies."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from collections.abc import Iterator
@@ -121,11 +122,15 @@ def test_bootstrap_runs_every_step_once(
         assert commands.count(command) == 1, command
     assert commands.count("create-target") == 12
 
-    # The root token reached its Secret; the FUSE clients mount with it.
+    # The root token reached its Secret (written by the user-add Job, as its own ServiceAccount);
+    # the FUSE clients mount with it. It is nowhere else: not in status, Events, pod or Job specs,
+    # nor any ConfigMap (admin step results included).
     token = kube.run("get", "secret", f"{NAME}-token", "-o", "jsonpath={.data.token}").stdout
-    import base64
-
-    assert base64.b64decode(token).decode() == state["users"]["root"]["token"]
+    root_token = base64.b64decode(token).decode()
+    assert root_token == state["users"]["root"]["token"]
+    assert root_token not in json.dumps(obj["status"])
+    for kinds in ("events", "pods,jobs,daemonsets,statefulsets", "configmaps"):
+        assert root_token not in kube.run("get", kinds, "-o", "json").stdout, kinds
     storage = kube.get("statefulset", f"{NAME}-storage")
     pod = storage["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {STORAGE_LABEL: "true"}
@@ -134,6 +139,12 @@ def test_bootstrap_runs_every_step_once(
     fuse = kube.get("daemonset", f"{NAME}-fuse")["spec"]["template"]["spec"]
     mounts = {m["name"]: m for m in fuse["containers"][0]["volumeMounts"]}
     assert mounts["mount"]["mountPropagation"] == "Bidirectional" and mounts["shm"]["mountPath"] == "/dev/shm"
+    # Only the mount point itself is shared with the host, and only on the picked nodes.
+    mount_point = obj["spec"]["clients"]["mountPoint"]
+    assert mounts["mount"]["mountPath"] == mount_point
+    volume = next(v for v in fuse["volumes"] if v["name"] == "mount")
+    assert volume["hostPath"]["path"] == mount_point
+    assert fuse["nodeSelector"] == SMALL["spec"]["clients"]["nodeSelector"]
     pods = kube.get("pods", selector=f"fireflyer.dev/threefs={NAME},fireflyer.dev/component=storage")["items"]
     assert len({p["spec"]["nodeName"] for p in pods}) == 3
     assert {p["spec"]["nodeName"] for p in pods} <= set(storage_nodes)
@@ -256,6 +267,10 @@ def test_delete_wipes_disks_retain_keeps_data(
         timeout=90,
     )
     assert {j["spec"]["template"]["spec"]["nodeName"] for j in jobs} == nodes
+    for job in jobs:  # owned, unprivileged, tolerating only what the storage pods tolerate
+        assert job["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+        pod = job["spec"]["template"]["spec"]
+        assert "privileged" not in pod["containers"][0]["securityContext"] and "tolerations" not in pod
     wait_for("the cluster to be gone", lambda: not kube.exists("threefscluster", other), timeout=90)
     # The Delete cluster's FoundationDB claim goes with it; the Retain cluster's stays.
     wait_for(

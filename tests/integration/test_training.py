@@ -157,6 +157,7 @@ def test_a_lost_node_restarts_the_job_on_other_nodes(operator: Operator, kube: K
 
 INVALID: list[tuple[dict[str, Any], list[str]]] = [
     ({"microBatches": 3}, ["spec.microBatches", "at least 2 × parallelism.pipeline"]),
+    ({"microBatches": 5}, ["spec.microBatches", "even microBatches"]),
     ({"microBatches": 1}, ["spec.microBatches", "at least parallelism.pipeline"]),
     ({"model": {}}, ["spec.model.source", "needs model.source and dataset.path"]),
 ]

@@ -146,3 +146,30 @@ def test_during_a_rollout_the_router_lists_each_unit_with_the_spec_its_pods_run(
     assert decode_revisions and "0ldspec" not in decode_revisions
     template_labels = next(iter(sets.values()))["spec"]["template"]["metadata"]["labels"]
     assert template_labels[L.PAIRING_REVISION] in decode_revisions, "new pods carry the spec's revision"
+
+
+def test_pods_on_a_not_ready_node_are_deleted_without_grace() -> None:
+    """No kubelet will confirm the end of a pod on a dead node: the unit is recreated, and its
+    pods there (only there) are force-deleted, or the StatefulSet could never replace them."""
+    cr, sets = _placed()
+    pods: list[dict[str, Any]] = []
+    for sts in sets.values():
+        pods += _pods(sts, NOW - timedelta(minutes=30))
+    dead_pod = pods[0]
+    dead_node = dead_pod["spec"]["nodeName"]
+    nodes = _nodes()
+    for node in nodes:
+        if node["metadata"]["name"] == dead_node:
+            node["status"]["conditions"] = [{"type": "Ready", "status": "Unknown"}]
+    desired = plan(cr, Observed(nodes=nodes, pods=pods, statefulsets=sets, router=None, now=NOW))
+    unit = dead_pod["metadata"]["name"].rsplit("-", 1)[0]
+    assert "not Ready" in desired.recreate[unit]
+    on_dead_node = {p["metadata"]["name"] for p in pods if p["spec"]["nodeName"] == dead_node}
+    assert desired.force_delete == on_dead_node
+    # Cordoned is not dead: its kubelet still ends pods gracefully.
+    for node in nodes:
+        if node["metadata"]["name"] == dead_node:
+            node["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+            node["spec"]["unschedulable"] = True
+    desired = plan(cr, Observed(nodes=nodes, pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert desired.force_delete == set()

@@ -72,7 +72,6 @@ def _observed(**overrides: Any) -> Observed:
         "workloads": {},
         "jobs": {},
         "results": {},
-        "token_present": False,
     }
     base.update(overrides)
     return Observed(**base)
@@ -106,7 +105,7 @@ def test_steps_are_recorded_then_the_next_one_starts() -> None:
     )
     assert desired.status["bootstrapSteps"] == ["configure-fdb"]
     assert ("Job", "threefs-small-admin-configure-fdb") in desired.cleanup
-    assert ("Secret", "threefs-small-admin-configure-fdb-result") in desired.cleanup
+    assert ("ConfigMap", "threefs-small-admin-configure-fdb-result") in desired.cleanup
     assert _launched_step(desired) == "init-cluster"
 
 
@@ -130,13 +129,50 @@ def test_a_failed_step_is_reported_and_retried_after_a_pause() -> None:
     assert _launched_step(plan(_cr(desired.status), later)) == "configure-fdb"
 
 
-def test_user_add_token_becomes_a_secret_once() -> None:
-    status = {"bootstrapSteps": ALL_STEPS[:5]}
-    output = "$ user-add --root --admin 0 root\nUid 0\nToken AAAtoken123(Expired at N/A)\n"
+def test_user_add_writes_the_token_into_a_secret_the_operator_creates_empty() -> None:
+    mgmtd = {"mgmtd": _workload("StatefulSet", 1, 1)}
+    ip = [_pod("threefs-small-mgmtd-0", "mgmtd", "n1")]
+    desired = plan(_cr({"bootstrapSteps": ALL_STEPS[:5]}), _observed(workloads=mgmtd, pods=ip))
+    assert _launched_step(desired) == "user-add"
+    # The operator never holds the token: the Secret is created without data.
+    [secret] = desired.create_once
+    assert secret["kind"] == "Secret" and "data" not in secret and "stringData" not in secret
+    job = next(o for o in desired.launch if o["kind"] == "Job")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOKEN_SECRET"] == "threefs-small-token"
+    # The Job's Role may patch that Secret and the step's result, by name, while the step runs.
+    role = next(c for c in desired.children if c["kind"] == "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["patch"],
+            "resourceNames": ["threefs-small-admin-user-add-result"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["patch"],
+            "resourceNames": ["threefs-small-token"],
+        },
+    ]
+    # A finished user-add (its output already blanked out by the Job) is recorded; the Role
+    # keeps no rule once nothing runs.
+    output = "$ user-add --root --admin 0 root\nUid 0\nToken <redacted>(Expired at N/A)\n"
     result = {"user-add": StepResult("user-add", 0, output)}
-    desired = plan(_cr(status), _observed(jobs={"user-add": {}}, results=result))
-    assert [s["stringData"]["token"] for s in desired.create_once] == ["AAAtoken123"]
-    assert "user-add" in desired.status["bootstrapSteps"]
+    desired = plan(_cr({"bootstrapSteps": ALL_STEPS[:5]}), _observed(jobs={"user-add": {}}, results=result))
+    assert "user-add" in desired.status["bootstrapSteps"] and not desired.create_once
+    role = next(c for c in desired.children if c["kind"] == "Role")
+    assert role["rules"] == []
+
+
+def test_a_failed_step_never_puts_a_token_in_status_or_events() -> None:
+    leaked = "$ user-add --root --admin 0 root\nToken AAAsecret42(Expired at N/A)\nError: boom\n"
+    result = {"user-add": StepResult("user-add", 1, leaked)}
+    desired = plan(_cr({"bootstrapSteps": ALL_STEPS[:5]}), _observed(jobs={"user-add": {}}, results=result))
+    assert "boom" in desired.status["lastAdminError"]
+    assert "AAAsecret42" not in desired.status["lastAdminError"]
+    assert all("AAAsecret42" not in e.message for e in desired.events)
 
 
 def _bootstrapped(
@@ -155,9 +191,7 @@ def _bootstrapped(
         "fuse": _workload("DaemonSet", 8, 8),
     }
     cr = _cr(status, replacementGracePeriodSeconds=30, nodeSelector={"storage": "yes"})
-    observed = _observed(
-        nodes=nodes, pods=pods, workloads=workloads, token_present=True, health=health, health_taken_at=taken
-    )
+    observed = _observed(nodes=nodes, pods=pods, workloads=workloads, health=health, health_taken_at=taken)
     return plan(cr, observed)
 
 
@@ -248,7 +282,6 @@ def test_reschedule_renders_the_new_id_before_the_pod_goes() -> None:
             nodes=nodes,
             pods=pods,
             workloads=workloads,
-            token_present=True,
             jobs={"replace-1-remove": {}},
             results=removed,
         ),
@@ -264,7 +297,7 @@ def test_reschedule_renders_the_new_id_before_the_pod_goes() -> None:
     # Next pass: the new id is rendered (applied before deletions), then the old pod goes.
     second = plan(
         _cr(first.status, replacementGracePeriodSeconds=30, nodeSelector={"storage": "yes"}),
-        _observed(nodes=nodes, pods=pods, workloads=workloads, token_present=True),
+        _observed(nodes=nodes, pods=pods, workloads=workloads),
     )
     assert "node_id = 10004" in app_toml(second)
     assert second.delete_pods == ["threefs-small-storage-1"]

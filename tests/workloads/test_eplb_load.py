@@ -244,7 +244,8 @@ def test_get_eplb_load_serves_the_contract(
     r = answers[""]
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     body = r.json()
-    assert set(body) == {"layers", "experts", "windowSeconds", "tokens"}
+    assert set(body) == {"layers", "experts", "windowSeconds", "tokens", "generation"}
+    assert body["generation"] is None, "a one-rank unit runs no placement"
     assert (body["layers"], body["experts"], body["windowSeconds"]) == (2, 16, 120)
     tokens = body["tokens"]
     assert len(tokens) == 2 and all(len(row) == 16 for row in tokens)

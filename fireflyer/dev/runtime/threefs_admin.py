@@ -16,8 +16,8 @@ It runs inside the pod runtime process (`python -m fireflyer.dev.runtime --three
 from __future__ import annotations
 
 import base64
+import copy
 import importlib.util
-import json
 import logging
 import subprocess
 import sys
@@ -31,7 +31,8 @@ from typing import Any
 from kubernetes import client, config
 
 from fireflyer.dev.build import REPO_ROOT
-from fireflyer.operator.threefs.admin_jobs import encode_result
+from fireflyer.operator.threefs.admin_jobs import TOKEN_CHARS, encode_result
+from fireflyer.threefs import admin
 
 DOUBLE = REPO_ROOT / "tests" / "doubles" / "admin_cli.py"
 STEP = "fireflyer.dev/admin-step"
@@ -126,6 +127,11 @@ class AdminRunner:
     # -- admin steps -------------------------------------------------------------------------
 
     def _run_step(self, pod: Any) -> None:
+        """What the Job's script does (fireflyer.operator.threefs.admin_jobs.RUN_STEP): the token
+        from the mounted Secret into a private admin_cli config, never onto a command line; the
+        user-add token into the token Secret; output with tokens blanked out; the result patched
+        into the step's ConfigMap. The writes go as the Job's own ServiceAccount, so that its Role
+        is what allows them."""
         namespace = pod.metadata.namespace
         labels = pod.metadata.labels
         cluster, step = labels[CLUSTER], labels[STEP]
@@ -133,8 +139,11 @@ class AdminRunner:
         env = {e.name: e.value for e in container.env or [] if e.value is not None}
         root = self.state_dir / "roots" / pod.metadata.uid
         volumes = {v.name: v for v in pod.spec.volumes or []}
+        token = ""
         for mount in container.volume_mounts or []:
             volume = volumes.get(mount.name)
+            if volume is not None and volume.secret is not None:
+                token = self._secret_value(namespace, volume.secret.secret_name, "token")
             if volume is None or volume.config_map is None:
                 continue
             try:
@@ -145,28 +154,35 @@ class AdminRunner:
             target.mkdir(parents=True, exist_ok=True)
             for key, value in (cm.data or {}).items():
                 (target / key).write_text(value)
-        token = self._token(namespace, cluster)
+        work = root / env["WORK_DIR"].lstrip("/")
+        work.mkdir(parents=True, exist_ok=True)
+        admin_toml = root / env["CONFIG_DIR"].lstrip("/") / "admin" / "admin_cli.toml"
+        config = admin_toml.read_text() if admin_toml.is_file() else ""
+        output: list[str] = []
+        code = 0
+        if token and not TOKEN_CHARS.match(token):
+            output.append(f"the root token in {env['TOKEN_FILE']} has unexpected characters")
+            code = 1
+        elif token:
+            config += f'\n[user_info]\ntoken = "{token}"\n'
+        (work / "admin_cli.toml").write_text(config)
         commands_file = root / env["FILES_DIR"].lstrip("/") / "commands"
-        commands = [c for c in commands_file.read_text().splitlines() if c.strip()]
-        output, code = [], 0
+        commands = [] if code else [c for c in commands_file.read_text().splitlines() if c.strip()]
         for command in commands:
             output.append(f"{env['MARK']}{command}")
             if env.get("RUNNER") == "fdbcli":
                 output.append("Database created")
                 continue
-            cfg = env["CONFIG_DIR"] + "/admin/admin_cli.toml"
             run = subprocess.run(
                 [
                     sys.executable,
                     str(DOUBLE),
                     "-cfg",
-                    cfg,
+                    f"{env['WORK_DIR']}/admin_cli.toml",
                     "--root",
                     str(root),
                     "--state",
                     str(self.state_path(namespace, cluster)),
-                    "--config.user_info.token",
-                    token,
                     command,
                 ],
                 capture_output=True,
@@ -178,21 +194,31 @@ class AdminRunner:
                 code = run.returncode
                 break
         text = "\n".join(output) + "\n"
-        owner = json.loads(env["OWNER"])
-        secret = client.V1Secret(
-            metadata=client.V1ObjectMeta(
-                name=env["RESULT"],
-                labels={env["CLUSTER_LABEL"]: cluster, env["STEP_LABEL"]: step},
-                owner_references=[owner],
-            ),
-            data=dict[str, bytes | str](encode_result(code, text)),
-        )
+        as_job = self._as_service_account(namespace, pod.spec.service_account_name)
+        new = ""
+        if code == 0 and env.get("TOKEN_SECRET"):
+            try:
+                new = admin.parse_token(text)
+                body = {"data": {"token": base64.b64encode(new.encode()).decode()}}
+                as_job.patch_namespaced_secret(env["TOKEN_SECRET"], namespace, body)
+            except admin.AdminOutputError:
+                text, code = text + "user-add printed no token\n", 1
+            except client.ApiException as error:
+                text += f"could not store the root token in Secret {env['TOKEN_SECRET']}: {error.reason}\n"
+                code = 1
+        text = admin.redact(text)
+        for secret in (token, new):
+            if secret:
+                text = "".join(
+                    "(a line holding the root token is withheld)\n" if secret in line else line
+                    for line in text.splitlines(keepends=True)
+                )
         try:
-            self.api.create_namespaced_secret(namespace, secret)
+            as_job.patch_namespaced_config_map(env["RESULT"], namespace, encode_result(code, text))
         except client.ApiException as error:
-            if error.status != 409:
-                raise
-            self.api.replace_namespaced_secret(env["RESULT"], namespace, secret)
+            # As the Job's curl would fail: the Job then ends without a result.
+            log.warning("admin step %s/%s %s: no result written (%s)", namespace, cluster, step, error.reason)
+            code = code or 1
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         phase = "Succeeded" if code == 0 else "Failed"
         terminated = {
@@ -218,9 +244,21 @@ class AdminRunner:
         self.steps_run.append((cluster, step, code))
         log.info("admin step %s/%s %s: exit %d", namespace, cluster, step, code)
 
-    def _token(self, namespace: str, cluster: str) -> str:
+    def _secret_value(self, namespace: str, name: str, key: str) -> str:
         try:
-            secret = self.api.read_namespaced_secret(f"{cluster}-token", namespace)
+            secret = self.api.read_namespaced_secret(name, namespace)
         except client.ApiException:
-            return ""
-        return base64.b64decode((secret.data or {}).get("token", "")).decode()
+            return ""  # an optional Secret volume whose Secret does not exist
+        return base64.b64decode((secret.data or {}).get(key, "")).decode()
+
+    def _as_service_account(self, namespace: str, name: str) -> Any:
+        """A client that authenticates as a pod's ServiceAccount (a short-lived token)."""
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
+        )
+        issued = self.api.create_namespaced_service_account_token(name, namespace, request)
+        assert issued.status is not None
+        configuration = copy.copy(self.api.api_client.configuration)
+        configuration.cert_file = configuration.key_file = None
+        configuration.api_key = {"authorization": f"Bearer {issued.status.token}"}
+        return client.CoreV1Api(client.ApiClient(configuration))

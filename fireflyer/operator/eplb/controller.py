@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 import numpy as np
@@ -19,13 +19,14 @@ from prometheus_client import Counter, Gauge
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.inference import EPLB_LOAD_URL_ANNOTATION, InferenceDeployment
-from fireflyer.operator import kube
+from fireflyer.operator import events, kube, metrics
 from fireflyer.operator import labels as L
 from fireflyer.operator.eplb import applied
 from fireflyer.operator.eplb.placements import current_placement, role_placements, static_condition
 from fireflyer.operator.eplb.plan import LoadError, current_table, decide, parse_window
 from fireflyer.operator.inference import children, writes
 from fireflyer.operator.inference.engines import SERVE_PORT
+from fireflyer.operator.resync import Resync
 
 BALANCEDNESS = Gauge(
     "fireflyer_eplb_balancedness",
@@ -159,16 +160,12 @@ def rebalance_role(
             {"balancedness": round(decision.after, 4), "previousBalancedness": round(decision.before, 4)},
         )
         REBALANCES.labels(namespace, name, role).inc()
-        kopf.event(
-            cast(Any, cr),
-            type="Normal",
-            reason=C.REBALANCE_APPLIED,
-            message=f"{role}: generation {generation}: {decision.reason}",
-        )
+        events.post(cr, "Normal", C.REBALANCE_APPLIED, f"{role}: generation {generation}: {decision.reason}")
         result.update(placementGeneration=generation, balancedness=round(decision.after, 4))
         gens = sorted(existing, key=lambda p: int(p["spec"].get("generation", 0)))
         for old in gens[: max(0, len(gens) + 1 - KEEP_GENERATIONS)]:
             kube.delete("ExpertPlacement", old["metadata"]["name"], namespace)
+    metrics.eplb_decision(namespace, name, role, decision.before, decision.after, generation)
     BALANCEDNESS.labels(namespace, name, role).set(result["balancedness"])
     result["reason"] = decision.reason
     return result
@@ -222,7 +219,7 @@ def _role_pass(
             result = rebalance_role(cr, role, now, windows)
         except LoadError as exc:
             COLLECT_ERRORS.labels(namespace, name, role).inc()
-            kopf.event(cast(Any, cr), type="Warning", reason=C.LOAD_UNAVAILABLE, message=f"{role}: {exc}")
+            events.post(cr, "Warning", C.LOAD_UNAVAILABLE, f"{role}: {exc}")
             fields["lastRebalanceCheck"] = now.strftime(TIME)
             cond = C.condition(C.EPLB_HEALTHY, False, C.LOAD_UNAVAILABLE, f"{role}: {exc}")
         else:
@@ -234,18 +231,30 @@ def _role_pass(
     return fields, static or cond
 
 
-@kopf.timer(GROUP, VERSION, "inferencedeployments", interval=CHECK_SECONDS, sharp=False)
-def eplb_timer(namespace: str | None, name: str, **_: Any) -> None:
-    if namespace is None:
-        return
+_check = Resync("EPLB check", CHECK_SECONDS)
+
+
+@kopf.on.resume(GROUP, VERSION, "inferencedeployments")
+@kopf.on.create(GROUP, VERSION, "inferencedeployments")
+def arm_eplb(namespace: str | None, name: str, **_: Any) -> None:
+    """Every CHECK_SECONDS for as long as the deployment exists (no kopf timer: it would put a
+    finalizer on the deployment, see fireflyer.operator.resync)."""
+    if namespace is not None:
+        key = (namespace, name)
+        _check.arm(key, lambda: eplb_timer(*key))
+
+
+def eplb_timer(namespace: str, name: str) -> bool:
+    """One EPLB pass over a deployment's roles; False once the deployment is gone."""
     # No placement lock here: collecting load waits on the network, and must never hold up the
     # reconciles of other deployments.
     cr = kube.get("InferenceDeployment", name, namespace)
+    gone = cr is None or bool(cr["metadata"].get("deletionTimestamp"))
     spec = None if cr is None else InferenceDeployment.model_validate(cr).spec
-    if cr is None or cr["metadata"].get("deletionTimestamp") or spec is None or spec.eplb.mode == "off":
+    if cr is None or gone or spec is None or spec.eplb.mode == "off":
         for role in ("prefill", "decode"):
             _polled.pop((namespace, name, role), None)
-        return
+        return not gone  # eplb.mode may be turned on later: keep checking while it exists
     now = datetime.now(UTC)
     status = cr.get("status") or {}
     patch: dict[str, Any] = {}
@@ -278,3 +287,4 @@ def eplb_timer(namespace: str | None, name: str, **_: Any) -> None:
     if patch or changed:
         # The reconcile writes this status too: its conditions are kept (writes.py).
         writes.patch_status(name, namespace, patch, changed, cr["metadata"].get("generation", 0))
+    return True

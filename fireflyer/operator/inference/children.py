@@ -9,6 +9,7 @@ from typing import Any
 
 from fireflyer.api.inference import InferenceDeploymentSpec, Role
 from fireflyer.operator import labels as L
+from fireflyer.operator import pod_security as security
 from fireflyer.operator.inference import mounts
 from fireflyer.operator.inference.engines import SERVE_PORT, UnitContext, image, shell_line
 from fireflyer.operator.inference.pairing import pairing_revision
@@ -63,6 +64,9 @@ def revision(
     }
     if spec.kv_cache is not None:  # only when set: specs without it keep their revision
         material["kvCache"] = {**spec.kv_cache.to_wire(), "mount": kv_mount}
+    api_keys = mounts.unit_api_keys(spec)
+    if api_keys:  # likewise: the units mount the Secret, and ask for keys, only when it is set
+        material["apiKeySecret"] = api_keys
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -134,6 +138,8 @@ def statefulset(
     ctx = UnitContext(
         deployment, role_name, index, leader_host(deployment, role_name, index, namespace), "$NCCL_IB_HCA"
     )
+    # Our engine's writes are known (/tmp, /dev/shm, the node paths); another engine's are not.
+    read_only_root = spec.engine.kind == "fireflyer"
     container: dict[str, Any] = {
         "name": "engine",
         "image": image(spec),
@@ -144,6 +150,8 @@ def statefulset(
             {"name": "FIREFLYER_UNIT", "value": str(index)},
             {"name": "NNODES", "value": str(role.nodes_per_unit)},
             {"name": "MASTER_ADDR", "value": ctx.leader_host},
+            *(security.read_only_root_env() if read_only_root else []),
+            *mounts.unit_env(spec),
         ],
         "ports": [{"name": "serve", "containerPort": SERVE_PORT}],
         # Every rank of our engine answers /health once its model is loaded and its
@@ -154,8 +162,11 @@ def statefulset(
             else {}
         ),
         "resources": _resources(spec, role),
-        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+        "securityContext": security.container_security_context(
+            read_only_root=read_only_root, add=security.rdma_capabilities(spec.network)
+        ),
         "volumeMounts": [
+            security.tmp_mount(),
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "engine", "mountPath": "/etc/fireflyer/net", "readOnly": True},
             *extra_mounts,
@@ -186,8 +197,10 @@ def statefulset(
                     "hostNetwork": spec.network.host_network,
                     "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
                     **pod_placement(spec.placement, selector, nodes, domain),
+                    "securityContext": security.pod_security_context(non_root=False),
                     "containers": [container],
                     "volumes": [
+                        security.tmp_volume(),
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE[role_name]}},
                         {"name": "engine", "configMap": {"name": config_map_name(deployment)}},
                         *extra_volumes,
@@ -239,6 +252,17 @@ def router(
     # never the pod template, so the router is not restarted.
     args = ["router", "--policy", spec.router.policy, "--port", str(ROUTER_PORT)]
     args += ["--backends-file", f"{ROUTER_CONFIG_DIR}/{ROUTER_BACKENDS_FILE}"]
+    volumes: list[dict[str, Any]] = [{"name": "units", "configMap": {"name": name}}, security.tmp_volume()]
+    volume_mounts = [
+        {"name": "units", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
+        security.tmp_mount(),
+    ]
+    if spec.router.api_key_secret:
+        # A file, not an env var: the kubelet refreshes it in place, so keys rotate without a restart.
+        key_volume, key_mount = mounts.api_keys_volume(spec.router.api_key_secret)
+        volumes.append(key_volume)
+        volume_mounts.append(key_mount)
+        args += ["--api-key-file", mounts.API_KEY_FILE]
     current = pairing_revision(spec)
     revisions = unit_revisions or {}
     backends = {
@@ -265,6 +289,7 @@ def router(
                 "template": {
                     "metadata": {"labels": {**labels, **selector}},
                     "spec": {
+                        "securityContext": security.pod_security_context(non_root=True),
                         "containers": [
                             {
                                 "name": "router",
@@ -274,12 +299,11 @@ def router(
                                 "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
                                 "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
                                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
-                                "volumeMounts": [
-                                    {"name": "units", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}
-                                ],
+                                "securityContext": security.container_security_context(read_only_root=True),
+                                "volumeMounts": volume_mounts,
                             }
                         ],
-                        "volumes": [{"name": "units", "configMap": {"name": name}}],
+                        "volumes": volumes,
                         **(
                             {"nodeSelector": dict(spec.router.node_selector)}
                             if spec.router.node_selector

@@ -15,13 +15,14 @@ from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
-from fireflyer.operator import cache, events, kube
+from fireflyer.operator import cache, events, kube, metrics, object_metrics
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.inference import preflight, writes
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.locks import PLACEMENT
 from fireflyer.operator.metrics import timed
+from fireflyer.operator.resync import Resync
 
 KIND = "InferenceDeployment"
 PLURAL = "inferencedeployments"
@@ -109,12 +110,26 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
             ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
             if ours and (kind, existing["metadata"]["name"]) not in wanted:
                 kube.delete(kind, existing["metadata"]["name"], namespace)
+    pods = (
+        kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}")
+        if desired.recreate or desired.force_delete
+        else []
+    )
     for unit, why in sorted(desired.recreate.items()):
-        for pod in kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}"):
-            if pod["metadata"]["name"].rsplit("-", 1)[0] == unit:
+        for pod in pods:
+            pod_name = pod["metadata"]["name"]
+            if pod_name.rsplit("-", 1)[0] == unit:
                 _deleted_by_us[pod["metadata"]["uid"]] = time.monotonic()
-                kube.delete("Pod", pod["metadata"]["name"], namespace)
+                kube.delete(
+                    "Pod", pod_name, namespace, grace_seconds=0 if pod_name in desired.force_delete else None
+                )
+        metrics.unit_recreated(cr, unit, why, desired.events, pods)
         log.info("recreated unit %s/%s: %s", namespace, unit, why)
+    for pod in pods:  # stuck Terminating on a dead node (deleted by anyone): finish the deletion
+        pod_name = pod["metadata"]["name"]
+        if pod["metadata"].get("deletionTimestamp") and pod_name in desired.force_delete:
+            _deleted_by_us[pod["metadata"]["uid"]] = time.monotonic()
+            kube.delete("Pod", pod_name, namespace, grace_seconds=0)
     for event in desired.events:
         events.post(cr, event.type, event.reason, event.message)
     previous = (cr.get("status") or {}).get("conditions", [])
@@ -140,13 +155,15 @@ def reconcile(
         cr = kube.get(KIND, name, namespace)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             return None
+        kube.drop_finalizer(KIND, cr, L.FINALIZER)  # left by an older release: deletion must not wait for us
         try:
             nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
             pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
-            desired = plan(cr, observe(cr, nodes, pods))
+            desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods))
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
             raise kube.invalid_spec(KIND, cr, exc) from exc
         apply(cr, desired, force)
+        object_metrics.inference(cr, desired)
         return desired
 
 
@@ -154,14 +171,29 @@ def reconcile(
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
-    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+    namespace = namespace or "default"
+    arm_resync(namespace, name, kwargs)
+    reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, sharp=False)
-def resync(namespace: str | None, name: str, **kwargs: Any) -> None:
-    """Drift repair and unit health: a deleted child comes back, broken units are recreated.
-    cluster_nodes and cluster_pods are kopf's watch-fed indexes (fireflyer.operator.cache)."""
-    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+_resync = Resync("inference resync", RESYNC_SECONDS)
+
+
+def arm_resync(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
+    """Drift repair and unit health every RESYNC_SECONDS: a deleted child comes back, broken
+    units are recreated. cluster_nodes and cluster_pods are kopf's watch-fed indexes
+    (fireflyer.operator.cache), live views kept from the handler that armed the run."""
+
+    def run() -> bool:
+        try:
+            return (
+                reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+                is not None
+            )
+        except kopf.PermanentError:  # an invalid spec, reported; its next update re-arms us anyway
+            return True
+
+    _resync.arm((namespace, name), run)
 
 
 def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str) -> None:

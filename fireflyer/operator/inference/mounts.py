@@ -6,6 +6,9 @@
   of the unit revision.
 - With kvCache: the named ThreeFSCluster's FUSE mount (its clients.mountPoint, a hostPath the
   cluster's FUSE DaemonSet mounts on every client node) at the same path, read-write.
+- With router.apiKeySecret (fireflyer engine): the Secret's `api-keys` at /etc/fireflyer/api-keys,
+  named by $FIREFLYER_API_KEY_FILE (`fireflyer serve --api-key-file`'s default). The router mounts
+  it too (api_keys_volume). The kubelet refreshes it in place: rotating keys restarts nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from fireflyer.operator.objects import owner_reference
 PLACEMENT_DIR = "/etc/fireflyer/placement"
 PLACEMENT_VOLUME = "placement"
 KV_VOLUME = "kv-cache"
+API_KEYS_VOLUME = "api-keys"
+API_KEYS_DIR = "/etc/fireflyer/api-keys"
+API_KEYS_SECRET_KEY = "api-keys"  # the Secret's data key: one accepted key per line
+API_KEY_FILE = f"{API_KEYS_DIR}/{API_KEYS_SECRET_KEY}"
+API_KEY_FILE_ENV = "FIREFLYER_API_KEY_FILE"  # fireflyer.workloads.api_keys.ENV (not imported here)
 
 
 def placement_config_map_name(deployment: str, role: str) -> str:
@@ -113,7 +121,8 @@ def kv_mount_of(sts: dict[str, Any] | None) -> str | None:
 def unit_volumes(
     spec: InferenceDeploymentSpec, deployment: str, role: str, kv_mount: str | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, the engine container's volumeMounts) for the placement and the KV cache."""
+    """(volumes, the engine container's volumeMounts) for the placement, the KV cache and the API
+    keys."""
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     if mounts_placement(spec):
@@ -127,4 +136,34 @@ def unit_volumes(
         volumes.append({"name": KV_VOLUME, "hostPath": {"path": kv_mount, "type": "Directory"}})
         # HostToContainer: a FUSE mount that comes back after the pod started is seen.
         mounts.append({"name": KV_VOLUME, "mountPath": kv_mount, "mountPropagation": "HostToContainer"})
+    secret = unit_api_keys(spec)
+    if secret:
+        volume, mount = api_keys_volume(secret)
+        volumes.append(volume)
+        mounts.append(mount)
     return volumes, mounts
+
+
+def unit_api_keys(spec: InferenceDeploymentSpec) -> str | None:
+    """The Secret the units mount their API keys from: router.apiKeySecret, for the fireflyer
+    engine only (another engine's own key options are its engine.args)."""
+    return spec.router.api_key_secret if spec.engine.kind == "fireflyer" else None
+
+
+def unit_env(spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
+    """The engine's environment for its mounts: where its API key file is."""
+    return [{"name": API_KEY_FILE_ENV, "value": API_KEY_FILE}] if unit_api_keys(spec) else []
+
+
+def api_keys_volume(secret: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, volumeMount) of the API key file. Only the one data key is projected: a Secret
+    without it keeps the pod from starting rather than running without keys."""
+    volume = {
+        "name": API_KEYS_VOLUME,
+        "secret": {
+            "secretName": secret,
+            "items": [{"key": API_KEYS_SECRET_KEY, "path": API_KEYS_SECRET_KEY}],
+            "defaultMode": 0o440,
+        },
+    }
+    return volume, {"name": API_KEYS_VOLUME, "mountPath": API_KEYS_DIR, "readOnly": True}

@@ -55,6 +55,9 @@ class Desired:
     events: list[Event]
     status: dict[str, Any]
     requeue_after: float | None = None
+    force_delete: set[str] = field(default_factory=set)
+    """Pods on nodes that are gone or not Ready: no kubelet will confirm their end, so deleting
+    them with a grace period would leave them Terminating and their StatefulSet stuck."""
 
 
 @dataclass
@@ -308,7 +311,21 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         if recreate or rolling or not placement.complete or any(not u["ready"] for u in unit_status)
         else None
     )
-    return Desired(desired_children, recreate, events, status, requeue)
+    return Desired(desired_children, recreate, events, status, requeue, dead_node_pods(own_pods, topology))
+
+
+def dead_node_pods(pods: list[dict[str, Any]], topology: Any) -> set[str]:
+    """Names of the pods bound to a node that is gone or not Ready (cordoned or tainted nodes
+    still have a kubelet that ends their pods)."""
+    dead = set()
+    for pod in pods:
+        node = pod.get("spec", {}).get("nodeName")
+        if not node:
+            continue
+        info = topology.nodes.get(node)
+        if info is None or info.why_unusable == "not Ready":
+            dead.add(pod["metadata"]["name"])
+    return dead
 
 
 def _broken(unit: _Unit, topology: Any, spec: InferenceDeploymentSpec, now: datetime) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fireflyer.api.base import Toleration
 from fireflyer.api.threefs import ThreeFSClusterSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.objects import owner_reference
@@ -106,13 +107,14 @@ FDB_MOUNT = {"name": "fdb-cluster-file", "mountPath": FDB_CLUSTER_FILE.rsplit("/
 
 def _service_command(component: str, binary: str) -> list[str]:
     """Start a 3FS service with its launcher and app TOML; the app TOML is picked by pod ordinal."""
-    app = APP_FILE[component]
+    q = shlex.quote
+    app, config = q(f"/run/3fs/{APP_FILE[component]}"), f"{CONFIG_DIR}/{component}"
     line = (
         "set -e; ordinal=${HOSTNAME##*-}; mkdir -p /run/3fs; "
-        f"cp {CONFIG_DIR}/{component}/app-$ordinal.toml /run/3fs/{app}; "
+        f'cp {q(config)}/app-"$ordinal".toml {app}; '
         f"ulimit -n {OPEN_FILES}; ulimit -l unlimited; "
-        f"exec /opt/3fs/bin/{binary} --launcher_cfg {CONFIG_DIR}/{component}/{binary}_launcher.toml "
-        f"--app-cfg /run/3fs/{app}"
+        f"exec {q(f'/opt/3fs/bin/{binary}')} --launcher_cfg {q(f'{config}/{binary}_launcher.toml')} "
+        f"--app-cfg {app}"
     )
     return ["/bin/sh", "-c", line]
 
@@ -128,6 +130,7 @@ def service_statefulset(
     extra_volumes: list[dict[str, Any]] | None = None,
     extra_mounts: list[dict[str, Any]] | None = None,
     node_selector: Mapping[str, str] | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
     one_per_node: bool = False,
     rdma: bool = False,
     init_containers: list[dict[str, Any]] | None = None,
@@ -139,6 +142,7 @@ def service_statefulset(
     pod_spec: dict[str, Any] = {
         "hostNetwork": spec.network.host_network,
         "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
+        "automountServiceAccountToken": False,  # 3FS services never call the Kubernetes API
         "containers": [
             {
                 "name": component,
@@ -157,6 +161,8 @@ def service_statefulset(
     }
     if node_selector:
         pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = list(tolerations)
     if init_containers:
         pod_spec["initContainers"] = init_containers
     if one_per_node:
@@ -196,7 +202,9 @@ def storage_statefulset(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_dig
         (f"disk{d}", spec.storage.disk_path_template.replace("{disk}", str(d)))
         for d in range(spec.storage.disks_per_node)
     ]
-    sysctl = " && ".join(f"sysctl -w {k}={v}" for k, v in STORAGE_SYSCTLS.items())
+    sysctl = " && ".join(f"sysctl -w {shlex.quote(f'{k}={v}')}" for k, v in STORAGE_SYSCTLS.items())
+    # Privileged, and only this init container: fs.aio-max-nr is node-wide (not a namespaced
+    # sysctl), so no pod-level sysctl or capability can set it.
     init = {
         "name": "host-limits",
         "image": spec.image,
@@ -215,6 +223,7 @@ def storage_statefulset(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_dig
         ],
         extra_mounts=[{"name": name, "mountPath": path} for name, path in disks],
         node_selector=spec.storage.node_selector,
+        tolerations=tolerations(spec.storage.tolerations),
         one_per_node=True,
         rdma=True,
         init_containers=[init],
@@ -257,6 +266,7 @@ def fdb_statefulset(cr: dict[str, Any], spec: ThreeFSClusterSpec) -> dict[str, A
             "template": {
                 "metadata": {"labels": labels(cluster, "fdb")},
                 "spec": {
+                    "automountServiceAccountToken": False,
                     "containers": [
                         {
                             "name": "fdb",
@@ -322,6 +332,7 @@ def monitor_deployment(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_dige
                     "annotations": {"fireflyer.dev/config": config_digest},
                 },
                 "spec": {
+                    "automountServiceAccountToken": False,
                     "containers": [
                         {
                             "name": "monitor",
@@ -357,6 +368,7 @@ def clickhouse_statefulset(cr: dict[str, Any]) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": labels(cluster, "clickhouse")},
                 "spec": {
+                    "automountServiceAccountToken": False,
                     "containers": [
                         {
                             "name": "clickhouse",
@@ -365,7 +377,7 @@ def clickhouse_statefulset(cr: dict[str, Any]) -> dict[str, Any]:
                             "ports": [{"containerPort": CLICKHOUSE_PORT}],
                             "volumeMounts": [{"name": "data", "mountPath": "/var/lib/clickhouse"}],
                         }
-                    ]
+                    ],
                 },
             },
             "volumeClaimTemplates": [
@@ -381,30 +393,41 @@ def clickhouse_statefulset(cr: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def tolerations(items: Sequence[Toleration]) -> list[dict[str, Any]]:
+    return [t.to_wire() for t in items]
+
+
 def fuse_daemonset(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_digest: str) -> dict[str, Any]:
+    """The FUSE clients, on the nodes clients.nodeSelector picks (never empty: admission)."""
     cluster = cr["metadata"]["name"]
-    mount_parent = spec.clients.mount_point.rsplit("/", 1)[0] or "/"
+    mount_point = spec.clients.mount_point
+    q = shlex.quote
     command = (
-        f"set -e; mkdir -p {shlex.quote(spec.clients.mount_point)}; ulimit -l unlimited; "
-        f"exec /opt/3fs/bin/hf3fs_fuse_main --launcher_cfg {CONFIG_DIR}/fuse/hf3fs_fuse_main_launcher.toml"
+        f"set -e; ulimit -l unlimited; exec /opt/3fs/bin/hf3fs_fuse_main "
+        f"--launcher_cfg {q(f'{CONFIG_DIR}/fuse/hf3fs_fuse_main_launcher.toml')}"
     )
     pod_spec: dict[str, Any] = {
         "hostNetwork": spec.network.host_network,
         "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
+        "automountServiceAccountToken": False,  # the FUSE client never calls the Kubernetes API
+        "nodeSelector": dict(spec.clients.node_selector),
         "containers": [
             {
                 "name": "fuse",
                 "image": spec.image,
                 "command": ["/bin/sh", "-c", command],
+                # Privileged is unavoidable here, and the reason the pod runs only on the nodes
+                # clients.nodeSelector picks: the API server admits Bidirectional mount
+                # propagation (the mount must reach the host for workloads) only for privileged
+                # containers, and /dev/fuse is outside the container runtime's default device
+                # allowlist. What it shares with the host is the mount point itself, /dev/fuse
+                # and /dev/shm (USRBIO), nothing above them.
                 "securityContext": {"privileged": True},
-                "lifecycle": {
-                    "preStop": {"exec": {"command": ["fusermount3", "-u", spec.clients.mount_point]}}
-                },
+                "lifecycle": {"preStop": {"exec": {"command": ["fusermount3", "-u", mount_point]}}},
                 "volumeMounts": [
-                    {"name": "fuse-config", "mountPath": f"{CONFIG_DIR}/fuse"},
+                    {"name": "fuse-config", "mountPath": f"{CONFIG_DIR}/fuse", "readOnly": True},
                     {"name": "token", "mountPath": TOKEN_FILE.rsplit("/", 1)[0], "readOnly": True},
-                    # The mount made inside the pod must appear on the host for workloads.
-                    {"name": "mount", "mountPath": mount_parent, "mountPropagation": "Bidirectional"},
+                    {"name": "mount", "mountPath": mount_point, "mountPropagation": "Bidirectional"},
                     {"name": "dev-fuse", "mountPath": "/dev/fuse"},
                     # USRBIO shares iovecs with workloads through the host's /dev/shm.
                     {"name": "shm", "mountPath": "/dev/shm"},
@@ -413,14 +436,14 @@ def fuse_daemonset(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_digest: 
         ],
         "volumes": [
             _config_volume(cluster, "fuse"),
-            {"name": "token", "secret": {"secretName": token_secret_name(cluster)}},
-            {"name": "mount", "hostPath": {"path": mount_parent, "type": "DirectoryOrCreate"}},
-            {"name": "dev-fuse", "hostPath": {"path": "/dev/fuse"}},
-            {"name": "shm", "hostPath": {"path": "/dev/shm"}},
+            {"name": "token", "secret": {"secretName": token_secret_name(cluster), "defaultMode": 0o400}},
+            {"name": "mount", "hostPath": {"path": mount_point, "type": "DirectoryOrCreate"}},
+            {"name": "dev-fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
+            {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}},
         ],
     }
-    if spec.clients.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.clients.node_selector)
+    if spec.clients.tolerations:
+        pod_spec["tolerations"] = tolerations(spec.clients.tolerations)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -443,11 +466,12 @@ def token_secret_name(cluster: str) -> str:
     return name_of(cluster, "token")
 
 
-def token_secret(cr: dict[str, Any], token: str) -> dict[str, Any]:
+def token_secret(cr: dict[str, Any]) -> dict[str, Any]:
+    """Created empty before user-add, which writes the root token into it (the operator never
+    holds the token)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _meta(cr, token_secret_name(cr["metadata"]["name"]), "token"),
         "type": "Opaque",
-        "stringData": {"token": token},
     }

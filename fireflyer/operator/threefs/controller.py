@@ -14,12 +14,12 @@ from pydantic import ValidationError
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.threefs import ThreeFSClusterSpec
-from fireflyer.operator import events, kube
+from fireflyer.operator import events, kube, object_metrics
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.metrics import timed
 from fireflyer.operator.threefs import children as K
-from fireflyer.operator.threefs.admin_jobs import StepResult, read_result
+from fireflyer.operator.threefs.admin_jobs import RESULT_COMPONENT, StepResult, has_result, read_result
 from fireflyer.operator.threefs.cleanup import cleanup_jobs, cleanup_pending
 from fireflyer.operator.threefs.plan import Desired, Observed, plan
 from fireflyer.threefs.admin import Health
@@ -67,10 +67,12 @@ def observe(cr: dict[str, Any]) -> Observed:
         for j in kube.list_("Job", namespace, f"{K.CLUSTER}={name},{K.STEP}")
     }
     results: dict[str, StepResult | str] = {}
-    for secret in kube.list_("Secret", namespace, f"{K.CLUSTER}={name},{K.STEP}"):
-        step = secret["metadata"]["labels"][K.STEP]
+    for result in kube.list_("ConfigMap", namespace, f"{K.CLUSTER}={name},{L.COMPONENT}={RESULT_COMPONENT}"):
+        if not has_result(result):
+            continue  # the step's Job has not written it yet
+        step = result["metadata"]["labels"][K.STEP]
         try:
-            results[step] = read_result(secret)
+            results[step] = read_result(result)
         except ValueError as error:
             results[step] = str(error)
     for step, job in jobs.items():
@@ -96,7 +98,6 @@ def observe(cr: dict[str, Any]) -> Observed:
         workloads=workloads,
         jobs=jobs,
         results=results,
-        token_present=kube.get("Secret", K.token_secret_name(name), namespace) is not None,
         fdb_operator=fdb_operator,
         fdb_connection_string=connection,
         monitor_ip=((monitor or {}).get("spec") or {}).get("clusterIP"),
@@ -152,6 +153,7 @@ def reconcile(namespace: str, name: str) -> Desired | None:
         except ValidationError as exc:
             raise kube.invalid_spec(KIND, cr, exc) from exc
         apply(cr, desired)
+        object_metrics.threefs(cr, desired)
         return desired
 
 
@@ -171,13 +173,14 @@ def resync(namespace: str | None, name: str, **_: Any) -> None:
 _debounce = Debouncer(window=0.5)
 
 
+# No watch on Secrets or ConfigMaps: an admin Job ends only after writing its result, and its end
+# arrives as a Job event (the resync timer covers a missed one).
 @kopf.on.event("batch", "v1", "jobs", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-@kopf.on.event("secrets", labels={K.CLUSTER: kopf.PRESENT, K.STEP: kopf.PRESENT})
 @kopf.on.event("apps", "v1", "statefulsets", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "daemonsets", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("pods", labels={K.CLUSTER: kopf.PRESENT})
 def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> None:
-    """An admin Job finished, a result arrived, a service became ready: advance soon."""
+    """An admin Job finished, a service became ready: advance soon."""
     cluster = (body.get("metadata", {}).get("labels") or {}).get(K.CLUSTER)
     if not cluster or namespace is None or type is None:
         return

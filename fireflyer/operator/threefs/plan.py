@@ -19,10 +19,12 @@ from fireflyer.api.threefs import ThreeFSCluster, ThreeFSClusterSpec
 from fireflyer.operator.planning import Event
 from fireflyer.operator.threefs import children as K
 from fireflyer.operator.threefs.admin_jobs import (
+    STEP,
     StepResult,
     job,
     job_name,
     rbac,
+    result_config_map,
     result_name,
     step_config_map,
 )
@@ -59,7 +61,6 @@ class Observed:
     workloads: dict[str, dict[str, Any]]  # component → StatefulSet / Deployment / DaemonSet
     jobs: dict[str, dict[str, Any]]  # step → admin Job
     results: dict[str, StepResult | str]  # step → result, or why it could not be read
-    token_present: bool
     fdb_operator: bool = False
     fdb_connection_string: str | None = None
     monitor_ip: str | None = None
@@ -70,7 +71,7 @@ class Observed:
 @dataclass
 class Desired:
     children: list[dict[str, Any]]
-    launch: list[dict[str, Any]] = field(default_factory=list)  # an admin step's ConfigMap and Job
+    launch: list[dict[str, Any]] = field(default_factory=list)  # an admin step's ConfigMaps and Job
     cleanup: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) to delete
     delete_pods: list[str] = field(default_factory=list)
     create_once: list[dict[str, Any]] = field(default_factory=list)
@@ -219,7 +220,6 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
 
     # -- children that exist from the start ----------------------------------------------------
     children = desired.children
-    children += rbac(cr)
     fdb_file = _fdb_cluster_file(cr, spec, mode, observed)
     if fdb_file:
         children.append(K.config_map(cr, "fdb", {"fdb.cluster": fdb_file}))
@@ -285,7 +285,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         children += [storage, K.headless_service(cr, "storage", PORTS["storage"]), K.pdb(cr, "storage")]
     storage_ready = _all_ready(observed.workloads.get("storage"))
     bootstrapped = all(step in done for step in order)
-    if bootstrapped and observed.token_present and "fuse" in service_files:
+    # user-add has stored the root token in its Secret by the time it is recorded as done.
+    if bootstrapped and admin.USER_ADD in done and "fuse" in service_files:
         children.append(K.fuse_daemonset(cr, spec, K.digest(service_files["fuse"])))
 
     # -- the next admin step ---------------------------------------------------------------------
@@ -301,6 +302,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             if not desired.launch and _health_due(observed, status):
                 status["healthSequence"] += 1
                 _launch(cr, spec, desired, admin.health(status["healthSequence"]), "admin_cli")
+    # The admin Jobs' Role names the results of the steps in flight, this pass's launch included;
+    # it is applied with the children, before the launch.
+    launched = [o["metadata"]["labels"][STEP] for o in desired.launch if o["kind"] == "Job"]
+    children += rbac(cr, [*in_flight, *launched])
 
     _status(spec, observed, status, done, order, fdb_ready, mgmtd_ready, storage_ready, bootstrapped)
     desired.status = status
@@ -311,7 +316,9 @@ def _tolerate_node_failures(statefulset: dict[str, Any]) -> None:
     """Storage pods never leave a failed node by eviction: the replacement procedure moves them,
     after their targets left their chains (a pod restarting elsewhere with the old node id and
     empty disks would claim targets it no longer holds)."""
-    statefulset["spec"]["template"]["spec"]["tolerations"] = [
+    pod = statefulset["spec"]["template"]["spec"]
+    pod["tolerations"] = [
+        *pod.get("tolerations", []),  # storage.tolerations
         {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
         {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
     ]
@@ -346,7 +353,13 @@ def _next_bootstrap_step(
 def _launch(
     cr: dict[str, Any], spec: ThreeFSClusterSpec, desired: Desired, step: AdminStep, runner: str
 ) -> None:
-    desired.launch = [step_config_map(cr, step), job(cr, spec, step, runner)]
+    desired.launch = [
+        step_config_map(cr, step),
+        result_config_map(cr, step.name),
+        job(cr, spec, step, runner),
+    ]
+    if step.name == admin.USER_ADD:
+        desired.create_once.append(K.token_secret(cr))  # empty: the Job writes the token into it
     desired.events.append(
         Event("Normal", "AdminStepStarted", f"admin step {step.name}: {len(step.commands)} command(s)")
     )
@@ -375,11 +388,13 @@ def _consume_results(
     for step, result in sorted(observed.results.items()):
         desired.cleanup += [
             ("Job", job_name(cluster, step)),
-            ("Secret", result_name(cluster, step)),
+            ("ConfigMap", result_name(cluster, step)),
             ("ConfigMap", job_name(cluster, step)),
         ]
         if isinstance(result, str) or not result.ok:
-            output = result if isinstance(result, str) else result.output
+            # The Job blanks tokens out already; redacting again keeps status and Events clean
+            # even if a result was written some other way.
+            output = admin.redact(result if isinstance(result, str) else result.output)
             status["lastAdminError"] = f"{step}: {output[-1500:]}"
             status["lastAdminErrorAt"] = observed.now.strftime("%Y-%m-%dT%H:%M:%SZ")
             desired.events.append(
@@ -413,10 +428,6 @@ def _record_success(
     if step.startswith("replace-"):
         record_replacement_step(step, status, desired, observed.now)
         return
-    if step == "user-add":
-        token = admin.parse_token(result.output)
-        if not observed.token_present:
-            desired.create_once.append(K.token_secret(cr, token))
     if step not in done:
         done.append(step)
         desired.events.append(Event("Normal", "BootstrapStepDone", f"bootstrap step {step} finished"))

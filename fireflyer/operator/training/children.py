@@ -20,6 +20,7 @@ from typing import Any
 
 from fireflyer.api.training import TrainingJobSpec
 from fireflyer.operator import labels as L
+from fireflyer.operator import pod_security as security
 from fireflyer.operator.network import hca_env, network_env
 from fireflyer.operator.objects import owner_reference
 from fireflyer.placement.pinning import pod_placement
@@ -153,9 +154,13 @@ def job(
     child = child_name(name)
     selector = {L.TRAINING_JOB: label_value(name)}
     pod_labels = {**spec.pod_labels, **base_labels(name), L.ATTEMPT: str(attempt)}
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    # `fireflyer train` writes to /tmp, /dev/shm and the node paths only; a command of the job's
+    # own may write anywhere.
+    read_only_root = not spec.command
+    mounts: list[dict[str, Any]] = [security.tmp_mount(), {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}}
+        security.tmp_volume(),
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
     ]
     for volume, path, read_only in _host_paths(spec):
         kind = "Directory" if read_only else "DirectoryOrCreate"
@@ -174,13 +179,16 @@ def job(
             *network_env(spec.network),
             *(hca_env(node_objs, spec.gpus_per_node) if spec.network.rdma_per_pod else []),
             {"name": "FIREFLYER_TRAINING_JOB", "value": name},
+            *(security.read_only_root_env() if read_only_root else []),
         ],
         "ports": [
             {"name": "rendezvous", "containerPort": MASTER_PORT},
             {"name": "status", "containerPort": STATUS_PORT},
         ],
         "resources": _resources(spec),
-        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+        "securityContext": security.container_security_context(
+            read_only_root=read_only_root, add=security.rdma_capabilities(spec.network)
+        ),
         "volumeMounts": mounts,
     }
     return {
@@ -213,6 +221,7 @@ def job(
                     "hostNetwork": spec.network.host_network,
                     "dnsPolicy": "ClusterFirstWithHostNet" if spec.network.host_network else "ClusterFirst",
                     **pod_placement(spec.placement, selector, nodes, domain),
+                    "securityContext": security.pod_security_context(non_root=False),
                     "containers": [container],
                     "volumes": volumes,
                 },

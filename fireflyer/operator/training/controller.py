@@ -15,11 +15,12 @@ from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
-from fireflyer.operator import cache, events, kube
+from fireflyer.operator import cache, events, kube, metrics, object_metrics
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.locks import PLACEMENT
 from fireflyer.operator.metrics import timed
+from fireflyer.operator.resync import Resync
 from fireflyer.operator.training import children
 from fireflyer.operator.training.plan import Desired, Observed, finished, plan
 from fireflyer.operator.training.progress import progress_changes, rank0_address
@@ -124,14 +125,16 @@ def reconcile(
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             _noted.pop((namespace, name), None)
             return None  # the children go with it (owner references)
+        kube.drop_finalizer(KIND, cr, L.FINALIZER)  # left by an older release: deletion must not wait for us
         try:
             nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
             pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
             observed = Observed([], [], [], None) if finished(cr) else observe(cr, nodes, pods)
-            desired = plan(cr, observed)
+            desired = metrics.timed_plan(KIND, plan, cr, observed)
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
             raise kube.invalid_spec(KIND, cr, exc) from exc
         apply(cr, desired)
+        object_metrics.training(cr, desired)
         return desired
 
 
@@ -139,13 +142,38 @@ def reconcile(
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
-    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+    namespace = namespace or "default"
+    arm_periodic(namespace, name, kwargs)
+    reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, sharp=False)
-def resync(namespace: str | None, name: str, **kwargs: Any) -> None:
-    """Drift repair and the deadlines nothing else wakes us for (bind timeout)."""
-    reconcile(namespace or "default", name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+# No kopf timers: they would put a finalizer on every job (fireflyer.operator.resync).
+_resync = Resync("training resync", RESYNC_SECONDS)
+_poll = Resync("training progress", POLL_SECONDS)
+
+
+def arm_periodic(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
+    """Drift repair and the deadlines nothing else wakes us for (bind timeout), and the progress
+    poll, for as long as the job exists."""
+
+    def resync() -> bool:
+        try:
+            return (
+                reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+                is not None
+            )
+        except kopf.PermanentError:  # an invalid spec, reported; its next update re-arms us anyway
+            return True
+
+    def poll() -> bool:
+        cr = kube.get(KIND, name, namespace)
+        if cr is None or cr["metadata"].get("deletionTimestamp"):
+            return False
+        poll_progress(namespace, name, cr.get("status"))
+        return True
+
+    _resync.arm((namespace, name), resync)
+    _poll.arm((namespace, name), poll)
 
 
 _debounce = Debouncer(window=1.0)
@@ -248,7 +276,6 @@ def fetch_progress(
     return data if isinstance(data, dict) else None
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=POLL_SECONDS, sharp=False)
 def poll_progress(namespace: str | None, name: str, status: Any, **_: Any) -> None:
     """Step, loss and the last checkpoint from rank 0, while the job runs. Failures are
     tolerated: a trainer still loading, or a pod the operator cannot reach, leaves the last

@@ -5,6 +5,8 @@ POST /v1/completions, /v1/chat/completions  forwarded to a (prefill, decode) pai
 GET  /v1/models, /v1/models/{id}             from a healthy unit
 GET  /health                                 200 while at least one unit is healthy, else 503
 GET  /metrics                                the router's own Prometheus metrics (metrics.py)
+
+With an API key file, every route but /health and /metrics needs a key (api_keys.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fireflyer.workloads.api_keys import KeyFile, RequireApiKey
 from fireflyer.workloads.router.backends import BackendSet, Listed
 from fireflyer.workloads.router.metrics import RouterMetrics
 from fireflyer.workloads.router.policies import DEFAULT_LOAD_CAP, DEFAULT_PREFIX_CHARS, Policy, Role
@@ -33,6 +36,7 @@ log = logging.getLogger("fireflyer.router")
 
 CONNECT_TIMEOUT_S = 5.0  # a unit that takes longer to accept a connection is as good as gone
 MAX_PROBE_TIMEOUT_S = 5.0
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapes carry no key
 
 
 @dataclass
@@ -44,6 +48,7 @@ class RouterConfig:
     request_timeout: float = 600.0  # for a unit's answer to begin, and between stream chunks
     load_cap: int = DEFAULT_LOAD_CAP
     prefix_chars: int = DEFAULT_PREFIX_CHARS
+    api_key_file: Path | None = None  # None: no key is asked for
 
 
 class Router:
@@ -53,6 +58,7 @@ class Router:
         self.config = config
         self.metrics = RouterMetrics()
         self.backends = BackendSet(config.backends, config.backends_file, self.metrics)
+        self.api_keys = KeyFile(config.api_key_file) if config.api_key_file else None
         self._proxy: Proxy | None = None
 
     @property
@@ -81,6 +87,7 @@ class Router:
                 c.policy,
                 load_cap=c.load_cap,
                 prefix_chars=c.prefix_chars,
+                api_keys=self.api_keys,
             )
             self.backends.reload()
             await self.backends.check(probes)
@@ -106,6 +113,8 @@ def create_app(config: RouterConfig) -> FastAPI:
     app = FastAPI(title="fireflyer router", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.router = router
     _install_error_handlers(app)
+    if router.api_keys is not None:
+        app.add_middleware(RequireApiKey, keys=router.api_keys, open_paths=OPEN_PATHS)
 
     async def forward(request: Request, path: str) -> Response:
         started = time.monotonic()

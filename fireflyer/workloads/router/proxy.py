@@ -10,6 +10,10 @@ answers 5xx, or ends a stream before its first event is replaced on another rout
 The prefill unit is not left out for it: when a prefill unit fails, the decode unit prefills the
 request itself. Once the first event went out, a failure ends the stream with an error event in
 OpenAI's shape and `data: [DONE]`. A 4xx is the client's own and goes back as it is.
+
+With API keys, a unit gets the router's own key (its key file's first) in place of the client's.
+The units read the same Secret, but each pod sees an edit of it at its own moment: a client's new
+key may not have reached a unit yet, while the first key is the last one a rotation removes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import httpx
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
+from fireflyer.workloads.api_keys import KeyFile
 from fireflyer.workloads.router.backends import Backend, BackendSet, describe
 from fireflyer.workloads.router.metrics import RouterMetrics
 from fireflyer.workloads.router.policies import Policy, choose, ordered, request_key
@@ -109,8 +114,10 @@ class Proxy:
         *,
         load_cap: int,
         prefix_chars: int,
+        api_keys: KeyFile | None = None,
     ) -> None:
         self.backends = backends
+        self.api_keys = api_keys
         self.metrics = metrics
         self.client = client
         self.policy: Policy = policy
@@ -140,6 +147,9 @@ class Proxy:
         """POST `raw` to `path` on a chosen route, and once more on another if that is safe."""
         key = self.key(raw)
         upstream_headers = [(k, v) for k, v in headers.items() if k not in _HOP_BY_HOP]
+        if self.api_keys is not None:
+            upstream_headers = [(k, v) for k, v in upstream_headers if k != "authorization"]
+            upstream_headers += self.api_keys.authorization().items()
         tried: list[Backend] = []  # the units sent to; prefill units stay eligible (see above)
         failure: _Failure | None = None
         while len(tried) < MAX_ATTEMPTS:
@@ -168,7 +178,8 @@ class Proxy:
         for candidate in ordered([b.candidate() for b in healthy.values()])[:MAX_ATTEMPTS]:
             backend = healthy[candidate.url]
             try:
-                answer = await self.client.get(backend.url + path)
+                auth = self.api_keys.authorization() if self.api_keys is not None else None
+                answer = await self.client.get(backend.url + path, headers=auth)
             except httpx.HTTPError as exc:
                 log.warning("GET %s%s: %s", backend.url, path, describe(exc))
                 continue

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fireflyer.workloads.api_keys import flag_path
 from fireflyer.workloads.router.backends import Listed, parse_unit_flag
 from fireflyer.workloads.router.policies import DEFAULT_LOAD_CAP, DEFAULT_PREFIX_CHARS, POLICIES, Role
 
@@ -103,6 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="accepted API keys, one per line, re-read when it changes: every request but /health and"
+        " /metrics needs `Authorization: Bearer KEY`; the first key goes to the units"
+        " (default: $FIREFLYER_API_KEY_FILE; none: no key asked)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
 
@@ -120,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         request_timeout=args.request_timeout,
         load_cap=args.cache_aware_load_cap,
         prefix_chars=args.cache_aware_prefix,
+        api_key_file=flag_path(args.api_key_file),
     )
 
 
@@ -134,10 +144,10 @@ def run(args: argparse.Namespace) -> int:
     from fireflyer.workloads.router.app import create_app
 
     config = config_from_args(args)
+    app = create_app(config)  # first: a bad --api-key-file ends the program here
     if not config.backends and config.backends_file is None:
         # The operator may render a router before any unit exists: serve 503 rather than crash-loop.
         log.warning("no units given (--prefill, --decode, --backends, --backends-file): answering 503")
-    app = create_app(config)
     uvicorn.run(
         app,
         host=args.host,

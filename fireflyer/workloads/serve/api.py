@@ -10,6 +10,10 @@ exactly one of those. A batch of several prompts is rejected with 400 (send them
 requests; the engine batches them anyway).
 
 A request whose client goes away is aborted in the engine, streaming or not.
+
+With API keys (`api_keys`), every route but /health, /metrics and /v1/eplb/load needs a key: the
+operator's EPLB controller reads the load window, which holds token counts per expert and nothing
+of any request.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from fireflyer.workloads.api_keys import KeyFile, RequireApiKey
 from fireflyer.workloads.serve import protocol as p
 from fireflyer.workloads.serve.handoff import (
     PREFILL_HEADER,
@@ -52,6 +57,7 @@ from fireflyer.workloads.serve.types import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+OPEN_PATHS = ("/health", "/metrics", "/v1/eplb/load")  # probes, scrapes and the EPLB controller
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 # Field types whose validation errors are clearer described than listed member by member.
@@ -129,12 +135,14 @@ class _Disconnected(Exception):
     """The client went away before the answer was complete."""
 
 
-def create_app(engine: Engine, lifespan: Lifespan | None = None) -> FastAPI:
+def create_app(engine: Engine, lifespan: Lifespan | None = None, api_keys: KeyFile | None = None) -> FastAPI:
     """The API over `engine`; `lifespan` (optional) starts and stops what the server owns,
-    such as the engine's step loop."""
+    such as the engine's step loop; `api_keys` (optional) the keys requests must carry."""
     app = FastAPI(title="fireflyer serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     created = p.now()
     _install_error_handlers(app)
+    if api_keys is not None:
+        app.add_middleware(RequireApiKey, keys=api_keys, open_paths=OPEN_PATHS)
 
     @app.get("/health")
     async def health() -> Response:

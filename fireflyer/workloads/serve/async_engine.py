@@ -91,8 +91,10 @@ class AsyncEngine:
         # reads its host copies (GET /v1/eplb/load).
         self.eplb_window: LoadWindow | None = engine.eplb_load
         if self.eplb_window is not None:
-            self.eplb_window.on_bucket = lambda window: metrics.set_eplb_balancedness(window.balancedness())
+            self.eplb_window.on_bucket = self._on_bucket
             metrics.set_eplb_balancedness(self.eplb_window.balancedness())
+        if self.gpu_tokens() is not None:  # a unit with the experts split over its ranks
+            metrics.set_gpu_tokens_source(self.gpu_tokens)
 
     @property
     def placement_generation(self) -> int | None:
@@ -106,6 +108,11 @@ class AsyncEngine:
     @property
     def placement_error(self) -> str | None:
         return self.engine.placement_error if isinstance(self.engine, UnitEngine) else None
+
+    def _on_bucket(self, window: LoadWindow) -> None:
+        """A load-window bucket closed (engine thread): the balancedness gauges follow."""
+        self.metrics.set_eplb_balancedness(window.balancedness())
+        self.metrics.record_gpu_tokens(self.gpu_tokens())
 
     def start(self) -> None:
         self._thread.start()
@@ -184,7 +191,9 @@ class AsyncEngine:
                     self._wake.clear()
                     self.engine.idle()
                     continue
+                started = time.perf_counter()
                 events, preempted = self.engine.step()
+                self.metrics.record_step(time.perf_counter() - started)
                 self._deliver(events)
                 self._observe(preempted)
         except BaseException as error:  # the model failed: end every stream, report unhealthy

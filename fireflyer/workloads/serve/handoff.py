@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +65,21 @@ class FetchResult:
 
 
 class DecodeFetcher:
-    """The decode side: receives blocks on `receiver`, asks prefill units over HTTP."""
+    """The decode side: receives blocks on `receiver`, asks prefill units over HTTP; `auth` gives
+    the headers that carry this unit's API key, when prefill units ask for one."""
 
-    def __init__(self, receiver: KVReceiver, namespace: str, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        receiver: KVReceiver,
+        namespace: str,
+        *,
+        timeout: float = 60.0,
+        auth: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
         self.receiver = receiver
         self.namespace = namespace
         self.timeout = timeout
+        self.auth = auth
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0))
 
     async def fetch(self, prompt_ids: list[int], prefill_url: str) -> FetchResult:
@@ -88,7 +98,10 @@ class DecodeFetcher:
         }
         failure: str | None = None
         try:
-            response = await self._client.post(prefill_url.rstrip("/") + PREFILL_PATH, json=body)
+            headers = self.auth() if self.auth is not None else None
+            response = await self._client.post(
+                prefill_url.rstrip("/") + PREFILL_PATH, json=body, headers=headers
+            )
             if response.status_code != 200:
                 failure = f"prefill unit answered {response.status_code}: {response.text[:200]}"
         except httpx.HTTPError as error:

@@ -29,6 +29,18 @@ counters
   kv_handoff_seconds (histogram)  decode role: asking a prefill unit → its blocks received
   rank_requests_total{rank}       units of several ranks: requests the leader gave each
                                   data-parallel rank (by least KV load)
+  step_seconds (histogram)        wall time of one engine step: on a unit's leader, every rank
+                                  stepping together (the slowest rank sets it)
+units with the experts split over their ranks (the leader exports them, read from the ranks'
+last reports when scraped: nothing is added to a step)
+  ep_rank_tokens_total{rank}      (token, expert) pairs each rank's experts computed since start,
+                                  all MoE layers together: the load each GPU actually carried
+  ep_tokens_total{moe_layer,rank} the same per MoE layer, with `ep_layers` (`--ep-metrics`) only:
+                                  MoE layers × ranks series (58 × 144 for a DeepSeek-V3 decode
+                                  unit), which take ~0.1 s to render on the API's event loop
+  eplb_gpu_balancedness           mean over MoE layers of mean / max of those pairs per rank over
+                                  the last closed load-window bucket (10 s): the live per-GPU
+                                  balance the placement produces (kept while no tokens flow)
 
 The engine loop calls the `record_*` / `set_*` methods; `render()` is the exposition.
 Each instance owns its registry, so several engines (or tests) never collide.
@@ -39,10 +51,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from fireflyer.workloads.serve.types import FinishReason
 
@@ -51,6 +65,65 @@ PREFIX = "fireflyer_serve_"
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 _ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240, 480, 960, 1920)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
+
+GpuTokens = list[list[int]]  # [MoE layer][rank]
+
+
+def gpu_balancedness(tokens: Sequence[Sequence[float]]) -> float | None:
+    """Mean over MoE layers of mean / max tokens per rank (1.0 is perfect; a layer without tokens
+    counts 1); None when no layer has any token."""
+    ratios, any_tokens = [], False
+    for row in tokens:
+        peak = max(row, default=0)
+        any_tokens = any_tokens or peak > 0
+        ratios.append(sum(row) / len(row) / peak if peak > 0 else 1.0)
+    return sum(ratios) / len(ratios) if any_tokens else None
+
+
+def tokens_since(before: GpuTokens | None, now: GpuTokens) -> GpuTokens:
+    """Per (layer, rank), what `now` counted since `before` (a counter that went back restarted:
+    all of it is new)."""
+    if before is None or len(before) != len(now):
+        return [list(row) for row in now]
+    return [
+        [n - b if n >= b else n for n, b in zip(row, prev, strict=False)]
+        for row, prev in zip(now, before, strict=True)
+    ]
+
+
+class _EpTokens(Collector):
+    """Tokens per rank (and per MoE layer and rank), read from the unit's last rank reports when
+    scraped."""
+
+    def __init__(self, source: Callable[[], GpuTokens | None], layers: bool) -> None:
+        self._source = source
+        self._layers = layers
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self._source() or []
+        ranks = CounterMetricFamily(
+            PREFIX + "ep_rank_tokens",
+            "(token, expert) pairs each rank's experts computed since start, all MoE layers",
+            labels=["rank"],
+        )
+        for rank, column in enumerate(zip(*rows, strict=True)):
+            ranks.add_metric([str(rank)], sum(column))
+        yield ranks
+        if not self._layers:
+            return
+        layers = CounterMetricFamily(
+            PREFIX + "ep_tokens",
+            "(token, expert) pairs each rank's experts computed, per MoE layer, since start",
+            labels=["moe_layer", "rank"],
+        )
+        for layer, row in enumerate(rows):
+            for rank, count in enumerate(row):
+                layers.add_metric([str(layer), str(rank)], count)
+        yield layers
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
 
 
 class EngineMetrics:
@@ -62,7 +135,9 @@ class EngineMetrics:
         *,
         rate_window_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        ep_layers: bool = False,
     ) -> None:
+        self._ep_layers = ep_layers  # export tokens per (MoE layer, rank), not only per rank
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self._clock = clock
@@ -143,6 +218,11 @@ class EngineMetrics:
             ["rank"],
             registry=r,
         )
+        self.step_seconds = Histogram(
+            PREFIX + "step_seconds", "Wall time of one engine step", registry=r, buckets=_STEP_BUCKETS
+        )
+        self.eplb_gpu_balancedness: Gauge | None = None  # registered by set_gpu_tokens_source
+        self._gpu_tokens_before: GpuTokens | None = None
 
     # -- called by the engine loop -------------------------------------------------------------
 
@@ -167,6 +247,34 @@ class EngineMetrics:
     def record_rank_requests(self, rank: int, n: int) -> None:
         """Requests the unit's leader gave data-parallel rank `rank` since the last call."""
         self.rank_requests.labels(str(rank)).inc(n)
+
+    def record_step(self, seconds: float) -> None:
+        """One step of the engine (of every rank of the unit, on its leader)."""
+        self.step_seconds.observe(seconds)
+
+    def set_gpu_tokens_source(self, source: Callable[[], GpuTokens | None]) -> None:
+        """A unit with the experts split: export `source()` ([MoE layer][rank] pairs since start)
+        when scraped, and the per-GPU balancedness gauge that `record_gpu_tokens` sets."""
+        with self._lock:
+            if self.eplb_gpu_balancedness is not None:
+                return
+            self.registry.register(_EpTokens(source, self._ep_layers))
+            self.eplb_gpu_balancedness = Gauge(
+                PREFIX + "eplb_gpu_balancedness",
+                "Mean over MoE layers of mean / max tokens per rank over the last load-window bucket",
+                registry=self.registry,
+            )
+
+    def record_gpu_tokens(self, tokens: GpuTokens | None) -> None:
+        """As a load-window bucket closes: the per-GPU balancedness of the pairs counted since the
+        previous call (the gauge keeps its value when none were)."""
+        if tokens is None or self.eplb_gpu_balancedness is None:
+            return
+        delta = tokens_since(self._gpu_tokens_before, tokens)
+        self._gpu_tokens_before = [list(row) for row in tokens]
+        value = gpu_balancedness(delta)
+        if value is not None:
+            self.eplb_gpu_balancedness.set(value)
 
     def record_prompt_tokens(self, n: int) -> None:
         """A request's prompt admitted (count every prompt token once, cached ones included)."""

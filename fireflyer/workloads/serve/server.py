@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     top("--host", default="0.0.0.0")
     top("--port", type=int, default=30000)
     top(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="accepted API keys, one per line, re-read when it changes: every request but /health,"
+        " /metrics and /v1/eplb/load needs `Authorization: Bearer KEY`; a decode unit sends the first"
+        " key to prefill units (default: $FIREFLYER_API_KEY_FILE; none: no key asked)",
+    )
+    top(
         "--role",
         choices=("prefill", "decode", "both"),
         default="both",
@@ -104,6 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=600.0,
         help="the expert load window served at GET /v1/eplb/load (10-s buckets)",
+    )
+    eng.add_argument(
+        "--ep-metrics",
+        action="store_true",
+        help="units with the experts split: export tokens per MoE layer and rank at /metrics "
+        "(layers x ranks series), not only per rank",
     )
     eng.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -218,8 +232,17 @@ def advertised_host(args: argparse.Namespace) -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
+def api_keys(args: argparse.Namespace) -> Any:
+    """The accepted API keys (api_keys.KeyFile), or None when no key is asked for."""
+    from fireflyer.workloads.api_keys import KeyFile, flag_path
+
+    path = flag_path(args.api_key_file)
+    return KeyFile(path) if path else None
+
+
 def decode_fetcher(args: argparse.Namespace, model: Any, namespace: str) -> Any:
-    """Decode role: the receiver prefill units push KV blocks to, and the client that asks them."""
+    """Decode role: the receiver prefill units push KV blocks to, and the client that asks them
+    (with this unit's own API key: prefill units accept the same keys)."""
     if args.role != "decode":
         return None
     from fireflyer.workloads.serve.handoff import DecodeFetcher
@@ -235,7 +258,8 @@ def decode_fetcher(args: argparse.Namespace, model: Any, namespace: str) -> Any:
         dtype=model.dtype,
     )
     logging.getLogger("fireflyer.serve").info("KV hand-offs arrive at %s:%d", *receiver.address)
-    return DecodeFetcher(receiver, namespace)
+    keys = api_keys(args)
+    return DecodeFetcher(receiver, namespace, auth=keys.authorization if keys else None)
 
 
 def create_served_app(
@@ -251,7 +275,12 @@ def create_served_app(
     from fireflyer.workloads.serve.metrics import EngineMetrics
 
     served = AsyncEngine(
-        engine, tokenizer, served_name(args), EngineMetrics(), on_failure=on_failure, fetcher=fetcher
+        engine,
+        tokenizer,
+        served_name(args),
+        EngineMetrics(ep_layers=args.ep_metrics),
+        on_failure=on_failure,
+        fetcher=fetcher,
     )
 
     @contextlib.asynccontextmanager
@@ -264,7 +293,7 @@ def create_served_app(
             if fetcher is not None:
                 await fetcher.close()
 
-    return create_app(served, lifespan=lifespan)
+    return create_app(served, lifespan=lifespan, api_keys=api_keys(args))
 
 
 def build(args: argparse.Namespace, on_failure: Callable[[], None] | None = None) -> Any:
@@ -310,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     shape = check_unit(args)
+    api_keys(args)  # a missing or empty key file fails now, not after the model has loaded
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if shape.world > 1:
         from fireflyer.workloads.serve.unit.launch import run_node
