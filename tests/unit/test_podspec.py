@@ -134,3 +134,15 @@ def test_pods_asking_for_what_the_runtime_lacks_are_refused_with_a_reason() -> N
     assert podspec.unsupported(POD) == ""
     assert "init containers" in podspec.unsupported({"spec": {"initContainers": [{"name": "i"}]}})
     assert "hostNetwork" in podspec.unsupported({"spec": {"hostNetwork": True}})
+
+
+def test_a_pod_volume_over_the_programs_directory_does_not_hide_them() -> None:
+    """An emptyDir at /tmp in a pod whose programs run from /tmp/cc/.venv (a checkout under
+    /tmp): the sandbox binds the programs back over the volume."""
+    from fireflyer.dev.runtime.sandbox import shadowed_software
+
+    software = ["/tmp/cc", "/tmp/cc/.venv"]
+    assert shadowed_software(["/tmp", "/etc/fireflyer/net"], software) == ["/tmp/cc"]
+    assert shadowed_software(["/tmp/other", "/var/tmp"], software) == []
+    assert shadowed_software(["/tmp/cc/.venv"], software) == ["/tmp/cc/.venv"]
+    assert shadowed_software(["/"], software) == []

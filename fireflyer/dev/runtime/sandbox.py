@@ -104,7 +104,30 @@ def build_root(spec: dict[str, Any]) -> Path:
             _mount("--rbind", mount["source"], str(target))
         if mount.get("readOnly"):
             _mount("-o", "remount,bind,ro", str(target))
+    for path in shadowed_software([m["target"] for m in spec["mounts"]], software_paths()):
+        # A pod volume (an emptyDir at /tmp, say) over the directory the programs run from:
+        # the pod must still find them, as it would in its image.
+        _mount("--rbind", path, str(_target(root, path, False)))
     return root
+
+
+def software_paths() -> list[str]:
+    """Where the pod's programs come from on this machine: this Python environment and the
+    source tree of an editable install."""
+    import fireflyer
+
+    return sorted({sys.prefix, str(Path(fireflyer.__file__).resolve().parents[1])})
+
+
+def shadowed_software(targets: list[str], software: list[str]) -> list[str]:
+    """The software paths that a mount at one of `targets` hides (the target is the path or one
+    of its parents), outermost first, without paths inside another one returned."""
+    hidden = [
+        path
+        for path in software
+        if any(path == t.rstrip("/") or path.startswith(t.rstrip("/") + "/") for t in targets if t != "/")
+    ]
+    return [p for p in sorted(hidden) if not any(p != q and p.startswith(q + "/") for q in hidden)]
 
 
 def main(argv: list[str]) -> None:
