@@ -36,6 +36,7 @@ import numpy as np
 
 from fireflyer.eplb.algorithm import rebalance
 from fireflyer.eplb.metrics import balancedness as placement_balancedness
+from fireflyer.eplb.metrics import table_balancedness as balancedness  # [layers, ranks] tables
 from fireflyer.workloads.model.init import init_checkpoint
 
 
@@ -43,13 +44,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def measured_balancedness(gpu_tokens: np.ndarray) -> float:
-    """[layers, ranks] → mean over layers of mean / max."""
-    peak = gpu_tokens.max(axis=1)
-    ratio = np.divide(gpu_tokens.mean(axis=1), peak, out=np.ones_like(peak, dtype=float), where=peak > 0)
-    return float(ratio.mean())
 
 
 def load(url: str) -> dict[str, Any]:
@@ -144,11 +138,11 @@ def main() -> None:
             "ranks": args.ranks,
             "redundant": args.redundant,
             "requests_per_phase": args.requests,
-            "even_split_measured": measured_balancedness(gpu_even),
+            "even_split_measured": balancedness(gpu_even),
             "even_split_predicted": placement_balancedness(logical, even, args.ranks),
             "placement_predicted": predicted,
             "placement_on_phase2_load": placement_balancedness(logical2, placed.phy2log, args.ranks),
-            "placement_measured": measured_balancedness(gpu_placed),
+            "placement_measured": balancedness(gpu_placed),
         }
         result["measured_vs_predicted"] = result["placement_measured"] / predicted - 1
         for key, value in result.items():

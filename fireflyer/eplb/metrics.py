@@ -25,12 +25,18 @@ def gpu_loads(load: npt.ArrayLike, phy2log: IntArray, num_gpus: int) -> FloatArr
     return per_slot.reshape(weights.shape[0], num_gpus, -1).sum(axis=2)
 
 
+def table_balancedness(table: npt.ArrayLike) -> float:
+    """Mean over the rows (layers) of mean / max of a [layers, columns] load table (columns: GPUs
+    or experts; 1.0 is perfect). Idle layers count 1."""
+    loads = np.asarray(table, dtype=np.float64)
+    peak = loads.max(axis=1)
+    ratio = np.divide(loads.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
+    return float(ratio.mean())
+
+
 def balancedness(load: npt.ArrayLike, phy2log: IntArray, num_gpus: int) -> float:
     """Mean over layers of mean GPU load / max GPU load (1.0 is perfect). Idle layers count 1."""
-    gpu = gpu_loads(load, phy2log, num_gpus)
-    peak = gpu.max(axis=1)
-    ratio = np.divide(gpu.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
-    return float(ratio.mean())
+    return table_balancedness(gpu_loads(load, phy2log, num_gpus))
 
 
 def imbalance(load: npt.ArrayLike, phy2log: IntArray, num_gpus: int) -> float:

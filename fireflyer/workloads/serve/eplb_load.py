@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from fireflyer.eplb.metrics import table_balancedness
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.model.moe import MoE
 
@@ -177,10 +178,7 @@ class LoadWindow:
 
 def balancedness(load: npt.ArrayLike) -> float:
     """Mean over layers of mean / max load of a [layers, experts] table; idle layers count 1."""
-    table = np.asarray(load, dtype=np.float64)
-    peak = table.max(axis=1)
-    ratio = np.divide(table.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
-    return float(ratio.mean())
+    return table_balancedness(load)
 
 
 __all__ = ["LoadWindow", "balancedness"]

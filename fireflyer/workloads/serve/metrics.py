@@ -58,6 +58,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from fireflyer.eplb.metrics import table_balancedness
 from fireflyer.workloads.serve.types import FinishReason
 
 PREFIX = "fireflyer_serve_"
@@ -73,12 +74,9 @@ GpuTokens = list[list[int]]  # [MoE layer][rank]
 def gpu_balancedness(tokens: Sequence[Sequence[float]]) -> float | None:
     """Mean over MoE layers of mean / max tokens per rank (1.0 is perfect; a layer without tokens
     counts 1); None when no layer has any token."""
-    ratios, any_tokens = [], False
-    for row in tokens:
-        peak = max(row, default=0)
-        any_tokens = any_tokens or peak > 0
-        ratios.append(sum(row) / len(row) / peak if peak > 0 else 1.0)
-    return sum(ratios) / len(ratios) if any_tokens else None
+    if not any(value > 0 for row in tokens for value in row):
+        return None
+    return table_balancedness(tokens)
 
 
 def tokens_since(before: GpuTokens | None, now: GpuTokens) -> GpuTokens:
