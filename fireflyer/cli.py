@@ -331,9 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     from fireflyer.eplb.cli import add_parser as _add_eplb
 
     _add_eplb(sub)
+    from fireflyer.eplb.report_cli import add_report_parser as _add_eplb_report
+
+    _add_eplb_report(sub)
     from fireflyer.threefs.cli import add_parser as _add_threefs
 
     _add_threefs(sub)
+    from fireflyer.kernels.cli import add_parser as _add_kernels
+
+    _add_kernels(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 MLA: b=128, h_q=128, s_q ∈ {1, 2}, s_k ∈ {4096, 8192, 16384, 32768} — ours (Triton) vs a torch
 pipeline (gather pages → SDPA-free einsum attention in BF16). GEMM: FP8 block-scaled (ours) vs
+cuBLAS block-wise (`torch._scaled_mm` with DeepSeek's scales), `auto` (the measured table's choice),
 torch._scaled_mm row-wise FP8 and BF16 cuBLAS on DeepSeek-V3 shapes; grouped contiguous.
 
 Usage: python bench/kernels/bench_kernels.py [--out results.json] [--quick]
@@ -93,6 +94,8 @@ def gemm_cases(quick: bool) -> list[dict]:
             a_q, a_s = fp8.quantize_per_token_group(a)
             b_q, b_s = fp8.quantize_per_block(b)
             t_ours = bench(partial(fp8.gemm_fp8, a_q, a_s, b_q, b_s, backend="triton"))
+            t_block = bench(partial(fp8.gemm_fp8, a_q, a_s, b_q, b_s, backend="cublas"))
+            t_auto = bench(partial(fp8.gemm_fp8, a_q, a_s, b_q, b_s, backend="auto"))
             # row-wise FP8 peer: per-row activation scale, per-column weight scale
             a_rw = (a.float().abs().amax(1, keepdim=True) / 448).clamp(min=1e-4)
             b_rw = (b.float().abs().amax(1, keepdim=True) / 448).clamp(min=1e-4)
@@ -104,6 +107,9 @@ def gemm_cases(quick: bool) -> list[dict]:
             t_bf16 = bench(partial(torch.matmul, a, b.T))
             flops = 2 * m * n * k
             diff = fp8.calc_diff(fp8.gemm_fp8(a_q, a_s, b_q, b_s, backend="triton"), a.float() @ b.float().T)
+            diff_block = fp8.calc_diff(
+                fp8.gemm_fp8(a_q, a_s, b_q, b_s, backend="cublas"), fp8.gemm_fp8_reference(a_q, a_s, b_q, b_s)
+            )
             rows.append(
                 {
                     "kernel": "gemm",
@@ -111,14 +117,19 @@ def gemm_cases(quick: bool) -> list[dict]:
                     "n": n,
                     "k": k,
                     "ours_TFLOPS": flops / t_ours / 1e12,
+                    "cublas_blockwise_TFLOPS": flops / t_block / 1e12,
+                    "auto_TFLOPS": flops / t_auto / 1e12,
+                    "auto_vs_best": min(t_ours, t_block) / t_auto,
                     "rowwise_fp8_TFLOPS": flops / t_rw / 1e12,
                     "bf16_TFLOPS": flops / t_bf16 / 1e12,
                     "vs_rowwise": t_rw / t_ours,
                     "diff": diff,
+                    "diff_cublas_vs_reference": diff_block,
                 }
             )
             print(
-                f"GEMM m={m:5d} n={n:5d} k={k:5d}: ours {flops / t_ours / 1e12:7.1f} | row-wise FP8 "
+                f"GEMM m={m:5d} n={n:5d} k={k:5d}: ours {flops / t_ours / 1e12:7.1f} | cuBLAS block-wise "
+                f"{flops / t_block / 1e12:7.1f} | auto {flops / t_auto / 1e12:7.1f} | row-wise FP8 "
                 f"{flops / t_rw / 1e12:7.1f} | BF16 {flops / t_bf16 / 1e12:7.1f} TFLOPS | "
                 f"×{t_rw / t_ours:.2f} vs row-wise | diff {diff:.1e}",
                 flush=True,
@@ -166,9 +177,12 @@ def main() -> None:
         rows += mla_cases(args.quick)
     if args.only in (None, "gemm"):
         rows += gemm_cases(args.quick)
-    gm = [r["ours_TFLOPS"] for r in rows if r["kernel"] == "gemm" and r["m"] == 4096]
-    if gm:
-        print(f"FP8 GEMM M=4096 geometric mean: {math.exp(sum(map(math.log, gm)) / len(gm)):.1f} TFLOPS")
+    for m in (64, 128, 4096):
+        for column in ("ours_TFLOPS", "cublas_blockwise_TFLOPS", "auto_TFLOPS"):
+            gm = [r[column] for r in rows if r["kernel"] == "gemm" and r["m"] == m]
+            if gm:
+                mean = math.exp(sum(map(math.log, gm)) / len(gm))
+                print(f"FP8 GEMM M={m} geometric mean {column}: {mean:.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": props.name, "torch": torch.__version__, "rows": rows}, f, indent=1)

@@ -1,4 +1,5 @@
-"""Backend choice shared by the kernels: auto | triton | torch | official."""
+"""Backend choice shared by the kernels: auto | triton | torch | official | cublas (FP8 GEMM only:
+cuBLAS block-wise scaling through `torch._scaled_mm`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "triton", "torch", "official"]
-OFFICIAL_MODULES = {"mla": "flash_mla", "gemm": "deep_gemm", "ep": "deep_ep"}
+Backend = Literal["auto", "triton", "torch", "official", "cublas"]
+OFFICIAL_MODULES = {"mla": "flash_mla", "gemm": "deep_gemm", "grouped_gemm": "deep_gemm", "ep": "deep_ep"}
 
 
 @functools.cache
@@ -17,9 +18,14 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def resolve(backend: Backend, kernel: str, device: torch.device) -> str:
-    """The backend that will run: `auto` prefers the official library, then Triton on a CUDA
-    device, then the torch reference."""
+def resolve(backend: Backend, kernel: str, device: torch.device, rows: int | None = None) -> str:
+    """The backend that will run. `auto` on a CUDA device takes the measured choice for this call's
+    shape class (`rows`: M of a GEMM, s_q × h_q of MLA; see fireflyer.kernels.autotune); without
+    one it prefers the official library, then Triton, then the torch reference."""
+    if backend == "cublas":
+        if kernel != "gemm" or device.type != "cuda":
+            raise RuntimeError("backend 'cublas' is the dense FP8 GEMM on a CUDA device")
+        return "cublas"
     if backend == "official":
         if not has_module(OFFICIAL_MODULES[kernel]):
             raise RuntimeError(f"backend 'official' needs the {OFFICIAL_MODULES[kernel]} package")
@@ -30,6 +36,12 @@ def resolve(backend: Backend, kernel: str, device: torch.device) -> str:
         return "triton"
     if backend == "torch":
         return "torch"
+    if device.type == "cuda" and kernel in ("gemm", "mla"):
+        from fireflyer.kernels.autotune import auto_choice
+
+        measured = auto_choice(kernel, device, rows)
+        if measured is not None:
+            return measured
     if device.type == "cuda" and has_module(OFFICIAL_MODULES[kernel]):
         return "official"
     if device.type == "cuda" and has_module("triton"):

@@ -91,12 +91,36 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
 
 
 def _grouped_backend(backend: Backend, device: torch.device) -> str:
-    """The grouped layouts have no path through DeepGEMM here: where `auto` would pick it, our
-    Triton kernels run instead of the per-expert torch loop (which synchronises with the host)."""
-    chosen = resolve(backend, "gemm", device)
-    if chosen == "official" and backend == "auto" and device.type == "cuda" and has_module("triton"):
-        return "triton"
+    """The grouped layouts have no path through DeepGEMM or cuBLAS here: where `auto` would pick
+    one, our Triton kernels run instead of the per-expert torch loop (which synchronises with the
+    host). The dense table does not apply to them."""
+    chosen = resolve(backend, "grouped_gemm", device) if backend != "cublas" else "cublas"
+    if chosen in ("official", "cublas") and backend in ("auto", "cublas"):
+        return "triton" if device.type == "cuda" and has_module("triton") else "torch"
     return chosen
+
+
+def gemm_fp8_cublas(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
+) -> torch.Tensor:
+    """cuBLAS block-wise scaling (1×128 activations, 128×128 weights) through `torch._scaled_mm`:
+    cuBLASLt wants the activation scales outer-dim-major and the weight as the column-major
+    second operand, so both are passed as transposed views. It also needs M to be a multiple of 4
+    (the scales' leading dimension): other M are padded with zero rows, which come out as zeros
+    and are dropped."""
+    m = a.shape[0]
+    pad = -m % 4
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+        a_scale = torch.cat([a_scale, a_scale.new_ones(pad, a_scale.shape[1])])
+    out = torch._scaled_mm(
+        a,
+        b.t(),
+        scale_a=a_scale.t().contiguous().t(),
+        scale_b=b_scale.t(),
+        out_dtype=torch.bfloat16,
+    )
+    return out[:m] if pad else out
 
 
 def gemm_fp8(
@@ -104,7 +128,9 @@ def gemm_fp8(
 ) -> torch.Tensor:
     """[M, K] × [N, K]ᵀ → [M, N] BF16."""
     _check(a, a_scale, b, b_scale)
-    chosen = resolve(backend, "gemm", a.device)
+    chosen = resolve(backend, "gemm", a.device, rows=a.shape[0])
+    if chosen == "cublas":
+        return gemm_fp8_cublas(a, a_scale, b, b_scale)
     if chosen == "triton":
         from fireflyer.kernels.fp8_triton import gemm_fp8_triton
 

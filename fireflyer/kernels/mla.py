@@ -86,7 +86,7 @@ def mla_decode(
     """Paged MLA decode. softmax_scale is always explicit (DeepSeek-V3: 192^-0.5 × its YaRN
     factor, not 576^-0.5)."""
     check_shapes(q, kv_cache, block_table, cache_seqlens)
-    chosen = resolve(backend, "mla", q.device)
+    chosen = resolve(backend, "mla", q.device, rows=q.shape[1] * q.shape[2])
     if chosen == "triton":
         from fireflyer.kernels.mla_triton import mla_decode_triton
 

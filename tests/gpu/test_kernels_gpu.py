@@ -111,3 +111,46 @@ def test_grouped_masked_matches_reference() -> None:
         if mg:
             assert fp8.calc_diff(out[g, :mg], ref[g, :mg]) < 1e-3
         assert out[g, mg:].abs().max().item() == 0 if mg < m_max else True
+
+
+@pytest.mark.parametrize(
+    "m,n,k",
+    [
+        (1, 2112, 7168),
+        (2, 2112, 7168),
+        (17, 4096, 7168),
+        (64, 24576, 1536),
+        (301, 7168, 2048),
+        (4096, 4096, 7168),
+    ],
+)
+def test_cublas_blockwise_matches_the_reference(m: int, n: int, k: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(m)
+    a, a_scale = fp8.quantize_per_token_group(
+        torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    )
+    b, b_scale = fp8.quantize_per_block(torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g))
+    out = fp8.gemm_fp8(a, a_scale, b, b_scale, backend="cublas")
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert _cos_diff(out, fp8.gemm_fp8_reference(a, a_scale, b, b_scale)) <= 1e-4
+
+
+def test_auto_measures_a_table_and_runs_its_correct_choice(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fireflyer.kernels import autotune
+
+    monkeypatch.setenv("FIREFLYER_CACHE_DIR", str(tmp_path))
+    device = torch.device("cuda", 0)
+    table = autotune.table_for(device, force=True)
+    assert autotune.table_path(device).is_file()
+    for klass, entry in table["ops"]["gemm"].items():
+        assert entry["choice"] in ("triton", "cublas", "official"), (klass, entry)
+        assert entry["microseconds"][entry["choice"]] == min(entry["microseconds"].values())
+    for entry in table["ops"]["mla"].values():
+        assert entry["choice"] in ("triton", "official")
+    for m in (8, 4096):
+        a, a_scale = fp8.quantize_per_token_group(torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16))
+        b, b_scale = fp8.quantize_per_block(torch.randn(2112, 1536, device="cuda", dtype=torch.bfloat16))
+        out = fp8.gemm_fp8(a, a_scale, b, b_scale, backend="auto")
+        assert _cos_diff(out, fp8.gemm_fp8_reference(a, a_scale, b, b_scale)) <= 1e-4

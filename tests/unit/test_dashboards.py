@@ -46,6 +46,7 @@ def _engine() -> EngineMetrics:
     engine = EngineMetrics(ep_layers=True)  # `fireflyer serve --ep-metrics`
     engine.set_eplb_balancedness(1.0)  # MoE models
     engine.set_gpu_tokens_source(lambda: [[1, 2]])  # units with the experts split
+    engine.set_unit_ranks(2)  # units of several ranks
     return engine
 
 

@@ -95,6 +95,9 @@ class AsyncEngine:
             metrics.set_eplb_balancedness(self.eplb_window.balancedness())
         if self.gpu_tokens() is not None:  # a unit with the experts split over its ranks
             metrics.set_gpu_tokens_source(self.gpu_tokens)
+        if isinstance(engine, UnitEngine):
+            metrics.set_unit_ranks(engine.world)
+            engine.on_collective_error = metrics.record_collective_error
 
     @property
     def placement_generation(self) -> int | None:
@@ -274,6 +277,7 @@ class AsyncEngine:
         if preempted:
             self.metrics.record_preemptions(preempted)
         if isinstance(self.engine, UnitEngine):
+            self.metrics.record_rank_steps(self.engine.step_seconds())
             for rank, count in enumerate(self.engine.take_assigned()):
                 if count:
                     self.metrics.record_rank_requests(rank, count)

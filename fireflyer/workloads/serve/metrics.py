@@ -31,6 +31,12 @@ counters
                                   data-parallel rank (by least KV load)
   step_seconds (histogram)        wall time of one engine step: on a unit's leader, every rank
                                   stepping together (the slowest rank sets it)
+units of several ranks (the leader exports them for the unit)
+  rank_step_seconds{rank} (hist.) each rank's own model step, from the step reports it sends the
+                                  leader anyway (rank_steps.py: binned with numpy per step)
+  collective_errors_total{backend} steps that failed in a collective: the control group (gloo),
+                                  or rank 0's dispatch/combine (nccl, nvshmem; other: another
+                                  torch.distributed error); the unit then stops and restarts
 units with the experts split over their ranks (the leader exports them, read from the ranks'
 last reports when scraped: nothing is added to a step)
   ep_rank_tokens_total{rank}      (token, expert) pairs each rank's experts computed since start,
@@ -59,7 +65,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from fireflyer.eplb.metrics import table_balancedness
+from fireflyer.workloads.serve.rank_steps import RankStepHistogram
 from fireflyer.workloads.serve.types import FinishReason
+from fireflyer.workloads.serve.unit.failures import BACKENDS
 
 PREFIX = "fireflyer_serve_"
 
@@ -221,6 +229,8 @@ class EngineMetrics:
         )
         self.eplb_gpu_balancedness: Gauge | None = None  # registered by set_gpu_tokens_source
         self._gpu_tokens_before: GpuTokens | None = None
+        self.rank_step_seconds: RankStepHistogram | None = None  # registered by set_unit_ranks
+        self.collective_errors: Counter | None = None
 
     # -- called by the engine loop -------------------------------------------------------------
 
@@ -249,6 +259,33 @@ class EngineMetrics:
     def record_step(self, seconds: float) -> None:
         """One step of the engine (of every rank of the unit, on its leader)."""
         self.step_seconds.observe(seconds)
+
+    def set_unit_ranks(self, ranks: int) -> None:
+        """A unit of several ranks: register the per-rank step histogram and the collective error
+        counter (every backend present at 0)."""
+        with self._lock:
+            if self.rank_step_seconds is not None:
+                return
+            self.rank_step_seconds = RankStepHistogram(PREFIX + "rank_step_seconds", ranks)
+            self.registry.register(self.rank_step_seconds)
+            self.collective_errors = Counter(
+                PREFIX + "collective_errors",
+                "Unit steps that failed in a collective, by transport",
+                ["backend"],
+                registry=self.registry,
+            )
+            for backend in BACKENDS:
+                self.collective_errors.labels(backend)
+
+    def record_rank_steps(self, seconds: Sequence[float | None]) -> None:
+        """One unit step: each rank's step time (None for a rank that did not step)."""
+        if self.rank_step_seconds is not None:
+            self.rank_step_seconds.observe(seconds)
+
+    def record_collective_error(self, backend: str) -> None:
+        """A unit step failed in a collective of `backend` (nccl, gloo, nvshmem, other)."""
+        if self.collective_errors is not None:
+            self.collective_errors.labels(backend).inc()
 
     def set_gpu_tokens_source(self, source: Callable[[], GpuTokens | None]) -> None:
         """A unit with the experts split: export `source()` ([MoE layer][rank] pairs since start)

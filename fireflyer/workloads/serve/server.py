@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unit.add_argument("--expert-parallel", type=int, default=1)
     unit.add_argument("--dispatch-mode", choices=("normal", "lowLatency"), default="normal")
     unit.add_argument("--attention-backend", choices=BACKENDS, default="auto")
-    unit.add_argument("--gemm-backend", choices=BACKENDS, default="auto")
+    unit.add_argument("--gemm-backend", choices=(*BACKENDS, "cublas"), default="auto")
     unit.add_argument("--dispatch-backend", choices=BACKENDS, default="auto")
     unit.add_argument("--dist-init-addr", default=None, help="HOST:PORT of rank 0")
     unit.add_argument("--placement-dir", default=None, help="where the EPLB placement is mounted")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from fireflyer.workloads.serve.block_manager import blocks_for
 from fireflyer.workloads.serve.engine import EngineConfig, StepEvent
 from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.types import Sequence, SequenceStatus
+from fireflyer.workloads.serve.unit.failures import Phase, collective_backend
 from fireflyer.workloads.serve.unit.placement import Placement, PlacementWatch
 from fireflyer.workloads.serve.unit.protocol import NewRequest, RankReport, StepCommand
 from fireflyer.workloads.serve.unit.rank import RankEngine
@@ -100,6 +102,8 @@ class UnitEngine:
         self._last_exchange = self._last_poll = time.monotonic()
         self._stopped = False
         self.broken = False  # a step failed part-way: the ranks are no longer in step
+        self.on_collective_error: Callable[[str], None] | None = None  # given the failed backend
+        self._phase = Phase.CONTROL
 
     # -- what AsyncEngine calls (the engine thread) ------------------------------------------------
 
@@ -128,6 +132,10 @@ class UnitEngine:
             self.pending_aborts.append(request_id)
             return True
         return self.local.engine.abort(request_id)
+
+    def step_seconds(self) -> list[float | None]:
+        """Each rank's wall time of the last step, as reported (None: it did not step)."""
+        return [report.step_seconds for report in self.reports]
 
     def take_assigned(self) -> list[int]:
         """Requests given to each rank since the last call (for the metrics)."""
@@ -198,18 +206,26 @@ class UnitEngine:
     def _exchange(self, command: StepCommand) -> tuple[list[StepEvent], int]:
         try:
             return self._exchange_once(command)
-        except BaseException:
+        except BaseException as error:
             self.broken = True
+            distributed = isinstance(error, dist.DistError)
+            backend = collective_backend(error, self._phase, distributed_error=distributed)
+            if backend is not None and self.on_collective_error is not None:
+                self.on_collective_error(backend)
             raise
 
     def _exchange_once(self, command: StepCommand) -> tuple[list[StepEvent], int]:
+        self._phase = Phase.CONTROL
         dist.broadcast_object_list([command], src=0, group=self.group)
+        self._phase = Phase.STEP
         if command.placement is not None:
             self.local.switch(command.placement)
         events, preempted = self.local.step(command)
         mine = self.local.report(events, preempted, with_load=False)  # rank 0 counts into the window itself
         gathered: list[Any] = [None] * self.world
+        self._phase = Phase.CONTROL
         dist.gather_object(mine, gathered, dst=0, group=self.group)
+        self._phase = Phase.REPORTS
         self._last_exchange = time.monotonic()
         for report in gathered[1:]:
             failure = getattr(report, "error", None)

@@ -57,6 +57,7 @@ class RankReport:
     tier_hit_tokens: int = 0
     gpu_entries: list[int] | None = None  # per MoE layer: (token, expert) pairs computed here, since start
     load_delta: Any = None  # tokens per (MoE layer, expert) since the last report (numpy), or None
+    step_seconds: float | None = None  # wall time of this rank's model step (None: it did not step)
     error: str | None = None
 
 

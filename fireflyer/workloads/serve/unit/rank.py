@@ -4,6 +4,7 @@ step by the leader's commands, and the report it sends back."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +29,7 @@ class RankEngine:
         window = engine.eplb_load
         self._load_sent = None if window is None else np.zeros((window.layers, window.experts), np.int64)
         self._refused: list[TokenRecord] = []
+        self._step_seconds: float | None = None  # the last step's wall time, until reported
 
     def apply(self, command: StepCommand) -> None:
         """A new expert placement first (every rank switches before the same step), then the
@@ -60,7 +62,10 @@ class RankEngine:
         if not command.run:
             self.engine.idle()
             return [], 0
-        return self.engine.step()
+        started = time.perf_counter()
+        result = self.engine.step()
+        self._step_seconds = time.perf_counter() - started
+        return result
 
     def report(self, events: list[StepEvent], preempted: int, *, with_load: bool = True) -> RankReport:
         engine = self.engine
@@ -76,6 +81,7 @@ class RankEngine:
             for e in events
         ]
         self._refused = []
+        step_seconds, self._step_seconds = self._step_seconds, None
         promised = sum(blocks_for(seq.num_tokens) for seq in scheduler.waiting)
         return RankReport(
             rank=self.rank,
@@ -92,6 +98,7 @@ class RankEngine:
             tier_hit_tokens=blocks.tier_hit_tokens,
             gpu_entries=self.gpu_entries(),
             load_delta=self._load_delta() if with_load else None,
+            step_seconds=step_seconds,
         )
 
     def gpu_entries(self) -> list[int] | None:

@@ -1,0 +1,132 @@
+"""`backend="auto"`: the pure choice from a measured table, the table's cache, and resolve()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fireflyer.kernels import autotune, backend, fp8  # noqa: E402
+from fireflyer.kernels.cli import render_table  # noqa: E402
+
+
+def _results(times: dict[str, dict[str, float | str]]) -> dict[str, dict[str, autotune.ClassResult]]:
+    """gemm classes from {class: {candidate: seconds or error text}}."""
+    out: dict[str, autotune.ClassResult] = {}
+    for klass, candidates in times.items():
+        result = autotune.ClassResult()
+        for name, value in candidates.items():
+            result.candidates[name] = (
+                autotune.Measurement(error=value)
+                if isinstance(value, str)
+                else autotune.Measurement(seconds=value)
+            )
+        out[klass] = result
+    return {"gemm": out}
+
+
+def test_the_fastest_correct_candidate_is_chosen_and_a_wrong_one_never() -> None:
+    results = _results(
+        {
+            "m<=64": {"triton": 20e-6, "cublas": 30e-6},
+            "m>2048": {"triton": 2e-3, "cublas": 1e-3},
+            "m<=256": {"cublas": "wrong result on (256, 24576, 1536): diff 3.1e-01", "triton": 9e-5},
+        }
+    )
+    table = autotune.table_from_results("dev", results)
+    assert autotune.choice_from_table(table, "gemm", "m<=64") == "triton"
+    assert autotune.choice_from_table(table, "gemm", "m>2048") == "cublas"
+    assert autotune.choice_from_table(table, "gemm", "m<=256") == "triton"  # cublas was wrong there
+    assert "wrong result" in table["ops"]["gemm"]["m<=256"]["excluded"]["cublas"]
+    assert autotune.choice_from_table(table, "mla", "rows<=64") is None
+
+
+def test_no_measured_candidate_means_no_choice() -> None:
+    assert autotune.fastest({}) is None
+    assert autotune.fastest({"a": None, "b": float("nan")}) is None
+    assert autotune.fastest({"a": 2.0, "b": 1.0}) == "b"
+    assert autotune.fastest({"b": 1.0, "a": 1.0}) == "a"  # ties break by name, so choices are stable
+
+
+@pytest.mark.parametrize(
+    "op,rows,klass",
+    [
+        ("gemm", 1, "m<=64"),
+        ("gemm", 64, "m<=64"),
+        ("gemm", 65, "m<=256"),
+        ("gemm", 2048, "m<=2048"),
+        ("gemm", 2049, "m>2048"),
+        ("mla", 64, "rows<=64"),
+        ("mla", 128, "rows>64"),
+    ],
+)
+def test_shape_classes(op: str, rows: int, klass: str) -> None:
+    assert autotune.shape_class(op, rows) == klass
+
+
+def test_a_cached_table_is_used_only_for_its_own_device_and_versions(tmp_path: Path) -> None:
+    table = autotune.table_from_results(
+        "H200-sm90-torch2.11-triton3.6", _results({"m<=64": {"cublas": 1e-5}})
+    )
+    path = tmp_path / "kernels" / "autotune-x.json"
+    autotune.save_table(path, table)
+    assert autotune.load_table(path, "H200-sm90-torch2.11-triton3.6") == json.loads(path.read_text())
+    assert autotune.load_table(path, "H200-sm90-torch2.12-triton3.6") is None  # torch upgraded
+    path.write_text("{not json")
+    assert autotune.load_table(path, "H200-sm90-torch2.11-triton3.6") is None
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FIREFLYER_CACHE_DIR", str(tmp_path))
+    assert autotune.cache_dir() == tmp_path / "kernels"
+
+
+def test_resolve_auto_takes_the_measured_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resolve() on a CUDA device consults the table by shape class (no GPU needed to check the
+    plumbing: the table is given and the device key fixed)."""
+    table = autotune.table_from_results(
+        "fake",
+        _results({"m<=64": {"triton": 1e-5, "cublas": 2e-5}, "m>2048": {"triton": 2e-3, "cublas": 1e-3}}),
+    )
+    monkeypatch.setattr(autotune, "device_key", lambda device: "fake")
+    monkeypatch.setitem(autotune._tables, "fake", table)
+    cuda = torch.device("cuda", 0)
+    assert backend.resolve("auto", "gemm", cuda, rows=4096) == "cublas"
+    assert backend.resolve("auto", "gemm", cuda, rows=8) == "triton"
+    assert backend.resolve("torch", "gemm", cuda, rows=4096) == "torch"  # an explicit backend wins
+    monkeypatch.setenv("FIREFLYER_KERNEL_AUTOTUNE", "0")
+    assert backend.resolve("auto", "gemm", cuda, rows=4096) != "cublas"  # the fixed order
+
+
+def test_an_official_choice_without_its_package_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = autotune.table_from_results("fake", _results({"m>2048": {"official": 1e-4, "cublas": 1e-3}}))
+    monkeypatch.setattr(autotune, "device_key", lambda device: "fake")
+    monkeypatch.setitem(autotune._tables, "fake", table)
+    if backend.has_module("deep_gemm"):
+        pytest.skip("deep_gemm is installed here")
+    assert autotune.auto_choice("gemm", torch.device("cuda", 0), 4096) is None
+
+
+def test_on_the_cpu_auto_is_the_reference_and_cublas_is_refused() -> None:
+    a, a_scale = fp8.quantize_per_token_group(torch.randn(4, 256))
+    b, b_scale = fp8.quantize_per_block(torch.randn(130, 256))
+    out = fp8.gemm_fp8(a, a_scale, b, b_scale)
+    assert torch.equal(out, fp8.gemm_fp8_reference(a, a_scale, b, b_scale))
+    with pytest.raises(RuntimeError, match="cublas"):
+        fp8.gemm_fp8(a, a_scale, b, b_scale, backend="cublas")
+
+
+def test_the_printed_table_names_choices_times_and_exclusions() -> None:
+    table = autotune.table_from_results(
+        "H200",
+        _results({"m<=64": {"triton": 12.5e-6, "cublas": 30e-6, "official": "deep_gemm is not installed"}}),
+    )
+    text = render_table(table)
+    assert "device: H200" in text
+    row = next(line for line in text.splitlines() if "m<=64" in line)
+    assert row.split()[2] == "triton"
+    assert "triton 12.5 µs; cublas 30.0 µs; official: deep_gemm is not installed" in row
