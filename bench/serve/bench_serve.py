@@ -27,6 +27,7 @@ from fireflyer.workloads.model.init import build_config, random_state_dict
 from fireflyer.workloads.model.loader import load_tensors
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
+from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.runner import ModelRunner
 from fireflyer.workloads.serve.types import SamplingParams, ScheduledChunk, SchedulerOutput, Sequence
 
@@ -89,8 +90,14 @@ def fake_sequences(runner: ModelRunner, batch: int, context: int, vocab: int) ->
     return seqs
 
 
-def bench_decode(model: DeepseekV3, batch: int, context: int, graphs: bool, hbm: float) -> dict[str, Any]:
+def bench_decode(
+    model: DeepseekV3, batch: int, context: int, graphs: bool, hbm: float, count_load: bool = False
+) -> dict[str, Any]:
+    """With `count_load`, the engine's expert load window counts every MoE layer (inside the
+    graphs) and is ticked at every step boundary, as the engine does: its cost is what EPLB and the
+    per-GPU expert metrics add to a decode step."""
     blocks = batch * (-(-(context + 64) // 64)) + 2
+    window = LoadWindow.for_model(model, publish_seconds=0.0) if count_load else None
     runner = ModelRunner(model, blocks, cuda_graph_max_batch=batch if graphs else 0)
     seqs = fake_sequences(runner, batch, context, model.config.vocab_size)
 
@@ -100,8 +107,12 @@ def bench_decode(model: DeepseekV3, batch: int, context: int, graphs: bool, hbm:
         for s in seqs:  # grow by one token; stay inside the reserved blocks
             s.token_ids.append(sampled[s.request_id])
             s.num_computed_tokens += 1
+        if window is not None:
+            window.tick()
 
     seconds = timed(step, 20, warmup=3)
+    if window is not None:
+        window.detach()
     kv = sum(s.num_tokens for s in seqs) * model.config.latent_dim * 2 * model.config.num_hidden_layers
     weights = weight_bytes(model)
     roofline = (weights + kv) / hbm
@@ -111,6 +122,7 @@ def bench_decode(model: DeepseekV3, batch: int, context: int, graphs: bool, hbm:
         "batch": batch,
         "context": context,
         "cuda_graphs": graphs,
+        "counting_expert_load": count_load,
         "step_ms": seconds * 1e3,
         "weights_gb": weights / 1e9,
         "kv_gb": kv / 1e9,
@@ -409,6 +421,11 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated: decode,eager,prefill,transformers")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of each")
+    parser.add_argument(
+        "--metrics-overhead",
+        action="store_true",
+        help="graphed decode with and without the expert load window (its counting and a tick per step)",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -429,6 +446,17 @@ def main() -> None:
             for graphs in (True, False) if "eager" not in skip else (True,):
                 key = "decode_graphs" if graphs else "decode_eager"
                 record(key, bench_decode(model, args.decode_batch, args.context, graphs, hbm))
+        if args.metrics_overhead:
+            plain = bench_decode(model, args.decode_batch, args.context, True, hbm)
+            counted = bench_decode(model, args.decode_batch, args.context, True, hbm, count_load=True)
+            record(
+                "expert_load_counting_overhead",
+                {
+                    "step_ms_without": plain["step_ms"],
+                    "step_ms_with": counted["step_ms"],
+                    "overhead": counted["step_ms"] / plain["step_ms"] - 1,
+                },
+            )
         if "prefill" not in skip:
             record("prefill", bench_prefill(model, args.prefill_seqs, args.prefill_len))
         if args.profile:
