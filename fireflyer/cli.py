@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fireflyer.workloads.train.cli import add_parser as _add_train
 
     _add_train(sub)
+    from fireflyer.workloads.prepare.cli import add_parser as _add_prepare
+
+    _add_prepare(sub)
     _add_router(sub)
     _add_preflight(sub)
     _add_model(sub)

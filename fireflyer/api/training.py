@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -13,6 +13,7 @@ from fireflyer.api.base import (
     ObjectMeta,
     Placement,
     StatusBase,
+    Toleration,
     cel,
     defaulted,
     validations,
@@ -65,6 +66,46 @@ class Dataset(ApiModel):
     """Training data directory (usually on a 3FS mount)."""
 
 
+class DataPreparation(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.maxTokens) || self.maxTokens >= self.minTokens",
+                "dataPreparation.maxTokens must be at least minTokens",
+                ".maxTokens",
+            ),
+        )
+    )
+
+    input: str = Field(min_length=1, max_length=2048)
+    """Directory of raw documents: *.jsonl files with a `text` field per line and *.parquet files
+    with a `text` column (usually on a 3FS mount)."""
+    output: str | None = Field(default=None, min_length=1, max_length=2048)
+    """Where the tokenized shards go; default dataset.path, where the trainer reads them."""
+    tokenizer: str | None = Field(default=None, min_length=1, max_length=2048)
+    """Model directory whose tokenizer.json tokenizes the text; default model.source."""
+    min_tokens: int = Field(default=1, ge=0, le=1_000_000_000)
+    """Documents with fewer tokens are dropped."""
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    """Documents with more tokens are dropped (none: no upper bound)."""
+    dedup: bool = True
+    """Drop documents whose text repeats an earlier one (exact match, first occurrence kept)."""
+    args: list[str] = Field(default_factory=list, max_length=64)
+    """Extra `fireflyer prepare` arguments (e.g. --shard-tokens)."""
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Image of the preparation Job; default the job's image (it needs the `prepare` extra)."""
+    resources: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """The preparation pod's resources (default: requests of 2 CPUs and 8Gi)."""
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    """Nodes the preparation pod may run on."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints the preparation pod tolerates."""
+    backoff_limit: int = Field(default=1, ge=0, le=10)
+    """Times a failed preparation pod is retried before the TrainingJob is Failed."""
+
+
 class Checkpoint(ApiModel):
     path: str = Field(min_length=1, max_length=2048)
     """Checkpoint directory (usually on a 3FS mount)."""
@@ -114,6 +155,16 @@ class TrainingJobSpec(ApiModel):
                 ".model.source",
             ),
             cel(
+                "!has(self.dataPreparation) || has(self.dataPreparation.output) || has(self.dataset)",
+                "dataPreparation needs dataPreparation.output or dataset.path",
+                ".dataPreparation",
+            ),
+            cel(
+                "!has(self.dataPreparation) || has(self.dataPreparation.tokenizer) || has(self.model.source)",
+                "dataPreparation needs dataPreparation.tokenizer or model.source",
+                ".dataPreparation",
+            ),
+            cel(
                 "!has(self.microBatches) || self.microBatches >= self.parallelism.pipeline",
                 "microBatches must be at least parallelism.pipeline (one per stage in flight)",
                 ".microBatches",
@@ -155,6 +206,9 @@ class TrainingJobSpec(ApiModel):
     """The model being trained."""
     dataset: Dataset | None = None
     """Training data."""
+    data_preparation: DataPreparation | None = None
+    """Raw documents turned into dataset.path's shards by a `fireflyer prepare` Job before the
+    training pods start; skipped (at once) when the output is already prepared."""
     checkpoint: Checkpoint | None = None
     """Where and how often to checkpoint."""
     restart: Restart = defaulted(Restart)
@@ -165,6 +219,16 @@ class TrainingJobSpec(ApiModel):
     """RDMA and bootstrap networking."""
     pod_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     """Labels added to every pod of the job (network policies, cost attribution, queues)."""
+
+    @property
+    def preparation_output(self) -> str:
+        prep = self.data_preparation
+        return (prep.output if prep else None) or (self.dataset.path if self.dataset else "")
+
+    @property
+    def preparation_tokenizer(self) -> str:
+        prep = self.data_preparation
+        return (prep.tokenizer if prep else None) or self.model.source or ""
 
     @property
     def effective_micro_batches(self) -> int:
@@ -178,8 +242,9 @@ TrainingPhase = Literal["", "Pending", "Running", "Restarting", "Succeeded", "Fa
 
 class TrainingJobStatus(StatusBase):
     phase: TrainingPhase = ""
-    """Pending (placing, pods starting), Running, Restarting (a whole-job restart is under
-    way), Succeeded (every pod exited 0), Failed (restart.maxRestarts used up)."""
+    """Pending (preparing data, placing, pods starting), Running, Restarting (a whole-job
+    restart is under way), Succeeded (every pod exited 0), Failed (restart.maxRestarts used up,
+    or the data preparation failed)."""
     restarts: int = Field(default=0, ge=0)
     """Whole-job restarts so far (a pod failed, a node was lost, or the pods did not bind in
     time)."""

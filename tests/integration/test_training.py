@@ -7,6 +7,7 @@ fireflyer.dev/keep-running, and fail when labelled fireflyer.dev/fault=fail."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,77 @@ def test_a_lost_node_restarts_the_job_on_other_nodes(operator: Operator, kube: K
         faults.heal_node(cluster.kubeconfig, victim)
 
 
+PREP_SELECTOR = f"{SELECTOR},fireflyer.dev/component=data-preparation"
+
+
+def test_data_preparation_runs_before_the_training_pods(operator: Operator, kube: Kube) -> None:
+    kube.apply(_sample(podLabels=KEEP_RUNNING, dataPreparation={"input": "/3fs/stage/raw/moe-tiny"}))
+
+    def prep_running() -> dict[str, Any] | None:
+        pods = kube.get("pods", selector=PREP_SELECTOR)["items"]
+        return pods[0] if len(pods) == 1 and pods[0]["status"].get("phase") == "Running" else None
+
+    pod = wait_for("the preparation pod to run", prep_running, timeout=60)
+    args = pod["spec"]["containers"][0]["args"]
+    assert (
+        args[:2] == ["prepare", "--input"]
+        and args[args.index("--out") + 1] == SMALL["spec"]["dataset"]["path"]
+    )
+    assert kube.get("job", f"{NAME}-prepare")["metadata"]["ownerReferences"][0]["name"] == NAME
+    wait_for(
+        "DataPrepared=Running",
+        lambda: (_condition(_tj(kube), "DataPrepared") or {}).get("reason") == "Running",
+        timeout=30,
+    )
+    assert _status(kube)["phase"] == "Pending"
+    assert not kube.exists("job", NAME) and _pods(kube, 0) == []
+
+    # The preparation finds its output prepared and says so in its termination message.
+    now = pod["status"].get("startTime")
+    message = json.dumps({"result": "already-prepared", "out": SMALL["spec"]["dataset"]["path"]})
+    terminated = {
+        "exitCode": 0,
+        "reason": "Completed",
+        "message": message,
+        "startedAt": now,
+        "finishedAt": now,
+    }
+    status = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {
+                "name": "prepare",
+                "image": pod["spec"]["containers"][0]["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": terminated},
+            }
+        ],
+    }
+    kube.run(
+        "patch", "pod", pod["metadata"]["name"], "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+    wait_for("the job to run after its data is prepared", lambda: _running(kube, 0), timeout=60)
+    prepared = condition(_tj(kube), "DataPrepared")
+    assert (prepared["status"], prepared["reason"]) == ("True", "AlreadyPrepared")
+    assert _events(kube, "DataPrepared")
+
+
 INVALID: list[tuple[dict[str, Any], list[str]]] = [
     ({"microBatches": 3}, ["spec.microBatches", "at least 2 × parallelism.pipeline"]),
     ({"microBatches": 5}, ["spec.microBatches", "even microBatches"]),
     ({"microBatches": 1}, ["spec.microBatches", "at least parallelism.pipeline"]),
     ({"model": {}}, ["spec.model.source", "needs model.source and dataset.path"]),
+    (
+        {"dataPreparation": {"input": "/raw", "minTokens": 5, "maxTokens": 2}},
+        ["spec.dataPreparation.maxTokens", "maxTokens must be at least minTokens"],
+    ),
+    (
+        {"model": {}, "command": ["python", "train.py"], "dataPreparation": {"input": "/raw"}},
+        ["spec.dataPreparation", "needs dataPreparation.tokenizer or model.source"],
+    ),
 ]
 
 

@@ -15,13 +15,14 @@ from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
+from fireflyer.api.training import TrainingJob
 from fireflyer.operator import cache, events, kube, metrics, object_metrics
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.locks import PLACEMENT
 from fireflyer.operator.metrics import timed
 from fireflyer.operator.resync import Resync
-from fireflyer.operator.training import children
+from fireflyer.operator.training import children, dataprep
 from fireflyer.operator.training.plan import Desired, Observed, finished, plan
 from fireflyer.operator.training.progress import progress_changes, rank0_address
 
@@ -45,12 +46,17 @@ def observe(
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     job = kube.get("Job", children.child_name(name), namespace)
-    if job is not None and not any(
-        o.get("uid") == cr["metadata"]["uid"] for o in job["metadata"].get("ownerReferences") or []
-    ):
-        raise kopf.PermanentError(
-            f"Job {namespace}/{job['metadata']['name']} exists and is not this TrainingJob's"
-        )
+    preparation = None
+    if TrainingJob.model_validate(cr).spec.data_preparation is not None:
+        preparation = kube.get("Job", dataprep.job_name(name), namespace)
+    for child in (job, preparation):
+        if child is not None and not any(
+            o.get("uid") == cr["metadata"]["uid"] for o in child["metadata"].get("ownerReferences") or []
+        ):
+            raise kopf.PermanentError(
+                f"Job {namespace}/{child['metadata']['name']} exists and is not this TrainingJob's"
+            )
+    label = children.label_value(name)
     managed = f"{L.MANAGED_BY}={L.MANAGER}"
     others = []
     for kind, selector in (
@@ -64,11 +70,17 @@ def observe(
     return Observed(
         nodes=nodes if nodes is not None else kube.list_("Node"),
         pods=pods if pods is not None else kube.list_("Pod"),
-        job_pods=kube.list_("Pod", namespace, f"{L.TRAINING_JOB}={children.label_value(name)}"),
+        job_pods=kube.list_("Pod", namespace, f"{L.TRAINING_JOB}={label},{L.COMPONENT}={children.COMPONENT}"),
         job=job,
         others=others,
         now=datetime.now(UTC),
         noted=_noted.pop((namespace, name), {}),
+        preparation=preparation,
+        preparation_pods=(
+            kube.list_("Pod", namespace, f"{L.TRAINING_JOB}={label},{L.COMPONENT}={dataprep.COMPONENT}")
+            if preparation is not None
+            else []
+        ),
     )
 
 
@@ -91,6 +103,8 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
         kube.delete("Pod", pod, namespace, grace_seconds=0 if force else None)
     if desired.delete_job:
         kube.delete("Job", job_name, namespace, propagation="Foreground")
+    if desired.delete_preparation:
+        kube.delete("Job", dataprep.job_name(name), namespace, propagation="Foreground")
     if desired.suspend_job:
         kube.patch("Job", job_name, namespace, {"spec": {"suspend": True}})
     for child in desired.children:

@@ -12,7 +12,9 @@ and never counts a failure twice:
   Job is deleted; after restart.maxRestarts restarts the job is Failed instead;
 - a stale Job (an older attempt, or the spec changed under it): deleted with its pods (foreground),
   and the next attempt starts once nothing of the old one is left, so two attempts never run at
-  once and rank 0's DNS name never points at a dying pod.
+  once and rank 0's DNS name never points at a dying pod;
+- with spec.dataPreparation, an attempt starts only once the preparation Job has succeeded
+  (dataprep.py); a failed preparation fails the job.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fireflyer.api.base import LEVEL_RANK
 from fireflyer.api.training import TrainingJob, TrainingJobSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.planning import Event, format_time
-from fireflyer.operator.training import children
+from fireflyer.operator.training import children, dataprep
 from fireflyer.operator.training.failures import failure, job_condition, node_problem, owner_uid
 from fireflyer.operator.training.progress import rank0_final
 from fireflyer.placement import UnitRequest, build_topology, plan_units
@@ -49,6 +51,10 @@ class Observed:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     noted: dict[str, str] = field(default_factory=dict)
     """Job uid → a failure seen in a pod event (the pod itself may be gone already)."""
+    preparation: dict[str, Any] | None = None
+    """The data preparation Job, if one exists."""
+    preparation_pods: list[dict[str, Any]] = field(default_factory=list)
+    """Its pods (their termination messages say how the preparation ended)."""
 
 
 @dataclass
@@ -65,6 +71,8 @@ class Desired:
     """Stop the Job's remaining pods: the job Failed for good."""
     persist_first: bool = False
     """Patch the status before anything is deleted, so that a restart is counted exactly once."""
+    delete_preparation: bool = False
+    """Delete the data preparation Job and its pod: dataPreparation changed."""
 
 
 def _conditions(
@@ -106,8 +114,15 @@ def finished(cr: dict[str, Any]) -> bool:
     status = cr.get("status") or {}
     if status.get("phase") == "Succeeded":
         return True
+    if _ready_reason(status) == dataprep.DATA_PREPARATION_FAILED:
+        return False  # a fixed dataPreparation replaces the failed Job: keep watching
     max_restarts = TrainingJob.model_validate(cr).spec.restart.max_restarts
     return status.get("phase") == "Failed" and int(status.get("restarts") or 0) >= max_restarts
+
+
+def _ready_reason(status: dict[str, Any]) -> str:
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == C.READY), {})
+    return str(ready.get("reason") or "")
 
 
 def plan(cr: dict[str, Any], observed: Observed) -> Desired:
@@ -143,6 +158,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                     delete[pod["metadata"]["name"]] = gone
             message = f"{len(leftovers)} pods of the previous attempt are still terminating"
             return Desired([service], _waiting(restarts, want, message), delete_pods=delete)
+        if spec.data_preparation is not None:
+            return _prepare_then_start(cr, spec, observed, restarts, service, previous)
         return _start(cr, spec, observed, restarts, service)
 
     # The current attempt.
@@ -393,3 +410,49 @@ def _start(
         ),
     }
     return Desired([service, job], status, [Event("Normal", C.UNITS_PLACED, message)])
+
+
+def _prepare_then_start(
+    cr: dict[str, Any],
+    spec: TrainingJobSpec,
+    observed: Observed,
+    restarts: int,
+    service: dict[str, Any],
+    previous: dict[str, Any],
+) -> Desired:
+    """No attempt exists and the job prepares its data: start the attempt once the preparation
+    Job has succeeded; until then it runs (or is replaced); when it failed, the job is Failed."""
+    prepared, events, prep_children, replace = dataprep.gate(
+        cr, spec, observed.preparation, observed.preparation_pods, previous
+    )
+    want = spec.nodes
+    if prepared["status"] == "True":
+        desired = _start(cr, spec, observed, restarts, service)
+        desired.status["conditions"].append(prepared)
+        desired.events[:0] = events
+        return desired
+    if prepared["reason"] == dataprep.FAILED:
+        cause = f"data preparation failed: {prepared['message']}"
+        failed = (False, dataprep.DATA_PREPARATION_FAILED, cause)
+        status = {
+            "phase": "Failed",
+            "restarts": restarts,
+            "lastFailure": cause,
+            "ready": f"0/{want}",
+            "conditions": [
+                *_conditions(failed, failed, failed, (True, dataprep.DATA_PREPARATION_FAILED, cause)),
+                prepared,
+            ],
+        }
+        return Desired([service], status, events)
+    waiting = (False, dataprep.PREPARING_DATA, prepared["message"])
+    status = {
+        "phase": "Restarting" if restarts else "Pending",
+        "restarts": restarts,
+        "ready": f"0/{want}",
+        "conditions": [
+            *_conditions(waiting, waiting, (True, dataprep.PREPARING_DATA, prepared["message"]), HEALTHY),
+            prepared,
+        ],
+    }
+    return Desired([service, *prep_children], status, events, delete_preparation=replace)
