@@ -224,6 +224,17 @@ def test_command_override_micro_batches_and_optional_inputs() -> None:
     assert container["args"][container["args"].index("--micro-batches") + 1] == "1"
 
 
+def test_expert_parallelism_reaches_the_trainer() -> None:
+    cr = _cr(gpusPerNode=4)
+    cr["spec"]["parallelism"] = {"data": 8, "tensor": 1, "expert": 4, "pipeline": 1, "schedule": "none"}
+    args = _job_child(plan(cr, _observed()))["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--expert-parallel") + 1] == "4"
+    for parallelism in ({"expert": 1}, {"expert": 4, "pipeline": 2, "data": 4, "schedule": "1f1b"}):
+        cr["spec"]["parallelism"].update(parallelism)
+        args = _job_child(plan(cr, _observed()))["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--expert-parallel" not in args  # one expert group, or a pipeline (not combined yet)
+
+
 def test_node_selector_filters_candidates_and_tolerations_are_added() -> None:
     cr = _cr(
         placement={

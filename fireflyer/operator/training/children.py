@@ -103,6 +103,10 @@ def trainer_args(spec: TrainingJobSpec) -> list[str]:
         "--status-port",
         str(STATUS_PORT),
     ]
+    # The trainer's expert groups (ranks that split the routed experts); it does not combine them
+    # with a pipeline yet, so there every stage keeps all its experts (docs/training-operator.md).
+    if spec.parallelism.expert > 1 and spec.parallelism.pipeline == 1:
+        args += ["--expert-parallel", str(spec.parallelism.expert)]
     return args + list(spec.args)
 
 

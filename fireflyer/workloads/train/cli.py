@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fireflyer.workloads.train.config import DEVICES, DTYPES, SCHEDULES, TrainConfig
+from fireflyer.workloads.train.config import DEVICES, DTYPES, SCHEDULES, ZERO_STAGES, TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCHEDULES,
         default="none",
         help="pipeline schedule when P > 1: 1f1b, or dualpipe (P even, --micro-batches even and ≥ 2P)",
+    )
+    par.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        help="expert-parallel ranks E: each holds 1/E of the routed experts (E divides the data-parallel"
+        " ranks and the experts)",
+    )
+    par.add_argument(
+        "--zero",
+        type=int,
+        choices=ZERO_STAGES,
+        default=0,
+        help="1: shard the AdamW state over the data-parallel ranks (ZeRO-1); 0: every rank keeps all",
     )
 
 

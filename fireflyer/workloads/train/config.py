@@ -12,6 +12,7 @@ from fireflyer.errors import FireflyerError
 SCHEDULES = ("none", "1f1b", "dualpipe")
 DTYPES = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+ZERO_STAGES = (0, 1)
 
 
 class TrainError(FireflyerError):
@@ -45,6 +46,8 @@ class TrainConfig:
     keep: int = 3
     pipeline: int = 1
     schedule: str = "none"
+    expert_parallel: int = 1
+    zero: int = 0
     log_jsonl: Path | None = None
     timeline_jsonl: Path | None = None
     status_port: int = 0
@@ -85,6 +88,8 @@ class TrainConfig:
             keep=args.keep,
             pipeline=args.pipeline,
             schedule=args.schedule,
+            expert_parallel=args.expert_parallel,
+            zero=args.zero,
             log_jsonl=path(args.log_jsonl),
             timeline_jsonl=path(args.timeline_jsonl),
             status_port=args.status_port,
@@ -101,6 +106,7 @@ class TrainConfig:
             "--micro-batch-size": self.micro_batch_size,
             "--seq-len": self.seq_len,
             "--pipeline": self.pipeline,
+            "--expert-parallel": self.expert_parallel,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -125,11 +131,25 @@ class TrainConfig:
             raise TrainError(f"--status-port must be a port number (0: off), not {self.status_port}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.zero not in ZERO_STAGES:
+            raise TrainError(f"--zero must be 0 (off) or 1 (optimizer state sharded), not {self.zero}")
         if self.pipeline > 1:
             self._validate_pipeline()
+        if self.expert_parallel > 1 and self.zero:
+            raise TrainError(
+                "--zero 1 with --expert-parallel is not supported yet: the experts' AdamW state is"
+                " already split over the expert-parallel ranks; drop --zero or --expert-parallel"
+            )
 
     def _validate_pipeline(self) -> None:
         p, m = self.pipeline, self.micro_batches
+        unsupported = {"--expert-parallel": self.expert_parallel > 1, "--zero": self.zero > 0}
+        for flag, given in unsupported.items():
+            if given:
+                raise TrainError(
+                    f"{flag} with --pipeline {p} is not supported yet: use one of them (the stages of a"
+                    " pipeline already split the weights and their AdamW state)"
+                )
         if self.schedule == "none":
             raise TrainError(f"--pipeline {p} needs a --schedule: 1f1b or dualpipe")
         if self.schedule == "dualpipe":
@@ -158,6 +178,12 @@ class TrainConfig:
             raise TrainError(
                 f"--pipeline {self.pipeline}: the model has {model.num_hidden_layers} layers, fewer than"
                 " one per stage"
+            )
+        experts = model.n_routed_experts or 0
+        if self.expert_parallel > 1 and (not experts or experts % self.expert_parallel):
+            raise TrainError(
+                f"--expert-parallel {self.expert_parallel} does not divide the model's {experts} routed"
+                " experts"
             )
         if self.seq_len > positions:
             raise TrainError(f"--seq-len {self.seq_len} exceeds the model's {positions} positions")

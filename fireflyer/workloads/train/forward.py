@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fireflyer.kernels import ep_autograd
+from fireflyer.kernels.ep import Dispatcher
 from fireflyer.workloads.model.attention import MLA
 from fireflyer.workloads.model.layers import Rotary
 from fireflyer.workloads.model.model import Block, DeepseekV3
@@ -65,6 +67,12 @@ def attention(mla: MLA, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary
     return mla.o_proj(out).view(batch, tokens, -1)
 
 
+def _expert_rows(experts: Experts, e: int, rows: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate)·up through local expert e's w13, then its w2, over exactly `rows`."""
+    gate, up = F.linear(rows, experts.w13[e]).float().chunk(2, dim=-1)
+    return F.linear((F.silu(gate) * up).to(rows.dtype), experts.w2[e])
+
+
 def routed_experts(
     experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
@@ -80,11 +88,29 @@ def routed_experts(
     for e, chunk in enumerate(rows.split(counts)):
         if chunk.shape[0] == 0:
             continue
-        gate, up = F.linear(chunk, experts.w13[e]).float().chunk(2, dim=-1)
-        outs.append(F.linear((F.silu(gate) * up).to(chunk.dtype), experts.w2[e]))
+        outs.append(_expert_rows(experts, e, chunk))
     entry_out = torch.cat(outs)[torch.argsort(order)]
     weighted = entry_out.float() * weights.reshape(-1, 1)
     return weighted.view(tokens, top_k, -1).sum(1).to(x.dtype)
+
+
+def dispatched_experts(
+    experts: Experts, dispatcher: Dispatcher, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Expert parallelism: every (token, expert) entry goes to the rank holding the expert, which
+    runs its experts over their rows; the weighted results come back and are summed per token.
+    Differentiable; every rank of the expert group calls it for every MoE layer in step."""
+    entries, entry_weights, routing = ep_autograd.dispatch(dispatcher, x, ids, weights)
+    assert routing.tokens_per_expert is not None
+    outs = [
+        _expert_rows(experts, e, chunk)
+        for e, chunk in enumerate(entries.split(routing.tokens_per_expert.tolist()))
+        if chunk.shape[0]
+    ]
+    # No entries here: the empty slice keeps the dispatch in the graph, so its backward still runs.
+    entry_out = torch.cat(outs) if outs else entries[:0]
+    weighted = entry_out.float() * entry_weights.float().reshape(-1, 1)
+    return ep_autograd.combine(weighted, routing).to(x.dtype)
 
 
 def moe_forward(moe: MoE, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +127,10 @@ def moe_forward(moe: MoE, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, 
             )
     if moe.load is not None:  # the counter balance.update_bias reads after the step
         moe.load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
-    out = routed_experts(moe.experts, flat, weights, ids)
+    if moe.dispatcher is not None:
+        out = dispatched_experts(moe.experts, moe.dispatcher, flat, weights, ids)
+    else:
+        out = routed_experts(moe.experts, flat, weights, ids)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(flat)
     return out.view(batch, tokens, hidden), balance

@@ -129,7 +129,8 @@ def _spawned(local_rank: int, config: TrainConfig, rdv: Rendezvous) -> None:
 def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     """Run this node's ranks; → the exit status (non-zero when any rank failed)."""
     rdv = Rendezvous.from_env(os.environ if env is None else env)
-    Layout(rdv.world, config.pipeline, config.schedule)  # refuses a --pipeline that does not divide the world
+    # Refuses a --pipeline or --expert-parallel that does not divide the world.
+    Layout(rdv.world, config.pipeline, config.schedule, config.expert_parallel)
     if rdv.nproc_per_node == 1:
         run_rank(config, rdv, 0)
         return 0

@@ -2,6 +2,10 @@
 
     rank = replica × P + position
 
+Expert parallelism (E) is carved out of the data-parallel replicas: replicas [g·E, (g+1)·E) form
+expert group g, whose ranks exchange tokens over all-to-all and hold the routed experts
+[e·N/E, (e+1)·N/E) with e = replica mod E; the D/E ranks with the same e hold the same experts.
+
 A pipeline's ranks are consecutive, so with NPROC_PER_NODE a multiple of P its point-to-point
 traffic stays inside a node and only the data-parallel reductions cross nodes. Position s holds
 stage s (1F1B), or stages s and P−1−s (DualPipe). Ranks that hold the same stages form a replica
@@ -24,12 +28,18 @@ class Layout:
     world: int
     pipeline: int = 1
     schedule: str = "none"
+    expert: int = 1
 
     def __post_init__(self) -> None:
         if self.world % self.pipeline:
             raise TrainError(
                 f"--pipeline {self.pipeline} does not divide the {self.world} ranks"
                 " (world = pipeline × data parallel; NNODES × NPROC_PER_NODE ranks)"
+            )
+        if self.data % self.expert:
+            raise TrainError(
+                f"--expert-parallel {self.expert} does not divide the {self.data} data-parallel ranks"
+                " (expert parallelism is carved out of data parallelism)"
             )
 
     @property
@@ -61,6 +71,26 @@ class Layout:
         position = self.position(rank)
         positions = {position, self.pipeline - 1 - position} if self.dual else {position}
         return tuple(sorted(self.rank_at(r, p) for r in range(self.data) for p in positions))
+
+    def expert_rank(self, rank: int) -> int:
+        """Which share of the routed experts `rank` holds: [e·N/E, (e+1)·N/E)."""
+        return self.replica(rank) % self.expert
+
+    def expert_group(self, rank: int) -> tuple[int, ...]:
+        """The ranks `rank` exchanges tokens with (itself included), ascending."""
+        first = self.replica(rank) // self.expert * self.expert
+        return tuple(self.rank_at(first + e, self.position(rank)) for e in range(self.expert))
+
+    def expert_replicas(self, rank: int) -> tuple[int, ...]:
+        """The ranks holding the same experts as `rank` (itself included), ascending."""
+        mine = self.expert_rank(rank)
+        return tuple(self.rank_at(r, self.position(rank)) for r in range(mine, self.data, self.expert))
+
+    def expert_groups(self) -> list[tuple[int, ...]]:
+        return sorted({self.expert_group(rank) for rank in range(self.world)})
+
+    def expert_replica_groups(self) -> list[tuple[int, ...]]:
+        return sorted({self.expert_replicas(rank) for rank in range(self.world)})
 
     def replica_groups(self) -> list[tuple[int, ...]]:
         """All distinct replica groups, in one order every rank agrees on."""

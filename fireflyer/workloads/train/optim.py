@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -77,17 +77,39 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+class HasParamGroups(Protocol):
+    param_groups: list[dict[str, Any]]
+
+
+def set_lr(optimizer: HasParamGroups, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
-    """Scale gradients to a total L2 norm of at most `max_norm` (0: no clipping); → the norm before."""
+def clip_gradients(
+    params: list[nn.Parameter],
+    max_norm: float,
+    sharded: list[nn.Parameter] | None = None,
+    sum_sharded: Callable[[torch.Tensor], None] | None = None,
+) -> float:
+    """Scale gradients to a total L2 norm of at most `max_norm` (0: no clipping); → the norm before.
+    `params` are the same on every rank; `sharded` ones are this rank's part of weights split over
+    ranks, whose squared norm `sum_sharded` sums over the ranks that hold the whole."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    parts = [p.grad for p in sharded or [] if p.grad is not None]
+    if not grads and not parts:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if sharded is None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    else:
+        device = (grads or parts)[0].device
+        split_sq = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in parts]).sum() if parts else None
+        split_sq = split_sq if split_sq is not None else torch.zeros((), device=device)
+        if sum_sharded is not None:
+            sum_sharded(split_sq)
+        whole_sq = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads else 0.0
+        norm = torch.sqrt(whole_sq + split_sq)
+    grads = grads + parts
     if max_norm > 0:
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:

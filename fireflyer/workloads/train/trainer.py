@@ -22,7 +22,7 @@ import torch
 from fireflyer.storage import checkpoint
 from fireflyer.workloads.model.loader import load_model
 from fireflyer.workloads.model.model import DeepseekV3
-from fireflyer.workloads.train import balance, optim, parallel, pipeline_state, state
+from fireflyer.workloads.train import balance, experts, optim, parallel, pipeline_state, state
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.data import Loader, TokenShards
 from fireflyer.workloads.train.forward import losses
@@ -31,6 +31,7 @@ from fireflyer.workloads.train.metrics import StepLog, StepRecord, TimelineLog
 from fireflyer.workloads.train.parallel import Rank
 from fireflyer.workloads.train.pipeline import Pipeline
 from fireflyer.workloads.train.status import Status
+from fireflyer.workloads.train.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,13 @@ class Trainer:
         self.status.update(phase="loading")
         config.check_inputs()  # the cheap checks first
         shards = TokenShards(config.data)
-        self.layout = Layout(rank.world, config.pipeline, config.schedule)
+        self.layout = Layout(rank.world, config.pipeline, config.schedule, config.expert_parallel)
         self.dtype = optim.compute_dtype(config.dtype, rank.device)
-        model: DeepseekV3 = load_model(config.model, device=rank.device, dtype=torch.float32)
+        self.experts = experts.setup(self.layout, rank)
+        model: DeepseekV3 = load_model(
+            config.model, device=rank.device, dtype=torch.float32, parallel=self.experts.shard
+        )
+        experts.attach(model, self.experts, config.micro_batch_size * config.seq_len)
         self.vocab_size = model.config.vocab_size
         self.model: DeepseekV3 | None = None
         self.pipeline: Pipeline | None = None
@@ -61,24 +66,35 @@ class Trainer:
         del model
         self.named = [pair for module in modules for pair in optim.trainable_parameters(module)]
         self.params = [p for _, p in self.named]
-        self.optimizer = optim.build_optimizer(
-            self.named,
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-            eps=config.eps,
-            weight_decay=config.weight_decay,
+        # Replicated weights, and this rank's share of the routed experts (none without EP).
+        self.replicated, self.sharded = experts.split(self.experts, self.named)
+        hyper: dict[str, Any] = {
+            "lr": config.lr,
+            "betas": (config.beta1, config.beta2),
+            "eps": config.eps,
+            "weight_decay": config.weight_decay,
+        }
+        self.zero = ShardedAdamW(self.named, rank, **hyper) if config.zero else None
+        self.optimizer: torch.optim.Optimizer | ShardedAdamW = self.zero or optim.build_optimizer(
+            self.named, **hyper
         )
         self.schedule = optim.LRSchedule(config.lr, config.warmup, config.steps, config.min_lr_ratio)
         position = state.Position()
         if config.checkpoint_dir is not None:
             if self.pipeline is not None:
+                assert isinstance(self.optimizer, torch.optim.Optimizer)  # --zero is refused with P > 1
                 position, meta = pipeline_state.resume(
                     config.checkpoint_dir, self.layout, rank, self.pipeline.chunks, self.optimizer, self.named
                 )
             else:
                 assert self.model is not None
                 position, meta = state.resume(
-                    config.checkpoint_dir, rank, self.model, self.optimizer, self.named
+                    config.checkpoint_dir,
+                    rank,
+                    self.model,
+                    self._load_optimizer,
+                    self.experts.checkpoint_rank,
+                    self.experts.rows,
                 )
             self._warn_changed(meta)
             if position.step and rank.is_leader:
@@ -107,6 +123,41 @@ class Trainer:
             config.timeline_jsonl if rank.is_leader else None,
             position.step,
             enabled=config.timeline_jsonl is not None,
+        )
+
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        if self.zero is not None:
+            self.zero.load(saved)
+            return
+        if "zero" in saved:
+            raise TrainError(
+                f"--checkpoint-dir {self.config.checkpoint_dir}: written with --zero 1; resume it with"
+                " --zero 1"
+            )
+        assert isinstance(self.optimizer, torch.optim.Optimizer)
+        optim.load_optimizer_state(self.optimizer, self.named, saved)
+
+    def _optimizer_state(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """(optim/ subtree of this rank's checkpoint, its sharded paths → dim)."""
+        if self.zero is not None:
+            return self.zero.state(), self.zero.shard_dims()
+        assert isinstance(self.optimizer, torch.optim.Optimizer)
+        saved = optim.optimizer_state(self.optimizer, self.named)
+        split = {name for name in saved if experts.is_expert_weight(name)} if self.experts.enabled else set()
+        dims = {f"model/{name}": 0 for name in split}
+        dims |= {f"optim/{name}/{key}": 0 for name in split for key in saved[name] if key != "step"}
+        return saved, dims
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank keeps."""
+        if self.zero is not None:
+            return self.zero.state_bytes()
+        assert isinstance(self.optimizer, torch.optim.Optimizer)
+        return sum(
+            t.numel() * t.element_size()
+            for per_param in self.optimizer.state.values()
+            for t in per_param.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0
         )
 
     def _warn_changed(self, meta: dict[str, Any]) -> None:
@@ -162,8 +213,18 @@ class Trainer:
                 result = losses(model, micro, cfg.seq_aux_alpha)
             (result.total / cfg.micro_batches).backward()
             sums += torch.stack([result.lm.detach(), result.balance.detach()]).double()
-        parallel.average_gradients(self.rank, self.params)
-        grad_norm = optim.clip_gradients(self.params, cfg.grad_clip)
+        if self.zero is not None:
+            self.zero.reduce_gradients()
+            grad_norm = self.zero.clip(cfg.grad_clip)
+        elif self.experts.enabled:
+            parallel.average_gradients(self.rank, self.replicated)
+            experts.reduce_expert_gradients(self.experts, self.sharded)
+            grad_norm = optim.clip_gradients(
+                self.replicated, cfg.grad_clip, self.sharded, self.experts.all_reduce_over_group
+            )
+        else:
+            parallel.average_gradients(self.rank, self.params)
+            grad_norm = optim.clip_gradients(self.params, cfg.grad_clip)
         self.optimizer.step()
         balance.update_bias(model, cfg.bias_update_speed, lambda t: parallel.all_reduce_sum(self.rank, t))
         sums /= cfg.micro_batches
@@ -206,8 +267,11 @@ class Trainer:
             "globalBatch": self.loader.global_batch,
             "world": self.rank.world,
             "pipeline": self.config.pipeline,
+            "expertParallel": self.config.expert_parallel,
+            "zero": self.config.zero,
         }
         if self.pipeline is not None:
+            assert isinstance(self.optimizer, torch.optim.Optimizer)
             pipeline_state.prune(
                 self.config.checkpoint_dir,
                 self.layout,
@@ -225,17 +289,19 @@ class Trainer:
                 self.position,
                 meta,
             )
-        else:
+        elif self.experts.saves:  # with EP, expert group 0 holds every weight once
             assert self.model is not None
+            optim_state, sharded = self._optimizer_state()
             tensors, shard_dims = state.state_dict(
-                self.model, self.optimizer, self.named, self.position, meta, self.rank.device
+                self.model, optim_state, self.position, meta, self.rank.device, sharded
             )
+            ckpt_rank, ckpt_world = self.experts.checkpoint_rank
             self.pending = checkpoint.save_async(
                 self.config.checkpoint_dir,
                 tensors,
                 self.position.step,
-                rank=self.rank.rank,
-                world=self.rank.world,
+                rank=ckpt_rank,
+                world=ckpt_world,
                 shard_dims=shard_dims,
                 keep_last=self.config.keep or None,
             )
