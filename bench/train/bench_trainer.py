@@ -103,11 +103,10 @@ def peer_loop(model_dir: Path, data: np.ndarray, args: argparse.Namespace) -> li
     AdamW on FP32 weights; no data loader, clipping, balancing, logging or checkpoints."""
     from fireflyer.workloads.model.loader import load_model
     from fireflyer.workloads.train.forward import losses
+    from fireflyer.workloads.train.optim import trainable_parameters
 
     model = load_model(model_dir, device=torch.device("cuda"), dtype=torch.float32)
-    params = [p for p in model.parameters() if p.dtype.is_floating_point]
-    for p in params:
-        p.requires_grad_(True)
+    params = [p for _, p in trainable_parameters(model)]  # the trainer's set of trained weights
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     window = torch.from_numpy(data[: args.seq_len + 1].astype(np.int64)).cuda()[None]
     times = []
