@@ -3,13 +3,14 @@ against the same model stepped by a plain torch loop in the same run; then the r
 process start to the first step after a restart (against a fresh start: the difference is the
 checkpoint load) and the checkpoint load rate against the disk's raw read rate on the same files.
 
-Usage: python bench/train/bench_trainer.py [--layers 2] [--experts 32] [--seq-len 4096]
+Usage: python bench/train/bench_trainer.py [--layers 2] [--experts 8] [--vocab 32768] [--seq-len 4096]
            [--micro-batches 2] [--steps 6] [--workdir DIR] [--json FILE]
 
 The model: hidden 7168, 128 MLA heads, MoE intermediate 2048, top-8, the first layer dense
-(intermediate 18432), `--experts` routed experts (256 in V3; fewer so that FP32 master weights and
-AdamW state fit one GPU beside the peer). FLOPs per token = 6 × activated parameters (every
-non-expert weight, the shared expert and top-k routed experts) + causal attention
+(intermediate 18432), `--experts` routed experts (256 in V3) and a `--vocab` of 32768 (129280 in
+V3): fewer, so that the FP32 weights, AdamW state and two checkpoints of them fit one GPU host.
+FLOPs per token = 6 × activated parameters (every non-expert weight, the shared expert and top-k
+routed experts) + causal attention
 3 · layers · heads · (192 + 128) · seq_len; MFU against 989 TFLOPS (H100/H200 dense BF16).
 """
 
@@ -80,7 +81,7 @@ def run_trainer(
         "--model", str(model), "--data", str(data), "--steps", str(steps),
         "--micro-batches", str(args.micro_batches), "--seq-len", str(args.seq_len),
         "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(args.steps),
-        "--log-jsonl", str(log), "--device", "cuda",
+        "--keep", "1", "--log-jsonl", str(log), "--device", "cuda",
     ]  # fmt: skip
     started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,7 +142,8 @@ def raw_read_rate(directory: Path) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
