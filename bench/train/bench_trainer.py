@@ -80,9 +80,10 @@ def run_trainer(
         sys.executable, "-m", "fireflyer.workloads.train",
         "--model", str(model), "--data", str(data), "--steps", str(steps),
         "--micro-batches", str(args.micro_batches), "--seq-len", str(args.seq_len),
-        "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(args.steps),
-        "--keep", "1", "--log-jsonl", str(log), "--device", "cuda",
+        "--log-jsonl", str(log), "--device", "cuda",
     ]  # fmt: skip
+    if not args.skip_resume:
+        command += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", str(args.steps), "--keep", "1"]
     started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first_step = None
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--workdir")
+    parser.add_argument("--skip-resume", action="store_true", help="no checkpoints: throughput only")
     parser.add_argument("--json")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trainer-"))
@@ -179,10 +181,7 @@ def main() -> None:
     step_tokens = args.micro_batches * args.seq_len
     per_token = flops_per_token(config, args.seq_len)
 
-    read_rate, ckpt_bytes = raw_read_rate(ckpt)
-    resume_first_step = run_trainer(model, data, ckpt, log, args, args.steps + 1)
-    resumed = json.loads(log.read_text().splitlines()[-1])
-    result = {
+    result: dict[str, Any] = {
         "device": props.name,
         "config": {
             k: config[k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts", "vocab_size")
@@ -196,16 +195,22 @@ def main() -> None:
         "peer_tokens_per_s": step_tokens / statistics.median(peer[1:]),
         "trainer_mfu": step_tokens * per_token / statistics.median(ours) / PEAK_BF16_FLOPS,
         "peer_mfu": step_tokens * per_token / statistics.median(peer[1:]) / PEAK_BF16_FLOPS,
-        "checkpoint_bytes": ckpt_bytes,
-        "raw_read_GBps": read_rate / 1e9,
         "fresh_start_to_first_step_s": fresh_first_step,
-        "resume_start_to_first_step_s": resume_first_step,
-        # The resumed start differs from the fresh one by the checkpoint load (same model load, same
-        # warm-up), so its rate is the checkpoint's bytes over that difference.
-        "checkpoint_load_GBps": ckpt_bytes / max(resume_first_step - fresh_first_step, 1e-9) / 1e9,
-        "resume_first_step_seconds": resumed["seconds"],
-        "resumed_step": resumed["step"],
     }
+    if not args.skip_resume:
+        read_rate, ckpt_bytes = raw_read_rate(ckpt)
+        resume_first_step = run_trainer(model, data, ckpt, log, args, args.steps + 1)
+        resumed = json.loads(log.read_text().splitlines()[-1])
+        result |= {
+            "checkpoint_bytes": ckpt_bytes,
+            "raw_read_GBps": read_rate / 1e9,
+            "resume_start_to_first_step_s": resume_first_step,
+            # The resumed start differs from the fresh one by the checkpoint load (same model load,
+            # same warm-up), so its rate is the checkpoint's bytes over that difference.
+            "checkpoint_load_GBps": ckpt_bytes / max(resume_first_step - fresh_first_step, 1e-9) / 1e9,
+            "resume_first_step_seconds": resumed["seconds"],
+            "resumed_step": resumed["step"],
+        }
     for key, value in result.items():
         print(f"{key}: {value}", flush=True)
     if args.json:
