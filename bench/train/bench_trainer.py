@@ -3,12 +3,13 @@ against the same model stepped by a plain torch loop in the same run; then the r
 process start to the first step after a restart (against a fresh start: the difference is the
 checkpoint load) and the checkpoint load rate against the disk's raw read rate on the same files.
 
-Usage: python bench/train/bench_trainer.py [--layers 2] [--experts 8] [--vocab 32768] [--seq-len 4096]
+Usage: python bench/train/bench_trainer.py [--layers 2] [--experts 8] [--seq-len 4096]
            [--micro-batches 2] [--steps 6] [--workdir DIR] [--json FILE]
 
 The model: hidden 7168, 128 MLA heads, MoE intermediate 2048, top-8, the first layer dense
-(intermediate 18432), `--experts` routed experts (256 in V3) and a `--vocab` of 32768 (129280 in
-V3): fewer, so that the FP32 weights, AdamW state and two checkpoints of them fit one GPU host.
+(intermediate 18432), V3's vocabulary (129280), `--experts` routed experts (256 in V3; fewer, so
+that the FP32 weights and AdamW state fit one GPU; two checkpoints of 2 layers with 8 experts, about
+49 GB each, need more disk than a 64 GiB GPU host has: run the resume part where they fit).
 FLOPs per token = 6 × activated parameters (every non-expert weight, the shared expert and top-k
 routed experts) + causal attention
 3 · layers · heads · (192 + 128) · seq_len; MFU against 989 TFLOPS (H100/H200 dense BF16).
@@ -144,7 +145,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
