@@ -8,8 +8,9 @@ Usage: python bench/train/bench_trainer.py [--layers 2] [--experts 8] [--seq-len
 
 The model: hidden 7168, 128 MLA heads, MoE intermediate 2048, top-8, the first layer dense
 (intermediate 18432), V3's vocabulary (129280), `--experts` routed experts (256 in V3; fewer, so
-that the FP32 weights and AdamW state fit one GPU; two checkpoints of 2 layers with 8 experts, about
-49 GB each, need more disk than a 64 GiB GPU host has: run the resume part where they fit).
+that the FP32 weights and AdamW state fit one GPU; two checkpoints of 2 layers with 8 experts (FP32 weights
+and both AdamW moments, about 34 GB each) need more disk than a 64 GiB GPU host has: run the resume
+part where they fit).
 FLOPs per token = 6 × activated parameters (every non-expert weight, the shared expert and top-k
 routed experts) + causal attention
 3 · layers · heads · (192 + 128) · seq_len; MFU against 989 TFLOPS (H100/H200 dense BF16).
