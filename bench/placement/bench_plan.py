@@ -1,6 +1,7 @@
-"""Planning time of the gang planner on the 256-node `deepseek` topology.
+"""Planning time of the gang planner on the 256-node `deepseek` topology, or on a generated
+fabric of --nodes nodes (spines × leaves × 8 nodes, e.g. 2048 = 16 × 16 × 8).
 
-Usage: python bench/placement/bench_plan.py [--repeat N]
+Usage: python bench/placement/bench_plan.py [--repeat N] [--nodes 2048]
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from fireflyer.placement import UnitRequest, build_topology, plan_units
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--nodes", type=int, default=0, help="a generated fabric of this size")
     args = parser.parse_args()
-    nodes = dev_topology.nodes(dev_topology.load("deepseek"))
+    shape = (
+        dev_topology.Topology.model_validate(dev_topology.fabric_topology(args.nodes))
+        if args.nodes
+        else dev_topology.load("deepseek")
+    )
+    nodes = dev_topology.nodes(shape)
     for node in nodes:
         node["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
     # Half the cluster busy with scattered 8-GPU pods, so that the planner has to search.

@@ -122,7 +122,7 @@ def crd(kind: Kind) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, **({"scale": kind.scale} if kind.scale else {})},
                     "additionalPrinterColumns": kind.printer_columns,
                     "schema": {"openAPIV3Schema": openapi_schema(kind)},
                 }

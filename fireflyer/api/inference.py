@@ -62,6 +62,72 @@ class Parallelism(ApiModel):
     """Expert-parallel size: the GPUs one unit spreads its experts over."""
 
 
+Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+_CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class ScheduleWindow(ApiModel):
+    """A daily window (in autoscaling.timeZone) with its own unit bounds, e.g. the day peak."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.minUnits) || !has(self.maxUnits) || self.minUnits <= self.maxUnits",
+                "schedule window minUnits must not exceed maxUnits",
+                ".minUnits",
+            ),
+            cel("self.start != self.end", "schedule window start and end must differ", ".end"),
+        )
+    )
+
+    start: str = Field(pattern=_CLOCK)
+    """Local time the window opens, HH:MM."""
+    end: str = Field(pattern=_CLOCK)
+    """Local time it closes, HH:MM (exclusive); earlier than start: the window runs past midnight."""
+    days: list[Weekday] = Field(default_factory=list, max_length=7)
+    """Days on which the window opens (an overnight window belongs to the day it opens); empty:
+    every day."""
+    min_units: int | None = Field(default=None, ge=0, le=1024)
+    """Lower bound while the window is open (default: autoscaling.minUnits)."""
+    max_units: int | None = Field(default=None, ge=0, le=1024)
+    """Upper bound while the window is open (default: autoscaling.maxUnits)."""
+
+
+class Autoscaling(ApiModel):
+    """The built-in autoscaler of a role: whole units, from a metric the units export."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.minUnits <= self.maxUnits", "autoscaling.minUnits must not exceed maxUnits", ".minUnits"
+            ),
+        )
+    )
+
+    metric: Literal["queueTime", "kvBlockUsage", "tokensPerSecondPerUnit"]
+    """queueTime: mean seconds a request waits before its first token at the router;
+    kvBlockUsage: mean fraction of KV-cache blocks in use per unit; tokensPerSecondPerUnit: mean
+    generated tokens per second per unit."""
+    target: float = Field(ge=1e-6)
+    """The metric value one unit should run at; units = ceil(units × value / target)."""
+    min_units: int = Field(default=1, ge=0, le=1024)
+    """Fewest units outside schedule windows."""
+    max_units: int = Field(ge=0, le=1024)
+    """Most units outside schedule windows."""
+    tolerance: float = Field(default=0.1, ge=0, le=1)
+    """No change while value / target is within 1 ± tolerance (no flapping around the target)."""
+    scale_up_stabilization_seconds: int = Field(default=0, ge=0, le=86400)
+    """Scale up only to the lowest recommendation of this window."""
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400)
+    """Scale down only to the highest recommendation of this window."""
+    interval_seconds: int = Field(default=30, ge=5, le=3600)
+    """How often the metric is read and a decision taken."""
+    time_zone: str = Field(default="UTC", min_length=1, max_length=64)
+    """IANA time zone of the schedule windows, e.g. Asia/Shanghai."""
+    schedule: list[ScheduleWindow] = Field(default_factory=list, max_length=16)
+    """Windows with their own bounds; the first open one applies."""
+
+
 class Role(ApiModel):
     """One role (prefill or decode): identical units, each placed whole on the fabric."""
 
@@ -81,7 +147,8 @@ class Role(ApiModel):
     )
 
     units: int = Field(default=1, ge=0, le=1024)
-    """Number of units of this role."""
+    """Number of units of this role: the intent; the role's InferenceRoleScaler holds the live
+    value (kubectl scale, an HPA, autoscaling), reset to this whenever it changes."""
     nodes_per_unit: int = Field(ge=1, le=1024)
     """Nodes in one unit (DeepSeek-V3: prefill 4, decode 18)."""
     gpus_per_node: int = Field(default=8, ge=1, le=16)
@@ -97,6 +164,9 @@ class Role(ApiModel):
         default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
     """Extra pod resources (requests/limits). GPU and RDMA requests are added by the operator."""
+    autoscaling: Autoscaling | None = None
+    """The built-in autoscaler (off when absent): it sets the live units through the role's
+    InferenceRoleScaler."""
 
 
 class Router(ApiModel):
@@ -235,6 +305,17 @@ class UnitStatus(ApiModel):
     """When avoidNodes expire (RFC 3339)."""
 
 
+class AutoscalerStatus(ApiModel):
+    desired_units: int = Field(ge=0)
+    """The units the autoscaler last decided on."""
+    reason: str = ""
+    """Why, in words (metric, ratio, bounds, stabilisation)."""
+    metric_value: float | None = None
+    """The metric value that decision read (absent: no value)."""
+    last_scale_time: str | None = None
+    """When the autoscaler last changed the units (RFC 3339)."""
+
+
 class RoleStatus(ApiModel):
     units: int = 0
     ready_units: int = 0
@@ -247,6 +328,8 @@ class RoleStatus(ApiModel):
     """Mean over layers of mean GPU load / max GPU load for the current placement."""
     last_rebalance_check: str | None = None
     """When the EPLB controller last collected load for this role (RFC 3339)."""
+    autoscaler: AutoscalerStatus | None = None
+    """The built-in autoscaler's last decision (autoscaling set)."""
 
 
 class InferenceDeploymentStatus(StatusBase):

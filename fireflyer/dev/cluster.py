@@ -19,6 +19,7 @@ from fireflyer.dev import build, pki, processes, topology, volumes
 DEFAULT_STATE_DIR = Path(".fireflyer") / "dev"
 DEFAULT_PORT_BASE = 26380
 STAGES_FILE = build.REPO_ROOT / "hack" / "kwok" / "stages.yaml"
+LARGE_FABRIC_NODES = 256  # above this, node leases are renewed and judged less often
 # Seconds before pods on a NotReady node are evicted. Real clusters default to 300; the dev
 # cluster shortens it so that node-failure behaviour is observable in tests and demos.
 NOT_READY_TOLERATION_SECONDS = 15
@@ -67,6 +68,8 @@ class State:
     """Nodes whose pods run as processes on this machine (fireflyer.dev.runtime)."""
     play_threefs: bool = False
     """The runtime also plays the 3FS admin Jobs of the simulated nodes (a simulated 3FS)."""
+    node_count: int = 0
+    """Simulated nodes of the topology."""
 
     @property
     def network_index(self) -> int:
@@ -199,7 +202,9 @@ def _component_args(state: State, name: str) -> list[str]:
             f"--cluster-signing-cert-file={k / 'ca.crt'}",
             f"--cluster-signing-key-file={k / 'ca.key'}",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
-            "--node-monitor-grace-period=20s",
+            # kwok renews about a dozen leases a second on two shared cores: a large fabric renews
+            # less often and gets minutes before a late renewal reads as a lost node.
+            f"--node-monitor-grace-period={20 if state.node_count <= LARGE_FABRIC_NODES else 600}s",
             "--node-monitor-period=2s",
             "--kube-api-qps=200",
             "--kube-api-burst=400",
@@ -222,7 +227,7 @@ def _component_args(state: State, name: str) -> list[str]:
             f"--config={STAGES_FILE}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={topology.KWOK_ANNOTATION}=fake",
-            "--node-lease-duration-seconds=40",
+            f"--node-lease-duration-seconds={40 if state.node_count <= LARGE_FABRIC_NODES else 600}",
             "--cidr=10.244.0.0/16",
             "--node-ip=10.240.0.1",
             f"--server-address=127.0.0.1:{p.kwok}",
@@ -290,6 +295,7 @@ def up(
         started_at=time.time(),
         local_nodes=local_nodes,
         play_threefs=play_threefs,
+        node_count=topo.node_count,
     )
     pki_dir = state_dir / "pki"
     pki.generate(pki_dir)
@@ -329,7 +335,7 @@ def up(
         _wait(
             f"{topo.node_count} simulated nodes to be Ready and untainted",
             lambda: _ready_nodes(state) >= topo.node_count,
-            120,
+            max(120.0, 0.25 * topo.node_count),  # kwok readies a few nodes per second on 2 cores
             state,
             "kwok",
         )

@@ -17,7 +17,7 @@ def render() -> str:
     helm = build.ensure_binaries() / "helm"
     result = subprocess.run(
         # One replica: a kustomize apply cannot create the kopf peering object in the same pass
-        # as its CRD; Helm (CRDs first) installs two replicas with peering.
+        # as its CRD; Helm (CRDs first) installs two replicas with peering. No uninstall hook.
         [
             str(helm),
             "template",
@@ -28,6 +28,10 @@ def render() -> str:
             "--skip-crds",
             "--set",
             "replicas=1",
+            # kustomize has no pre-delete hook: applied as is, the Job would delete every
+            # ThreeFSCluster at install time (docs/threefs.md, "Uninstalling").
+            "--set",
+            "threefs.deleteOnUninstall=false",
         ],
         capture_output=True,
         text=True,

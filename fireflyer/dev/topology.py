@@ -187,3 +187,27 @@ def nodes(topology: Topology) -> list[dict[str, Any]]:
             )
             index += 1
     return result
+
+
+def fabric_topology(nodes: int, nodes_per_leaf: int = 8) -> dict[str, Any]:
+    """A topology file's content for `nodes` 8-GPU H800 nodes under one core: as many spines as
+    leaves per spine, or twice as many leaves (2048 nodes = 16 spines × 16 leaves × 8 nodes)."""
+    leaves, rest = divmod(nodes, nodes_per_leaf)
+    if rest or leaves < 1 or leaves & (leaves - 1):
+        raise TopologyError(f"{nodes} nodes: need {nodes_per_leaf} × a power of two")
+    spines = 1 << (leaves.bit_length() - 1) // 2
+    return {
+        "name": f"fabric-{nodes}",
+        "fabric": {
+            "levels": ["core", "spine", "leaf"],
+            "fanout": [1, spines, leaves // spines],
+            "nodesPerLeaf": nodes_per_leaf,
+        },
+        "node": {
+            "namePrefix": "h800",
+            "cpu": "224",
+            "memory": "2Ti",
+            "gpu": {"product": "NVIDIA-H800", "count": 8},
+            "rdma": {"resource": "rdma/ib", "nics": 8, "railOptimized": True},
+        },
+    }

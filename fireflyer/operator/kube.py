@@ -4,15 +4,18 @@ status patches. Synchronous (kopf runs sync handlers in its thread pool)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from fireflyer.operator import labels as L
+from fireflyer.operator.metrics import API_REQUESTS
 
 __all__ = [
     "FIELD_MANAGER",
@@ -26,7 +29,9 @@ __all__ = [
     "list_",
     "patch",
     "patch_status",
+    "set_cache",
     "set_scope",
+    "watch",
 ]
 
 FIELD_MANAGER = "fireflyer-operator"
@@ -52,6 +57,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "ThreeFSCluster": ("/apis/fireflyer.dev/v1alpha1", "threefsclusters", True),
     "TrainingJob": ("/apis/fireflyer.dev/v1alpha1", "trainingjobs", True),
     "ExpertPlacement": ("/apis/fireflyer.dev/v1alpha1", "expertplacements", True),
+    "InferenceRoleScaler": ("/apis/fireflyer.dev/v1alpha1", "inferencerolescalers", True),
 }
 
 _lock = threading.Lock()
@@ -70,6 +76,27 @@ FILTERED_WATCHES = (
     ("apps", "v1", "deployments"),
     ("apps", "v1", "daemonsets"),
 )
+
+
+class CacheHooks(NamedTuple):
+    """What the informers (fireflyer.operator.cache) answer and learn."""
+
+    serve: Callable[[str, str | None, str | None], list[dict[str, Any]] | None]
+    """kind, namespace, selector → the list, or None: ask the API server."""
+    current: Callable[[str, str | None, str], dict[str, Any] | None]
+    """kind, namespace, name → the object held, or None."""
+    written: Callable[[Mapping[str, Any]], None]
+    """An object as the API server answered a write of it."""
+
+
+_cache: CacheHooks | None = None
+# What this process last applied, by (kind, namespace, name) → (digest, resourceVersion answered).
+_applied: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+
+def set_cache(hooks: CacheHooks | None) -> None:
+    global _cache
+    _cache = hooks
 
 
 def set_scope(namespace: str | None) -> None:
@@ -94,7 +121,11 @@ def api_client() -> client.ApiClient:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        return client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        # One connection per thread that may call at once (kopf's workers, the debouncers, the
+        # informers' watches): with fewer, each burst opens and discards TLS connections.
+        configuration.connection_pool_maxsize = 64
+        return client.ApiClient(configuration)
 
 
 def _path(kind: str, namespace: str | None = None, name: str | None = None, sub: str = "") -> str:
@@ -118,7 +149,11 @@ def _call(
     body: Any = None,
     query: list[tuple[str, str]] | None = None,
     content_type: str = "application/json",
+    timeout: float | tuple[float, float] = 60,
+    stream: bool = False,
 ) -> Any:
+    """stream: the open response, unread (a watch)."""
+    API_REQUESTS.labels("WATCH" if stream else method).inc()
     api = api_client()
     # The client serialises bodies of JSON content types itself; others must arrive as text.
     data = body if "json" in content_type or body is None else json.dumps(body)
@@ -131,8 +166,10 @@ def _call(
         auth_settings=["BearerToken"],
     )
     response = api.call_api(
-        method, url, header_params=headers, body=payload, post_params=post, _request_timeout=60
+        method, url, header_params=headers, body=payload, post_params=post, _request_timeout=timeout
     )
+    if stream:
+        return response
     response.read()
     if not 200 <= response.status < 300:
         raise ApiException(http_resp=response)
@@ -142,8 +179,17 @@ def _call(
 
 def apply(obj: dict[str, Any]) -> dict[str, Any]:
     """Server-side apply: re-applying the same object is a no-op; hand edits of fields we own
-    are reverted."""
+    are reverted. Skipped, with no request at all, when this process applied the same content
+    and the informer holds the object still at the version that apply produced (nobody has
+    changed it since)."""
     meta = obj["metadata"]
+    key = (obj["kind"], meta.get("namespace") or "", meta["name"])
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    last = _applied.get(key)
+    if _cache is not None and last is not None and last[0] == digest:
+        held = _cache.current(obj["kind"], meta.get("namespace"), meta["name"])
+        if held is not None and held["metadata"].get("resourceVersion") == last[1]:
+            return held
     path = _path(obj["kind"], meta.get("namespace"), meta["name"])
     result: dict[str, Any] = _call(
         "PATCH",
@@ -152,10 +198,20 @@ def apply(obj: dict[str, Any]) -> dict[str, Any]:
         [("fieldManager", FIELD_MANAGER), ("force", "true")],
         "application/apply-patch+yaml",
     )
+    if result:
+        _applied[key] = (digest, str(result.get("metadata", {}).get("resourceVersion", "")))
+        if _cache is not None:
+            _cache.written(result)
     return result
 
 
 def get(kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    """From an informer when it holds the object (ours, as recent as its watch), else from the
+    API server."""
+    if _cache is not None:
+        held = _cache.current(kind, namespace or _scope, name)
+        if held is not None:
+            return held
     try:
         result: dict[str, Any] = _call("GET", _path(kind, namespace, name))
         return result
@@ -166,9 +222,51 @@ def get(kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | 
 
 
 def list_(kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+    """Answered by an informer where one holds what is asked (whole-cluster pods, nodes, our
+    StatefulSets), else by the API server."""
+    if _cache is not None:
+        cached = _cache.serve(kind, namespace or _scope, selector)
+        if cached is not None:
+            return cached
+    return list_with_version(kind, selector, namespace)[0]
+
+
+def list_with_version(
+    kind: str, selector: str | None = None, namespace: str | None = None
+) -> tuple[list[dict[str, Any]], str]:
+    """The items from the API server and the list's resourceVersion (to watch from)."""
     query = [("labelSelector", selector)] if selector else []
-    items: list[dict[str, Any]] = _call("GET", _path(kind, namespace), query=query)["items"]
-    return items
+    body = _call("GET", _path(kind, namespace), query=query)
+    items: list[dict[str, Any]] = body["items"]
+    for item in items:  # a list's items carry no kind; the informers key writes by it
+        item.setdefault("kind", kind)
+    return items, str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def watch(
+    kind: str, version: str, selector: str | None = None, seconds: int = 240
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(type, object) events of `kind` after `version` (across the operator's scope), until the
+    server ends the watch after about `seconds`."""
+    query = [("watch", "true"), ("resourceVersion", version), ("allowWatchBookmarks", "true")]
+    query += [("timeoutSeconds", str(seconds))]
+    if selector:
+        query.append(("labelSelector", selector))
+    response = _call("GET", _path(kind), query=query, timeout=(30, seconds + 30), stream=True)
+    try:
+        if not 200 <= response.status < 300:
+            response.read()
+            raise ApiException(http_resp=response)
+        pending = b""
+        for chunk in response.response.stream(65536, decode_content=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    event = json.loads(line)
+                    yield event["type"], event["object"]
+    finally:
+        response.response.release_conn()
 
 
 def delete(

@@ -5,18 +5,43 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import sys
+import threading
+import time
+from types import FrameType
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
 from fireflyer.api.base import GROUP
-from fireflyer.operator import kube
+from fireflyer.operator import cache, kube
 from fireflyer.operator import labels as L
+from fireflyer.operator.locks import STOPPING
 
 FIELD_MANAGER = "fireflyer-operator"
 PEERING_NAME = "fireflyer"
 log = logging.getLogger(__name__)
+# From SIGTERM to exit: kopf's own shutdown gets this long, then the process ends regardless (a
+# reconcile caught mid-way is repeated by the next operator: every write is idempotent).
+SHUTDOWN_GRACE_SECONDS = 7.0
+
+
+class QuietEventHandlers(logging.Filter):
+    """Drops kopf's line for each successful run of a watch-event handler: with thousands of
+    nodes sending heartbeats, those lines were most of the log and much of its cost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Handler 'on_") and message.endswith("_event' succeeded."))
+
+
+class SignalsAreOurs(logging.Filter):
+    """kopf, run off the main thread, warns that it ignores signals: run() handles them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("OS signals are ignored")
 
 
 @kopf.on.startup()
@@ -37,6 +62,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = int(os.environ.get("FIREFLYER_WORKERS", "16"))
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     kube.configure_watches(settings)
+    logging.getLogger("kopf.objects").addFilter(QuietEventHandlers())
+    cache.start()
+
+
+@kopf.on.cleanup()
+async def stop_informers(**_: Any) -> None:
+    STOPPING.set()
+    cache.stop()
 
 
 def load_controllers() -> None:
@@ -80,12 +113,46 @@ def run(namespace: str | None, metrics_port: int, health_port: int, standalone: 
     if metrics_port:
         start_http_server(metrics_port)
     kopf.configure(verbose=bool(os.environ.get("FIREFLYER_VERBOSE")))
-    kopf.run(
-        clusterwide=namespace is None,
-        namespaces=[namespace] if namespace else (),
-        standalone=standalone,
-        peering_name=None if standalone else PEERING_NAME,
-        # Distinct priorities let one replica lead and the other wait (kopf peering).
-        priority=random.randint(1, 1_000_000),
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        STOPPING.set()  # queued reconciles give up at once (fireflyer.operator.locks)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # kopf runs in a thread so that the stop flag, not kopf's own signal handling, ends it: the
+    # main thread sets it, and bounds how long the shutdown may take.
+    operator = threading.Thread(
+        target=kopf.run,
+        name="kopf",
+        daemon=True,
+        kwargs={
+            "clusterwide": namespace is None,
+            "namespaces": [namespace] if namespace else (),
+            "standalone": standalone,
+            "peering_name": None if standalone else PEERING_NAME,
+            # Distinct priorities let one replica lead and the other wait (kopf peering).
+            "priority": random.randint(1, 1_000_000),
+            "liveness_endpoint": f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+            "stop_flag": stop,
+        },
     )
+    logging.getLogger("kopf._core.reactor.running").addFilter(SignalsAreOurs())
+    operator.start()
+    while operator.is_alive() and not stop.is_set():
+        operator.join(0.5)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+    while operator.is_alive() and time.monotonic() < deadline:
+        operator.join(0.2)
+    if operator.is_alive():
+        log.warning("kopf did not stop within %.0f s; exiting anyway", SHUTDOWN_GRACE_SECONDS)
+    STOPPING.set()
+    cache.stop()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not a normal interpreter exit: that joins every worker thread of kopf's executor, and
+    # threads blocked in API calls would hold it for up to their timeout.
+    os._exit(0 if stop.is_set() else 1)

@@ -32,6 +32,16 @@ PLAN_SECONDS = Histogram(
     ["kind"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+API_REQUESTS = Counter(
+    "fireflyer_api_requests_total",
+    "Requests the controllers sent to the API server (kopf's own watches and patches aside), by verb",
+    ["verb"],
+)
+CACHE_OBJECTS = Gauge(
+    "fireflyer_cache_objects",
+    "Objects held by the operator's informers (fireflyer.operator.cache), by kind",
+    ["kind"],
+)
 UNIT_RECREATIONS = Counter(
     "fireflyer_unit_recreations_total",
     "Inference units whose pods the operator deleted to recreate the unit whole, by reason",

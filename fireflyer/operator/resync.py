@@ -13,6 +13,8 @@ import random
 import threading
 from collections.abc import Callable, Hashable
 
+from fireflyer.operator.locks import STOPPING, OperatorStopping
+
 log = logging.getLogger(__name__)
 
 
@@ -47,12 +49,16 @@ class Resync:
     def _fire(self, key: Hashable, run: Callable[[], bool]) -> None:
         with self._lock:
             self._armed.pop(key, None)
+        if STOPPING.is_set():
+            return
         try:
             keep = run()
+        except OperatorStopping:
+            return
         except Exception:
             log.exception("%s of %s failed; trying again in %.0f s", self.name, key, self.interval)
             keep = True
-        if keep:
+        if keep and not STOPPING.is_set():
             self.arm(key, run)
 
     def cancel_all(self) -> None:

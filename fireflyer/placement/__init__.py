@@ -2,7 +2,7 @@
 Pure functions, no I/O."""
 
 from fireflyer.placement.planner import PlacementPlan, UnitPlacement, UnitRequest, plan_units
-from fireflyer.placement.topology import ClusterTopology, NodeInfo, build_topology
+from fireflyer.placement.topology import ClusterTopology, NodeInfo, build_topology, pod_node
 
 __all__ = [
     "ClusterTopology",
@@ -12,4 +12,5 @@ __all__ = [
     "UnitRequest",
     "build_topology",
     "plan_units",
+    "pod_node",
 ]

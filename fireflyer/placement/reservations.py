@@ -4,11 +4,12 @@ bind a moment later. Until they do, nobody else may plan onto those GPUs. Pure."
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fireflyer.placement.pinning import HOSTNAME
-from fireflyer.placement.topology import GPU_RESOURCE, parse_quantity
+from fireflyer.placement.topology import GPU_RESOURCE, parse_quantity, pod_node
 
 
 def planned_nodes(workload: Mapping[str, Any]) -> list[str]:
@@ -57,11 +58,17 @@ def reservations(
     """node → (GPUs, RDMA devices) reserved by planned nodes that have no bound pod of their
     workload yet. A pod belongs to a workload when it is in its namespace and carries its
     selector's matchLabels (a Job's selector is its controller-uid)."""
-    bound: list[tuple[str | None, dict[str, str], str]] = [
-        (p["metadata"].get("namespace"), p["metadata"].get("labels") or {}, p["spec"]["nodeName"])
-        for p in pods
-        if p.get("spec", {}).get("nodeName")
-    ]
+    # Bound pods by (namespace, label, value): a workload's pods are found through its rarest
+    # selector label, not by scanning every pod for every workload (thousands of each at scale).
+    bound: dict[tuple[str | None, str, str], list[tuple[Mapping[str, str], str]]] = defaultdict(list)
+    for p in pods:
+        node = pod_node(p)
+        if not node:
+            continue
+        meta = p.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        for key, value in labels.items():
+            bound[(meta.get("namespace"), key, value)].append((labels, node))
     reserved: dict[str, tuple[int, int]] = {}
     for workload in workloads:
         if _finished(workload):
@@ -72,11 +79,8 @@ def reservations(
             continue
         gpus = _per_pod(workload, GPU_RESOURCE)
         rdma = _per_pod(workload, rdma_resource)
-        taken = {
-            node
-            for ns, labels, node in bound
-            if ns == namespace and all(labels.get(k) == v for k, v in selector.items())
-        }
+        candidates = min((bound.get((namespace, k, v), []) for k, v in selector.items()), key=len)
+        taken = {node for labels, node in candidates if all(labels.get(k) == v for k, v in selector.items())}
         for node in planned_nodes(workload):
             if node not in taken:
                 g, r = reserved.get(node, (0, 0))

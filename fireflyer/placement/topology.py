@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,33 +43,41 @@ def level_keys(profile: str, custom_keys: Sequence[str] = ()) -> dict[str, str]:
     return dict(PROFILES[profile])
 
 
+_SUFFIXES = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+}
+_SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)  # "Mi" before "M"
+
+
 def parse_quantity(value: str | int | float | None) -> float:
     """Kubernetes quantities as numbers (enough for counts, CPU and memory comparisons)."""
     if value is None:
         return 0.0
     if isinstance(value, int | float):
         return float(value)
-    text = str(value).strip()
-    suffixes = {
-        "Ki": 2**10,
-        "Mi": 2**20,
-        "Gi": 2**30,
-        "Ti": 2**40,
-        "Pi": 2**50,
-        "Ei": 2**60,
-        "n": 1e-9,
-        "u": 1e-6,
-        "m": 1e-3,
-        "k": 1e3,
-        "M": 1e6,
-        "G": 1e9,
-        "T": 1e12,
-        "P": 1e15,
-        "E": 1e18,
-    }
-    for suffix in sorted(suffixes, key=len, reverse=True):
+    return _parse_text(str(value).strip())
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_text(text: str) -> float:
+    # Few distinct quantities appear across thousands of nodes and pods: parse each once.
+    for suffix in _SUFFIX_ORDER:
         if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * suffixes[suffix]
+            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
     return float(text)
 
 
@@ -95,6 +104,11 @@ class ClusterTopology:
 
     def usable(self) -> list[NodeInfo]:
         return [n for n in self.nodes.values() if n.usable]
+
+
+def pod_node(pod: Mapping[str, Any]) -> str:
+    """The node a pod is bound to; "" while it is unscheduled (the key may be absent or null)."""
+    return str((pod.get("spec") or {}).get("nodeName") or "")
 
 
 def _requests(pod: Mapping[str, Any], resource: str) -> float:
@@ -135,7 +149,7 @@ def build_topology(
     used_gpu: dict[str, float] = {}
     used_rdma: dict[str, float] = {}
     for pod in pods:
-        node_name = pod.get("spec", {}).get("nodeName")
+        node_name = pod_node(pod)
         phase = pod.get("status", {}).get("phase")
         if not node_name or phase in ("Succeeded", "Failed"):
             continue

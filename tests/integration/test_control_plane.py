@@ -4,6 +4,7 @@ garbage collection, and node-failure eviction driven by the controller manager."
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -127,9 +128,17 @@ def test_not_ready_node_gets_its_pods_evicted(kube: Kube, cluster: Kube) -> None
             return any(t["key"] == "node.kubernetes.io/not-ready" for t in node["spec"].get("taints", []))
 
         wait_for("the node lifecycle controller to taint the node", tainted, timeout=60)
-        wait_for("the pod to be evicted", lambda: not kube.exists("pod", "doomed"), timeout=60)
+        wait_for(
+            "the pod to be evicted",
+            lambda: kube.get("pod", "doomed")["metadata"].get("deletionTimestamp"),
+            timeout=60,
+        )
+        # No kubelet confirms the end of a pod on a lost node: it stays Terminating.
+        time.sleep(3)
+        assert kube.exists("pod", "doomed")
     finally:
         faults.heal_node(cluster.kubeconfig, victim)
+    wait_for("the healed node to finish the deletion", lambda: not kube.exists("pod", "doomed"), timeout=30)
     wait_for(
         "the node to be Ready again",
         lambda: condition(cluster.get("node", victim, namespaced=False), "Ready")["status"] == "True",

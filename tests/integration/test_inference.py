@@ -128,6 +128,11 @@ def test_not_ready_node_recreates_the_unit_elsewhere(operator: Operator, kube: K
 
         after = wait_for("the unit to run again without the failed node", moved, timeout=60)
         assert not {p["metadata"]["uid"] for p in before} & {p["metadata"]["uid"] for p in after}
+        # The lost node's kubelet never confirms a deletion: only the operator's force delete
+        # (grace 0) frees the old unit pods, none is left Terminating there. (A router replica
+        # there is the Deployment's: Kubernetes evicts it after its toleration and starts another.)
+        on_victim = kube.get("pods", selector=f"fireflyer.dev/deployment={NAME},fireflyer.dev/role")["items"]
+        assert not [p["metadata"]["name"] for p in on_victim if p["spec"].get("nodeName") == victim]
         labels = _node_labels(cluster)
         assert len({labels[p["spec"]["nodeName"]][LEAF] for p in after}) == 1
         assert any(victim in m for m in _events(kube, "UnitRecreated"))
@@ -243,6 +248,11 @@ def test_changing_units_adds_and_removes_whole_units(operator: Operator, kube: K
     doc = _sample(decode={**SMALL["spec"]["decode"], "units": 0})
     kube.apply(doc)
     wait_for("Ready", lambda: _ready(kube), timeout=60)
+
+    def unit_uids(index: int) -> set[str]:
+        return {p["metadata"]["uid"] for p in _unit_pods(kube, "prefill", index)}
+
+    first = unit_uids(0)
     doc["spec"]["prefill"]["units"] = 2
     kube.apply(doc)
     wait_for(
@@ -250,6 +260,7 @@ def test_changing_units_adds_and_removes_whole_units(operator: Operator, kube: K
         lambda: (_ready(kube) or {}).get("status", {}).get("prefillReady") == "2/2",
         timeout=60,
     )
+    assert unit_uids(0) == first, "scaling up restarted the unit that was there"
     doc["spec"]["prefill"]["units"] = 1
     kube.apply(doc)
     wait_for(
@@ -257,7 +268,9 @@ def test_changing_units_adds_and_removes_whole_units(operator: Operator, kube: K
         lambda: not kube.exists("statefulset", f"{NAME}-prefill-1") and not _unit_pods(kube, "prefill", 1),
         timeout=60,
     )
-    assert len(_unit_pods(kube, "prefill", 0)) == 2
+    wait_for("Ready with one unit", lambda: _ready(kube), timeout=30)
+    assert unit_uids(0) == first, "scaling down restarted the unit that stays"
+    assert len(first) == 2
 
 
 def test_deletion_never_waits_for_the_operator(operator: Operator, kube: Kube) -> None:

@@ -40,6 +40,8 @@ NAMESPACED: Rules = {
     ("fireflyer.dev", "threefsclusters/status"): {"patch"},
     ("fireflyer.dev", "trainingjobs/status"): {"patch"},
     ("fireflyer.dev", "expertplacements/status"): {"patch"},
+    ("fireflyer.dev", "inferencerolescalers"): {"get", "list", "watch", "create", "patch"},
+    ("fireflyer.dev", "inferencerolescalers/status"): {"patch"},
     ("fireflyer.dev", "inferencedeployments/finalizers"): {"update"},
     ("fireflyer.dev", "threefsclusters/finalizers"): {"update"},
     ("fireflyer.dev", "trainingjobs/finalizers"): {"update"},

@@ -275,6 +275,16 @@ def test_a_placement_is_healthy_once_a_unit_runs_it() -> None:
     )
 
 
+# -- InferenceRoleScaler ---------------------------------------------------------------------------
+
+
+def test_a_role_scaler_is_healthy_once_its_units_are_ready() -> None:
+    scaler = {"metadata": {"name": "x-prefill"}, "spec": {"replicas": 2}, "status": {"replicas": 1}}
+    assert argocd_health("InferenceRoleScaler", scaler) == ("Progressing", "0/2 units ready, 1 planned")
+    scaler["status"] = {"replicas": 2, "readyReplicas": 2}
+    assert argocd_health("InferenceRoleScaler", scaler) == ("Healthy", "2/2 units ready")
+
+
 # -- the shipped files ------------------------------------------------------------------------------
 
 

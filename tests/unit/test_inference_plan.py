@@ -9,6 +9,7 @@ from typing import Any
 
 from fireflyer.dev import topology
 from fireflyer.operator import labels as L
+from fireflyer.operator.inference import recreation
 from fireflyer.operator.inference.plan import Observed, plan
 from tests.unit.test_inference_revision import SAMPLE
 
@@ -173,3 +174,114 @@ def test_pods_on_a_not_ready_node_are_deleted_without_grace() -> None:
             node["spec"]["unschedulable"] = True
     desired = plan(cr, Observed(nodes=nodes, pods=pods, statefulsets=sets, router=None, now=NOW))
     assert desired.force_delete == set()
+
+
+def _restarted_after_recreating_decode() -> tuple[
+    dict[str, Any], dict[str, dict[str, Any]], list[dict[str, Any]], str
+]:
+    """A decode unit recreated (its pod failed) by a process that then died: what the next
+    process sees — the StatefulSets as the last one applied them, fresh pods in the unit."""
+    cr, sets = _placed()
+    decode = next(s for n, s in sets.items() if "decode" in n)
+    unit = decode["metadata"]["name"]
+    old = _pods(decode, NOW - timedelta(minutes=30))
+    old[0]["status"]["phase"] = "Failed"
+    pods = [*old]
+    for sts in sets.values():
+        if sts is not decode:
+            pods += _pods(sts, NOW - timedelta(minutes=30))
+    first = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert "failed" in first.recreate[unit]
+    applied = {c["metadata"]["name"]: c for c in first.children if c["kind"] == "StatefulSet"}
+    fresh = [p for p in pods if not p["metadata"]["name"].startswith(unit)]
+    fresh += _pods(applied[unit], NOW + timedelta(seconds=3))
+    return cr, applied, fresh, unit
+
+
+def test_after_a_restart_the_old_pods_deleted_events_are_not_failures() -> None:
+    """The DELETED events of the pods the previous process deleted reach a process that never
+    deleted anything: the record on the StatefulSet tells them apart from a failure."""
+    cr, applied, pods, unit = _restarted_after_recreating_decode()
+    later = NOW + timedelta(seconds=20)
+    failed = {unit: f"pod {unit}-0 was deleted"}
+    old_created = {unit: NOW - timedelta(minutes=30)}
+    desired = plan(
+        cr,
+        Observed(
+            nodes=_nodes(),
+            pods=pods,
+            statefulsets=applied,
+            router=None,
+            now=later,
+            failed_units=failed,
+            failed_pod_created=old_created,
+        ),
+    )
+    assert desired.recreate == {}, desired.recreate
+    # The record stays on the StatefulSet for the next restart.
+    sts = next(c for c in desired.children if c["metadata"]["name"] == unit)
+    assert sts["metadata"]["annotations"][recreation.RECREATED_AT] == NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "failed" in sts["metadata"]["annotations"][recreation.RECREATED_WHY]
+
+
+def test_after_a_restart_a_fresh_pod_deleted_by_someone_else_is_still_a_failure() -> None:
+    cr, applied, pods, unit = _restarted_after_recreating_decode()
+    later = NOW + timedelta(seconds=20)
+    desired = plan(
+        cr,
+        Observed(
+            nodes=_nodes(),
+            pods=pods,
+            statefulsets=applied,
+            router=None,
+            now=later,
+            failed_units={unit: f"pod {unit}-1 was deleted"},
+            failed_pod_created={unit: NOW + timedelta(seconds=3)},
+        ),
+    )
+    assert desired.recreate == {unit: f"pod {unit}-1 was deleted"}
+    sts = next(c for c in desired.children if c["metadata"]["name"] == unit)
+    assert sts["metadata"]["annotations"][recreation.RECREATED_AT] == later.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_loss_of_unknown_age_is_a_failure() -> None:
+    """Without the pod's creation time (or any record on the unit) nothing is taken for ours."""
+    cr, sets = _placed()
+    pods: list[dict[str, Any]] = []
+    for sts in sets.values():
+        pods += _pods(sts, NOW - timedelta(minutes=30))
+    unit = next(iter(sets))
+    observed = Observed(
+        nodes=_nodes(),
+        pods=pods,
+        statefulsets=sets,
+        router=None,
+        now=NOW,
+        failed_units={unit: "pod x failed"},
+    )
+    assert plan(cr, observed).recreate == {unit: "pod x failed"}
+
+
+def test_a_unit_on_a_node_ready_again_but_still_tainted_is_left_alone() -> None:
+    """Seconds after a brief NotReady the node is Ready but the lifecycle controller has not
+    lifted its taint yet: the unit's pods there are fine and must not be recreated."""
+    cr, sets = _placed()
+    pods: list[dict[str, Any]] = []
+    for sts in sets.values():
+        pods += _pods(sts, NOW - timedelta(minutes=30))
+    node_name = pods[0]["spec"]["nodeName"]
+    nodes = _nodes()
+    for node in nodes:
+        if node["metadata"]["name"] == node_name:
+            node["spec"]["taints"] = [
+                {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"},
+                {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"},
+            ]
+    desired = plan(cr, Observed(nodes=nodes, pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert desired.recreate == {} and desired.force_delete == set()
+    # Another taint (a person's) still moves it.
+    for node in nodes:
+        if node["metadata"]["name"] == node_name:
+            node["spec"]["taints"] = [{"key": "maintenance", "effect": "NoExecute"}]
+    desired = plan(cr, Observed(nodes=nodes, pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert "tainted maintenance" in desired.recreate[pods[0]["metadata"]["name"].rsplit("-", 1)[0]]

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from fireflyer.operator.threefs import children as K
+from fireflyer.operator.threefs import ownership
 from fireflyer.operator.threefs.admin_jobs import StepResult
 from fireflyer.operator.threefs.plan import Observed, plan
 from fireflyer.threefs import admin
@@ -134,8 +136,9 @@ def test_user_add_writes_the_token_into_a_secret_the_operator_creates_empty() ->
     ip = [_pod("threefs-small-mgmtd-0", "mgmtd", "n1")]
     desired = plan(_cr({"bootstrapSteps": ALL_STEPS[:5]}), _observed(workloads=mgmtd, pods=ip))
     assert _launched_step(desired) == "user-add"
-    # The operator never holds the token: the Secret is created without data.
-    [secret] = desired.create_once
+    # The operator never holds the token: the Secret is created (or emptied) without data.
+    assert desired.claim_token
+    secret = K.token_secret(_cr())
     assert secret["kind"] == "Secret" and "data" not in secret and "stringData" not in secret
     job = next(o for o in desired.launch if o["kind"] == "Job")
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -161,7 +164,7 @@ def test_user_add_writes_the_token_into_a_secret_the_operator_creates_empty() ->
     output = "$ user-add --root --admin 0 root\nUid 0\nToken <redacted>(Expired at N/A)\n"
     result = {"user-add": StepResult("user-add", 0, output)}
     desired = plan(_cr({"bootstrapSteps": ALL_STEPS[:5]}), _observed(jobs={"user-add": {}}, results=result))
-    assert "user-add" in desired.status["bootstrapSteps"] and not desired.create_once
+    assert "user-add" in desired.status["bootstrapSteps"] and not desired.claim_token
     role = next(c for c in desired.children if c["kind"] == "Role")
     assert role["rules"] == []
 
@@ -329,3 +332,46 @@ def test_sync_waits_for_a_health_check_after_the_targets_were_added() -> None:
     assert _launched_step(_bootstrapped(nodes, pods, _health(None), early, extra)) != "replace-1-unregister"
     # Whole, serving and read afterwards: the old node goes.
     assert _launched_step(_bootstrapped(nodes, pods, _health(None), NOW, extra)) == "replace-1-unregister"
+
+
+# -- a cluster created again under the same name -------------------------------------------------
+
+
+def _owned(kind: str, name: str, step: str, uid: str) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "labels": {"fireflyer.dev/admin-step": step},
+            "ownerReferences": [{"kind": "ThreeFSCluster", "name": "threefs-small", "uid": uid}],
+        },
+    }
+
+
+def test_a_predecessors_step_objects_are_not_this_clusters_results() -> None:
+    """The old cluster's finished init-cluster Job and result, not yet garbage-collected, are
+    found by name and label but not by owner: they are removed, and nothing runs until then."""
+    old_job = _owned("Job", "threefs-small-admin-init-cluster", "init-cluster", "old-uid")
+    old_result = _owned("ConfigMap", "threefs-small-admin-init-cluster-result", "init-cluster", "old-uid")
+    ours = _owned("Job", "threefs-small-admin-configure-fdb", "configure-fdb", "0123-4567")
+    found = ownership.step_objects("0123-4567", [old_job, ours], [old_result])
+    assert found.jobs == [ours] and found.results == []
+    assert found.stale == [
+        ("Job", "threefs-small-admin-init-cluster"),
+        ("ConfigMap", "threefs-small-admin-init-cluster-result"),
+    ]
+    fdb_ready = {"fdb": _workload("StatefulSet", 1, 1)}
+    desired = plan(_cr(), _observed(workloads=fdb_ready, stale=found.stale))
+    assert set(found.stale) <= set(desired.cleanup)
+    assert _launched_step(desired) is None and not desired.claim_token
+    assert desired.status["bootstrapSteps"] == []
+    assert any(e.reason == "StaleStepObjects" for e in desired.events)
+    # Once they are gone, the bootstrap starts from the beginning, with a token Secret of its own.
+    desired = plan(_cr(), _observed(workloads=fdb_ready))
+    assert _launched_step(desired) == "configure-fdb" and desired.claim_token
+
+
+def test_a_predecessors_token_secret_is_emptied_and_taken_over() -> None:
+    owner = {"kind": "ThreeFSCluster", "name": "threefs-small", "uid": "0123-4567"}
+    patch = ownership.blank_token_patch(owner)
+    assert patch == {"metadata": {"ownerReferences": [owner]}, "data": None}

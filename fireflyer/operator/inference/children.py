@@ -46,12 +46,15 @@ def revision(
     spec: InferenceDeploymentSpec, role_name: str, nodes: tuple[str, ...], kv_mount: str | None = None
 ) -> str:
     """Everything that, when it changes, needs the unit's pods recreated. How many units a role
-    has, and how many may be down at once, are not about any one unit: scaling a role never
-    restarts the units it keeps. The current ExpertPlacement is not part of it either (the pods
+    has, how many may be down at once and how it autoscales are not about any one unit: scaling
+    a role never restarts the units it keeps. The current ExpertPlacement is not part of it either (the pods
     re-read it in place)."""
     role: Role = getattr(spec, role_name)
     unit_shape = role.model_dump(
-        by_alias=True, exclude_none=True, mode="json", exclude={"units", "max_unavailable_units"}
+        by_alias=True,
+        exclude_none=True,
+        mode="json",
+        exclude={"units", "max_unavailable_units", "autoscaling"},
     )
     material = {
         "engine": spec.engine.to_wire(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -18,10 +17,11 @@ from fireflyer.api.base import GROUP, VERSION
 from fireflyer.operator import cache, events, kube, metrics, object_metrics
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
-from fireflyer.operator.inference import preflight, writes
+from fireflyer.operator.inference import preflight, scaling, writes
 from fireflyer.operator.inference.plan import Desired, Observed, plan
-from fireflyer.operator.locks import PLACEMENT
+from fireflyer.operator.locks import OBJECTS, PLACEMENT
 from fireflyer.operator.metrics import timed
+from fireflyer.operator.planning import parse_time
 from fireflyer.operator.resync import Resync
 
 KIND = "InferenceDeployment"
@@ -34,16 +34,16 @@ _placement_lock = PLACEMENT  # shared with the training controller
 log = logging.getLogger(__name__)
 
 
-# Failures seen in pod events, by (namespace, deployment) → unit → reason. The StatefulSet
-# controller may replace a failed pod before a reconcile lists it, so the event is remembered.
+# Failures seen in pod events, by (namespace, deployment) → unit → reason, and when that pod
+# was created. The StatefulSet controller may replace a failed pod before a reconcile lists it,
+# so the event is remembered until the next reconcile; whether the loss was our own deletion is
+# judged there, from the record on the unit's StatefulSet (recreation.py), which outlives us.
 _failed_units: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+_failed_pod_created: dict[tuple[str, str], dict[str, datetime]] = defaultdict(dict)
 # Failed preflights seen in unit pod events, by (namespace, deployment) → pod uid → message. The
 # watch-fed pod cache keeps no container statuses; by uid, a late event of a replaced pod matches
 # no current pod.
 _preflight_failures: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-# Pods this operator deleted itself (their DELETED events are not failures), uid → when.
-_deleted_by_us: dict[str, float] = {}
-_DELETED_MEMORY_SECONDS = 600.0
 
 
 def observe(
@@ -74,7 +74,9 @@ def observe(
         router_service=kube.get("Service", f"{name}-router", namespace),
         now=datetime.now(UTC),
         failed_units=_failed_units.pop((namespace, name), {}),
+        failed_pod_created=_failed_pod_created.pop((namespace, name), {}),
         preflight_failures=dict(_preflight_failures.get((namespace, name), {})),
+        scalers=kube.list_("InferenceRoleScaler", namespace, f"{L.DEPLOYMENT}={name}"),
     )
 
 
@@ -110,6 +112,7 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
             ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
             if ours and (kind, existing["metadata"]["name"]) not in wanted:
                 kube.delete(kind, existing["metadata"]["name"], namespace)
+    scaling.write_scalers(cr, desired.scales)
     pods = (
         kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}")
         if desired.recreate or desired.force_delete
@@ -119,7 +122,6 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
         for pod in pods:
             pod_name = pod["metadata"]["name"]
             if pod_name.rsplit("-", 1)[0] == unit:
-                _deleted_by_us[pod["metadata"]["uid"]] = time.monotonic()
                 kube.delete(
                     "Pod", pod_name, namespace, grace_seconds=0 if pod_name in desired.force_delete else None
                 )
@@ -128,7 +130,6 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     for pod in pods:  # stuck Terminating on a dead node (deleted by anyone): finish the deletion
         pod_name = pod["metadata"]["name"]
         if pod["metadata"].get("deletionTimestamp") and pod_name in desired.force_delete:
-            _deleted_by_us[pod["metadata"]["uid"]] = time.monotonic()
             kube.delete("Pod", pod_name, namespace, grace_seconds=0)
     for event in desired.events:
         events.post(cr, event.type, event.reason, event.message)
@@ -150,18 +151,24 @@ def reconcile(
     namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None, force: bool = True
 ) -> Desired | None:
     """One full pass for one deployment; serialised per deployment."""
-    # One reconcile at a time: two deployments planned at once could pick the same free nodes.
-    with _placement_lock:
+    with OBJECTS.of((KIND, namespace, name)):
         cr = kube.get(KIND, name, namespace)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             return None
         kube.drop_finalizer(KIND, cr, L.FINALIZER)  # left by an older release: deletion must not wait for us
-        try:
-            nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
-            pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
-            desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods))
-        except ValidationError as exc:  # admission should have caught it; say so, do not retry
-            raise kube.invalid_spec(KIND, cr, exc) from exc
+        # One plan at a time: two deployments planned at once could pick the same free nodes.
+        # Once the planned StatefulSets are promised to the cache, the next plan reserves their
+        # nodes: applying them, and the rest of the pass, runs beside other deployments' passes.
+        with _placement_lock:
+            try:
+                nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
+                pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
+                desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods))
+            except ValidationError as exc:  # admission should have caught it; say so, do not retry
+                raise kube.invalid_spec(KIND, cr, exc) from exc
+            for child in desired.children:
+                if child["kind"] == "StatefulSet":
+                    cache.promise(child)
         apply(cr, desired, force)
         object_metrics.inference(cr, desired)
         return desired
@@ -173,6 +180,7 @@ def reconcile(
 def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
     namespace = namespace or "default"
     arm_resync(namespace, name, kwargs)
+    scaling.arm_autoscaler(namespace, name, kwargs.get("body") or {})
     reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
 
 
@@ -197,20 +205,25 @@ def arm_resync(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
 
 
 def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str) -> None:
-    """Remember a unit whose pod failed or was deleted by someone else (eviction, a person, the
-    StatefulSet controller replacing a failed pod): the whole unit must be recreated."""
+    """Remember a unit whose pod failed or was deleted (by someone else, an eviction, the
+    StatefulSet controller replacing a failed pod — or by us, which the plan tells apart): the
+    whole unit must be recreated. Of several losses the youngest pod's is kept: an older one may
+    be our own deletion, a younger one not."""
     meta = pod.get("metadata", {})
     labels = meta.get("labels") or {}
     unit = f"{deployment}-{labels.get(L.ROLE)}-{labels.get(L.UNIT)}"
-    uid = meta.get("uid", "")
     if pod.get("status", {}).get("phase") == "Failed":
-        _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} failed"
-    elif event_type == "DELETED" and uid not in _deleted_by_us:
-        log.info("pod %s/%s was deleted by someone else", namespace, meta.get("name"))
-        _failed_units[(namespace, deployment)][unit] = f"pod {meta.get('name')} was deleted"
-    cutoff = time.monotonic() - _DELETED_MEMORY_SECONDS
-    for old in [u for u, t in _deleted_by_us.items() if t < cutoff]:
-        del _deleted_by_us[old]
+        why = f"pod {meta.get('name')} failed"
+    elif event_type == "DELETED":
+        why = f"pod {meta.get('name')} was deleted"
+    else:
+        return
+    key = (namespace, deployment)
+    created = parse_time(meta.get("creationTimestamp")) or datetime.now(UTC)
+    known = _failed_pod_created[key].get(unit)
+    if unit not in _failed_units[key] or known is None or created >= known:
+        _failed_units[key][unit] = why
+        _failed_pod_created[key][unit] = created
 
 
 def _note_preflight(event_type: str | None, pod: Any, namespace: str, deployment: str) -> None:
@@ -285,17 +298,23 @@ def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
         and L.DEPLOYMENT in (p["metadata"].get("labels") or {})
     }
     for namespace, deployment in sorted(owners):
-        try:
-            reconcile(namespace, deployment, kwargs.get("cluster_nodes"), pods)
-        except kube.ApiException as exc:
-            log.warning(
-                "reconcile of %s/%s after node %s changed failed: %s", namespace, deployment, name, exc
-            )
+        # On the work queue, never on kopf's handler threads: when many nodes fail at once, the
+        # reconciles must not hold up the handling of every other event.
+        _kick(namespace, deployment, True, kwargs)
 
 
 @kopf.on.event(GROUP, VERSION, "expertplacements")
 def on_placement_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
     """A placement was published, edited or removed: the role's placement ConfigMap follows."""
+    deployment = (body.get("spec") or {}).get("deployment")
+    if type is None or namespace is None or not deployment:
+        return
+    _kick(namespace, deployment, False, kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "inferencerolescalers")
+def on_scaler_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
+    """kubectl scale, an HPA or the autoscaler moved a role's live units: reconcile now."""
     deployment = (body.get("spec") or {}).get("deployment")
     if type is None or namespace is None or not deployment:
         return

@@ -10,18 +10,22 @@ from fireflyer.api import conditions as C
 from fireflyer.api.inference import InferenceDeployment, InferenceDeploymentSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.eplb.placements import current_placement, placement_document
-from fireflyer.operator.inference import children, mounts, preflight
+from fireflyer.operator.inference import children, mounts, preflight, recreation, scaler
 from fireflyer.operator.inference import reasons as R
 from fireflyer.operator.inference.status import deployment_status, kv_events
 from fireflyer.operator.inference.status import router_url as router_url  # re-exported
 from fireflyer.operator.planning import Event, format_time, parse_time
-from fireflyer.placement import UnitRequest, build_topology, plan_units
+from fireflyer.placement import UnitRequest, build_topology, plan_units, pod_node
 from fireflyer.placement.planner import CLUSTER
 from fireflyer.placement.reservations import planned_nodes, reservations
 from fireflyer.placement.topology import level_keys
 
 ROLES = ("prefill", "decode")
 REPLACED_ALONE_SECONDS = 10.0
+# The node lifecycle controller lifts these a few seconds after a node reports Ready again; on a
+# Ready node they are what is left of a brief loss, no reason to move a unit off it (a node that
+# is not Ready is unusable anyway).
+LIFECYCLE_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
 
 
 @dataclass
@@ -37,6 +41,9 @@ class Observed:
     """Unit StatefulSets of other deployments (their planned nodes are reserved)."""
     failed_units: dict[str, str] = field(default_factory=dict)
     """Unit name → a failure seen in a pod event (the pod itself may already be replaced)."""
+    failed_pod_created: dict[str, datetime] = field(default_factory=dict)
+    """Unit name → when the pod of its failed_units entry was created: a pod no younger than the
+    unit's recorded recreation went in it (recreation.py), whichever process deleted it."""
     router_service: dict[str, Any] | None = None
     placements: list[dict[str, Any]] = field(default_factory=list)
     """ExpertPlacements in the deployment's namespace."""
@@ -45,6 +52,8 @@ class Observed:
     preflight_failures: dict[str, str] = field(default_factory=dict)
     """Unit pod uid → its failed preflight's message, from pod events (the cached pods carry no
     container statuses)."""
+    scalers: list[dict[str, Any]] | None = None
+    """The deployment's InferenceRoleScalers; None: not observed, the roles run the spec's units."""
 
 
 @dataclass
@@ -58,6 +67,8 @@ class Desired:
     force_delete: set[str] = field(default_factory=set)
     """Pods on nodes that are gone or not Ready: no kubelet will confirm their end, so deleting
     them with a grace period would leave them Terminating and their StatefulSet stuck."""
+    scales: dict[str, scaler.RoleScale] = field(default_factory=dict)
+    """Per role: the units it runs now and what its InferenceRoleScaler needs written."""
 
 
 @dataclass
@@ -81,6 +92,9 @@ def _ready(pod: dict[str, Any]) -> bool:
 def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     model = InferenceDeployment.model_validate(cr)
     spec: InferenceDeploymentSpec = model.spec
+    # The roles run their scalers' live units (kubectl scale, an HPA, the autoscaler).
+    scales = scaler.live_units(cr, spec, observed.scalers) if observed.scalers is not None else {}
+    spec = scaler.with_live_units(spec, scales)
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     now = observed.now
@@ -97,7 +111,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         ignore_namespace=namespace,
         reserved=reservations(observed.other_units, observed.pods, spec.network.rdma_resource),
         node_selector=spec.placement.node_selector,
-        tolerates=lambda taint: any(t.tolerates(taint) for t in spec.placement.tolerations),
+        tolerates=lambda taint: (
+            taint.get("key") in LIFECYCLE_TAINTS
+            or any(t.tolerates(taint) for t in spec.placement.tolerations)
+        ),
     )
     own_pods = [
         p
@@ -131,7 +148,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         failed = preflight.unit_failure(unit.pods, observed.preflight_failures)
         if failed:
             key = f"{unit.role}-{unit.index}"
-            bound = [pod["spec"].get("nodeName", "") for pod in unit.pods]
+            bound = [pod_node(pod) for pod in unit.pods]
             avoid[key] = preflight.extend(avoid.get(key), [*nodes, *bound], now)
             recreate[unit.name] = failed
             events.append(
@@ -143,7 +160,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                 )
             )
             continue
-        broken = observed.failed_units.get(unit.name) or _broken(unit, topology, spec, now)
+        lost = observed.failed_units.get(unit.name)
+        if lost and recreation.is_own_deletion(unit.sts, observed.failed_pod_created.get(unit.name)):
+            lost = None
+        broken = lost or _broken(unit, topology, spec, now)
         if broken:
             recreate[unit.name] = broken
             events.append(
@@ -264,8 +284,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                 "role": unit.role,
                 "index": unit.index,
                 "domain": f"{p.level}/{p.domain}",
-                "nodes": sorted({pod["spec"].get("nodeName", "") for pod in unit.pods} - {""})
-                or list(p.nodes),
+                "nodes": sorted({pod_node(pod) for pod in unit.pods} - {""}) or list(p.nodes),
                 "ready": ready,
                 "leader": leader,
             }
@@ -290,6 +309,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             entry.update(remembered.status())
     events.extend(kv_events(cr, kv))
 
+    for child in desired_children:
+        if child["kind"] == "StatefulSet":
+            unit_id = child["metadata"]["name"]
+            recreation.record(child, observed.statefulsets.get(unit_id), recreate.get(unit_id), now)
     desired_children.append(children.config_map(cr, spec, hcas))
     desired_children.extend(children.router(cr, spec, hosts, unit_revisions=unit_pairing))
 
@@ -306,12 +329,16 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         kv=kv,
         avoided=avoided,
     )
+    if scales:
+        events.extend(scaler.finish(cr, scales, observed.scalers or [], desired_children, ready_count))
     requeue = (
         5.0
         if recreate or rolling or not placement.complete or any(not u["ready"] for u in unit_status)
         else None
     )
-    return Desired(desired_children, recreate, events, status, requeue, dead_node_pods(own_pods, topology))
+    return Desired(
+        desired_children, recreate, events, status, requeue, dead_node_pods(own_pods, topology), scales
+    )
 
 
 def dead_node_pods(pods: list[dict[str, Any]], topology: Any) -> set[str]:
@@ -319,7 +346,7 @@ def dead_node_pods(pods: list[dict[str, Any]], topology: Any) -> set[str]:
     still have a kubelet that ends their pods)."""
     dead = set()
     for pod in pods:
-        node = pod.get("spec", {}).get("nodeName")
+        node = pod_node(pod)
         if not node:
             continue
         info = topology.nodes.get(node)

@@ -1,4 +1,4 @@
-"""Condition types and reasons of unit mounts, the KV-cache 3FS gate and the RDMA preflight
+"""Condition types and reasons of unit mounts, the KV-cache 3FS gate, the RDMA preflight and scaling
 (CamelCase constants; the shared ones are in fireflyer.api.conditions)."""
 
 from __future__ import annotations
@@ -13,3 +13,6 @@ THREEFS_NOT_READY = "ThreeFSClusterNotReady"
 PREFLIGHT_FAILED = "PreflightFailed"
 PLACEMENT_FOUND = "PlacementFound"
 NO_PLACEMENT = "NoPlacement"
+UNITS_SCALED = "UnitsScaled"
+SCALER_RESET = "ScalerReset"
+AUTOSCALED = "Autoscaled"

@@ -1,40 +1,18 @@
-"""Status writes to an InferenceDeployment by more than one writer (the reconcile, the EPLB timer).
-
-A merge patch replaces the whole conditions list, so each writer merges its own condition types
-into the live list and sends it with the resourceVersion it read: a write that raced another one
-is refused (409) and redone on the newer object, never dropping the other writer's conditions.
-"""
+"""Status writes to an InferenceDeployment by more than one writer (the reconcile, the EPLB timer):
+each merges only its own conditions, conditioned on the resourceVersion it read
+(fireflyer.operator.status_writes)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-from fireflyer.api import conditions as C
-from fireflyer.operator import kube
+from fireflyer.operator import status_writes
 
 KIND = "InferenceDeployment"
-ATTEMPTS = 5
 
 
 def patch_status(
     name: str, namespace: str, fields: dict[str, Any], conditions: list[dict[str, Any]], generation: int
 ) -> None:
     """Merge-patch `fields` into status, with `conditions` merged into the live ones."""
-    path = kube._path(KIND, namespace, name, "status")
-    for attempt in range(ATTEMPTS):
-        live = kube.get(KIND, name, namespace)
-        if live is None:
-            return
-        status = dict(fields)
-        if conditions:
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            previous = (live.get("status") or {}).get("conditions") or []
-            status["conditions"] = C.merge(previous, conditions, now, generation)
-        body = {"metadata": {"resourceVersion": live["metadata"]["resourceVersion"]}, "status": status}
-        try:
-            kube._call("PATCH", path, body, content_type="application/merge-patch+json")
-            return
-        except kube.ApiException as exc:
-            if exc.status != 409 or attempt == ATTEMPTS - 1:
-                raise
+    status_writes.patch_status(KIND, name, namespace, fields, conditions, generation)

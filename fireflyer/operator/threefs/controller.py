@@ -11,16 +11,17 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.threefs import ThreeFSClusterSpec
-from fireflyer.operator import events, kube, object_metrics
+from fireflyer.operator import events, kube, object_metrics, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.metrics import timed
+from fireflyer.operator.objects import owner_reference
 from fireflyer.operator.threefs import children as K
 from fireflyer.operator.threefs.admin_jobs import RESULT_COMPONENT, StepResult, has_result, read_result
 from fireflyer.operator.threefs.cleanup import cleanup_jobs, cleanup_pending
+from fireflyer.operator.threefs.ownership import blank_token_patch, step_objects
 from fireflyer.operator.threefs.plan import Desired, Observed, plan
 from fireflyer.threefs.admin import Health
 
@@ -62,12 +63,14 @@ def observe(cr: dict[str, Any]) -> Observed:
         for item in kube.list_(kind, namespace, selector):
             item["kind"] = kind
             workloads[item["metadata"]["labels"][L.COMPONENT]] = item
-    jobs = {
-        j["metadata"]["labels"][K.STEP]: j
-        for j in kube.list_("Job", namespace, f"{K.CLUSTER}={name},{K.STEP}")
-    }
+    found = step_objects(
+        cr["metadata"]["uid"],
+        kube.list_("Job", namespace, f"{K.CLUSTER}={name},{K.STEP}"),
+        kube.list_("ConfigMap", namespace, f"{K.CLUSTER}={name},{L.COMPONENT}={RESULT_COMPONENT}"),
+    )
+    jobs = {j["metadata"]["labels"][K.STEP]: j for j in found.jobs}
     results: dict[str, StepResult | str] = {}
-    for result in kube.list_("ConfigMap", namespace, f"{K.CLUSTER}={name},{L.COMPONENT}={RESULT_COMPONENT}"):
+    for result in found.results:
         if not has_result(result):
             continue  # the step's Job has not written it yet
         step = result["metadata"]["labels"][K.STEP]
@@ -103,6 +106,7 @@ def observe(cr: dict[str, Any]) -> Observed:
         monitor_ip=((monitor or {}).get("spec") or {}).get("clusterIP"),
         health=health[0] if health else None,
         health_taken_at=health[1] if health else None,
+        stale=found.stale,
     )
 
 
@@ -112,15 +116,16 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
     for obj in desired.create_once:
         kube.create(obj)
+    if desired.claim_token and kube.create(K.token_secret(cr)) is None:
+        kube.patch("Secret", K.token_secret_name(name), namespace, blank_token_patch(owner_reference(cr)))
     for child in desired.children:
         kube.apply(child)
     status = dict(desired.status)
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     generation = cr["metadata"].get("generation", 0)
-    previous = (cr.get("status") or {}).get("conditions", [])
-    status["conditions"] = C.merge(previous, status["conditions"], now, generation)
+    conditions = status.pop("conditions")
     status["observedGeneration"] = generation
-    kube.patch_status(KIND, name, namespace, status)
+    # Only this controller's fields and condition types, on the object it planned for.
+    status_writes.patch_status(KIND, name, namespace, status, conditions, generation, cr["metadata"]["uid"])
     if desired.health is not None and desired.health_taken_at is not None:
         _health[(namespace, name)] = (desired.health, desired.health_taken_at)
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}

@@ -66,6 +66,8 @@ class Observed:
     monitor_ip: str | None = None
     health: Health | None = None  # the last health check this process read
     health_taken_at: datetime | None = None
+    stale: list[tuple[str, str]] = field(default_factory=list)
+    """(kind, name) of step objects of a predecessor under the same name (ownership.py)."""
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Desired:
     events: list[Event] = field(default_factory=list)
     health: Health | None = None
     health_taken_at: datetime | None = None
+    claim_token: bool = False
+    """Create the token Secret empty, or empty one that exists (a predecessor's), before a step."""
 
 
 def bootstrap_order(fdb_mode: str) -> list[str]:
@@ -291,7 +295,13 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
 
     # -- the next admin step ---------------------------------------------------------------------
     in_flight = [s for s in observed.jobs if s not in observed.results]
-    if not in_flight and not _backing_off(observed, status):
+    if observed.stale:  # a predecessor's step objects go first: no step may read them
+        desired.cleanup += observed.stale
+        desired.events.append(
+            Event("Normal", "StaleStepObjects", f"removing {len(observed.stale)} admin step object(s) of an "
+                  "earlier cluster of this name")
+        )  # fmt: skip
+    elif not in_flight and not _backing_off(observed, status):
         next_step = _next_bootstrap_step(order, done, fdb_ready, mgmtd_ready, storage_ready)
         if next_step is not None:
             _launch(cr, spec, desired, *step_for(next_step, spec, storage_ids))
@@ -305,6 +315,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     # The admin Jobs' Role names the results of the steps in flight, this pass's launch included;
     # it is applied with the children, before the launch.
     launched = [o["metadata"]["labels"][STEP] for o in desired.launch if o["kind"] == "Job"]
+    # Until user-add has stored this cluster's root token, its Secret is kept empty and ours.
+    desired.claim_token = bool(launched) and admin.USER_ADD not in done
     children += rbac(cr, [*in_flight, *launched])
 
     _status(spec, observed, status, done, order, fdb_ready, mgmtd_ready, storage_ready, bootstrapped)
@@ -358,8 +370,6 @@ def _launch(
         result_config_map(cr, step.name),
         job(cr, spec, step, runner),
     ]
-    if step.name == admin.USER_ADD:
-        desired.create_once.append(K.token_secret(cr))  # empty: the Job writes the token into it
     desired.events.append(
         Event("Normal", "AdminStepStarted", f"admin step {step.name}: {len(step.commands)} command(s)")
     )

@@ -1,0 +1,146 @@
+"""Writes of the InferenceRoleScalers, and the built-in autoscaler's periodic pass.
+
+The reconcile decides what each role runs (fireflyer.operator.inference.scaler) and calls
+write_scalers. The autoscaler runs beside it: every TICK_SECONDS it looks at the roles with
+`autoscaling` whose interval has passed, reads their metric, decides (autoscale.decide) and sets
+the scaler's spec.replicas; the scaler's watch then kicks the reconcile that adds or removes
+units. Its decision and reason go to status.<role>.autoscaler, and each change to an Event."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fireflyer.api.inference import InferenceDeployment
+from fireflyer.operator import events, kube, status_writes
+from fireflyer.operator.inference import autoscale, scaler
+from fireflyer.operator.inference import reasons as R
+from fireflyer.operator.inference.autoscale_metrics import Collector
+from fireflyer.operator.planning import format_time
+from fireflyer.operator.resync import Resync
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 5.0
+KIND = "InferenceDeployment"
+
+MetricReader = Callable[[dict[str, Any], str, str, int], float | None]
+"""(deployment, role, metric, units) → the metric's value now, or None."""
+
+read_metric: MetricReader = Collector()
+"""Replaceable (tests): where the autoscaler's metric values come from."""
+
+_history: dict[tuple[str, str, str], list[autoscale.Recommendation]] = {}
+_last_sample: dict[tuple[str, str, str], autoscale.MetricSample] = {}
+_last_run: dict[tuple[str, str, str], float] = {}
+
+
+def write_scalers(cr: dict[str, Any], scales: dict[str, scaler.RoleScale]) -> None:
+    """Create missing scalers, reset those the deployment's units win over, update statuses."""
+    namespace = cr["metadata"]["namespace"]
+    for role, scale in scales.items():
+        name = scaler.scaler_name(cr["metadata"]["name"], role)
+        if scale.create is not None and kube.create(scale.create) is None:
+            continue  # one exists already (a stale read): the next pass sees it
+        if scale.reset_to is not None:
+            kube.patch(scaler.KIND, name, namespace, {"spec": {"replicas": scale.reset_to}})
+        if scale.status is not None:
+            kube.patch_status(scaler.KIND, name, namespace, scale.status)
+
+
+def _due(key: tuple[str, str, str], interval: float) -> bool:
+    last = _last_run.get(key)
+    return last is None or time.monotonic() - last >= interval - TICK_SECONDS / 2
+
+
+def _forget(namespace: str, name: str, role: str | None = None) -> None:
+    for store in (_history, _last_sample, _last_run):
+        for key in [k for k in store if k[:2] == (namespace, name) and role in (None, k[2])]:
+            store.pop(key, None)
+
+
+def autoscale_role(
+    cr: dict[str, Any], role: str, spec: autoscale.Autoscaling, now: datetime
+) -> dict[str, Any] | None:
+    """One decision for one role; → its status.autoscaler, or None without a scaler yet."""
+    name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
+    live = kube.get(scaler.KIND, scaler.scaler_name(name, role), namespace)
+    if live is None:
+        return None  # the reconcile creates it
+    current = int(live["spec"]["replicas"])
+    key = (namespace, name, role)
+    value = read_metric(cr, role, spec.metric, current)
+    if value is not None:
+        _last_sample[key] = autoscale.MetricSample(now, value)
+    sample = _last_sample.get(key)
+    history = _history.get(key, [])
+    decision = autoscale.decide(now, current, [sample] if sample else [], spec, history)
+    _history[key] = autoscale.prune(
+        [*history, autoscale.Recommendation(now, decision.recommendation)], now, spec
+    )
+    before = ((cr.get("status") or {}).get(role) or {}).get("autoscaler") or {}
+    last_scale = before.get("lastScaleTime")
+    if decision.units != current:
+        target = scaler.scaler_name(name, role)
+        kube.patch(scaler.KIND, target, namespace, {"spec": {"replicas": decision.units}})
+        last_scale = format_time(now)
+        events.post(cr, "Normal", R.AUTOSCALED, f"{role}: {decision.reason}")
+    fields: dict[str, Any] = {"desiredUnits": decision.units, "reason": decision.reason}
+    if decision.metric_value is not None:
+        fields["metricValue"] = round(decision.metric_value, 6)
+    if last_scale:
+        fields["lastScaleTime"] = last_scale
+    return fields
+
+
+def autoscale_pass(namespace: str, name: str) -> bool:
+    """The due roles of one deployment; False once it is gone or no role autoscales (a change
+    of its spec arms the pass again)."""
+    cr = kube.get(KIND, name, namespace)
+    if cr is None or cr["metadata"].get("deletionTimestamp"):
+        _forget(namespace, name)
+        if isinstance(read_metric, Collector):
+            read_metric.forget(namespace, name)
+        return False
+    spec = InferenceDeployment.model_validate(cr).spec
+    now = datetime.now(UTC)
+    patch: dict[str, Any] = {}
+    keep = False
+    for role in scaler.ROLES:
+        settings = getattr(spec, role).autoscaling
+        key = (namespace, name, role)
+        if settings is None:
+            _forget(namespace, name, role)
+            if ((cr.get("status") or {}).get(role) or {}).get("autoscaler") is not None:
+                patch[role] = {"autoscaler": None}
+            continue
+        keep = True
+        if not _due(key, settings.interval_seconds):
+            continue
+        _last_run[key] = time.monotonic()
+        fields = autoscale_role(cr, role, settings, now)
+        if fields is not None and fields != ((cr.get("status") or {}).get(role) or {}).get("autoscaler"):
+            patch[role] = {"autoscaler": fields}
+    if patch:
+        generation = int(cr["metadata"].get("generation") or 0)
+        status_writes.patch_status(KIND, name, namespace, patch, [], generation, cr["metadata"].get("uid"))
+    return keep
+
+
+_resync = Resync("autoscaler", TICK_SECONDS)
+
+
+def arm_autoscaler(namespace: str, name: str, body: dict[str, Any]) -> None:
+    """Every TICK_SECONDS while a role of the deployment has autoscaling, or until a stale
+    status.<role>.autoscaler is cleared (the deployment's handlers call this on every change)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    wanted = any((spec.get(r) or {}).get("autoscaling") for r in scaler.ROLES)
+    if wanted or any((status.get(r) or {}).get("autoscaler") for r in scaler.ROLES):
+        key = (namespace, name)
+        _resync.arm(key, lambda: autoscale_pass(*key))
+
+
+__all__ = ["arm_autoscaler", "autoscale_pass", "read_metric", "write_scalers"]

@@ -1,0 +1,62 @@
+"""Status writes conditioned on the resourceVersion read: a raced write is redone on the newer
+object and keeps the other writer's conditions; an object re-created under the same name is
+left alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fireflyer.operator import status_writes
+
+
+class FakeApi:
+    def __init__(self, live: dict[str, Any]) -> None:
+        self.live = live
+        self.patches: list[dict[str, Any]] = []
+        self.race_once = False
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        return self.live
+
+    def call(self, method: str, path: str, body: Any = None, **_: Any) -> None:
+        self.patches.append(body)
+        if self.race_once:  # another writer got in first: its condition is now live
+            self.race_once = False
+            self.live = {
+                "metadata": {"uid": "u1", "resourceVersion": "8"},
+                "status": {"conditions": [*self.live["status"]["conditions"], _cond("EplbHealthy")]},
+            }
+            raise status_writes.kube.ApiException(status=409)
+
+
+def _cond(kind: str, status: str = "True") -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": "R", "message": "", "lastTransitionTime": "t"}
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
+    fake = FakeApi(
+        {"metadata": {"uid": "u1", "resourceVersion": "7"}, "status": {"conditions": [_cond("Ready")]}}
+    )
+    monkeypatch.setattr(status_writes.kube, "get", fake.get)
+    monkeypatch.setattr(status_writes.kube, "_call", fake.call)
+    return fake
+
+
+def test_a_raced_write_is_redone_and_keeps_the_other_writers_conditions(api: FakeApi) -> None:
+    api.race_once = True
+    status_writes.patch_status(
+        "ThreeFSCluster", "fs", "ns", {"phase": "Ready"}, [_cond("Ready", "False")], 3, "u1"
+    )
+    first, second = api.patches
+    assert first["metadata"]["resourceVersion"] == "7" and second["metadata"]["resourceVersion"] == "8"
+    assert second["status"]["phase"] == "Ready"
+    types = {c["type"]: c["status"] for c in second["status"]["conditions"]}
+    assert types == {"Ready": "False", "EplbHealthy": "True"}
+
+
+def test_a_status_planned_for_an_earlier_object_of_the_name_is_not_written(api: FakeApi) -> None:
+    status_writes.patch_status("ThreeFSCluster", "fs", "ns", {"phase": "Ready"}, [], 1, "an-older-uid")
+    assert api.patches == []
