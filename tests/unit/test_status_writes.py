@@ -60,3 +60,28 @@ def test_a_raced_write_is_redone_and_keeps_the_other_writers_conditions(api: Fak
 def test_a_status_planned_for_an_earlier_object_of_the_name_is_not_written(api: FakeApi) -> None:
     status_writes.patch_status("ThreeFSCluster", "fs", "ns", {"phase": "Ready"}, [], 1, "an-older-uid")
     assert api.patches == []
+
+
+def test_the_training_reconcile_writes_only_its_own_fields_and_keeps_the_polled_progress(
+    api: FakeApi,
+) -> None:
+    """The reconcile of a TrainingJob read its object before the progress poll wrote a newer step
+    and loss: its write carries neither, so the poll's values stay, and other conditions stay."""
+    from fireflyer.operator.training import controller
+    from fireflyer.operator.training.plan import Desired
+
+    cr = {
+        "metadata": {"name": "job", "namespace": "ns", "uid": "u1", "generation": 4},
+        "status": {"phase": "Pending", "step": 10, "conditions": [_cond("Ready", "False")]},
+    }
+    api.live = {
+        "metadata": {"uid": "u1", "resourceVersion": "9"},
+        "status": {"phase": "Pending", "step": 12, "loss": 2.5, "conditions": [_cond("Ready", "False")]},
+    }
+    desired = Desired(children=[], status={"phase": "Running", "conditions": [_cond("Ready", "True")]})
+    controller.apply(cr, desired)
+    (patch,) = api.patches
+    assert patch["metadata"]["resourceVersion"] == "9"
+    assert patch["status"]["phase"] == "Running" and patch["status"]["observedGeneration"] == 4
+    assert "step" not in patch["status"] and "loss" not in patch["status"]
+    assert {c["type"]: c["status"] for c in patch["status"]["conditions"]} == {"Ready": "True"}

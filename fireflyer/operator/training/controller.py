@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.training import TrainingJob
-from fireflyer.operator import cache, events, kube, metrics, object_metrics
+from fireflyer.operator import cache, events, kube, metrics, object_metrics, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.locks import PLACEMENT
@@ -91,13 +91,20 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
     previous = (cr.get("status") or {}).get("conditions", [])
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     status = dict(desired.status)
-    status["conditions"] = C.merge(previous, status.get("conditions", []), now, generation)
+    own_conditions = status.pop("conditions", [])
     status["observedGeneration"] = generation
+    uid = cr["metadata"].get("uid")
+
+    def write_status() -> None:
+        # Only the reconcile's fields and conditions, merged into the live object under its
+        # resourceVersion: the progress poll's step and loss are never written back stale.
+        status_writes.patch_status(KIND, name, namespace, status, own_conditions, generation, uid)
+
     if desired.persist_first:
         # The restart is counted before anything is deleted: an operator that dies between the
         # two finds the old attempt stale (its attempt annotation is behind) and does not count
         # the same failure again.
-        kube.patch_status(KIND, name, namespace, status)
+        write_status()
     job_name = children.child_name(name)
     for pod, force in sorted(desired.delete_pods.items()):
         kube.delete("Pod", pod, namespace, grace_seconds=0 if force else None)
@@ -124,8 +131,10 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
     for event in desired.events:  # after the changes they announce have been made
         events.post(cr, event.type, event.reason, event.message)
     current = cr.get("status") or {}
-    if not desired.persist_first and any(current.get(k) != v for k, v in status.items()):
-        kube.patch_status(KIND, name, namespace, status)
+    merged = C.merge(previous, own_conditions, now, generation)
+    changed = any(current.get(k) != v for k, v in status.items()) or merged != previous
+    if not desired.persist_first and changed:
+        write_status()
 
 
 @timed(KIND)
