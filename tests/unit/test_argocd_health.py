@@ -110,7 +110,7 @@ def test_a_deployment_whose_pods_are_starting_is_progressing() -> None:
 
 def test_a_deployment_without_its_router_is_progressing() -> None:
     status, message = argocd_health("InferenceDeployment", _inference(router=0))
-    assert (status, message) == ("Progressing", "waiting for router")
+    assert (status, message) == ("Progressing", "waiting for router (0/1 replicas available)")
 
 
 def test_a_ready_deployment_whose_load_cannot_be_collected_stays_healthy_and_says_so() -> None:

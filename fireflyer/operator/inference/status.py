@@ -77,13 +77,17 @@ def deployment_status(
     elif kv is not None and kv_blocked:
         conds.append(C.condition(C.READY, False, kv.reason, kv.message))
     else:
+        counts = {
+            role: f"{role} ({ready_count[role]}/{getattr(spec, role).units} units ready)"
+            for role in ("prefill", "decode")
+        }
         missing = [
             t
             for t, ok in (
-                ("placement", placement.complete),
-                ("prefill", role_ready["prefill"]),
-                ("decode", role_ready["decode"]),
-                ("router", router_ok),
+                ("placement (not every unit fits the cluster: see Placed)", placement.complete),
+                (counts["prefill"], role_ready["prefill"]),
+                (counts["decode"], role_ready["decode"]),
+                (f"router ({available}/{spec.router.replicas} replicas available)", router_ok),
             )
             if not ok
         ]

@@ -215,7 +215,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                 delete_pods=force,
                 persist_first=True,
             )
-        message = f"{cause}; restart.maxRestarts ({max_restarts}) reached"
+        message = (
+            f"{cause}; restart.maxRestarts ({max_restarts}) reached: raise it above {restarts} to "
+            "run again (the job resumes from its latest checkpoint with restart.resume: latest)"
+        )
         status = {
             "phase": "Failed",
             "restarts": restarts,
