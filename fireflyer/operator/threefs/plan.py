@@ -462,10 +462,20 @@ def _status(
     chains = status.get("chains") or {}
     serving = bool(chains) and chains.get("serving") == chains.get("total")
     table_ready = "upload-chain-table" in done
+
+    def pods_ready(service: str) -> str:
+        workload = observed.workloads.get(service)
+        if workload is None:
+            return f"no {service} workload yet"
+        ready, wanted = _ready_count(workload)
+        return f"{ready}/{wanted} {service} pods ready"
+
     conditions = [
-        C.condition(FDB_READY, fdb_ready, "Available" if fdb_ready else "Starting"),
-        C.condition(MGMTD_READY, mgmtd_ready, "Available" if mgmtd_ready else "Starting"),
-        C.condition(META_READY, meta_ready, "Available" if meta_ready else "Starting"),
+        C.condition(FDB_READY, fdb_ready, "Available" if fdb_ready else "Starting", pods_ready("fdb")),
+        C.condition(
+            MGMTD_READY, mgmtd_ready, "Available" if mgmtd_ready else "Starting", pods_ready("mgmtd")
+        ),
+        C.condition(META_READY, meta_ready, "Available" if meta_ready else "Starting", pods_ready("meta")),
         C.condition(
             STORAGE_READY,
             storage_ready,
@@ -509,7 +519,24 @@ def _status(
     elif ready:
         phase, message = "Ready", ""
     else:
-        phase, message = "Degraded", degraded_reason[1] if degraded_reason else "some services are not ready"
+        not_ready = [
+            name
+            for name, ok in (
+                ("fdb", fdb_ready),
+                ("mgmtd", mgmtd_ready),
+                ("meta", meta_ready),
+                ("storage", storage_ready),
+                ("clients", clients_ready),
+                ("chains", serving),
+            )
+            if not ok
+        ]
+        phase = "Degraded"
+        message = (
+            degraded_reason[1]
+            if degraded_reason
+            else f"not ready: {', '.join(not_ready)} (see the matching *Ready conditions)"
+        )
     status["phase"] = phase
     conditions.append(C.condition(C.READY, ready, "Ready" if ready else phase, message))
     conditions.append(
