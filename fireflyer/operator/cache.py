@@ -179,6 +179,19 @@ class Informer:
             self._items[key] = obj
             self._promised[key] = (time.monotonic() + seconds, before)
 
+    def retract(self, body: Mapping[str, Any]) -> None:
+        """A promised write that failed: hold again what was held before the promise (a write
+        that did happen has already replaced the promise and is kept)."""
+        key = _key(body)
+        with self._lock:
+            if key not in self._promised:
+                return
+            _, before = self._promised.pop(key)
+            if before is None:
+                self._items.pop(key, None)
+            else:
+                self._items[key] = before
+
     def get(self, namespace: str | None, name: str) -> dict[str, Any] | None:
         with self._lock:
             self._expire()
@@ -308,6 +321,14 @@ def promise(obj: Mapping[str, Any]) -> None:
     informer = _informers.get(str(obj.get("kind", "")))
     if informer is not None and matches(obj.get("metadata", {}).get("labels") or {}, informer.filter):
         informer.promise(obj, PROMISE_SECONDS)
+
+
+def retract(obj: Mapping[str, Any]) -> None:
+    """Withdraw the promise of an object whose write failed (a namespace being deleted refuses
+    it, say): its nodes must not stay reserved for the promise's lifetime."""
+    informer = _informers.get(str(obj.get("kind", "")))
+    if informer is not None:
+        informer.retract(obj)
 
 
 def current(kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:

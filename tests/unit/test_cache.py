@@ -116,6 +116,22 @@ def test_a_promised_object_is_held_until_its_write_arrives_or_the_promise_expire
     assert [s["metadata"]["labels"]["nodes"] for s in sets.items()] == ["new"]
 
 
+def test_a_failed_write_withdraws_its_promise_at_once(informers: dict[str, cache.Informer]) -> None:
+    """A write refused (its namespace is being deleted) must not keep its nodes reserved for the
+    promise's whole lifetime; a write that did happen is kept."""
+    sets = informers["StatefulSet"]
+    ours = {L.MANAGED_BY: L.MANAGER}
+    sets.upsert(_obj("StatefulSet", "u1", "7", **ours, nodes="old"))
+    sets.promise(_obj("StatefulSet", "u1", "", **ours, nodes="new"), seconds=60)
+    sets.promise(_obj("StatefulSet", "u2", "", **ours, nodes="other"), seconds=60)
+    sets.promise(_obj("StatefulSet", "u3", "", **ours, nodes="written"), seconds=60)
+    sets.upsert(_obj("StatefulSet", "u3", "9", **ours, nodes="written"))  # this write happened
+    for name in ("u1", "u2", "u3"):
+        sets.retract(_obj("StatefulSet", name, "", **ours))
+    held = {s["metadata"]["name"]: s["metadata"]["labels"]["nodes"] for s in sets.items()}
+    assert held == {"u1": "old", "u3": "written"}
+
+
 def test_a_cached_node_keeps_what_placement_reads() -> None:
     from fireflyer.dev import topology
     from fireflyer.placement import build_topology

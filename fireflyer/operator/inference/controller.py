@@ -166,10 +166,15 @@ def reconcile(
                 desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods))
             except ValidationError as exc:  # admission should have caught it; say so, do not retry
                 raise kube.invalid_spec(KIND, cr, exc) from exc
-            for child in desired.children:
-                if child["kind"] == "StatefulSet":
-                    cache.promise(child)
-        apply(cr, desired, force)
+            promised = [child for child in desired.children if child["kind"] == "StatefulSet"]
+            for child in promised:
+                cache.promise(child)
+        try:
+            apply(cr, desired, force)
+        except BaseException:
+            for child in promised:  # the writes that did not happen reserve no nodes
+                cache.retract(child)
+            raise
         object_metrics.inference(cr, desired)
         return desired
 
