@@ -141,6 +141,8 @@ def run(namespace: str | None, metrics_port: int, health_port: int, standalone: 
     )
     logging.getLogger("kopf._core.reactor.running").addFilter(SignalsAreOurs())
     operator.start()
+    scope = f"namespace {namespace}" if namespace else "cluster-wide"
+    log.info("operator started (%s); SIGTERM stops it", scope)
     while operator.is_alive() and not stop.is_set():
         operator.join(0.5)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS

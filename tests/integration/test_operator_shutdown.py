@@ -46,6 +46,9 @@ def test_sigterm_under_load_ends_the_operator_within_ten_seconds(
     log = tmp_path / "operator.log"
     with running_operator(crds.kubeconfig, log, watch_namespace=kube.namespace) as op:
         assert op.proc is not None
+        # Its own start, not only a status: the session's cluster-wide operator, when an earlier
+        # test started it, reconciles these deployments too and could write the first status.
+        wait_for("the operator to start", lambda: log.exists() and "operator started" in log.read_text(), 60)
         kube.apply([_deployment(i) for i in range(DEPLOYMENTS)])
 
         def reconciling() -> bool:
