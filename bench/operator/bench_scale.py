@@ -7,7 +7,7 @@ counter, and the API server's apiserver_request_total of every client), the unit
 ("recreated unit" log lines; must be 0), handler exceptions (must be 0) and how long it takes to
 exit after SIGTERM.
 
-Usage: python bench/operator/bench_scale.py --nodes 2048 --deployments 100 [--port-base 30580]
+Usage: python -m bench.operator.bench_scale --nodes 2048 --deployments 100 [--port-base 30580]
        [--hold 30] [--timeout 600] [--profile DIR]
 Starts its own cluster (`fireflyer dev up --topology FILE`, state in a temporary directory) and
 brings it down at the end. --profile records the operator with py-spy (when on PATH) into DIR.
@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.operator.bench_operator import kubectl, rss_mb
 from fireflyer.dev import cluster, demo
 from fireflyer.dev.topology import fabric_topology
 
@@ -43,27 +44,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "manifests/samples/inference-deepseek-v3.yaml"
 KIND = "InferenceDeployment"
 HANDLER_FAILURE = re.compile(r"failed with an exception|Traceback \(most recent call last\)")
-
-
-def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
-    out = subprocess.run(
-        ["kubectl", "--kubeconfig", str(kubeconfig), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def small_deployment(i: int) -> dict[str, Any]:
