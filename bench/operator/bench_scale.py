@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.operator import bench_operator
 from bench.operator.bench_operator import kubectl, rss_mb
 from fireflyer.dev import cluster, demo
 from fireflyer.dev.topology import fabric_topology
@@ -47,23 +48,10 @@ HANDLER_FAILURE = re.compile(r"failed with an exception|Traceback \(most recent 
 
 
 def small_deployment(i: int) -> dict[str, Any]:
-    role = {
-        "units": 1,
-        "nodesPerUnit": 1,
-        "gpusPerNode": 8,
-        "parallelism": {"tensor": 1, "data": 8, "expert": 8},
-    }
-    return {
-        "apiVersion": "fireflyer.dev/v1alpha1",
-        "kind": KIND,
-        "metadata": {"name": f"svc-{i:03d}", "namespace": "default"},
-        "spec": {
-            "model": {"name": f"m{i}", "source": "/3fs/stage/models/m"},
-            "prefill": role,
-            "decode": {**role, "nodesPerUnit": 2, "parallelism": {"tensor": 1, "data": 16, "expert": 16}},
-            "router": {"replicas": 1},
-        },
-    }
+    """bench_operator's small deployment (prefill 1 node, decode 2 nodes), named for 100s of them."""
+    doc: dict[str, Any] = bench_operator.small_deployment(i)
+    doc["metadata"] = {"name": f"svc-{i:03d}", "namespace": "default"}
+    return doc
 
 
 def deepseek_sample() -> dict[str, Any]:

@@ -91,13 +91,12 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
 
 
 def _grouped_backend(backend: Backend, device: torch.device) -> str:
-    """The grouped layouts have no path through DeepGEMM or cuBLAS here: where `auto` would pick
-    one, our Triton kernels run instead of the per-expert torch loop (which synchronises with the
-    host). The dense table does not apply to them."""
-    chosen = resolve(backend, "grouped_gemm", device) if backend != "cublas" else "cublas"
-    if chosen in ("official", "cublas") and backend in ("auto", "cublas"):
+    """The grouped layouts have no path through DeepGEMM or cuBLAS here: where `auto` (or
+    `cublas`) is asked for, our Triton kernels run instead of the per-expert torch loop (which
+    synchronises with the host). The dense table does not apply to them."""
+    if backend in ("auto", "cublas"):
         return "triton" if device.type == "cuda" and has_module("triton") else "torch"
-    return chosen
+    return resolve(backend, "grouped_gemm", device)
 
 
 def gemm_fp8_cublas(

@@ -110,6 +110,20 @@ def trainer_args(spec: TrainingJobSpec) -> list[str]:
     return args + list(spec.args)
 
 
+def add_host_paths(
+    paths: list[tuple[str, str, bool]], volumes: list[dict[str, Any]], mounts: list[dict[str, Any]]
+) -> None:
+    """Node directories (volume name, path, read-only) as hostPath volumes mounted at the same
+    path; a writable one is created when missing. HostToContainer: a FUSE mount that comes back
+    after the pod started is seen."""
+    for volume, path, read_only in paths:
+        kind = "Directory" if read_only else "DirectoryOrCreate"
+        volumes.append({"name": volume, "hostPath": {"path": path, "type": kind}})
+        mounts.append(
+            {"name": volume, "mountPath": path, "readOnly": read_only, "mountPropagation": "HostToContainer"}
+        )
+
+
 def rendezvous_env(job: str, namespace: str, spec: TrainingJobSpec) -> list[dict[str, Any]]:
     index = f"metadata.annotations['{L.COMPLETION_INDEX}']"
     return [
@@ -166,13 +180,7 @@ def job(
         security.tmp_volume(),
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
     ]
-    for volume, path, read_only in _host_paths(spec):
-        kind = "Directory" if read_only else "DirectoryOrCreate"
-        volumes.append({"name": volume, "hostPath": {"path": path, "type": kind}})
-        # HostToContainer: a FUSE mount that comes back after the pod started is seen.
-        mounts.append(
-            {"name": volume, "mountPath": path, "readOnly": read_only, "mountPropagation": "HostToContainer"}
-        )
+    add_host_paths(_host_paths(spec), volumes, mounts)
     container: dict[str, Any] = {
         "name": "trainer",
         "image": spec.image,

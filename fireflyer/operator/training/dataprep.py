@@ -89,12 +89,7 @@ def preparation_job(cr: dict[str, Any], spec: TrainingJobSpec) -> dict[str, Any]
     name = cr["metadata"]["name"]
     mounts: list[dict[str, Any]] = [security.tmp_mount()]
     volumes: list[dict[str, Any]] = [security.tmp_volume()]
-    for volume, path, read_only in _host_paths(spec):
-        kind = "Directory" if read_only else "DirectoryOrCreate"
-        volumes.append({"name": volume, "hostPath": {"path": path, "type": kind}})
-        mounts.append(
-            {"name": volume, "mountPath": path, "readOnly": read_only, "mountPropagation": "HostToContainer"}
-        )
+    children.add_host_paths(_host_paths(spec), volumes, mounts)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": security.pod_security_context(non_root=False),
