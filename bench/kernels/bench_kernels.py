@@ -1,11 +1,14 @@
 """Kernel benchmarks beside their peers, measured in the same run on one GPU.
 
+HBM: a 4 GiB device-to-device copy (bytes read + written), the ceiling of the memory-bound rows.
 MLA: b=128, h_q=128, s_q ∈ {1, 2}, s_k ∈ {4096, 8192, 16384, 32768} — ours (Triton) vs a torch
 pipeline (gather pages → SDPA-free einsum attention in BF16). GEMM: FP8 block-scaled (ours) vs
-cuBLAS block-wise (`torch._scaled_mm` with DeepSeek's scales), `auto` (the measured table's choice),
-torch._scaled_mm row-wise FP8 and BF16 cuBLAS on DeepSeek-V3 shapes; grouped contiguous.
+cuBLAS block-wise (`torch._scaled_mm` with DeepSeek's scales), `auto` (the measured table's
+choice), torch._scaled_mm row-wise FP8 and BF16 cuBLAS on DeepSeek-V3 shapes;
+grouped contiguous and grouped masked (ours). The official libraries get a column once they run
+here: the run prints why DeepGEMM and FlashMLA do not (docs/kernels.md).
 
-Usage: python bench/kernels/bench_kernels.py [--out results.json] [--quick]
+Usage: python bench/kernels/bench_kernels.py [--out results.json] [--quick] [--only mla,gemm,grouped]
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from functools import partial
 import torch
 import triton.testing
 
-from fireflyer.kernels import fp8, mla
+from fireflyer.kernels import fp8, mla, official
 from fireflyer.kernels.mla_triton import mla_decode_triton
 
 SCALE = 192**-0.5
@@ -27,6 +30,15 @@ SCALE = 192**-0.5
 
 def bench(fn, reps: int = 50) -> float:  # type: ignore[no-untyped-def]
     return float(triton.testing.do_bench(fn, warmup=10, rep=reps)) * 1e-3  # seconds
+
+
+def copy_rate() -> float:
+    """Bytes read + written per second by a 4 GiB device-to-device copy."""
+    src = torch.empty(2**31, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    seconds = bench(partial(dst.copy_, src))
+    del src, dst
+    return 2 * 2**32 / seconds
 
 
 def torch_mla(q, kv, table, lens, s_k):  # type: ignore[no-untyped-def]
@@ -44,7 +56,8 @@ def torch_mla(q, kv, table, lens, s_k):  # type: ignore[no-untyped-def]
     return torch.einsum("bshn,bnd->bshd", p, k[..., : mla.D_V])
 
 
-def mla_cases(quick: bool) -> list[dict]:
+def mla_cases(quick: bool, hbm: float) -> list[dict]:
+    """hbm: the copy rate in bytes/s; memory-bound figures are also given as its fraction."""
     rows = []
     seqs = [4096, 8192] if quick else [4096, 8192, 16384, 32768]
     for s_q in (1, 2):
@@ -66,6 +79,7 @@ def mla_cases(quick: bool) -> list[dict]:
                     "s_k": s_k,
                     "ours_us": t_ours * 1e6,
                     "ours_TBps": bytes_ / t_ours / 1e12,
+                    "ours_of_copy": bytes_ / t_ours / hbm,
                     "ours_TFLOPS": flops / t_ours / 1e12,
                     "torch_us": t_peer * 1e6,
                     "torch_TBps": bytes_ / t_peer / 1e12,
@@ -74,11 +88,55 @@ def mla_cases(quick: bool) -> list[dict]:
             )
             print(
                 f"MLA s_q={s_q} s_k={s_k:5d}: ours {t_ours * 1e6:8.1f} us "
-                f"{bytes_ / t_ours / 1e12:5.2f} TB/s {flops / t_ours / 1e12:6.1f} TFLOPS | torch "
+                f"{bytes_ / t_ours / 1e12:5.2f} TB/s ({bytes_ / t_ours / hbm:.0%} of copy) "
+                f"{flops / t_ours / 1e12:6.1f} TFLOPS | torch "
                 f"{t_peer * 1e6:8.1f} us {bytes_ / t_peer / 1e12:5.2f} TB/s | ×{t_peer / t_ours:.2f}",
                 flush=True,
             )
             del q, kv
+    return rows
+
+
+def mla_fp8_cases(quick: bool, hbm: float) -> list[dict]:
+    """The FP8 latent cache (656 bytes per token) against the BF16 cache (1152), both our Triton
+    kernel, on the same shapes: s_q = 1, b = 128. Bandwidth counts the bytes each actually reads."""
+    from fireflyer.kernels.mla_fp8 import TOKEN_BYTES, quantize_latent
+    from fireflyer.kernels.mla_fp8_triton import mla_decode_fp8_triton
+
+    rows = []
+    for h_q in (16, 64, 128):
+        for s_k in [4096, 16384] if quick else [4096, 8192, 16384]:
+            b, s_q, pages = 128, 1, s_k // mla.PAGE
+            q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16)
+            kv = torch.randn(b * pages, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16)
+            kv_fp8 = quantize_latent(kv)
+            table = torch.randperm(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
+            lens = torch.full((b,), s_k, dtype=torch.int32, device="cuda")
+            t_bf16 = bench(partial(mla_decode_triton, q, kv, table, lens, SCALE))
+            t_fp8 = bench(partial(mla_decode_fp8_triton, q, kv_fp8, table, lens, SCALE))
+            rest = q.numel() * 2 + b * s_q * h_q * mla.D_V * 2  # the queries and outputs
+            bytes_bf16 = b * s_k * mla.D_QK * 2 + rest
+            bytes_fp8 = b * s_k * TOKEN_BYTES + rest
+            rows.append(
+                {
+                    "kernel": "mla_fp8_cache",
+                    "h_q": h_q,
+                    "s_k": s_k,
+                    "bf16_us": t_bf16 * 1e6,
+                    "bf16_TBps": bytes_bf16 / t_bf16 / 1e12,
+                    "fp8_us": t_fp8 * 1e6,
+                    "fp8_TBps": bytes_fp8 / t_fp8 / 1e12,
+                    "fp8_of_copy": bytes_fp8 / t_fp8 / hbm,
+                    "speedup": t_bf16 / t_fp8,
+                }
+            )
+            print(
+                f"MLA FP8 cache h_q={h_q:3d} s_k={s_k:5d}: fp8 {t_fp8 * 1e6:8.1f} us "
+                f"{bytes_fp8 / t_fp8 / 1e12:5.2f} TB/s ({bytes_fp8 / t_fp8 / hbm:.0%} of copy) | bf16 "
+                f"{t_bf16 * 1e6:8.1f} us {bytes_bf16 / t_bf16 / 1e12:5.2f} TB/s | ×{t_bf16 / t_fp8:.2f}",
+                flush=True,
+            )
+            del q, kv, kv_fp8
     return rows
 
 
@@ -134,14 +192,19 @@ def gemm_cases(quick: bool) -> list[dict]:
                 f"×{t_rw / t_ours:.2f} vs row-wise | diff {diff:.1e}",
                 flush=True,
             )
+    return rows
+
+
+def grouped_cases() -> list[dict]:
+    """Grouped contiguous (prefill: experts' rows aligned to 128) and grouped masked (decode:
+    64–256 valid rows per expert), ours; TFLOPS count only the valid rows."""
+    rows = []
     for groups, m_per in ((4, 8192), (8, 4096)):
         for n, k in ((4096, 7168), (7168, 2048)):
             m = groups * m_per
-            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
+            a_q, a_s = fp8.quantize_per_token_group(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            w_q, w_s = fp8.quantize_per_block(torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16))
             idx = torch.arange(groups, device="cuda", dtype=torch.int32).repeat_interleave(m_per)
-            a_q, a_s = fp8.quantize_per_token_group(a)
-            w_q, w_s = fp8.quantize_per_block(w)
             t = bench(partial(fp8.grouped_gemm_fp8_contiguous, a_q, a_s, w_q, w_s, idx, backend="triton"))
             flops = 2 * m * n * k
             rows.append(
@@ -155,7 +218,36 @@ def gemm_cases(quick: bool) -> list[dict]:
                 }
             )
             print(
-                f"grouped contiguous {groups}×{m_per} n={n} k={k}: {flops / t / 1e12:7.1f} TFLOPS", flush=True
+                f"grouped contiguous {groups}×{m_per} n={n} k={k}: ours {flops / t / 1e12:7.1f} TFLOPS",
+                flush=True,
+            )
+    for groups, m_max, valid in ((32, 256, (64, 256)), (32, 128, (128, 128))):
+        for n, k in ((4096, 7168), (7168, 2048)):
+            x = torch.randn(groups * m_max, k, device="cuda", dtype=torch.bfloat16)
+            a_q, a_s = fp8.quantize_per_token_group(x)
+            a_q, a_s = a_q.view(groups, m_max, k), a_s.view(groups, m_max, -1)
+            w_q, w_s = fp8.quantize_per_block(torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16))
+            masked = torch.randint(valid[0], valid[1] + 1, (groups,), device="cuda", dtype=torch.int32)
+            out = torch.empty(groups, m_max, n, device="cuda", dtype=torch.bfloat16)
+            t = bench(
+                partial(fp8.grouped_gemm_fp8_masked, a_q, a_s, w_q, w_s, masked, backend="triton", out=out)
+            )
+            flops = 2 * int(masked.sum()) * n * k
+            rows.append(
+                {
+                    "kernel": "grouped_masked",
+                    "groups": groups,
+                    "m_max": m_max,
+                    "valid_rows": list(valid),
+                    "n": n,
+                    "k": k,
+                    "ours_TFLOPS": flops / t / 1e12,
+                }
+            )
+            print(
+                f"grouped masked {groups}×{valid[0]}–{valid[1]} rows (of {m_max}) n={n} k={k}: ours "
+                f"{flops / t / 1e12:7.1f} TFLOPS",
+                flush=True,
             )
     return rows
 
@@ -164,7 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["mla", "gemm"])
+    parser.add_argument("--only", default="mla,gemm,grouped", help="comma-separated: mla, gemm, grouped")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(
@@ -172,11 +264,20 @@ def main() -> None:
         f"date {time.strftime('%Y-%m-%d')}",
         flush=True,
     )
-    rows = []
-    if args.only in (None, "mla"):
-        rows += mla_cases(args.quick)
-    if args.only in (None, "gemm"):
+    for module in official.MODULES:
+        why_not = official.unavailable(module, torch.device("cuda"))
+        print(f"{module}: {why_not or 'runs here (not yet a column of this benchmark)'}", flush=True)
+    hbm = copy_rate()
+    print(f"HBM copy (4 GiB, read + write): {hbm / 1e12:.2f} TB/s", flush=True)
+    rows: list[dict] = [{"kernel": "copy", "TBps": hbm / 1e12}]
+    only = set(args.only.split(","))
+    if "mla" in only:
+        rows += mla_cases(args.quick, hbm)
+        rows += mla_fp8_cases(args.quick, hbm)
+    if "gemm" in only:
         rows += gemm_cases(args.quick)
+    if "grouped" in only:
+        rows += grouped_cases()
     for m in (64, 128, 4096):
         for column in ("ours_TFLOPS", "cublas_blockwise_TFLOPS", "auto_TFLOPS"):
             gm = [r[column] for r in rows if r["kernel"] == "gemm" and r["m"] == m]

@@ -2,7 +2,9 @@
 this device, from a small table measured once and cached per device, torch and Triton version.
 
 The table is measured the first time `auto` needs it on a CUDA device (a few seconds: every
-candidate on two representative shapes per class, checked against the torch reference first) and
+candidate on two representative shapes per class, checked against the torch reference first; an
+official library is a candidate only where `fireflyer.kernels.official` finds it installed, made
+for this device and surviving a first call in a child process) and
 written to `$FIREFLYER_CACHE_DIR/kernels/` (default `~/.cache/fireflyer/kernels/`). It is never
 measured during CUDA graph capture; then, or with `FIREFLYER_KERNEL_AUTOTUNE=0`, `auto` falls back
 to the fixed order official > triton > torch. `fireflyer kernels autotune` prints the table.
@@ -83,7 +85,8 @@ def cache_dir() -> Path:
 
 
 def device_key(device: torch.device) -> str:
-    """Device name, compute capability, torch and Triton versions: a table is valid for exactly these."""
+    """Device name, compute capability, torch, Triton and official library versions: a table is
+    valid for exactly these (installing DeepGEMM or FlashMLA measures it again)."""
     return _device_key(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -96,7 +99,10 @@ def _device_key(index: int) -> str:  # cached: `auto` asks on every kernel call
         import triton
 
         triton_version = triton.__version__
-    raw = f"{name}-sm{major}{minor}-torch{torch.__version__}-triton{triton_version}"
+    from fireflyer.kernels.official import MODULES, installed_version
+
+    libraries = "".join(f"-{m}{installed_version(m)}" for m in MODULES if installed_version(m))
+    raw = f"{name}-sm{major}{minor}-torch{torch.__version__}-triton{triton_version}{libraries}"
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", raw)
 
 
@@ -190,10 +196,12 @@ def _time(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20)) * 1e-3
 
 
-def _available(op: str, candidate: str) -> str | None:
+def _available(op: str, candidate: str, device: torch.device) -> str | None:
     """Why a candidate cannot run here, or None."""
-    if candidate == "official" and not has_module(OFFICIAL_MODULES[op]):
-        return f"{OFFICIAL_MODULES[op]} is not installed"
+    if candidate == "official":
+        from fireflyer.kernels.official import unavailable
+
+        return unavailable(OFFICIAL_MODULES[op], device)
     if candidate == "triton" and not has_module("triton"):
         return "triton is not installed"
     return None
@@ -204,7 +212,7 @@ def _measure_class(op: str, shapes: tuple[tuple[int, ...], ...], device: torch.d
 
     result = ClassResult()
     for candidate in CANDIDATES[op]:
-        missing = _available(op, candidate)
+        missing = _available(op, candidate, device)
         if missing:
             result.candidates[candidate] = Measurement(error=missing)
             continue

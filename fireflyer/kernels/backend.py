@@ -21,7 +21,7 @@ def has_module(name: str) -> bool:
 def resolve(backend: Backend, kernel: str, device: torch.device, rows: int | None = None) -> str:
     """The backend that will run. `auto` on a CUDA device takes the measured choice for this call's
     shape class (`rows`: M of a GEMM, s_q × h_q of MLA; see fireflyer.kernels.autotune); without
-    one it prefers the official library, then Triton, then the torch reference."""
+    one it prefers the official library where it can run here, then Triton, then the torch reference."""
     if backend == "cublas":
         if kernel != "gemm" or device.type != "cuda":
             raise RuntimeError("backend 'cublas' is the dense FP8 GEMM on a CUDA device")
@@ -43,7 +43,11 @@ def resolve(backend: Backend, kernel: str, device: torch.device, rows: int | Non
         if measured is not None:
             return measured
     if device.type == "cuda" and has_module(OFFICIAL_MODULES[kernel]):
-        return "official"
+        from fireflyer.kernels.official import unavailable
+
+        # Installed is not enough: a release without our op, or a build that crashes, is skipped.
+        if unavailable(OFFICIAL_MODULES[kernel], device) is None:
+            return "official"
     if device.type == "cuda" and has_module("triton"):
         return "triton"
     return "torch"

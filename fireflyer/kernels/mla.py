@@ -1,7 +1,8 @@
 """Paged MLA decode (DeepSeek-V3 attention at decode time), FlashMLA's interface.
 
 q [b, s_q, h_q, 576] (512 latent + 64 rope), kv_cache [num_blocks, 64, 1, 576] (the latent is
-also the value), block_table int32 [b, max_blocks], cache_seqlens int32 [b];
+also the value; or uint8 [num_blocks, 64, 1, 656], the FP8 layout of mla_fp8), block_table
+int32 [b, max_blocks], cache_seqlens int32 [b];
 out [b, s_q, h_q, 512] BF16 and lse [b, h_q, s_q] fp32 (natural log). For s_q > 1 the queries are
 the last s_q positions of the sequence and attend causally.
 """
@@ -20,12 +21,17 @@ D_V = 512
 
 
 def check_shapes(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    token_width: int = D_QK,
 ) -> None:
+    """`token_width`: a cache row's elements (576 values; 656 bytes in the FP8 layout)."""
     b, s_q, _, d = q.shape
-    if d != D_QK or kv_cache.shape[1:] != (PAGE, 1, D_QK):
+    if d != D_QK or kv_cache.shape[1:] != (PAGE, 1, token_width):
         raise ValueError(
-            f"expected q [..., {D_QK}] and kv_cache [blocks, {PAGE}, 1, {D_QK}], "
+            f"expected q [..., {D_QK}] and kv_cache [blocks, {PAGE}, 1, {token_width}], "
             f"got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
         )
     if block_table.shape[0] != b or cache_seqlens.shape != (b,):
@@ -84,7 +90,11 @@ def mla_decode(
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode. softmax_scale is always explicit (DeepSeek-V3: 192^-0.5 × its YaRN
-    factor, not 576^-0.5)."""
+    factor, not 576^-0.5). A uint8 cache is the FP8 layout (fireflyer.kernels.mla_fp8)."""
+    if kv_cache.dtype == torch.uint8:
+        from fireflyer.kernels.mla_fp8 import mla_decode_fp8
+
+        return mla_decode_fp8(q, kv_cache, block_table, cache_seqlens, softmax_scale, backend)
     check_shapes(q, kv_cache, block_table, cache_seqlens)
     chosen = resolve(backend, "mla", q.device, rows=q.shape[1] * q.shape[2])
     if chosen == "triton":

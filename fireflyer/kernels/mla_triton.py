@@ -127,6 +127,42 @@ def _mla_combine(
     tl.store(LSE + pid_b * stride_lb + hh * S_Q + sq, lse)
 
 
+def split_count(q: torch.Tensor, block_table: torch.Tensor, block_h: int) -> int:
+    """Splits of the KV sequence for this batch on this device (see mla.num_splits)."""
+    b, s_q, h_q, _ = q.shape
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return num_splits(b, triton.cdiv(s_q * h_q, block_h), block_table.shape[1], sms, waves=1.0)
+
+
+def combine_splits(
+    out_part: torch.Tensor, lse_part: torch.Tensor, s_q: int, h_q: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The splits' partial outputs [b, splits, s_q*h_q, 512] and log2-sum-exps merged into out
+    [b, s_q, h_q, 512] (`dtype`) and lse [b, h_q, s_q] (natural log)."""
+    b, splits, rows, _ = out_part.shape
+    out = torch.empty(b, s_q, h_q, D_V, dtype=dtype, device=out_part.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=out_part.device)
+    _mla_combine[(rows, b)](
+        out_part,
+        lse_part,
+        out,
+        lse,
+        out_part.stride(0),
+        out_part.stride(1),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        out.stride(0),
+        lse.stride(0),
+        S_Q=s_q,
+        H_Q=h_q,
+        NUM_SPLITS=splits,
+        DV=D_V,
+        LN2=math.log(2.0),
+        num_warps=4,
+    )
+    return out, lse
+
+
 def mla_decode_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -142,8 +178,7 @@ def mla_decode_triton(
     rows = s_q * h_q
     head_blocks = triton.cdiv(rows, cfg["BLOCK_H"])
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = num_splits(b, head_blocks, block_table.shape[1], sms, waves=1.0)
+        splits = split_count(q, block_table, cfg["BLOCK_H"])
     out_part = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
     _mla_partial[(head_blocks, splits, b)](
@@ -173,24 +208,4 @@ def mla_decode_triton(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    _mla_combine[(rows, b)](
-        out_part,
-        lse_part,
-        out,
-        lse,
-        out_part.stride(0),
-        out_part.stride(1),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        out.stride(0),
-        lse.stride(0),
-        S_Q=s_q,
-        H_Q=h_q,
-        NUM_SPLITS=splits,
-        DV=D_V,
-        LN2=math.log(2.0),
-        num_warps=4,
-    )
-    return out, lse
+    return combine_splits(out_part, lse_part, s_q, h_q, q.dtype)

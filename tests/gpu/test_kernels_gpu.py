@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fireflyer.kernels import fp8, mla  # noqa: E402
+from fireflyer.kernels import fp8, mla, mla_fp8  # noqa: E402
 from fireflyer.kernels.backend import has_module  # noqa: E402
 
 pytestmark = [
@@ -61,6 +61,41 @@ def test_mla_split_count_does_not_change_the_result() -> None:
     q, kv, table, lens = _mla_inputs(2, 2, 128, [1000, 3000], seed=3)
     one, lse_one = mla_decode_triton(q, kv, table, lens, SCALE, splits=1)
     many, lse_many = mla_decode_triton(q, kv, table, lens, SCALE, splits=16)
+    assert _cos_diff(one, many) < 5e-6
+    torch.testing.assert_close(lse_one, lse_many, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "b,s_q,h_q,seqlens",
+    [
+        (2, 1, 16, [1, 64]),
+        (3, 2, 128, [63, 65, 700]),
+        (4, 1, 64, [4096, 1, 333, 2048]),
+        (8, 1, 128, [8192] * 8),
+    ],
+)
+def test_mla_fp8_cache_triton_matches_the_fp8_reference(
+    b: int, s_q: int, h_q: int, seqlens: list[int]
+) -> None:
+    q, kv, table, lens = _mla_inputs(b, s_q, h_q, seqlens, seed=5)
+    cache = mla_fp8.quantize_latent(kv)
+    out, lse = mla.mla_decode(q, cache, table, lens, SCALE, backend="triton")
+    ref_out, ref_lse = mla.mla_decode(q, cache, table, lens, SCALE, backend="torch")
+    assert (out.float() - ref_out.float()).abs().max().item() <= 8e-3
+    assert _cos_diff(out, ref_out) <= 5e-6
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    # And close to the BF16 cache it was quantised from (docs/kernels.md's tolerance).
+    bf16_out, _ = mla.mla_decode(q, kv, table, lens, SCALE, backend="triton")
+    assert _cos_diff(out, bf16_out) <= 1e-3
+
+
+def test_mla_fp8_cache_split_count_does_not_change_the_result() -> None:
+    from fireflyer.kernels.mla_fp8_triton import mla_decode_fp8_triton
+
+    q, kv, table, lens = _mla_inputs(2, 2, 128, [1000, 3000], seed=3)
+    cache = mla_fp8.quantize_latent(kv)
+    one, lse_one = mla_decode_fp8_triton(q, cache, table, lens, SCALE, splits=1)
+    many, lse_many = mla_decode_fp8_triton(q, cache, table, lens, SCALE, splits=16)
     assert _cos_diff(one, many) < 5e-6
     torch.testing.assert_close(lse_one, lse_many, atol=1e-4, rtol=1e-5)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from fireflyer.kernels import mla
+from fireflyer.kernels import mla, mla_fp8
 from fireflyer.kernels.backend import Backend
 from fireflyer.workloads.model.batch import BatchMetadata
 from fireflyer.workloads.model.config import ModelConfig
@@ -80,7 +80,8 @@ class MLA(nn.Module):
         cache: torch.Tensor,
         meta: BatchMetadata,
     ) -> torch.Tensor:
-        """x [T, hidden]; cache [blocks, 64, latent_dim] of this layer, written in place."""
+        """x [T, hidden]; cache [blocks, 64, latent_dim] of this layer, written in place (or uint8
+        [blocks, 64, 656]: the FP8 layout, quantised on write)."""
         tokens = x.shape[0]
         if self.config.q_lora_rank is None:
             q = self.q_proj(x)
@@ -91,8 +92,13 @@ class MLA(nn.Module):
         q_pe = rotary(q_pe, positions)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         entry = torch.cat([self.kv_a_layernorm(latent), rotary(k_pe, positions)], dim=-1)
-        flat_cache = cache.view(-1, self.config.latent_dim)
-        flat_cache[meta.slot_mapping] = entry.to(cache.dtype)
+        flat_cache = cache.view(-1, cache.shape[-1])
+        fp8_cache = mla_fp8.is_fp8_cache(cache)
+        flat_cache[meta.slot_mapping] = mla_fp8.quantize_latent(entry) if fp8_cache else entry.to(cache.dtype)
+
+        def latents(rows: torch.Tensor) -> torch.Tensor:
+            """The cache rows' latent + RoPE entries [n, latent_dim]."""
+            return mla_fp8.dequantize_latent(flat_cache[rows], x.dtype) if fp8_cache else flat_cache[rows]
 
         out = x.new_empty(tokens, self.heads, self.v_dim)
         decodes = meta.num_decode
@@ -103,12 +109,12 @@ class MLA(nn.Module):
                 for i in range(decodes):
                     rows = _rows(meta, i)
                     out[i : i + 1] = self._attend_expanded(
-                        q_nope[i : i + 1], q_pe[i : i + 1], flat_cache[rows], len(rows) - 1
+                        q_nope[i : i + 1], q_pe[i : i + 1], latents(rows), len(rows) - 1
                     )
         for span in meta.prefills:
             window = slice(span.start, span.start + span.length)
             out[window] = self._attend_expanded(
-                q_nope[window], q_pe[window], flat_cache[span.kv_rows], span.context
+                q_nope[window], q_pe[window], latents(span.kv_rows), span.context
             )
         return self.o_proj(out.reshape(tokens, self.heads * self.v_dim))
 
@@ -149,8 +155,11 @@ class MLA(nn.Module):
         assert self.w_uk is not None and self.w_uv is not None, "prepare() runs after loading"
         assert meta.decode_block_table is not None and meta.decode_seqlens is not None
         q_latent = torch.einsum("bhd,hdr->bhr", q_nope, self.w_uk)
-        q = torch.cat([q_latent, q_pe], dim=-1).to(cache.dtype)[:, None]  # [b, 1, heads, 576]
-        paged = cache.view(cache.shape[0], mla.PAGE, 1, mla.D_QK)
+        # The query in the cache's dtype; over the FP8 cache in the activations' (the kernel
+        # dequantises the latent to it).
+        q_dtype = q_nope.dtype if mla_fp8.is_fp8_cache(cache) else cache.dtype
+        q = torch.cat([q_latent, q_pe], dim=-1).to(q_dtype)[:, None]  # [b, 1, heads, 576]
+        paged = cache.view(cache.shape[0], mla.PAGE, 1, cache.shape[-1])
         out, _ = mla.mla_decode(
             q, paged, meta.decode_block_table, meta.decode_seqlens, self.scale, backend=self.attention_backend
         )

@@ -19,7 +19,7 @@ from fireflyer.workloads.serve.eplb_load import LoadWindow
 from fireflyer.workloads.serve.handoff import PrefillSends
 from fireflyer.workloads.serve.kv_tier import StoreTier
 from fireflyer.workloads.serve.kv_transfer import ReceivedTier, make_transport
-from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes
+from fireflyer.workloads.serve.runner import ModelRunner, kv_block_bytes, kv_cache_layout
 from fireflyer.workloads.serve.scheduler import Scheduler
 from fireflyer.workloads.serve.types import (
     BLOCK_TOKENS,
@@ -50,6 +50,7 @@ class EngineConfig:
     eplb_bucket_seconds: float = 10.0  # its granularity: counts leave the window a bucket at a time
     receive_kv: bool = False  # decode role: admit requests with KV blocks a prefill unit sent
     kv_transfer: str = "auto"  # the hand-off transport: auto, tcp or nixl
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), bf16, or fp8 (runner.kv_cache_layout)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class StepEvent:
 def plan_kv_blocks(model: DeepseekV3, config: EngineConfig) -> int:
     if config.num_kv_blocks:
         return config.num_kv_blocks
-    per_block = kv_block_bytes(model, model.dtype)
+    per_block = kv_block_bytes(model, config.kv_cache_dtype)
     if model.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(model.device)
         budget = free - (1 - config.gpu_memory_utilization) * total
@@ -89,6 +90,10 @@ class LLMEngine:
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
+        try:
+            kv_cache_layout(model, config.kv_cache_dtype)
+        except ValueError as error:
+            raise EngineSetupError(f"--kv-cache-dtype: {error}") from error
         num_blocks = plan_kv_blocks(model, config)
         graphs = config.cuda_graph_max_batch if model.device.type == "cuda" else 0
         # A sequence can never hold more tokens than the cache has rows (the last block may be the
@@ -117,16 +122,22 @@ class LLMEngine:
             )
         except ValueError as error:
             raise EngineSetupError(f"--eplb-window-seconds: {error}") from error
+        if config.kv_cache_dir is not None and config.kv_cache_dtype == "fp8":
+            raise EngineSetupError("--kv-cache-dir stores BF16 blocks; it does not take --kv-cache-dtype fp8")
         self.runner = ModelRunner(
-            model, num_blocks, cuda_graph_max_batch=graphs, max_model_len=self.max_model_len
+            model,
+            num_blocks,
+            cuda_graph_max_batch=graphs,
+            max_model_len=self.max_model_len,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         self.store: KVBlockStore | None = None
         tier: KVTier | None = None
         if config.kv_cache_dir is not None:
-            if model.dtype != torch.bfloat16:
+            if self.runner.kv_dtype != torch.bfloat16:
                 raise EngineSetupError(
-                    f"--kv-cache-dir stores BF16 blocks; this model's cache is {model.dtype}"
-                    " (use --dtype bfloat16)"
+                    f"--kv-cache-dir stores BF16 blocks; this engine's cache is {self.runner.kv_dtype}"
+                    " (use --dtype bfloat16 or --kv-cache-dtype bf16)"
                 )
             self.store = _open_store(
                 config.kv_cache_dir,
@@ -157,10 +168,13 @@ class LLMEngine:
             self.warmup()
         if self.eplb_load is not None:
             self.eplb_load.reset()  # the CUDA graphs' warm-up runs are no load
+        block_bytes = kv_block_bytes(model, config.kv_cache_dtype)
         log.info(
-            "KV cache: %d blocks of 64 tokens (%.1f MiB)",
+            "KV cache: %d blocks of 64 tokens (%.1f MiB; %s, %d bytes per token and layer)",
             num_blocks,
-            num_blocks * kv_block_bytes(model, model.dtype) / 2**20,
+            num_blocks * block_bytes / 2**20,
+            "fp8" if config.kv_cache_dtype == "fp8" else str(self.runner.kv_dtype).removeprefix("torch."),
+            block_bytes // (BLOCK_TOKENS * model.config.num_hidden_layers),
         )
 
     def warmup(self) -> None:

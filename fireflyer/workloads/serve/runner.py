@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fireflyer.kernels import mla, mla_fp8
 from fireflyer.workloads.model.batch import BatchMetadata
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.model.moe import MoE
@@ -14,11 +15,29 @@ from fireflyer.workloads.serve.batch_builder import build_step
 from fireflyer.workloads.serve.sampling import sample
 from fireflyer.workloads.serve.types import BLOCK_TOKENS, SamplingParams, SchedulerOutput
 
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
 
-def kv_block_bytes(model: DeepseekV3, dtype: torch.dtype) -> int:
+
+def kv_cache_layout(model: DeepseekV3, kv_cache_dtype: str = "auto") -> tuple[int, torch.dtype]:
+    """A cache row's width and element dtype: the latent in the model's dtype (auto) or BF16, or
+    fp8: FlashMLA's FP8 layout, 656 bytes per token (fireflyer.kernels.mla_fp8)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"KV cache dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     config = model.config
-    width = torch.empty((), dtype=dtype).element_size()
-    return BLOCK_TOKENS * config.latent_dim * config.num_hidden_layers * width
+    if kv_cache_dtype == "fp8":
+        if config.kv_lora_rank != mla.D_V or config.latent_dim != mla.D_QK:
+            raise ValueError(
+                f"the FP8 KV cache holds a {mla.D_V} + {mla.D_QK - mla.D_V} latent; this model's is"
+                f" {config.kv_lora_rank} + {config.latent_dim - config.kv_lora_rank}"
+            )
+        return mla_fp8.TOKEN_BYTES, torch.uint8
+    return config.latent_dim, torch.bfloat16 if kv_cache_dtype == "bf16" else model.dtype
+
+
+def kv_block_bytes(model: DeepseekV3, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one block (64 tokens, every layer)."""
+    width, dtype = kv_cache_layout(model, kv_cache_dtype)
+    return BLOCK_TOKENS * width * model.config.num_hidden_layers * dtype.itemsize
 
 
 class ModelRunner:
@@ -29,13 +48,14 @@ class ModelRunner:
         *,
         cuda_graph_max_batch: int = 0,
         max_model_len: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.device = model.device
-        self.kv_dtype = model.dtype
+        width, self.kv_dtype = kv_cache_layout(model, kv_cache_dtype)
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len or model.config.max_position_embeddings
-        shape = (num_blocks, BLOCK_TOKENS, model.config.latent_dim)
+        shape = (num_blocks, BLOCK_TOKENS, width)
         self.caches = [
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             for _ in range(model.config.num_hidden_layers)
@@ -79,7 +99,7 @@ class ModelRunner:
         tokens = sample(logits, params, generators)
         return {c.seq.request_id: t for c, t in zip(inputs.sampling, tokens, strict=True)}
 
-    # -- the KV tier moves whole blocks: [tokens, layers, latent] --------------------------------
+    # -- the KV tier moves whole blocks: [tokens, layers, latent] (the FP8 layout's bytes as uint8)
 
     def read_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)

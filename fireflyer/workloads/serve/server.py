@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--num-kv-blocks", type=int, default=None, help="blocks of 64 tokens (default: sized)")
     kv.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size on CPU")
     kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    kv.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "bf16", "fp8"),
+        default="auto",
+        help="the latent cache: auto (--dtype's), bf16, or fp8 (e4m3 latent with a scale per 128"
+        " values and a BF16 RoPE part: 656 bytes per token and layer, 0.57x BF16)",
+    )
     eng = parser.add_argument_group("engine")
     eng.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     eng.add_argument(
@@ -214,10 +221,19 @@ def engine_config(args: argparse.Namespace, model: Any, **overrides: Any) -> Any
         eplb_window_seconds=args.eplb_window_seconds,
         kv_cache_dir=Path(args.kv_cache_dir) if args.kv_cache_dir else None,
         kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
-        namespace=f"{served_name(args)}/{checkpoint_fingerprint(Path(args.model), str(model.dtype))}",
+        namespace=f"{served_name(args)}/{checkpoint_fingerprint(Path(args.model), cache_name(args, model))}",
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     config = dataclasses.replace(config, receive_kv=args.role == "decode", kv_transfer=args.kv_transfer)
     return dataclasses.replace(config, **overrides)
+
+
+def cache_name(args: argparse.Namespace, model: Any) -> str:
+    """What the cached blocks hold, for the prefix-cache namespace: units whose caches differ never
+    exchange blocks (BF16 names stay as they were, so existing tiers keep their blocks)."""
+    if args.kv_cache_dtype == "fp8":
+        return f"{model.dtype}/kv-fp8"
+    return "torch.bfloat16" if args.kv_cache_dtype == "bf16" else str(model.dtype)
 
 
 def advertised_host(args: argparse.Namespace) -> str:
@@ -247,15 +263,17 @@ def decode_fetcher(args: argparse.Namespace, model: Any, namespace: str) -> Any:
         return None
     from fireflyer.workloads.serve.handoff import DecodeFetcher
     from fireflyer.workloads.serve.kv_transfer import make_transport
+    from fireflyer.workloads.serve.runner import kv_cache_layout
     from fireflyer.workloads.serve.types import BLOCK_TOKENS
 
-    shape = (BLOCK_TOKENS, model.config.num_hidden_layers, model.config.latent_dim)
+    width, dtype = kv_cache_layout(model, args.kv_cache_dtype)
+    shape = (BLOCK_TOKENS, model.config.num_hidden_layers, width)
     receiver = make_transport(args.kv_transfer).receiver(
         args.host,
         args.kv_transfer_port,
         advertise_host=advertised_host(args),
         block_shape=shape,
-        dtype=model.dtype,
+        dtype=dtype,
     )
     logging.getLogger("fireflyer.serve").info("KV hand-offs arrive at %s:%d", *receiver.address)
     keys = api_keys(args)

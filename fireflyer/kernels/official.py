@@ -1,0 +1,102 @@
+"""Whether DeepSeek's official kernel libraries can run here, asked without risking this process.
+
+`backend="auto"` measures an official library (DeepGEMM for the FP8 GEMMs, FlashMLA for MLA
+decode) only where `unavailable(library, device)` is None. An installed library is first probed in
+a child process: it is imported and makes one call. A build that crashes there (seen: a DeepGEMM
+extension that segfaults at its first call) is excluded with the reason instead of killing the
+process that measures, and the answer is cached per library and device for the process's life.
+
+- DeepGEMM (`deep_gemm`): kernels for SM90 and SM100 only.
+- FlashMLA (`flash_mla`): releases from 1.0 on (PyPI `deepinfer-flashmla`) have dropped Hopper
+  and the dense paged decode of DeepSeek-V3 that `fireflyer.kernels.mla` calls (they keep sparse
+  decode with V4.1's cache on SM100), so they never run our op.
+
+docs/kernels.md says how to build them and what was seen when they were built on an H200.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+MODULES = ("deep_gemm", "flash_mla")
+ARCHS = {"deep_gemm": (9, 10), "flash_mla": (9, 10)}  # compute capability majors with kernels
+PROBE_SECONDS = 120.0
+# One call that touches the extension's native code, printed version on success.
+PROBES = {
+    "deep_gemm": "import deep_gemm\ndeep_gemm.get_num_sms()\nprint(deep_gemm.__version__)",
+    "flash_mla": "import flash_mla\nprint(flash_mla.__version__)",
+}
+
+
+def installed_version(module: str) -> str | None:
+    """The version of the distribution that provides `module` (without importing it), or None
+    when none is installed. Used in the autotune table's key, so that installing or upgrading a
+    library measures the table again."""
+    for dist in importlib.metadata.packages_distributions().get(module, []):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def probe_failure(code: str, env: dict[str, str] | None = None, timeout: float = PROBE_SECONDS) -> str | None:
+    """Run `code` in a child Python; None when it exits 0, else why it failed (its last line of
+    output, the signal that killed it, or the timeout)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"did not finish its first call in {timeout:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"crashed at its first call ({signal.Signals(-done.returncode).name})"
+    lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else f"exited with status {done.returncode}"
+
+
+def version_failure(module: str, version: str) -> str | None:
+    """A release known not to run our ops, or None."""
+    major = version.split(".")[0]
+    if module == "flash_mla" and major.isdigit() and int(major) >= 1:
+        return (
+            f"flash_mla {version} has no Hopper kernels and no dense paged decode "
+            "(both dropped in 1.0); fireflyer's MLA decode needs an earlier release"
+        )
+    return None
+
+
+@functools.cache
+def _probe(module: str) -> str | None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return probe_failure(PROBES[module], env=env)
+
+
+def unavailable(module: str, device: torch.device) -> str | None:
+    """Why `module` cannot run our ops on `device`, or None when it may be measured."""
+    if device.type != "cuda":
+        return f"{module} needs a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in ARCHS[module]:
+        return f"{module} has no kernels for sm{major}{minor}"
+    version = installed_version(module)
+    if version is None:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        version = "unknown"  # importable from a source tree without package metadata
+    return version_failure(module, version) or _probe(module)

@@ -1,0 +1,68 @@
+"""Whether an official library may be measured: the child-process probe, version rules and the
+autotune table's key (CPU only)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fireflyer.kernels import autotune, official  # noqa: E402
+
+
+def test_a_probe_that_succeeds_reports_nothing() -> None:
+    assert official.probe_failure("print('ok')") is None
+
+
+def test_a_probe_that_raises_reports_its_last_line() -> None:
+    why = official.probe_failure("raise RuntimeError('no kernels for this arch')")
+    assert why == "RuntimeError: no kernels for this arch"
+
+
+def test_a_library_that_crashes_is_reported_not_fatal() -> None:
+    # a null read kills the child with SIGSEGV, as a broken native extension does
+    why = official.probe_failure("import ctypes\nctypes.string_at(0)")
+    assert why == "crashed at its first call (SIGSEGV)"
+
+
+def test_a_probe_that_hangs_is_stopped() -> None:
+    why = official.probe_failure("import time\ntime.sleep(30)", timeout=0.5)
+    assert why is not None and "did not finish" in why
+
+
+@pytest.mark.parametrize(
+    "module,version,excluded",
+    [
+        ("flash_mla", "1.0.0", True),
+        ("flash_mla", "1.2", True),
+        ("flash_mla", "0.9.1", False),
+        ("flash_mla", "unknown", False),
+        ("deep_gemm", "2.8.2", False),
+    ],
+)
+def test_flashmla_from_1_0_cannot_run_our_decode(module: str, version: str, excluded: bool) -> None:
+    why = official.version_failure(module, version)
+    assert (why is not None) == excluded
+    if excluded:
+        assert "dense paged decode" in str(why)
+
+
+def test_nothing_official_runs_without_cuda() -> None:
+    for module in official.MODULES:
+        assert official.unavailable(module, torch.device("cpu")) == f"{module} needs a CUDA device"
+    assert autotune._available("gemm", "official", torch.device("cpu")) == "deep_gemm needs a CUDA device"
+
+
+def test_a_module_without_a_distribution_has_no_version() -> None:
+    assert official.installed_version("no_such_module_for_fireflyer") is None
+
+
+def test_the_table_key_changes_when_a_library_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(official, "installed_version", lambda module: None)
+    bare = autotune._device_key.__wrapped__(0)
+    monkeypatch.setattr(official, "installed_version", lambda m: "2.8.2" if m == "deep_gemm" else None)
+    with_deepgemm = autotune._device_key.__wrapped__(0)
+    assert bare != with_deepgemm and with_deepgemm.endswith("-deep_gemm2.8.2")
+    assert bare.startswith("NVIDIA_H200-sm90-torch")
