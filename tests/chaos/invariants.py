@@ -14,6 +14,11 @@ COMPONENT = "fireflyer.dev/component"
 REVISION = "fireflyer.dev/revision"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 ROLES = ("prefill", "decode")
+TRAINING_JOB = "fireflyer.dev/training-job"
+ATTEMPT = "fireflyer.dev/attempt"
+THREEFS = "fireflyer.dev/threefs"
+ADMIN_STEP = "fireflyer.dev/admin-step"
+WIPE = "fireflyer.dev/wipe"
 
 UnitKey = tuple[str, str, int]  # deployment, role, index
 
@@ -59,8 +64,28 @@ def unit_pods(listing: Listing) -> dict[UnitKey, list[dict[str, Any]]]:
     return units
 
 
+def workload_pods(listing: Listing) -> dict[UnitKey, list[dict[str, Any]]]:
+    """unit_pods, plus a TrainingJob's pods as one unit (it restarts whole) and a ThreeFSCluster's
+    long-running pods by component (its admin and wipe Jobs come and go by design)."""
+    units = unit_pods(listing)
+    for pod in listing.of("Pod"):
+        labels = _labels(pod)
+        if not _live(pod) or ADMIN_STEP in labels or WIPE in labels:
+            continue
+        if TRAINING_JOB in labels:
+            units[(labels[TRAINING_JOB], "training", 0)].append(pod)
+        elif THREEFS in labels and COMPONENT in labels:
+            units[(labels[THREEFS], labels[COMPONENT], 0)].append(pod)
+    return units
+
+
 def unit_pod_uids(listing: Listing) -> dict[UnitKey, frozenset[str]]:
-    return {key: frozenset(p["metadata"]["uid"] for p in pods) for key, pods in unit_pods(listing).items()}
+    return {
+        key: frozenset(p["metadata"]["uid"] for p in pods) for key, pods in workload_pods(listing).items()
+    }
+
+
+ROOT_KINDS = ("InferenceDeployment", "TrainingJob", "ThreeFSCluster")
 
 
 def orphans(listing: Listing) -> list[str]:
@@ -69,7 +94,7 @@ def orphans(listing: Listing) -> list[str]:
     found = []
     for item in listing.items:
         ours = _labels(item).get(MANAGED_BY) == "fireflyer" or DEPLOYMENT in _labels(item)
-        if not ours or item["kind"] == "InferenceDeployment":
+        if not ours or item["kind"] in ROOT_KINDS:
             continue
         owners = item["metadata"].get("ownerReferences") or []
         if not owners or not all(o["uid"] in uids for o in owners):
@@ -140,17 +165,69 @@ def ready_mismatch(listing: Listing) -> list[str]:
     return found
 
 
+def _condition(obj: dict[str, Any], kind: str) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)
+
+
+def training_mismatch(listing: Listing) -> list[str]:
+    """A TrainingJob runs one attempt: one live Job, spec.nodes Running pods all of the attempt
+    its status counts, and phase Running."""
+    found = []
+    for job in listing.of("TrainingJob"):
+        name, status = job["metadata"]["name"], job.get("status") or {}
+        attempts_jobs = [j for j in listing.of("Job") if _labels(j).get(TRAINING_JOB) == name and _live(j)]
+        jobs = [j for j in attempts_jobs if not j["metadata"]["name"].endswith("-prepare")]
+        pods = [p for p in listing.of("Pod") if _labels(p).get(TRAINING_JOB) == name and _live(p)]
+        attempts = sorted({_labels(p).get(ATTEMPT, "?") for p in pods})
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if status.get("phase") != "Running":
+            found.append(f"{name}: phase {status.get('phase')}")
+        if len(jobs) != 1:
+            found.append(f"{name}: {len(jobs)} live Jobs")
+        if len(running) != job["spec"]["nodes"] or attempts != [str(status.get("restarts", 0))]:
+            found.append(
+                f"{name}: {len(running)}/{job['spec']['nodes']} pods Running, attempts {attempts}, "
+                f"status restarts {status.get('restarts')}"
+            )
+    return found
+
+
+def threefs_mismatch(listing: Listing) -> list[str]:
+    """A ThreeFSCluster is Ready, with one storage StatefulSet and every storage pod Running."""
+    found = []
+    for fs in listing.of("ThreeFSCluster"):
+        name = fs["metadata"]["name"]
+        if not _condition(fs, "Ready"):
+            found.append(f"{name}: not Ready")
+        storage = [s for s in listing.of("StatefulSet") if s["metadata"]["name"] == f"{name}-storage"]
+        pods = [
+            p for p in listing.of("Pod")
+            if _labels(p).get(THREEFS) == name and _labels(p).get(COMPONENT) == "storage" and _live(p)
+        ]  # fmt: skip
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if len(storage) != 1 or len(running) != fs["spec"]["storage"]["nodes"]:
+            found.append(f"{name}: {len(storage)} storage StatefulSets, {len(running)} storage pods Running")
+    return found
+
+
 def converged(listing: Listing) -> list[str]:
     """Why the namespace has not converged yet ([] once it has): every deployment Ready for its
     generation, nothing terminating, and every invariant holding."""
     waiting = []
-    for cr in listing.deployments():
+    for cr in [*listing.deployments(), *listing.of("TrainingJob"), *listing.of("ThreeFSCluster")]:
         status = cr.get("status") or {}
         if status.get("observedGeneration") != cr["metadata"].get("generation"):
             waiting.append(f"{cr['metadata']['name']}: generation not observed yet")
     terminating = [p["metadata"]["name"] for p in listing.of("Pod") if not _live(p)]
     if terminating:
         waiting.append(f"pods terminating: {terminating}")
-    return (
-        waiting + duplicates(listing) + orphans(listing) + mixed_revisions(listing) + ready_mismatch(listing)
-    )
+    return [
+        *waiting,
+        *duplicates(listing),
+        *orphans(listing),
+        *mixed_revisions(listing),
+        *ready_mismatch(listing),
+        *training_mismatch(listing),
+        *threefs_mismatch(listing),
+    ]

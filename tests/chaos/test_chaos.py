@@ -1,7 +1,9 @@
-"""Chaos on the local control plane: while small InferenceDeployments are scaled and rolled out,
-the operator is SIGKILLed at random moments and restarted, random nodes go NotReady and come
-back, random unit pods are deleted. After each round the namespace must converge with every
-invariant holding (tests/chaos/invariants.py) and no unit left alone by the round restarted.
+"""Chaos on the local control plane: while small InferenceDeployments are scaled and rolled out
+beside a TrainingJob and a ThreeFSCluster (the small samples), the operator is SIGKILLed at random
+moments and restarted, random nodes go NotReady and come back, random pods of all of them are
+deleted. After each round the namespace must converge with every invariant holding
+(tests/chaos/invariants.py) and no unit (a training job, a 3FS component) left alone by the round
+restarted.
 
 CI runs FIREFLYER_CHAOS_ROUNDS=10 (the default); longer runs by hand, e.g.
 FIREFLYER_CHAOS_ROUNDS=100 pytest -s tests/chaos (FIREFLYER_CHAOS_SEED repeats a run)."""
@@ -22,17 +24,26 @@ import pytest
 import yaml
 
 from fireflyer.dev import faults
+from fireflyer.dev.runtime.threefs_admin import AdminRunner
 from tests.chaos import invariants as I
 from tests.conftest import TEST_PORT_BASE, Operator, install_crds, running_operator
 from tests.kube import Kube, fresh_namespace, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SMALL = yaml.safe_load((REPO_ROOT / "manifests/samples/small/inference.yaml").read_text())
+SAMPLES = REPO_ROOT / "manifests/samples/small"
+SMALL = yaml.safe_load((SAMPLES / "inference.yaml").read_text())
+TRAINING = yaml.safe_load((SAMPLES / "training.yaml").read_text())
+THREEFS = yaml.safe_load((SAMPLES / "threefs.yaml").read_text())
+STORAGE_LABEL = "fireflyer.dev/3fs-storage"
 ROUNDS = int(os.environ.get("FIREFLYER_CHAOS_ROUNDS", "10"))
 SEED = int(os.environ.get("FIREFLYER_CHAOS_SEED", str(random.randrange(1 << 30))))
 CONVERGE_SECONDS = 60.0  # a failure, well past the issue's 30 s target
-KINDS = "inferencedeployments,statefulsets,services,deployments,replicasets,configmaps,pods"
+FIRST_CONVERGE_SECONDS = 180.0  # the 3FS bootstrap runs its admin Jobs one by one
+KINDS = (
+    "inferencedeployments,trainingjobs,threefsclusters,statefulsets,services,deployments,"
+    "replicasets,daemonsets,jobs,configmaps,poddisruptionbudgets,pods"
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +60,20 @@ def chaos_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 
 
 @pytest.fixture(scope="module")
+def chaos_storage(chaos_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminRunner]:
+    """Three nodes labelled for 3FS storage, and the runtime that plays 3FS's admin Jobs."""
+    nodes = sorted(n["metadata"]["name"] for n in chaos_cluster.get("nodes", namespaced=False)["items"])
+    for node in nodes[-3:]:
+        chaos_cluster.run("label", "node", node, f"{STORAGE_LABEL}=true", namespaced=False)
+    runner = AdminRunner(chaos_cluster.kubeconfig, tmp_path_factory.mktemp("chaos-3fs"))
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+@pytest.fixture(scope="module")
 def chaos_operator(chaos_cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     with running_operator(chaos_cluster.kubeconfig, tmp_path_factory.mktemp("chaos") / "operator.log") as op:
         yield op
@@ -60,6 +85,23 @@ def _deployment(name: str, prefill_units: int, args: list[str]) -> dict[str, Any
     doc["spec"]["prefill"]["units"] = prefill_units
     doc["spec"]["decode"]["units"] = 0
     doc["spec"]["engine"] = {"kind": "fireflyer", "args": args}
+    # kwok's router pods answer nothing: a scale-in's drain would wait its whole timeout.
+    doc["spec"]["router"] = {**doc["spec"].get("router", {}), "drainTimeoutSeconds": 0}
+    return doc
+
+
+def _training() -> dict[str, Any]:
+    """The small training sample, kept running (kwok ends a Job's pods otherwise), with restarts
+    enough for every node loss and pod deletion a long run gives it."""
+    doc = copy.deepcopy(TRAINING)
+    doc["spec"]["podLabels"] = {"fireflyer.dev/keep-running": "true"}
+    doc["spec"]["restart"] = {"maxRestarts": 1000}
+    return doc
+
+
+def _threefs() -> dict[str, Any]:
+    doc = copy.deepcopy(THREEFS)
+    doc["spec"]["storage"]["nodeSelector"] = {STORAGE_LABEL: "true"}
     return doc
 
 
@@ -86,25 +128,26 @@ class Chaos:
     def __init__(self, kube: Kube, cluster: Kube, operator: Operator, rng: random.Random) -> None:
         self.kube, self.cluster, self.operator, self.rng = kube, cluster, operator, rng
         self.specs = {"scaled": _deployment("scaled", 2, []), "rolled": _deployment("rolled", 1, [])}
+        self.others = [_training(), _threefs()]
         self.figures = Figures()
 
     def listing(self) -> I.Listing:
         return I.Listing(self.kube.get(KINDS)["items"])
 
-    def converge(self, since: float) -> float:
+    def converge(self, since: float, timeout: float = CONVERGE_SECONDS) -> float:
         def done() -> bool:
             why = I.converged(self.listing())
             if why:
                 raise AssertionError(why)  # wait_for reports the last one on a timeout
             return True
 
-        wait_for(f"convergence\n{self.operator.tail(30)}", done, timeout=CONVERGE_SECONDS, interval=0.25)
+        wait_for(f"convergence\n{self.operator.tail(30)}", done, timeout=timeout, interval=0.25)
         return time.monotonic() - since
 
     # -- what a round does; each returns the units it may restart --------------------------------
 
     def delete_pod(self) -> set[I.UnitKey]:
-        units = I.unit_pods(self.listing())  # an earlier action may have removed some
+        units = I.workload_pods(self.listing())  # an earlier action may have removed some
         key = self.rng.choice(sorted(units))
         pod = self.rng.choice(units[key])["metadata"]["name"]
         self.kube.run("delete", "pod", pod, "--wait=false", "--ignore-not-found")
@@ -112,7 +155,7 @@ class Chaos:
         return {key}
 
     def lose_node(self) -> tuple[str, set[I.UnitKey]]:
-        units = I.unit_pods(self.listing())
+        units = I.workload_pods(self.listing())
         bound = {p["spec"].get("nodeName") for pods in units.values() for p in pods} - {None}
         node = self.rng.choice(sorted(bound))  # a scaled-up unit's pods may not be bound yet
         faults.make_node_not_ready(self.cluster.kubeconfig, node)
@@ -171,12 +214,12 @@ def chaos_kube(chaos_cluster: Kube) -> Iterator[Kube]:
 
 
 def test_operator_kills_node_losses_and_pod_deletions_never_hurt_a_healthy_unit(
-    chaos_cluster: Kube, chaos_kube: Kube, chaos_operator: Operator
+    chaos_cluster: Kube, chaos_kube: Kube, chaos_storage: AdminRunner, chaos_operator: Operator
 ) -> None:
     chaos = Chaos(chaos_kube, chaos_cluster, chaos_operator, random.Random(SEED))
-    for doc in chaos.specs.values():
+    for doc in [*chaos.specs.values(), *chaos.others]:
         chaos_kube.apply(doc)
-    chaos.converge(time.monotonic())
+    chaos.converge(time.monotonic(), FIRST_CONVERGE_SECONDS)
     try:
         for _ in range(ROUNDS):
             chaos.round()
