@@ -4,8 +4,9 @@ InferenceDeployments (prefill 1 node, decode 2 nodes) applied at once.
 Reports the time until every deployment is Ready, the operator's resident memory over time, the
 reconcile latency p50/p99 (from its Prometheus histogram), API requests per reconcile (its own
 counter, and the API server's apiserver_request_total of every client), the units it recreated
-("recreated unit" log lines; must be 0), handler exceptions (must be 0) and how long it takes to
-exit after SIGTERM.
+("recreated unit" log lines; must be 0), handler exceptions (must be 0), how long it takes to
+exit after SIGTERM, where the reconciles' time went (per phase: lock waits, reads, plan, writes),
+the latency of the controllers' API requests by verb, and the operator's "slow reconcile" lines.
 
 Usage: python -m bench.operator.bench_scale --nodes 2048 --deployments 100 [--port-base 30580]
        [--hold 30] [--timeout 600] [--profile DIR]
@@ -44,6 +45,7 @@ from fireflyer.dev.topology import fabric_topology
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "manifests/samples/inference-deepseek-v3.yaml"
 KIND = "InferenceDeployment"
+SLOW = "slow InferenceDeployment reconcile"
 HANDLER_FAILURE = re.compile(r"failed with an exception|Traceback \(most recent call last\)")
 
 
@@ -109,6 +111,39 @@ def reconcile_buckets(before: dict[str, Any], after: dict[str, Any]) -> list[tup
 
     first, last = by_le(before), by_le(after)
     return [(le, last[le] - first.get(le, 0.0)) for le in last]
+
+
+def _buckets(samples: dict[str, Any], name: str, labels: dict[str, str]) -> dict[float, float]:
+    bucket = samples.get(f"{name}_bucket", [])
+    return {float(lab["le"]): v for lab, v in bucket if all(lab.get(k) == x for k, x in labels.items())}
+
+
+def histogram_summary(
+    before: dict[str, Any], after: dict[str, Any], name: str, label: str, **fixed: str
+) -> dict[str, dict[str, float]]:
+    """Per value of `label` of histogram `name` over the run: count, mean, p50 and p99 (s)."""
+    summary: dict[str, dict[str, float]] = {}
+    values = {
+        lab[label]
+        for lab, _ in after.get(f"{name}_count", [])
+        if all(lab.get(k) == v for k, v in fixed.items())
+    }
+    for value in sorted(values):
+        labels = {**fixed, label: value}
+        count = total(after, f"{name}_count", **labels) - total(before, f"{name}_count", **labels)
+        seconds = total(after, f"{name}_sum", **labels) - total(before, f"{name}_sum", **labels)
+        if count <= 0:
+            continue
+
+        first, last = _buckets(before, name, labels), _buckets(after, name, labels)
+        buckets = [(le, last[le] - first.get(le, 0.0)) for le in last]
+        summary[value] = {
+            "count": int(count),
+            "mean_s": round(seconds / count, 3),
+            "p50_s": round(quantile(buckets, 0.5), 3),
+            "p99_s": round(quantile(buckets, 0.99), 3),
+        }
+    return summary
 
 
 def apiserver_requests(kubeconfig: Path) -> float:
@@ -257,6 +292,12 @@ def run_scale(
             "plan_mean_ms": round(1e3 * plan_sum / plan_count, 2) if plan_count else None,
             "operator_api_requests_per_reconcile": round(ours / reconciles, 1) if reconciles else None,
             "apiserver_requests_all_clients": int(api_after - api_before),
+            "phases": histogram_summary(
+                metrics_before, metrics_after, "fireflyer_reconcile_phase_seconds", "phase", kind=KIND
+            ),
+            "api_request_seconds": histogram_summary(
+                metrics_before, metrics_after, "fireflyer_api_request_duration_seconds", "verb"
+            ),
             "rss_start_mb": rss[0] if rss else None,
             "rss_peak_mb": max(rss) if rss else None,
             "rss_end_mb": rss[-1] if rss else None,
@@ -275,6 +316,7 @@ def run_scale(
         text = log.read_text(errors="replace")
         result["units_recreated"] = sum("recreated unit" in line for line in text.splitlines())
         result["handler_exceptions"] = sum(bool(HANDLER_FAILURE.search(line)) for line in text.splitlines())
+        result["slow_reconciles"] = [line.split("slow ", 1)[1] for line in text.splitlines() if SLOW in line]
         return result
     finally:
         if profiler is not None and profiler.poll() is None:

@@ -181,6 +181,10 @@ class Router(ApiModel):
     """Node labels the router pods need (they use no GPU)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Taints the router pods tolerate."""
+    drain_timeout_seconds: int = Field(default=300, ge=0, le=86400)
+    """Scale-in drains a unit through the router first: the router sends it no new requests and
+    the unit is removed once no request is in flight on it, or after this many seconds (also when
+    the router's counts cannot be read). 0 removes surplus units at once."""
     api_key_secret: str | None = Field(
         default=None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
     )
@@ -303,6 +307,25 @@ class UnitStatus(ApiModel):
     """Nodes the unit's next placements avoid: its RDMA preflight failed there."""
     avoid_until: str | None = None
     """When avoidNodes expire (RFC 3339)."""
+    draining: bool = False
+    """The unit is surplus after a scale-in: the router sends it no new requests and it is
+    removed once its requests in flight are done (or router.drainTimeoutSeconds passes)."""
+    draining_since: str | None = None
+    """When its drain began (RFC 3339)."""
+    drain_message: str = ""
+    """Why it is still there, e.g. "decode unit 1 draining: 3 requests in flight"."""
+
+
+class RecommendationRecord(ApiModel):
+    time: str
+    """RFC 3339."""
+    units: int = Field(ge=0)
+
+
+class MetricSampleRecord(ApiModel):
+    time: str
+    """RFC 3339."""
+    value: float
 
 
 class AutoscalerStatus(ApiModel):
@@ -314,6 +337,13 @@ class AutoscalerStatus(ApiModel):
     """The metric value that decision read (absent: no value)."""
     last_scale_time: str | None = None
     """When the autoscaler last changed the units (RFC 3339)."""
+    history: list[RecommendationRecord] = Field(default_factory=list, max_length=64)
+    """The recommendations the stabilisation windows still look at (oldest first), kept here so
+    that an operator restart does not reset them."""
+    last_sample: MetricSampleRecord | None = None
+    """The last metric value read, and when."""
+    last_run_time: str | None = None
+    """When the autoscaler last decided for this role (RFC 3339)."""
 
 
 class RoleStatus(ApiModel):

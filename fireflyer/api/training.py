@@ -219,6 +219,13 @@ class TrainingJobSpec(ApiModel):
     """RDMA and bootstrap networking."""
     pod_labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     """Labels added to every pod of the job (network policies, cost attribution, queues)."""
+    preemptible: bool = False
+    """The job may be asked to give its nodes back to an InferenceDeployment whose unit cannot
+    be placed otherwise: its pods are deleted (the trainer checkpoints the step it is in), no
+    restart is counted, and it resumes from that checkpoint once it can be placed again."""
+    termination_grace_period_seconds: int = Field(default=300, ge=1, le=86400)
+    """How long a deleted pod has to finish its step and write its checkpoint before it is
+    killed (the pods' terminationGracePeriodSeconds): longer than a step plus a checkpoint."""
 
     @property
     def preparation_output(self) -> str:
@@ -238,6 +245,23 @@ class TrainingJobSpec(ApiModel):
 
 
 TrainingPhase = Literal["", "Pending", "Running", "Restarting", "Succeeded", "Failed"]
+
+# On a TrainingJob, written by the inference controller: JSON {"at", "by", "unit", "nodes"}, a
+# request that the job give those nodes back (spec.preemptible jobs only).
+PREEMPTION_REQUESTED = "fireflyer.dev/preemption-requested"
+
+
+class Preemption(ApiModel):
+    requested_at: str
+    """When the nodes were asked back (the request's time)."""
+    by: str
+    """The InferenceDeployment that asked, namespace/name, and its unit."""
+    nodes: list[str] = Field(default_factory=list)
+    """The nodes it asked for: kept free for it until it has taken them."""
+    step: int | None = None
+    """The trainer's step when the job was asked."""
+    released: bool = False
+    """The requester has taken the nodes (or stopped waiting): the job may use them again."""
 
 
 class TrainingJobStatus(StatusBase):
@@ -264,6 +288,10 @@ class TrainingJobStatus(StatusBase):
     """The step of the latest complete checkpoint (from rank 0's /status)."""
     tokens_per_second: float | None = None
     """Training throughput of the whole job (from rank 0's /status)."""
+    preemptions: int = Field(default=0, ge=0)
+    """Times the job gave its nodes back to inference (not counted as restarts)."""
+    preemption: Preemption | None = None
+    """The latest preemption."""
 
 
 class TrainingJob(ApiModel):

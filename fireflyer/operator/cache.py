@@ -268,12 +268,13 @@ def start() -> None:
     for kind in ("StatefulSet", "Service", "Deployment"):
         _informers[kind] = Informer(kind, MANAGED)
     # Read by every inference plan (under the placement lock): never a request per pass.
-    for kind in ("ExpertPlacement", "InferenceRoleScaler"):
+    # TrainingJobs: what the inference plan may borrow nodes from (lending).
+    for kind in ("ExpertPlacement", "InferenceRoleScaler", "TrainingJob"):
         _informers[kind] = Informer(kind)
     for informer in _informers.values():
         informer.start()
         CACHE_OBJECTS.labels(informer.kind).set_function(informer.__len__)
-    kube.set_cache(kube.CacheHooks(serve, current, written))
+    kube.set_cache(kube.CacheHooks(serve, current, written, holds_all_ours))
     # Handlers start after this returns: their first plans must already see every reservation.
     deadline = time.monotonic() + SYNC_WAIT_SECONDS
     for informer in (_informers[kind] for kind in ("Pod", "Node", "StatefulSet")):
@@ -338,6 +339,15 @@ def current(kind: str, namespace: str | None, name: str) -> dict[str, Any] | Non
         return None
     held = informer.get(_namespace_of(kind, namespace), name)
     return copy.deepcopy(held) if held is not None else None
+
+
+def holds_all_ours(kind: str) -> bool:
+    """Whether a synced informer holds every object of `kind` the operator made (its filter, if
+    any, is no narrower than our managed-by label)."""
+    informer = _informers.get(kind)
+    if kind == "Pod" or informer is None or not informer.synced.is_set():
+        return False
+    return all(k == L.MANAGED_BY and v == L.MANAGER for k, v in informer.filter.items())
 
 
 def written(obj: Mapping[str, Any]) -> None:

@@ -45,6 +45,13 @@ class Debouncer:
                 self._threads.append(thread)
                 thread.start()
 
+    def again(self, key: Hashable) -> None:
+        """From within a run of `key`: run its latest request once more, a window after this run
+        ends (a newer request, urgent or not, is kept as it is)."""
+        with self._cond:
+            if key in self._running:
+                self._again[key] = self._again.get(key, False)
+
     def pending(self) -> int:
         with self._cond:
             return len(self._due) + len(self._running)

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -15,7 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from fireflyer.operator import labels as L
-from fireflyer.operator.metrics import API_REQUESTS
+from fireflyer.operator.metrics import API_REQUESTS, API_SECONDS
 
 __all__ = [
     "FIELD_MANAGER",
@@ -87,6 +88,9 @@ class CacheHooks(NamedTuple):
     """kind, namespace, name → the object held, or None."""
     written: Callable[[Mapping[str, Any]], None]
     """An object as the API server answered a write of it."""
+    holds_all_ours: Callable[[str], bool] = lambda kind: False
+    """kind → whether a synced informer holds every object of that kind the operator made: one
+    it does not hold does not exist (as of its watch), and asking the API server is not needed."""
 
 
 _cache: CacheHooks | None = None
@@ -165,12 +169,14 @@ def _call(
         body=data,
         auth_settings=["BearerToken"],
     )
+    started = time.perf_counter()
     response = api.call_api(
         method, url, header_params=headers, body=payload, post_params=post, _request_timeout=timeout
     )
     if stream:
         return response
     response.read()
+    API_SECONDS.labels(method).observe(time.perf_counter() - started)
     if not 200 <= response.status < 300:
         raise ApiException(http_resp=response)
     raw = response.data
@@ -205,12 +211,14 @@ def apply(obj: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def get(kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+def get(kind: str, name: str, namespace: str | None = None, *, ours: bool = False) -> dict[str, Any] | None:
     """From an informer when it holds the object (ours, as recent as its watch), else from the
-    API server."""
+    API server. ours: the object, if it exists, carries the operator's managed-by label, so an
+    informer of our objects that does not hold it answers None without a request (a child not
+    created yet is asked for by every pass until it is, on a busy API server)."""
     if _cache is not None:
         held = _cache.current(kind, namespace or _scope, name)
-        if held is not None:
+        if held is not None or (ours and _cache.holds_all_ours(kind)):
             return held
     try:
         result: dict[str, Any] = _call("GET", _path(kind, namespace, name))

@@ -33,6 +33,13 @@ class StoppableLock:
     def release(self) -> None:
         self._lock.release()
 
+    def busy(self) -> bool:
+        """Whether another thread holds the lock now (a hint: it may be released at once)."""
+        if not self._lock.acquire(blocking=False):
+            return True
+        self._lock.release()
+        return False
+
     def __enter__(self) -> StoppableLock:
         self.acquire()
         return self

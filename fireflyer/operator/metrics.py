@@ -5,9 +5,12 @@ status live in fireflyer.operator.object_metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -31,6 +34,18 @@ PLAN_SECONDS = Histogram(
     "The pure plan step of a reconcile (topology, gang placement, children), by kind",
     ["kind"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+PHASE_SECONDS = Histogram(
+    "fireflyer_reconcile_phase_seconds",
+    "Where a reconcile's time goes, by kind and phase (lock waits, reads, plan, writes)",
+    ["kind", "phase"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+API_SECONDS = Histogram(
+    "fireflyer_api_request_duration_seconds",
+    "One request of the controllers to the API server, by verb (watches aside)",
+    ["verb"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 API_REQUESTS = Counter(
     "fireflyer_api_requests_total",
@@ -82,6 +97,44 @@ RECREATION_REASONS = (
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# A reconcile slower than this logs where its time went (its phases).
+SLOW_RECONCILE_SECONDS = 1.0
+# The phases of the reconcile running on this thread: name → seconds (None outside a reconcile).
+_phases = threading.local()
+
+
+@contextlib.contextmanager
+def phase(kind: str, name: str) -> Iterator[None]:
+    """Time one phase of the reconcile running on this thread (a phase entered twice adds up)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - started
+        PHASE_SECONDS.labels(kind, name).observe(seconds)
+        current: dict[str, float] | None = getattr(_phases, "current", None)
+        if current is not None:
+            current[name] = current.get(name, 0.0) + seconds
+
+
+@contextlib.contextmanager
+def holding(kind: str, name: str, lock: Any) -> Iterator[None]:
+    """Hold `lock`, its wait timed as phase `name`."""
+    with phase(kind, name):
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def phase_summary(phases: Mapping[str, float], total: float) -> str:
+    """ "0.42 s: placement_wait 0.30, children 0.10, other 0.02" — the slowest phases first."""
+    other = max(0.0, total - sum(phases.values()))
+    parts = sorted({**phases, "other": other}.items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{name} {seconds:.2f}" for name, seconds in parts if seconds >= 0.005)
+    return f"{total:.2f} s: {shown}"
 
 
 def timed(kind: str) -> Callable[[F], F]:
@@ -93,6 +146,9 @@ def timed(kind: str) -> Callable[[F], F]:
             started = time.perf_counter()
             outcome = "error"
             IN_FLIGHT.labels(kind).inc()
+            outer = getattr(_phases, "current", None)  # a reconcile may run one inline (drain)
+            phases: dict[str, float] = {}
+            _phases.current = phases
             try:
                 result = func(*args, **kwargs)
                 outcome = "ok"
@@ -101,9 +157,15 @@ def timed(kind: str) -> Callable[[F], F]:
                 outcome = "retry" if type(exc).__name__ == "TemporaryError" else "error"
                 raise
             finally:
+                _phases.current = outer
+                seconds = time.perf_counter() - started
                 IN_FLIGHT.labels(kind).dec()
                 RECONCILES.labels(kind, outcome).inc()
-                RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
+                RECONCILE_SECONDS.labels(kind).observe(seconds)
+                if seconds >= SLOW_RECONCILE_SECONDS:
+                    what = "/".join(a for a in args[:2] if isinstance(a, str))
+                    summary = phase_summary(phases, seconds)
+                    log.info("slow %s reconcile of %s (%s): %s", kind, what, outcome, summary)
 
         return wrapper  # type: ignore[return-value]
 
@@ -114,7 +176,8 @@ def timed_plan(kind: str, plan: Callable[[Any, Any], T], cr: Any, observed: Any)
     """plan(cr, observed), timed (observe's I/O is not: it ran to build `observed`)."""
     started = time.perf_counter()
     try:
-        return plan(cr, observed)
+        with phase(kind, "plan"):
+            return plan(cr, observed)
     finally:
         PLAN_SECONDS.labels(kind).observe(time.perf_counter() - started)
 

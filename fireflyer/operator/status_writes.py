@@ -25,12 +25,15 @@ def patch_status(
     conditions: list[dict[str, Any]],
     generation: int,
     uid: str | None = None,
+    read: dict[str, Any] | None = None,
 ) -> None:
     """Merge-patch `fields` into status, with `conditions` merged into the live ones. uid: the
-    object the fields were planned for; another one of the same name is left alone."""
+    object the fields were planned for; another one of the same name is left alone. read: the
+    object as the caller read it, tried first instead of reading it again (a GET less per pass;
+    if it is stale the write is refused and redone on a fresh read)."""
     path = kube._path(kind, namespace, name, "status")
     for attempt in range(ATTEMPTS):
-        live = kube.get(kind, name, namespace)
+        live = read if attempt == 0 and read is not None else kube.get(kind, name, namespace)
         if live is None or (uid is not None and live["metadata"].get("uid") != uid):
             return
         status = dict(fields)

@@ -663,9 +663,9 @@ def test_the_operator_rendered_command_parses(tmp_path: Path) -> None:
     written.write_text(units["data"][children.ROUTER_BACKENDS_FILE])
     rev = pairing_revision(spec)
     assert sorted(read_backends_file(written)) == [
-        ("http://d0.svc:30000", "decode", rev),
-        ("http://d1.svc:30000", "decode", rev),
-        ("http://p0.svc:30000", "prefill", rev),
+        ("http://d0.svc:30000", "decode", rev, False),
+        ("http://d1.svc:30000", "decode", rev, False),
+        ("http://p0.svc:30000", "prefill", rev, False),
     ]
     assert json.loads(units["data"][children.ROUTER_BACKENDS_FILE])["prefill"] == [
         {"url": "http://p0.svc:30000", "revision": rev}
@@ -677,7 +677,7 @@ def test_the_operator_rendered_command_parses(tmp_path: Path) -> None:
     # router never pairs it with a unit of the new one.
     rolling = children.router(doc, spec, hosts, unit_revisions={"d1.svc": "0ld"})
     written.write_text(rolling[1]["data"][children.ROUTER_BACKENDS_FILE])
-    assert sorted(read_backends_file(written))[1] == ("http://d1.svc:30000", "decode", "0ld")
+    assert sorted(read_backends_file(written))[1] == ("http://d1.svc:30000", "decode", "0ld", False)
     assert rolling[0] == deployment
 
 

@@ -7,8 +7,8 @@ Rules, in order:
    within 1 ± tolerance, or while no fresh value exists (missing metrics hold);
 3. stabilisation: a scale-up goes only to the lowest recommendation of the scale-up window, a
    scale-down only to the highest of the scale-down window (a history that does not yet reach
-   back over the whole window counts the current units for the rest: a restarted operator does
-   not scale down at once);
+   back over the whole window counts the current units for the rest: a deployment that just
+   turned autoscaling on does not scale down at once);
 4. the bounds clamp the result last, so a schedule window opening or closing acts at once.
 """
 
@@ -179,3 +179,27 @@ def prune(history: list[Recommendation], now: datetime, spec: Autoscaling) -> li
     inside = [r for r in history if r.time >= since]
     before = [r for r in history if r.time < since]
     return ([max(before, key=lambda r: r.time)] if before else []) + inside
+
+
+HISTORY_LIMIT = 64
+"""Most recommendations kept (status.<role>.autoscaler.history)."""
+
+
+def compact(
+    history: list[Recommendation], now: datetime, spec: Autoscaling, limit: int = HISTORY_LIMIT
+) -> list[Recommendation]:
+    """prune, less what no window can ever need: a recommendation with a later one at least as
+    high never decides a scale-down's highest, one with a later one at least as low never decides
+    a scale-up's lowest (the later one is in every window the earlier is). The oldest stays: it
+    shows how far back the history reaches. Past `limit`, the oldest of the rest go first."""
+    kept = sorted(prune(history, now, spec), key=lambda r: r.time)
+    if len(kept) <= 2:
+        return kept
+    needed = [kept[-1]]
+    highest = lowest = kept[-1].units
+    for r in reversed(kept[1:-1]):
+        if r.units > highest or r.units < lowest:
+            needed.append(r)
+        highest, lowest = max(highest, r.units), min(lowest, r.units)
+    needed.reverse()
+    return [kept[0], *needed[-(limit - 1) :]]

@@ -34,6 +34,11 @@ def leader_host(deployment: str, role: str, index: int, namespace: str) -> str:
     return f"{name}-0.{name}.{namespace}.svc.cluster.local"
 
 
+def backend_url(leader: str) -> str:
+    """A unit's URL in the router's backends file, from its leader's host name."""
+    return f"http://{leader}:{SERVE_PORT}"
+
+
 def config_map_name(deployment: str) -> str:
     return f"{deployment}-engine"
 
@@ -243,10 +248,12 @@ def router(
     unit_hosts: dict[str, list[str]],
     *,
     unit_revisions: Mapping[str, str] | None = None,
+    draining: Mapping[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The router's Deployment, ConfigMap (its backends file) and Service. Each unit is listed with
     the pairing revision it runs: `unit_revisions[host]` where the caller knows it (units not yet
-    rolled out), else the spec's."""
+    rolled out), else the spec's. `draining`: role → leader hosts of units being drained before a
+    scale-in, listed with `"draining": true` after the role's other units."""
     deployment = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     name = f"{deployment}-router"
@@ -268,10 +275,15 @@ def router(
         args += ["--api-key-file", mounts.API_KEY_FILE]
     current = pairing_revision(spec)
     revisions = unit_revisions or {}
+    leaving = draining or {}
     backends = {
         role_name: [
-            {"url": f"http://{host}:{SERVE_PORT}", "revision": revisions.get(host, current)}
+            {"url": backend_url(host), "revision": revisions.get(host, current)}
             for host in unit_hosts.get(role_name, [])
+        ]
+        + [
+            {"url": backend_url(host), "revision": revisions.get(host, current), "draining": True}
+            for host in leaving.get(role_name, [])
         ]
         for role_name in ("prefill", "decode")
     }

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
-from fireflyer.operator import cache, events, kube, metrics, object_metrics
+from fireflyer.operator import cache, events, kube, metrics, object_metrics, parallel_writes, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
-from fireflyer.operator.inference import preflight, scaling, writes
+from fireflyer.operator.inference import drain, drain_reader, lending_writes, preflight, scaling
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.locks import OBJECTS, PLACEMENT
 from fireflyer.operator.metrics import timed
@@ -47,9 +47,13 @@ _preflight_failures: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
 
 
 def observe(
-    cr: dict[str, Any], nodes: list[dict[str, Any]] | None = None, pods: list[dict[str, Any]] | None = None
+    cr: dict[str, Any],
+    nodes: list[dict[str, Any]] | None = None,
+    pods: list[dict[str, Any]] | None = None,
+    router_load: drain.RouterLoad | None = None,
 ) -> Observed:
-    """Nodes and pods come from the watch-fed cache when the caller has it."""
+    """Nodes and pods come from the watch-fed cache when the caller has it; router_load was read
+    before (outside the placement lock: it asks the routers over HTTP)."""
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     all_units = kube.list_("StatefulSet", None, f"{L.COMPONENT}=unit,{L.MANAGED_BY}={L.MANAGER}")
@@ -70,13 +74,15 @@ def observe(
         pods=pods if pods is not None else kube.list_("Pod"),
         statefulsets={s["metadata"]["name"]: s for s in ours},
         other_units=[s for s in all_units if s not in ours],
-        router=kube.get("Deployment", f"{name}-router", namespace),
-        router_service=kube.get("Service", f"{name}-router", namespace),
+        router=kube.get("Deployment", f"{name}-router", namespace, ours=True),
+        router_service=kube.get("Service", f"{name}-router", namespace, ours=True),
         now=datetime.now(UTC),
         failed_units=_failed_units.pop((namespace, name), {}),
         failed_pod_created=_failed_pod_created.pop((namespace, name), {}),
         preflight_failures=dict(_preflight_failures.get((namespace, name), {})),
         scalers=kube.list_("InferenceRoleScaler", namespace, f"{L.DEPLOYMENT}={name}"),
+        router_load=router_load,
+        training_jobs=lending_writes.training_jobs(pods),  # lending: preemptible jobs' nodes
     )
 
 
@@ -95,24 +101,31 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
+    due = []
     for child in desired.children:
         key = (child["kind"], namespace, child["metadata"]["name"])
         digest = _digest(child)
         if force or _applied.get(key) != digest:
-            kube.apply(child)
-            _applied[key] = digest
-    if not force and _wanted.get((namespace, name)) == wanted:
-        kinds: tuple[str, ...] = ()
-    else:
-        kinds = CHILD_KINDS
-        _wanted[(namespace, name)] = wanted
+            due.append((key, digest, child))
+    with metrics.phase(KIND, "apply_children"):  # independent children: written in parallel
+        parallel_writes.write_all([child for _, _, child in due], kube.apply)
+    for key, digest, _ in due:
+        _applied[key] = digest
+    # Pruning lists ConfigMaps from the API server: only when the wanted set changed since the
+    # last complete prune (a new deployment, a spec change, a restart).
+    kinds: tuple[str, ...] = () if _wanted.get((namespace, name)) == wanted else CHILD_KINDS
     for kind in kinds:
-        for existing in kube.list_(kind, namespace, f"{L.DEPLOYMENT}={name},{L.MANAGED_BY}={L.MANAGER}"):
+        with metrics.phase(KIND, f"list_{kind}"):
+            children = kube.list_(kind, namespace, f"{L.DEPLOYMENT}={name},{L.MANAGED_BY}={L.MANAGER}")
+        for existing in children:
             owners = existing["metadata"].get("ownerReferences") or []
             ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
             if ours and (kind, existing["metadata"]["name"]) not in wanted:
                 kube.delete(kind, existing["metadata"]["name"], namespace)
-    scaling.write_scalers(cr, desired.scales)
+    _wanted[(namespace, name)] = wanted
+    with metrics.phase(KIND, "scalers_lending"):
+        scaling.write_scalers(cr, desired.scales)
+        lending_writes.request(cr, desired.preemptions, datetime.now(UTC))
     pods = (
         kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}")
         if desired.recreate or desired.force_delete
@@ -141,9 +154,11 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     status["observedGeneration"] = generation
     current = cr.get("status") or {}
     merged = C.merge(previous, conditions, now, generation)
-    if force or current.get("conditions") != merged or any(current.get(k) != v for k, v in status.items()):
+    # Written only when it changes, forced passes too: an unchanged status costs two requests.
+    if current.get("conditions") != merged or any(current.get(k) != v for k, v in status.items()):
         # The EPLB timer writes this status too: its conditions are kept (writes.py).
-        writes.patch_status(name, namespace, status, conditions, generation)
+        with metrics.phase(KIND, "status"):
+            status_writes.patch_status(KIND, name, namespace, status, conditions, generation, read=cr)
 
 
 @timed(KIND)
@@ -151,19 +166,22 @@ def reconcile(
     namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None, force: bool = True
 ) -> Desired | None:
     """One full pass for one deployment; serialised per deployment."""
-    with OBJECTS.of((KIND, namespace, name)):
-        cr = kube.get(KIND, name, namespace)
-        if cr is None or cr["metadata"].get("deletionTimestamp"):
-            return None
-        kube.drop_finalizer(KIND, cr, L.FINALIZER)  # left by an older release: deletion must not wait for us
+    with metrics.holding(KIND, "object_lock_wait", OBJECTS.of((KIND, namespace, name))):
+        with metrics.phase(KIND, "read"):
+            cr = kube.get(KIND, name, namespace)
+            if cr is None or cr["metadata"].get("deletionTimestamp"):
+                return None
+            # Left by an older release: deletion must not wait for us.
+            kube.drop_finalizer(KIND, cr, L.FINALIZER)
+            load = drain_reader.read_router_load(cr) if drain_reader.drain_possible(cr) else None
         # One plan at a time: two deployments planned at once could pick the same free nodes.
         # Once the planned StatefulSets are promised to the cache, the next plan reserves their
         # nodes: applying them, and the rest of the pass, runs beside other deployments' passes.
-        with _placement_lock:
+        with metrics.holding(KIND, "placement_lock_wait", _placement_lock):
             try:
                 nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
                 pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
-                desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods))
+                desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods, load))
             except ValidationError as exc:  # admission should have caught it; say so, do not retry
                 raise kube.invalid_spec(KIND, cr, exc) from exc
             promised = [child for child in desired.children if child["kind"] == "StatefulSet"]
@@ -176,7 +194,17 @@ def reconcile(
                 cache.retract(child)
             raise
         object_metrics.inference(cr, desired)
+        if desired.draining:  # nothing in the cluster changes when the last request ends: look again soon
+            _drain_recheck.arm((namespace, name), lambda: _still_draining(namespace, name))
         return desired
+
+
+_drain_recheck = Resync("inference drain", drain.RECHECK_SECONDS)
+
+
+def _still_draining(namespace: str, name: str) -> bool:
+    desired = reconcile(namespace, name, force=False)
+    return desired is not None and bool(desired.draining)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -271,6 +299,11 @@ def _kick(namespace: str, deployment: str, urgent: bool, kwargs: dict[str, Any])
     and a dropped event always leads to one more reconcile after the window (trailing edge)."""
 
     def run() -> None:
+        if OBJECTS.of((KIND, namespace, deployment)).busy():
+            # A pass of this deployment is running (its creation, a resync): one more after it
+            # covers this event, and no worker waits for it meanwhile.
+            _debounce.again((namespace, deployment))
+            return
         try:
             reconcile(namespace, deployment, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"), urgent)
         except kube.ApiException as exc:

@@ -10,7 +10,7 @@ from fireflyer.api import conditions as C
 from fireflyer.api.inference import InferenceDeployment, InferenceDeploymentSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.eplb.placements import current_placement, placement_document
-from fireflyer.operator.inference import children, mounts, preflight, recreation, scaler
+from fireflyer.operator.inference import children, drain, lending, mounts, preflight, recreation, scaler
 from fireflyer.operator.inference import reasons as R
 from fireflyer.operator.inference.status import deployment_status, kv_events
 from fireflyer.operator.inference.status import router_url as router_url  # re-exported
@@ -54,6 +54,10 @@ class Observed:
     container statuses)."""
     scalers: list[dict[str, Any]] | None = None
     """The deployment's InferenceRoleScalers; None: not observed, the roles run the spec's units."""
+    router_load: drain.RouterLoad | None = None
+    """In-flight requests per unit as the router replicas report them (None: unknown)."""
+    training_jobs: list[dict[str, Any]] = field(default_factory=list)
+    """TrainingJobs: the preemptible ones' nodes may be taken back (lending.py)."""
 
 
 @dataclass
@@ -69,6 +73,10 @@ class Desired:
     them with a grace period would leave them Terminating and their StatefulSet stuck."""
     scales: dict[str, scaler.RoleScale] = field(default_factory=dict)
     """Per role: the units it runs now and what its InferenceRoleScaler needs written."""
+    draining: dict[str, str] = field(default_factory=dict)
+    """Units drained before a scale-in that are still there → why they wait."""
+    preemptions: list[lending.Preemption] = field(default_factory=list)
+    """Preemptible TrainingJobs asked now to give nodes back for units that do not fit."""
 
 
 @dataclass
@@ -100,6 +108,17 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     now = observed.now
     events: list[Event] = []
     recreate: dict[str, str] = {}
+    # Units above the live count drain through the router before they are removed (drain.py).
+    leaving = drain.scale_in(
+        cr,
+        {r: getattr(spec, r).units for r in ROLES},
+        observed.statefulsets,
+        observed.router_load,
+        has_router=spec.router.replicas > 0,
+        timeout_seconds=spec.router.drain_timeout_seconds,
+        now=now,
+    )
+    events.extend(leaving.plan.events)
 
     topology = build_topology(
         observed.nodes,
@@ -109,7 +128,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         spec.placement.custom_level_keys,
         ignore_pods={L.DEPLOYMENT: name},
         ignore_namespace=namespace,
-        reserved=reservations(observed.other_units, observed.pods, spec.network.rdma_resource),
+        reserved=leaving.reserved(
+            reservations(observed.other_units, observed.pods, spec.network.rdma_resource),
+            spec.network.rdma_resource,
+        ),
         node_selector=spec.placement.node_selector,
         tolerates=lambda taint: (
             taint.get("key") in LIFECYCLE_TAINTS
@@ -201,6 +223,22 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         spec.placement.spread_units,
         keep,
     )
+    preemptions = lending.reclaim(
+        observed.training_jobs,
+        observed.pods,
+        placement,
+        preflight.without(topology, avoided),
+        lambda lent: plan_units(
+            requests,
+            lent,
+            spec.placement.required_level,
+            spec.placement.preferred_level,
+            spec.placement.spread_units,
+            keep,
+        ),
+        spec.network.rdma_resource,
+    )
+    events.extend(lending.events(preemptions))
     placed = {f"{p.unit.role}-{p.unit.index}": p for p in placement.placed}
     keys = level_keys(spec.placement.topology_profile, spec.placement.custom_level_keys)
 
@@ -313,8 +351,14 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         if child["kind"] == "StatefulSet":
             unit_id = child["metadata"]["name"]
             recreation.record(child, observed.statefulsets.get(unit_id), recreate.get(unit_id), now)
+    desired_children.extend(leaving.children(cr))
+    unit_status.extend(leaving.unit_status(namespace, name))
     desired_children.append(children.config_map(cr, spec, hcas))
-    desired_children.extend(children.router(cr, spec, hosts, unit_revisions=unit_pairing))
+    desired_children.extend(
+        children.router(
+            cr, spec, hosts, unit_revisions=unit_pairing, draining=leaving.leaders(namespace, name)
+        )
+    )
 
     status = deployment_status(
         cr,
@@ -337,7 +381,15 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         else None
     )
     return Desired(
-        desired_children, recreate, events, status, requeue, dead_node_pods(own_pods, topology), scales
+        desired_children,
+        recreate,
+        events,
+        status,
+        requeue,
+        dead_node_pods(own_pods, topology),
+        scales,
+        leaving.plan.waiting,
+        preemptions,
     )
 
 

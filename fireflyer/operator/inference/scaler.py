@@ -14,6 +14,7 @@ from typing import Any
 from fireflyer.api.inference import InferenceDeploymentSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference import reasons as R
+from fireflyer.operator.inference.drain import DRAINING_SINCE
 from fireflyer.operator.planning import Event
 
 KIND = "InferenceRoleScaler"
@@ -113,13 +114,14 @@ def finish(
     children: list[dict[str, Any]],
     ready_units: dict[str, int],
 ) -> list[Event]:
-    """Fill in each scaler's status from the planned children; → Events for roles whose live
-    units changed."""
+    """Fill in each scaler's status from the planned children (units draining before a scale-in
+    are not counted); → Events for roles whose live units changed."""
     name = cr["metadata"]["name"]
     placed_units = dict.fromkeys(ROLES, 0)
     for child in children:
         role = (child["metadata"].get("labels") or {}).get(L.ROLE)
-        if child["kind"] == "StatefulSet" and role in placed_units:
+        draining = DRAINING_SINCE in (child["metadata"].get("annotations") or {})
+        if child["kind"] == "StatefulSet" and role in placed_units and not draining:
             placed_units[role] += 1
     by_name = {s["metadata"]["name"]: s for s in scalers}
     previous = cr.get("status") or {}

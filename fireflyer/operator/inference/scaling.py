@@ -4,7 +4,12 @@ The reconcile decides what each role runs (fireflyer.operator.inference.scaler) 
 write_scalers. The autoscaler runs beside it: every TICK_SECONDS it looks at the roles with
 `autoscaling` whose interval has passed, reads their metric, decides (autoscale.decide) and sets
 the scaler's spec.replicas; the scaler's watch then kicks the reconcile that adds or removes
-units. Its decision and reason go to status.<role>.autoscaler, and each change to an Event."""
+units. Its decision and reason go to status.<role>.autoscaler, and each change to an Event.
+
+What the next decision depends on (the recommendations of the stabilisation windows, the last
+metric sample, when the role was last decided) is kept in status.<role>.autoscaler too: a
+restarted operator, or another replica taking over, goes on where the last one stopped. This
+process's memory is only a cache of it (a status read may lag our own last write)."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from fireflyer.operator import events, kube, status_writes
 from fireflyer.operator.inference import autoscale, scaler
 from fireflyer.operator.inference import reasons as R
 from fireflyer.operator.inference.autoscale_metrics import Collector
-from fireflyer.operator.planning import format_time
+from fireflyer.operator.planning import format_time, parse_time
 from fireflyer.operator.resync import Resync
 
 log = logging.getLogger(__name__)
@@ -51,9 +56,29 @@ def write_scalers(cr: dict[str, Any], scales: dict[str, scaler.RoleScale]) -> No
             kube.patch_status(scaler.KIND, name, namespace, scale.status)
 
 
-def _due(key: tuple[str, str, str], interval: float) -> bool:
+def _due(key: tuple[str, str, str], interval: float, remembered: dict[str, Any], now: datetime) -> bool:
     last = _last_run.get(key)
-    return last is None or time.monotonic() - last >= interval - TICK_SECONDS / 2
+    if last is not None:
+        return time.monotonic() - last >= interval - TICK_SECONDS / 2
+    ran = parse_time(remembered.get("lastRunTime"))  # before a restart
+    return ran is None or (now - ran).total_seconds() >= interval - TICK_SECONDS / 2
+
+
+def restored_history(remembered: dict[str, Any]) -> list[autoscale.Recommendation]:
+    """The recommendations status.<role>.autoscaler.history holds (unreadable entries skipped)."""
+    history = []
+    for entry in remembered.get("history") or []:
+        when = parse_time(entry.get("time"))
+        if when is not None and isinstance(entry.get("units"), int):
+            history.append(autoscale.Recommendation(when, entry["units"]))
+    return history
+
+
+def restored_sample(remembered: dict[str, Any]) -> autoscale.MetricSample | None:
+    sample = remembered.get("lastSample") or {}
+    when = parse_time(sample.get("time"))
+    value = sample.get("value")
+    return autoscale.MetricSample(when, float(value)) if when and isinstance(value, int | float) else None
 
 
 def _forget(namespace: str, name: str, role: str | None = None) -> None:
@@ -72,16 +97,15 @@ def autoscale_role(
         return None  # the reconcile creates it
     current = int(live["spec"]["replicas"])
     key = (namespace, name, role)
+    before = ((cr.get("status") or {}).get(role) or {}).get("autoscaler") or {}
     value = read_metric(cr, role, spec.metric, current)
     if value is not None:
         _last_sample[key] = autoscale.MetricSample(now, value)
-    sample = _last_sample.get(key)
-    history = _history.get(key, [])
+    sample = _last_sample.get(key) or restored_sample(before)
+    history = _history[key] if key in _history else restored_history(before)
     decision = autoscale.decide(now, current, [sample] if sample else [], spec, history)
-    _history[key] = autoscale.prune(
-        [*history, autoscale.Recommendation(now, decision.recommendation)], now, spec
-    )
-    before = ((cr.get("status") or {}).get(role) or {}).get("autoscaler") or {}
+    history = autoscale.compact([*history, autoscale.Recommendation(now, decision.recommendation)], now, spec)
+    _history[key] = history
     last_scale = before.get("lastScaleTime")
     if decision.units != current:
         target = scaler.scaler_name(name, role)
@@ -93,6 +117,10 @@ def autoscale_role(
         fields["metricValue"] = round(decision.metric_value, 6)
     if last_scale:
         fields["lastScaleTime"] = last_scale
+    fields["history"] = [{"time": format_time(r.time), "units": r.units} for r in history]
+    if sample is not None:
+        fields["lastSample"] = {"time": format_time(sample.time), "value": round(sample.value, 6)}
+    fields["lastRunTime"] = format_time(now)
     return fields
 
 
@@ -118,7 +146,8 @@ def autoscale_pass(namespace: str, name: str) -> bool:
                 patch[role] = {"autoscaler": None}
             continue
         keep = True
-        if not _due(key, settings.interval_seconds):
+        remembered = ((cr.get("status") or {}).get(role) or {}).get("autoscaler") or {}
+        if not _due(key, settings.interval_seconds, remembered, now):
             continue
         _last_run[key] = time.monotonic()
         fields = autoscale_role(cr, role, settings, now)

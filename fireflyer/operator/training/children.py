@@ -65,12 +65,15 @@ def base_labels(job: str) -> dict[str, str]:
 
 def revision(spec: TrainingJobSpec) -> str:
     """Everything that, when it changes, needs the pods recreated. restart and placement are
-    left out: they take effect at the next start and never restart a running job by themselves.
+    left out: they take effect at the next start and never restart a running job by themselves
+    (so do preemptible and terminationGracePeriodSeconds).
     Fields at their defaults are left out too, so that an operator upgrade that adds a field
     does not restart every running job."""
     material = spec.model_dump(by_alias=True, exclude_defaults=True, mode="json")
     material.pop("restart", None)
     material.pop("placement", None)
+    material.pop("preemptible", None)  # read by the lending decision, not by the pods
+    material.pop("terminationGracePeriodSeconds", None)  # the next attempt's pods get it
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -228,6 +231,8 @@ def job(
                 "metadata": {"labels": pod_labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    # Time for a deleted pod's trainer to finish its step and checkpoint it.
+                    "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
                     "subdomain": child,
                     "schedulerName": spec.placement.scheduler_name or "default-scheduler",
                     "hostNetwork": spec.network.host_network,

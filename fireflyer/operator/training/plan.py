@@ -14,7 +14,10 @@ and never counts a failure twice:
   and the next attempt starts once nothing of the old one is left, so two attempts never run at
   once and rank 0's DNS name never points at a dying pod;
 - with spec.dataPreparation, an attempt starts only once the preparation Job has succeeded
-  (dataprep.py); a failed preparation fails the job.
+  (dataprep.py); a failed preparation fails the job;
+- a preemptible job asked for its nodes back (preemption.py): the attempt is deleted without
+  counting a restart, and the next one starts away from the nodes asked for until the requester
+  has them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fireflyer.api.base import LEVEL_RANK
 from fireflyer.api.training import TrainingJob, TrainingJobSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.planning import Event, format_time
-from fireflyer.operator.training import children, dataprep
+from fireflyer.operator.training import children, dataprep, preemption
 from fireflyer.operator.training.failures import failure, job_condition, node_problem, owner_uid
 from fireflyer.operator.training.progress import rank0_final
 from fireflyer.placement import UnitRequest, build_topology, plan_units
@@ -147,6 +150,11 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         job["metadata"].get("deletionTimestamp") or attempt != restarts or stale_revision
     ):
         return _tear_down(cr, spec, job, observed, nodes, restarts, previous)
+    request = preemption.read_request(cr)
+    if job is not None and not job_condition(job, "Complete") and preemption.applies(spec, request, job):
+        assert request is not None
+        status, events = preemption.give_back(spec, request, previous, restarts)
+        return Desired([service], status, events, delete_job=True)
 
     if job is None:
         leftovers = observed.job_pods
@@ -357,6 +365,7 @@ def _start(
 ) -> Desired:
     """No attempt exists: place every node of the job at once and create the attempt's Job."""
     name = cr["metadata"]["name"]
+    given_back = preemption.waiting_since(cr.get("status") or {})
     topology = build_topology(
         observed.nodes,
         observed.pods,
@@ -369,9 +378,20 @@ def _start(
         node_selector=spec.placement.node_selector,
         tolerates=lambda taint: any(t.tolerates(taint) for t in spec.placement.tolerations),
     )
+    held, released = preemption.held_nodes(
+        given_back, topology, spec.termination_grace_period_seconds, observed.now
+    )
+    extra: dict[str, Any] = {}
+    if given_back is not None and released:
+        given_back["released"] = True
+        extra["preemption"] = given_back
     request = UnitRequest("train", 0, spec.nodes, spec.gpus_per_node, spec.network.rdma_per_pod)
     placement = plan_units(
-        [request], topology, spec.placement.required_level, spec.placement.preferred_level, False
+        [request],
+        preemption.without(topology, held),
+        spec.placement.required_level,
+        spec.placement.preferred_level,
+        False,
     )
     want = spec.nodes
     phase = "Restarting" if restarts else "Pending"
@@ -381,6 +401,7 @@ def _start(
             "phase": phase,
             "restarts": restarts,
             "ready": f"0/{want}",
+            **extra,
             "conditions": _conditions(
                 (False, C.INSUFFICIENT_CAPACITY, why),
                 (False, C.INSUFFICIENT_CAPACITY, "waiting for capacity"),
@@ -388,6 +409,9 @@ def _start(
                 (True, C.INSUFFICIENT_CAPACITY, why),
             ),
         }
+        if given_back is not None:
+            waiting = f"keeping {', '.join(held)} free until it has them" if held else "waiting for capacity"
+            status["conditions"].append(preemption.preempted(given_back, waiting))
         return Desired([service], status)
     p = placement.placed[0]
     keys = level_keys(spec.placement.topology_profile, spec.placement.custom_level_keys)
@@ -412,6 +436,10 @@ def _start(
             HEALTHY,
         ),
     }
+    if given_back is not None:
+        status["conditions"].append(preemption.resumed(given_back))
+        if not given_back.get("released"):
+            status["preemption"] = {**given_back, "released": True}
     return Desired([service, job], status, [Event("Normal", C.UNITS_PLACED, message)])
 
 

@@ -3,7 +3,8 @@ the units behind it.
 
 POST /v1/completions, /v1/chat/completions  forwarded to a (prefill, decode) pair or a unit (proxy.py)
 GET  /v1/models, /v1/models/{id}             from a healthy unit
-GET  /health                                 200 while at least one unit is healthy, else 503
+GET  /health                                 200 while a unit can take new requests, else 503;
+                                             the units with their in-flight counts either way
 GET  /metrics                                the router's own Prometheus metrics (metrics.py)
 
 With an API key file, every route but /health and /metrics needs a key (api_keys.py).
@@ -142,14 +143,17 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         backends = router.backends.all
-        if not router.backends.healthy():
-            return error_response(no_healthy_backend(backends))
         units = [
             {"url": b.url, "role": b.role, "revision": b.revision, "healthy": b.healthy}
-            | {"in_flight": b.in_flight}
+            | {"in_flight": b.in_flight, "draining": b.draining}
             | ({"problem": b.problem} if b.problem else {})
             for b in backends
         ]
+        if not router.backends.routable():
+            # The units too: the operator reads in-flight counts of a drain from here.
+            error = no_healthy_backend(backends)
+            body = error.body().model_dump(mode="json") | {"units": units}
+            return JSONResponse(body, status_code=error.status_code)
         return JSONResponse({"status": "ok", "policy": config.policy, "units": units})
 
     @app.get("/metrics")

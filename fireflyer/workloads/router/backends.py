@@ -1,5 +1,9 @@
 """The units behind the router: which they are (flags, plus a JSON file re-read when it changes),
-whether they pass their health checks, and how many requests this router has open on each."""
+whether they pass their health checks, whether they drain, and how many requests this router has
+open on each.
+
+A draining unit (`"draining": true` in the file: the operator is about to remove it) gets no new
+request; the requests already on it, streams included, finish there."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class Listed(NamedTuple):
     url: str
     role: Role
     revision: str | None = None  # None: not said, which pairs only with units that say none
+    draining: bool = False
 
 
 def normalize_url(url: str) -> str:
@@ -60,7 +65,8 @@ def parse_unit_flag(value: str) -> tuple[str, str | None]:
 
 def read_backends_file(path: Path) -> list[Listed]:
     """The units a backends file names: {"prefill": [...], "decode": [...]} (and "backends" for
-    role-less units), each entry a URL or {"url": URL, "revision": REVISION}."""
+    role-less units), each entry a URL or {"url": URL, "revision": REVISION, "draining": BOOL}
+    (revision and draining optional)."""
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
         raise ValueError('expected a JSON object {"prefill": [units], "decode": [units]}')
@@ -79,9 +85,17 @@ def read_backends_file(path: Path) -> list[Listed]:
 def _file_entry(key: str, unit: Any, role: Role) -> Listed:
     if isinstance(unit, str):
         return Listed(normalize_url(unit), role)
-    if isinstance(unit, dict) and isinstance(unit.get("url"), str) and set(unit) <= {"url", "revision"}:
-        return Listed(normalize_url(unit["url"]), role, parse_revision(unit.get("revision")))
-    raise ValueError(f'{key!r}: {unit!r} is neither a URL nor {{"url": URL, "revision": REVISION}}')
+    if (
+        isinstance(unit, dict)
+        and isinstance(unit.get("url"), str)
+        and set(unit) <= {"url", "revision", "draining"}
+        and isinstance(unit.get("draining", False), bool)
+    ):
+        draining = bool(unit.get("draining", False))
+        return Listed(normalize_url(unit["url"]), role, parse_revision(unit.get("revision")), draining)
+    raise ValueError(
+        f'{key!r}: {unit!r} is neither a URL nor {{"url": URL, "revision": REVISION, "draining": BOOL}}'
+    )
 
 
 @dataclass(eq=False)
@@ -95,6 +109,7 @@ class Backend:
     problem: str = "not checked yet"
     in_flight: int = 0
     active: bool = True  # False once removed from the set (requests already on it finish)
+    draining: bool = False  # listed, but no new request goes to it
 
     def candidate(self) -> Candidate:
         return Candidate(self.url, self.role, self.in_flight, self.revision)
@@ -118,6 +133,10 @@ class BackendSet:
 
     def healthy(self, exclude: Sequence[Backend] = ()) -> list[Backend]:
         return [b for b in self._backends.values() if b.healthy and b not in exclude]
+
+    def routable(self, exclude: Sequence[Backend] = ()) -> list[Backend]:
+        """The units a new request may go to: healthy and not draining."""
+        return [b for b in self.healthy(exclude) if not b.draining]
 
     def get(self, url: str) -> Backend | None:
         return self._backends.get(url)
@@ -160,12 +179,17 @@ class BackendSet:
             self.metrics.forget(url, gone.role)
             log.info("unit %s removed", url)
             changed = True
-        for url, role, revision in wanted.values():
+        for url, role, revision, draining in wanted.values():
             backend = self._backends.get(url)
+            if backend is not None and backend.draining != draining:
+                # Only the flag changes: requests already open on it stay counted.
+                log.info("unit %s %s", url, "draining: no new requests" if draining else "no longer draining")
+                backend.draining = draining
+                changed = True
             if backend is not None and (backend.role, backend.revision) == (role, revision):
                 continue
             if backend is None:
-                backend = self._backends[url] = Backend(url, role, revision)
+                backend = self._backends[url] = Backend(url, role, revision, draining=draining)
                 log.info("unit %s (%s, revision %s) added", url, role, revision)
             else:
                 # A unit recreated by a rollout keeps its URL: it pairs by its new revision at once.

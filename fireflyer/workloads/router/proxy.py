@@ -91,7 +91,7 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> Re
 
 
 def no_healthy_backend(backends: Sequence[Backend]) -> ApiError:
-    problems = "; ".join(f"{b.url}: {b.problem}" for b in backends[:4])
+    problems = "; ".join(f"{b.url}: {b.problem or 'draining'}" for b in backends[:4])
     more = f"; and {len(backends) - 4} more" if len(backends) > 4 else ""
     detail = f" ({problems}{more})" if backends else " (none is configured)"
     return ApiError(
@@ -126,7 +126,7 @@ class Proxy:
         self._turns = itertools.count()
 
     def route(self, key: str, exclude: Sequence[Backend] = ()) -> Pick | None:
-        healthy = {b.url: b for b in self.backends.healthy(exclude)}
+        healthy = {b.url: b for b in self.backends.routable(exclude)}
         candidates = [b.candidate() for b in healthy.values()]
         chosen = choose(self.policy, candidates, key, turn=next(self._turns), load_cap=self.load_cap)
         if chosen is None:
@@ -174,7 +174,7 @@ class Proxy:
 
     async def get(self, path: str) -> Response:
         """GET `path` from a healthy unit (decode units first), trying a second one if needed."""
-        healthy = {b.url: b for b in self.backends.healthy()}
+        healthy = {b.url: b for b in self.backends.routable()}
         for candidate in ordered([b.candidate() for b in healthy.values()])[:MAX_ATTEMPTS]:
             backend = healthy[candidate.url]
             try:

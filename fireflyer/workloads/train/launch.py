@@ -7,13 +7,16 @@
 World size = NNODES × NPROC_PER_NODE and RANK = NODE_RANK × NPROC_PER_NODE + local rank. With
 none set: one node of one rank, run in this process. When any local rank fails the others are
 stopped and the process exits non-zero, so the pod fails and the Job restarts the run, which then
-resumes from its last checkpoint.
+resumes from its last checkpoint. SIGTERM and SIGUSR1 ask every rank to checkpoint and stop
+(stopping.py); this process passes them on to its ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.layout import Layout
+from fireflyer.workloads.train.stopping import EXIT_CODES, STOP_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,17 @@ class Rendezvous:
         )
 
 
-def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> None:
-    """One rank: join the group, serve status (rank 0), train, leave the group."""
+def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> int:
+    """One rank: join the group, serve status (rank 0), train, leave the group; → the exit
+    status (not 0 only when SIGTERM stopped the run after its checkpoint)."""
     import torch
 
-    from fireflyer.workloads.train import parallel
+    from fireflyer.workloads.train import parallel, stopping
     from fireflyer.workloads.train.status import Status, StatusServer
     from fireflyer.workloads.train.trainer import Trainer
+
+    stop = stopping.StopRequest()
+    stop.install()
 
     device = parallel.pick_device(config.device, local_rank)
     if device.type == "cpu" and config.cpu_threads > 0:
@@ -92,9 +100,13 @@ def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> None:
     try:
         if rank.is_leader and config.status_port:
             server = StatusServer(status, config.status_host, config.status_port)
-        Trainer(config, rank, status).run()
+        trainer = Trainer(config, rank, status, stop)
+        trainer.run()
         if rank.is_leader:
             write_termination_message(json.dumps(status.snapshot()))
+        if trainer.stopped_by:
+            stopping.barrier(rank)
+        return stopping.exit_code(trainer.stopped_by)
     finally:
         if server is not None:
             server.close()
@@ -118,12 +130,14 @@ def _spawned(local_rank: int, config: TrainConfig, rdv: Rendezvous) -> None:
     from fireflyer.errors import user_errors
 
     try:
-        run_rank(config, rdv, local_rank)
+        code = run_rank(config, rdv, local_rank)
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise
         print(f"fireflyer: error: rank {rdv.rank(local_rank)}: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if code:
+        sys.exit(code)
 
 
 def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
@@ -132,8 +146,7 @@ def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     # Refuses a --pipeline or --expert-parallel that does not divide the world.
     Layout(rdv.world, config.pipeline, config.schedule, config.expert_parallel)
     if rdv.nproc_per_node == 1:
-        run_rank(config, rdv, 0)
-        return 0
+        return run_rank(config, rdv, 0)
     import torch.multiprocessing as mp
 
     method = "spawn"
@@ -145,10 +158,16 @@ def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
 
         method = "fork"
     try:
-        mp.start_processes(
-            _spawned, args=(config, rdv), nprocs=rdv.nproc_per_node, join=True, start_method=method
+        ranks = mp.start_processes(
+            _spawned, args=(config, rdv), nprocs=rdv.nproc_per_node, join=False, start_method=method
         )
+        assert ranks is not None
+        _forward_stop_signals([p.pid for p in ranks.processes if p.pid is not None])
+        while not ranks.join():
+            pass
     except mp.ProcessExitedException as failed:
+        if failed.exit_code in EXIT_CODES.values() and failed.exit_code:
+            return failed.exit_code  # stopped on request after the checkpoint: rank 0 said so
         # The rank reported its own error; the others were stopped by spawn.
         print(
             f"fireflyer: error: rank {rdv.rank(failed.error_index)} exited with code {failed.exit_code}",
@@ -159,3 +178,16 @@ def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
         print(f"fireflyer: error: rank {rdv.rank(failed.error_index)} failed:\n{failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _forward_stop_signals(pids: list[int]) -> None:
+    """The kubelet signals the container's first process only: pass stop requests on to the
+    local ranks, which agree among themselves on the step to stop after."""
+
+    def forward(signum: int, frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a rank that already ended
+                os.kill(pid, signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)

@@ -1,5 +1,5 @@
 """Rank 0's status endpoint, `GET /status`, which the operator polls:
-{"step", "loss", "lastCheckpointStep", "tokensPerSecond", "phase"}.
+{"step", "loss", "lastCheckpointStep", "tokensPerSecond", "phase", "message"}.
 
 http.server in a daemon thread: one tiny JSON document, no framework needed, and it keeps
 answering while the training loop holds the main thread.
@@ -15,8 +15,9 @@ from typing import Any
 
 from fireflyer.workloads.train.config import TrainError
 
-# starting → loading (model, data, checkpoint) → training → finishing (last checkpoint) → done | failed
-PHASES = ("starting", "loading", "training", "finishing", "done", "failed")
+# starting → loading (model, data, checkpoint) → training → finishing (last checkpoint) → done | failed;
+# stopped: checkpointed and ended on request (SIGTERM, SIGUSR1) before --steps.
+PHASES = ("starting", "loading", "training", "finishing", "done", "failed", "stopped")
 
 
 class Status:
@@ -30,6 +31,7 @@ class Status:
             "lastCheckpointStep": None,
             "tokensPerSecond": 0.0,
             "phase": "starting",
+            "message": None,  # why the run stopped early, e.g. "checkpointed at step 40 on request"
         }
 
     def update(self, **fields: Any) -> None:

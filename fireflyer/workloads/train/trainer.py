@@ -31,16 +31,22 @@ from fireflyer.workloads.train.metrics import StepLog, StepRecord, TimelineLog
 from fireflyer.workloads.train.parallel import Rank
 from fireflyer.workloads.train.pipeline import Pipeline
 from fireflyer.workloads.train.status import Status
+from fireflyer.workloads.train.stopping import StopRequest, signal_name
 from fireflyer.workloads.train.zero import ShardedAdamW
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, rank: Rank, status: Status | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, rank: Rank, status: Status | None = None, stop: StopRequest | None = None
+    ) -> None:
         self.config = config
         self.rank = rank
         self.status = status or Status()
+        self.stop = stop
+        self.stopped_by = 0
+        """The signal the run stopped on before --steps (0: it ran to the end)."""
         self.status.update(phase="loading")
         config.check_inputs()  # the cheap checks first
         shards = TokenShards(config.data)
@@ -331,6 +337,10 @@ class Trainer:
                 if cfg.checkpoint_dir is not None and every and record.step % every == 0:
                     self.save()
                 self._collect_save(block=False)
+                signum = self.stop.agreed(self.rank) if self.stop is not None else 0
+                if signum and record.step < cfg.steps:
+                    self._stop_on_request(signum)
+                    return records
             self.status.update(phase="finishing")
             if cfg.checkpoint_dir is not None and self.position.step != self.saved_step:
                 self.save()
@@ -347,3 +357,19 @@ class Trainer:
             self.log.close()
             self.timelines.close()
         return records
+
+    def _stop_on_request(self, signum: int) -> None:
+        """Every rank agreed to stop after this step: checkpoint it (unless it is saved already)
+        and wait until it is complete, so that a resumed run loses no step."""
+        step, why = self.position.step, f"on request ({signal_name(signum)})"
+        if self.config.checkpoint_dir is not None:
+            if step != self.saved_step:
+                self.save()
+            self._collect_save(block=True)
+            message = f"checkpointed at step {step} {why}"
+        else:
+            message = f"stopped at step {step} {why}; nothing saved (no --checkpoint-dir)"
+        self.stopped_by = signum
+        self.status.update(phase="stopped", message=message)
+        if self.rank.is_leader:
+            log.warning("%s", message)

@@ -1,0 +1,103 @@
+"""Reading the router replicas' in-flight counts for a drain (drain.py decides with them).
+
+Each router replica counts only the requests it forwarded, so every replica is asked (by pod IP,
+as the autoscaler reads their metrics): a count through the router Service would be one replica's
+at random. A replica that does not answer makes the reading unknown, which the drain waits out
+(up to router.drainTimeoutSeconds). `read_router_load` is replaceable, as the autoscaler's
+`read_metric` is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fireflyer.operator import kube
+from fireflyer.operator import labels as L
+from fireflyer.operator.inference import children, drain, scaler
+
+log = logging.getLogger(__name__)
+
+HEALTH_URL_ANNOTATION = "fireflyer.dev/router-health-url"
+"""Annotation on an InferenceDeployment: a URL answering the router's /health contract
+({"units": [{"url", "in_flight", "draining"}]}) read in place of the router replicas, e.g. an
+aggregator in front of them or a router outside the pod network."""
+TIMEOUT_SECONDS = 2.0
+
+Fetch = Callable[[str], dict[str, Any] | None]
+RouterLoadReader = Callable[[dict[str, Any]], drain.RouterLoad | None]
+
+
+def fetch_json(url: str) -> dict[str, Any] | None:
+    """The JSON body of a GET; a router with no healthy unit answers 503 with the units too."""
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (OSError, ValueError) as exc:
+        log.debug("no answer from %s: %s", url, exc)
+        return None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+class RouterHealthReader:
+    def __init__(self, fetch: Fetch = fetch_json) -> None:
+        self.fetch = fetch
+
+    def __call__(self, cr: dict[str, Any]) -> drain.RouterLoad | None:
+        override = (cr["metadata"].get("annotations") or {}).get(HEALTH_URL_ANNOTATION)
+        urls = [override] if override else self._router_urls(cr)
+        if not urls:
+            return None
+        with ThreadPoolExecutor(max_workers=min(len(urls), 8)) as pool:
+            answers = list(pool.map(self.fetch, urls))
+        return drain.merge_router_answers(answers)
+
+    @staticmethod
+    def _router_urls(cr: dict[str, Any]) -> list[str]:
+        name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
+        pods = kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name},{L.COMPONENT}=router")
+        ips = sorted(
+            ip
+            for p in pods
+            if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and (ip := (p.get("status") or {}).get("podIP"))
+        )
+        return [f"http://{ip}:{children.ROUTER_PORT}/health" for ip in ips]
+
+
+read_router_load: RouterLoadReader = RouterHealthReader()
+"""Replaceable (tests): where the in-flight counts of a drain come from."""
+
+
+def drain_possible(cr: dict[str, Any]) -> bool:
+    """Whether a unit of the deployment drains, or sits at or above its role's live count (the
+    lower of the spec's units and the scaler's replicas): only then are the routers asked."""
+    name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
+    selector = f"{L.DEPLOYMENT}={name},{L.COMPONENT}=unit,{L.MANAGED_BY}={L.MANAGER}"
+    statefulsets = kube.list_("StatefulSet", namespace, selector)
+    if any(drain.DRAINING_SINCE in (s["metadata"].get("annotations") or {}) for s in statefulsets):
+        return True
+    spec = cr.get("spec") or {}
+    highest: dict[str, int] = {}
+    for sts in statefulsets:
+        labels = sts["metadata"].get("labels") or {}
+        role, index = labels.get(L.ROLE), str(labels.get(L.UNIT))
+        if role in scaler.ROLES and index.isdigit():
+            highest[role] = max(highest.get(role, -1), int(index))
+    for role, top in highest.items():
+        live = int((spec.get(role) or {}).get("units", 1))
+        found = kube.get(scaler.KIND, scaler.scaler_name(name, role), namespace)
+        replicas = ((found or {}).get("spec") or {}).get("replicas")
+        if top >= (live if replicas is None else min(live, int(replicas))):
+            return True
+    return False

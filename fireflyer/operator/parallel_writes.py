@@ -1,0 +1,42 @@
+"""Writing one reconcile's independent children at once instead of one round trip after another.
+
+A new deployment's pass applies a dozen children; one after another, on a busy API server, they
+took 5–10 s. Children are written in waves: what workloads refer to (Services, ConfigMaps,
+scalers' targets) first, then the workloads, each wave's objects in parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+# Kinds whose pods start from what the other children provide: written after them.
+WORKLOAD_KINDS = frozenset({"StatefulSet", "Deployment", "DaemonSet", "Job"})
+WORKERS = 8
+
+T = TypeVar("T")
+
+_pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="child-writes")
+
+
+def waves(objects: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The objects in write order: everything but workloads, then the workloads (input order
+    kept within a wave; empty waves left out)."""
+    first = [o for o in objects if o.get("kind") not in WORKLOAD_KINDS]
+    second = [o for o in objects if o.get("kind") in WORKLOAD_KINDS]
+    return [wave for wave in (first, second) if wave]
+
+
+def write_all(objects: Sequence[dict[str, Any]], write: Callable[[dict[str, Any]], T]) -> list[T]:
+    """write(obj) for every object, wave by wave, each wave in parallel. A failed write stops
+    the later waves (a workload is not written without what it refers to) and is raised once
+    the rest of its wave has finished; the results come in the objects' wave order."""
+    results: list[T] = []
+    for wave in waves(objects):
+        if len(wave) == 1:
+            results.append(write(wave[0]))
+            continue
+        futures = [_pool.submit(write, obj) for obj in wave]
+        wait(futures)
+        results.extend(future.result() for future in futures)  # raises the first failure
+    return results
