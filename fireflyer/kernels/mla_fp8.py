@@ -3,7 +3,10 @@
 A token's cache row is one byte string:
 - bytes [0, 512): the 512-wide compressed latent (the no-RoPE part, also the value) in e4m3,
   quantised in 4 tiles of 128, each with its own scale;
-- bytes [512, 528): those 4 scales, fp32 (latent ≈ e4m3 · scale of its tile);
+- bytes [512, 528): those 4 scales, fp32 (latent ≈ e4m3 · scale of its tile). This quantiser
+  writes powers of two (the tile's max |x| / 448, rounded up), so e4m3 · scale is exact in BF16
+  and the decode kernel's BF16 operands carry no rounding the fp32 reference lacks (with
+  arbitrary scales that rounding moved the log-sum-exp by up to 0.005);
 - bytes [528, 656): the 64-wide RoPE key, BF16. Kept unquantised: it carries the position, and
   rounding it to 3 mantissa bits moves the attention scores far more than the latent's rounding.
 
@@ -44,7 +47,8 @@ def quantize_latent(entry: torch.Tensor) -> torch.Tensor:
     lead = entry.shape[:-1]
     flat = entry.reshape(-1, D_QK)
     tiles = flat[:, :D_V].float().view(-1, TILES, TILE)
-    scale = (tiles.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)  # [n, 4]
+    least = (tiles.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)  # [n, 4]
+    scale = torch.exp2(torch.ceil(torch.log2(least)))  # a power of two: see the module docstring
     quantized = (tiles / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(-1, D_V)
     out = torch.empty(flat.shape[0], TOKEN_BYTES, dtype=torch.uint8, device=entry.device)
     out[:, :SCALES_AT] = quantized.view(torch.uint8)

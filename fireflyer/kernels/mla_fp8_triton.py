@@ -2,13 +2,16 @@
 
 The same split-KV partial attention and combine as the BF16 kernel (mla_triton), but each page
 is read as 656 bytes per token: the e4m3 latent, its 4 fp32 tile scales and the BF16 RoPE part,
-through three typed views of the same bytes, so HBM carries 0.57× the BF16 cache's bytes.
+through three typed views of the same bytes. The latent is scaled in registers and fed to the
+tensor cores in the query's dtype, so HBM carries 0.57× the BF16 cache's bytes. The quantiser's
+scales are powers of two, so the scaled latent is exact in BF16 and the scores equal the fp32
+reference's up to summation order.
 
-The tile scales never touch the [64, 512] latent tile. A token's score is Σ_t scale_t · (q_t · k_t)
-over its 4 tiles, so each tile's raw e4m3 values go to the tensor cores as BF16 (an exact
-conversion) and the scale multiplies the [heads, 64] partial scores; the value side scales P's
-columns instead: out_t = (P ∘ scale_t) · v_t. This keeps the per-page register work at a few
-[heads, 64] products, and the scores as exact as the fp32 reference's up to summation order.
+Measured slower than the BF16 kernel on the H200 all the same (docs/benchmarks.md): the per-page
+dequantisation sits between the loads and the tensor cores and nothing overlaps it. Scaling the
+[heads, 64] partial products per 128-wide tile instead (4 dots for QKᵀ and 4 for PV per page), and
+scaling in BF16 over narrower token steps, were measured slower still, so this single-dot form
+stays.
 """
 
 from __future__ import annotations
@@ -17,24 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fireflyer.kernels.mla import PAGE, num_splits
+from fireflyer.kernels.mla import PAGE
 from fireflyer.kernels.mla_fp8 import D_ROPE, FP8, ROPE_AT, SCALES_AT, TILE, TILES, TOKEN_BYTES
-from fireflyer.kernels.mla_triton import LOG2E, combine_splits
+from fireflyer.kernels.mla_triton import CONFIG, LOG2E, combine_splits, split_count
 
 D_V = TILES * TILE
-# Head rows per program: at most 64 (one wgmma tile of rows); fewer heads take a smaller block.
-MAX_BLOCK_H = 64
-CONFIG = {"num_warps": 4, "num_stages": 2, "waves": 2}
-
-
-@triton.jit
-def _tile_scores(q_t, KV8, row_bytes, KVS, row_f32, t: tl.constexpr, TILE_W: tl.constexpr):
-    """One 128-wide tile of a page: its raw latent [PAGE, TILE] in the query's dtype, its scale
-    per token, and the scaled partial scores q_t · k_tᵀ [heads, PAGE]."""
-    offs_c = tl.arange(0, TILE_W)
-    k_t = tl.load(KV8 + row_bytes[:, None] + t * TILE_W + offs_c[None, :]).to(q_t.dtype)
-    scale_t = tl.load(KVS + row_f32 + t)
-    return k_t, scale_t, tl.dot(q_t, tl.trans(k_t)) * scale_t[None, :]
 
 
 @triton.jit
@@ -63,14 +53,14 @@ def _mla_fp8_partial(
     BLOCK_H: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     TILE_W: tl.constexpr,
+    N_TILES: tl.constexpr,
     DR: tl.constexpr,
     ROW_BYTES: tl.constexpr,
     SCALES_OFF: tl.constexpr,
     ROPE_OFF: tl.constexpr,
 ):
     # KV8, KVS and KVR view the same bytes as e4m3, fp32 and bf16; stride_kvblk is in bytes.
-    # The 4 latent tiles are spelled out (q0..q3, acc0..acc3): each is its own tensor-core operand.
-    DV: tl.constexpr = TILE_W * 4
+    DV: tl.constexpr = TILE_W * N_TILES
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -83,34 +73,34 @@ def _mla_fp8_partial(
     per_split = tl.cdiv(pages, NUM_SPLITS)
     first = pid_s * per_split
     last = tl.minimum(first + per_split, pages)
-    offs_c = tl.arange(0, TILE_W)
+    offs_v = tl.arange(0, DV)
     offs_r = tl.arange(0, DR)
-    q_rows = (Q + pid_b * stride_qb + sq * stride_qs + hh * stride_qh)[:, None]
-    q0 = tl.load(q_rows + 0 * TILE_W + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows + 1 * TILE_W + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q_rows + 2 * TILE_W + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    q3 = tl.load(q_rows + 3 * TILE_W + offs_c[None, :], mask=row_ok[:, None], other=0.0)
-    q_pe = tl.load(q_rows + DV + offs_r[None, :], mask=row_ok[:, None], other=0.0)
+    offs_t = tl.arange(0, N_TILES)
+    offs_c = tl.arange(0, TILE_W)
+    q_base = Q + pid_b * stride_qb + sq * stride_qs + hh * stride_qh
+    q_nope = tl.load(q_base[:, None] + offs_v[None, :], mask=row_ok[:, None], other=0.0)
+    q_pe = tl.load(q_base[:, None] + DV + offs_r[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc0 = tl.zeros([BLOCK_H, TILE_W], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, TILE_W], tl.float32)
-    acc2 = tl.zeros([BLOCK_H, TILE_W], tl.float32)
-    acc3 = tl.zeros([BLOCK_H, TILE_W], tl.float32)
+    acc = tl.zeros([BLOCK_H, DV], tl.float32)
     offs_n = tl.arange(0, PAGE_SIZE)
     query_pos = seqlen - S_Q + sq
     for page in range(first, last):
         blk = tl.load(BT + pid_b * stride_btb + page).to(tl.int64)
         row_bytes = blk * stride_kvblk + offs_n * ROW_BYTES  # [PAGE] byte offset of each token
+        tile_at = offs_t[None, :, None] * TILE_W + offs_c[None, None, :]
+        k_fp8 = tl.load(KV8 + row_bytes[:, None, None] + tile_at)  # [PAGE, tiles, tile]
         # The same rows in fp32 and bf16 elements (every offset is a multiple of the width).
         row_f32 = blk * (stride_kvblk // 4) + offs_n * (ROW_BYTES // 4) + SCALES_OFF // 4
         row_bf16 = blk * (stride_kvblk // 2) + offs_n * (ROW_BYTES // 2) + ROPE_OFF // 2
+        k_scale = tl.load(KVS + row_f32[:, None] + offs_t[None, :])
+        # fp32 then the query's dtype: exact for the quantiser's power-of-two scales, and measured
+        # faster than converting e4m3 to BF16 and scaling there.
+        k_tiles = k_fp8.to(tl.float32) * k_scale[:, :, None]
+        k_nope = tl.reshape(k_tiles, (PAGE_SIZE, DV)).to(q_nope.dtype)
         k_pe = tl.load(KVR + row_bf16[:, None] + offs_r[None, :]).to(q_pe.dtype)
-        k0, sc0, s0 = _tile_scores(q0, KV8, row_bytes, KVS, row_f32, 0, TILE_W)
-        k1, sc1, s1 = _tile_scores(q1, KV8, row_bytes, KVS, row_f32, 1, TILE_W)
-        k2, sc2, s2 = _tile_scores(q2, KV8, row_bytes, KVS, row_f32, 2, TILE_W)
-        k3, sc3, s3 = _tile_scores(q3, KV8, row_bytes, KVS, row_f32, 3, TILE_W)
-        s = (tl.dot(q_pe, tl.trans(k_pe)) + s0 + s1 + s2 + s3) * scale_log2
+        s = tl.dot(q_nope, tl.trans(k_nope)) + tl.dot(q_pe, tl.trans(k_pe))
+        s = s * scale_log2
         pos = page * PAGE_SIZE + offs_n
         keep = (pos[None, :] < seqlen) & (pos[None, :] <= query_pos[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -119,25 +109,14 @@ def _mla_fp8_partial(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc0 = acc0 * alpha[:, None] + tl.dot((p * sc0[None, :]).to(k0.dtype), k0)
-        acc1 = acc1 * alpha[:, None] + tl.dot((p * sc1[None, :]).to(k1.dtype), k1)
-        acc2 = acc2 * alpha[:, None] + tl.dot((p * sc2[None, :]).to(k2.dtype), k2)
-        acc3 = acc3 * alpha[:, None] + tl.dot((p * sc3[None, :]).to(k3.dtype), k3)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope)
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-    op = OP + pid_b * stride_opb + pid_s * stride_ops + rows[:, None] * DV + offs_c[None, :]
-    tl.store(op + 0 * TILE_W, acc0 / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(op + 1 * TILE_W, acc1 / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(op + 2 * TILE_W, acc2 / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(op + 3 * TILE_W, acc3 / l_safe[:, None], mask=row_ok[:, None])
+    op = OP + pid_b * stride_opb + pid_s * stride_ops + rows[:, None] * DV + offs_v[None, :]
+    tl.store(op, out, mask=row_ok[:, None])
     tl.store(LP + pid_b * stride_lpb + pid_s * stride_lps + rows, lse, mask=row_ok)
-
-
-def block_rows(rows: int) -> int:
-    """Head rows per program: the query rows rounded up to a power of two, 16 to 64 (a tensor-core
-    tile needs 16 rows; more than 64 makes each program's accumulators spill)."""
-    return max(16, min(MAX_BLOCK_H, triton.next_power_of_2(rows)))
 
 
 def mla_decode_fp8_triton(
@@ -155,11 +134,9 @@ def mla_decode_fp8_triton(
     q = q.contiguous()
     kv_cache = kv_cache.contiguous()
     rows = s_q * h_q
-    block_h = cfg.get("BLOCK_H") or block_rows(rows)
-    head_blocks = triton.cdiv(rows, block_h)
+    head_blocks = triton.cdiv(rows, cfg["BLOCK_H"])
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = num_splits(b, head_blocks, block_table.shape[1], sms, waves=cfg["waves"])
+        splits = split_count(q, block_table, cfg["BLOCK_H"])
     out_part = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
     flat = kv_cache.view(-1)
@@ -185,9 +162,10 @@ def mla_decode_fp8_triton(
         S_Q=s_q,
         H_Q=h_q,
         NUM_SPLITS=splits,
-        BLOCK_H=block_h,
+        BLOCK_H=cfg["BLOCK_H"],
         PAGE_SIZE=PAGE,
         TILE_W=TILE,
+        N_TILES=TILES,
         DR=D_ROPE,
         ROW_BYTES=TOKEN_BYTES,
         SCALES_OFF=SCALES_AT,

@@ -81,10 +81,13 @@ def test_mla_fp8_cache_triton_matches_the_fp8_reference(
     cache = mla_fp8.quantize_latent(kv)
     out, lse = mla.mla_decode(q, cache, table, lens, SCALE, backend="triton")
     ref_out, ref_lse = mla.mla_decode(q, cache, table, lens, SCALE, backend="torch")
-    assert (out.float() - ref_out.float()).abs().max().item() <= 8e-3
+    # BF16 outputs: a rounding flip is one unit in the last place, 2^-7 of the value at most.
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=8e-3, rtol=2**-7)
     assert _cos_diff(out, ref_out) <= 5e-6
-    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
-    # And close to the BF16 cache it was quantised from (docs/kernels.md's tolerance).
+    # The dequantised latent is exact in BF16 (power-of-two scales), so the scores are the
+    # reference's up to summation order (measured ≤ 3e-6; 0.005 before, with arbitrary scales).
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    # And close to the BF16 cache it was quantised from (docs/serving.md's tolerance).
     bf16_out, _ = mla.mla_decode(q, kv, table, lens, SCALE, backend="triton")
     assert _cos_diff(out, bf16_out) <= 1e-3
 
