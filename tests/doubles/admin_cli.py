@@ -62,14 +62,22 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def set_storage_nodes(path: Path, alive: dict[int, bool]) -> None:
-    """Register storage nodes and mark them alive or dead (heartbeats, in the real system)."""
+    """Register storage nodes and mark them alive or dead (heartbeats, in the real system). As
+    3FS's state-transition table has it: a dead service's targets go offline; when it is back, its
+    offline targets wait to be synced again (waiting → syncing → serving on later ticks) and a
+    last-serving one serves at once."""
     state = load(path)
     for node_id, up in alive.items():
         state["nodes"][str(node_id)] = {"type": "STORAGE", "alive": up}
-        if not up:
-            for target in state["targets"].values():
-                if target["node"] == node_id:
-                    target["state"] = "OFFLINE"
+        for target in state["targets"].values():
+            if target["node"] != node_id:
+                continue
+            if not up:
+                target["state"] = "OFFLINE"
+            elif target["state"] == "OFFLINE":
+                target["state"] = "WAITING"
+            elif target["state"] == "LASTSRV":
+                target["state"] = "SERVING"
     _settle_lastsrv(state)
     save(path, state)
 

@@ -339,6 +339,19 @@ def test_replacement_commands_keep_every_chain_serving(tmp_path: Path) -> None:
     assert "10002" not in json.loads(state.read_text())["nodes"]
 
 
+def test_a_storage_node_back_from_an_outage_resyncs_its_targets(tmp_path: Path) -> None:
+    """A node that was NotReady for a while (no replacement yet) comes back: its targets wait,
+    sync and serve again, as 3FS's state-transition table has it, without any admin command."""
+    state, root, _token, double = _bootstrapped_double(tmp_path)
+    double.set_storage_nodes(state, {10002: False})
+    health = admin.parse_health(_double(state, root, "list-chains", "list-targets"))
+    assert health.target_counts() == {"offline": 2, "serving": 4} and not health.all_serving()
+    double.set_storage_nodes(state, {10001: True, 10002: True, 10003: True})
+    states = [admin.parse_health(_double(state, root, "list-chains", "list-targets")) for _ in range(3)]
+    assert states[-1].all_serving()
+    assert states[-1].target_counts() == {"serving": 6}
+
+
 def test_replacement_refuses_to_remove_a_last_serving_target(tmp_path: Path) -> None:
     state, root, _token, double = _bootstrapped_double(tmp_path)
     double.set_storage_nodes(state, {10001: False, 10003: False})
