@@ -29,7 +29,6 @@ from tests.chaos import invariants as I
 from tests.conftest import TEST_PORT_BASE, Operator, install_crds, running_operator
 from tests.kube import Kube, fresh_namespace, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = REPO_ROOT / "manifests/samples/small"
 SMALL = yaml.safe_load((SAMPLES / "inference.yaml").read_text())
@@ -40,6 +39,8 @@ ROUNDS = int(os.environ.get("FIREFLYER_CHAOS_ROUNDS", "10"))
 SEED = int(os.environ.get("FIREFLYER_CHAOS_SEED", str(random.randrange(1 << 30))))
 CONVERGE_SECONDS = 60.0  # a failure, well past the 30 s target
 FIRST_CONVERGE_SECONDS = 180.0  # the 3FS bootstrap runs its admin Jobs one by one
+# A round takes seconds to tens of seconds: the run's limit grows with the rounds asked for.
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(300 + 40 * ROUNDS)]
 KINDS = (
     "inferencedeployments,trainingjobs,threefsclusters,statefulsets,services,deployments,"
     "replicasets,daemonsets,jobs,configmaps,poddisruptionbudgets,pods"
