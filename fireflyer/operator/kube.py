@@ -211,12 +211,15 @@ def apply(obj: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def get(kind: str, name: str, namespace: str | None = None, *, ours: bool = False) -> dict[str, Any] | None:
+def get(
+    kind: str, name: str, namespace: str | None = None, *, ours: bool = False, fresh: bool = False
+) -> dict[str, Any] | None:
     """From an informer when it holds the object (ours, as recent as its watch), else from the
     API server. ours: the object, if it exists, carries the operator's managed-by label, so an
     informer of our objects that does not hold it answers None without a request (a child not
-    created yet is asked for by every pass until it is, on a busy API server)."""
-    if _cache is not None:
+    created yet is asked for by every pass until it is, on a busy API server). fresh: always the
+    API server (a write refused for a stale resourceVersion must not be redone on the same copy)."""
+    if _cache is not None and not fresh:
         held = _cache.current(kind, namespace or _scope, name)
         if held is not None or (ours and _cache.holds_all_ours(kind)):
             return held
@@ -320,11 +323,17 @@ def api_group_served(path: str) -> bool:
         raise
 
 
-def patch(kind: str, name: str, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
-    """JSON merge patch of the object itself (metadata, not status)."""
+def patch(
+    kind: str, name: str, namespace: str | None, body: dict[str, Any], *, field_manager: str | None = None
+) -> dict[str, Any]:
+    """JSON merge patch of the object itself (metadata, not status); the answer goes to the
+    informer at once, so a pass inside the watch's lag sees the write."""
+    query = [("fieldManager", field_manager)] if field_manager else None
     result: dict[str, Any] = _call(
-        "PATCH", _path(kind, namespace, name), body, content_type="application/merge-patch+json"
+        "PATCH", _path(kind, namespace, name), body, query, content_type="application/merge-patch+json"
     )
+    if result and _cache is not None:
+        _cache.written(result)
     return result
 
 

@@ -33,7 +33,10 @@ def patch_status(
     if it is stale the write is refused and redone on a fresh read)."""
     path = kube._path(kind, namespace, name, "status")
     for attempt in range(ATTEMPTS):
-        live = read if attempt == 0 and read is not None else kube.get(kind, name, namespace)
+        # A retry follows a refused write: the informer's copy may be the stale one it was built on.
+        live = (
+            read if attempt == 0 and read is not None else kube.get(kind, name, namespace, fresh=attempt > 0)
+        )
         if live is None or (uid is not None and live["metadata"].get("uid") != uid):
             return
         status = dict(fields)

@@ -163,3 +163,33 @@ def test_the_deployment_plan_asks_and_announces_but_does_not_place_on_lent_nodes
         "unit": "prefill-0",
         "nodes": ["h100-002", "h100-003"],
     }
+
+
+def test_a_preemption_request_reaches_the_informer_with_the_write(monkeypatch: Any) -> None:
+    """The next pass of the deployment, inside the watch's lag, must see the job already asked
+    (else it asks again with a new time, and the job counts two preemptions)."""
+    from fireflyer.operator import events, kube
+    from fireflyer.operator.inference import lending_writes
+
+    sent: list[tuple[str, str, Any, Any]] = []
+    held: list[dict[str, Any]] = []
+
+    def call(method: str, path: str, body: Any = None, query: Any = None, **_: Any) -> dict[str, Any]:
+        sent.append((method, path, body, query))
+        return {"kind": "TrainingJob", "metadata": {"name": "job", "namespace": "ns", **body["metadata"]}}
+
+    monkeypatch.setattr(kube, "_call", call)
+    monkeypatch.setattr(events, "post", lambda *a, **k: None)
+    monkeypatch.setattr(
+        kube,
+        "_cache",
+        kube.CacheHooks(lambda *a: None, lambda *a: None, held.append, lambda kind: False),
+    )
+    deployment = {"metadata": {"name": "dep", "namespace": "ns"}}
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    lending_writes.request(deployment, [lending.Preemption("ns", "job", "decode-0", ("n1", "n2"))], now)
+    ((method, path, _body, query),) = sent
+    assert method == "PATCH" and path.endswith("/trainingjobs/job")
+    assert query == [("fieldManager", lending.FIELD_MANAGER)]
+    request = json.loads(held[0]["metadata"]["annotations"][PREEMPTION_REQUESTED])
+    assert request["by"] == "ns/dep" and request["nodes"] == ["n1", "n2"]

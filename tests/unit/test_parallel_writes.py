@@ -134,13 +134,13 @@ def test_phase_summary_puts_the_slowest_phase_first() -> None:
 def test_a_status_write_tries_the_callers_read_first_and_rereads_when_it_is_stale(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fresh = {"metadata": {"uid": "u1", "resourceVersion": "9"}, "status": {}}
+    current = {"metadata": {"uid": "u1", "resourceVersion": "9"}, "status": {}}
     reads: list[str] = []
     patches: list[str] = []
 
-    def get(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+    def get(kind: str, name: str, namespace: str | None = None, *, fresh: bool = False) -> dict[str, Any]:
         reads.append(name)
-        return fresh
+        return current
 
     def call(method: str, path: str, body: Any = None, **_: Any) -> None:
         patches.append(body["metadata"]["resourceVersion"])
@@ -150,7 +150,7 @@ def test_a_status_write_tries_the_callers_read_first_and_rereads_when_it_is_stal
     monkeypatch.setattr(status_writes.kube, "get", get)
     monkeypatch.setattr(status_writes.kube, "_call", call)
     stale = {"metadata": {"uid": "u1", "resourceVersion": "7"}, "status": {}}
-    status_writes.patch_status("InferenceDeployment", "svc", "ns", {"phase": "Ready"}, [], 1, read=fresh)
+    status_writes.patch_status("InferenceDeployment", "svc", "ns", {"phase": "Ready"}, [], 1, read=current)
     assert reads == [] and patches == ["9"]  # no GET when the caller's read is current
     status_writes.patch_status("InferenceDeployment", "svc", "ns", {"phase": "Ready"}, [], 1, read=stale)
     assert reads == ["svc"] and patches == ["9", "7", "9"]

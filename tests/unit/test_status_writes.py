@@ -17,8 +17,14 @@ class FakeApi:
         self.patches: list[dict[str, Any]] = []
         self.race_once = False
 
-    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        return self.live
+        self.stale: dict[str, Any] | None = None  # what an informer behind the API server holds
+        self.reads: list[bool] = []
+
+    def get(
+        self, kind: str, name: str, namespace: str | None = None, *, fresh: bool = False
+    ) -> dict[str, Any] | None:
+        self.reads.append(fresh)
+        return self.stale if self.stale is not None and not fresh else self.live
 
     def call(self, method: str, path: str, body: Any = None, **_: Any) -> None:
         self.patches.append(body)
@@ -55,6 +61,22 @@ def test_a_raced_write_is_redone_and_keeps_the_other_writers_conditions(api: Fak
     assert second["status"]["phase"] == "Ready"
     types = {c["type"]: c["status"] for c in second["status"]["conditions"]}
     assert types == {"Ready": "False", "EplbHealthy": "True"}
+
+
+def test_a_write_refused_on_a_stale_cached_copy_is_redone_on_the_api_servers(api: FakeApi) -> None:
+    """The informer still holds resourceVersion 6: the retry must not read that copy again (it
+    would be refused every time), but the API server's."""
+    api.stale = {"metadata": {"uid": "u1", "resourceVersion": "6"}, "status": {"conditions": []}}
+
+    def call(method: str, path: str, body: Any = None, **_: Any) -> None:
+        api.patches.append(body)
+        if body["metadata"]["resourceVersion"] != api.live["metadata"]["resourceVersion"]:
+            raise status_writes.kube.ApiException(status=409)
+
+    status_writes.kube._call = call  # type: ignore[assignment]  # undone by the fixture's monkeypatch
+    status_writes.patch_status("TrainingJob", "job", "ns", {"phase": "Running"}, [], 2, "u1")
+    assert [b["metadata"]["resourceVersion"] for b in api.patches] == ["6", "7"]
+    assert api.reads == [False, True]
 
 
 def test_a_status_planned_for_an_earlier_object_of_the_name_is_not_written(api: FakeApi) -> None:

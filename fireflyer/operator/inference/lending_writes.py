@@ -32,13 +32,9 @@ def request(cr: dict[str, Any], preemptions: Sequence[Preemption], now: datetime
     for p in preemptions:
         body = {"metadata": {"annotations": {PREEMPTION_REQUESTED: p.annotation(deployment, at)}}}
         try:
-            job: dict[str, Any] = kube._call(
-                "PATCH",
-                kube._path("TrainingJob", p.namespace, p.name),
-                body,
-                [("fieldManager", FIELD_MANAGER)],
-                "application/merge-patch+json",
-            )
+            # Through kube.patch: the informer holds the request at once, so the next pass does
+            # not ask again inside the watch's lag.
+            job = kube.patch("TrainingJob", p.name, p.namespace, body, field_manager=FIELD_MANAGER)
         except kube.ApiException as exc:
             if exc.status == 404:
                 continue

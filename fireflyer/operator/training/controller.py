@@ -144,7 +144,9 @@ def reconcile(
     """One full pass for one TrainingJob."""
     # Training and inference place onto the same GPUs: one planner at a time.
     with PLACEMENT:
-        cr = kube.get(KIND, name, namespace)
+        # From the API server: a preemption request written a moment ago must not wait for the
+        # informer's watch (the next pass would be a resync away).
+        cr = kube.get(KIND, name, namespace, fresh=True)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             _noted.pop((namespace, name), None)
             return None  # the children go with it (owner references)
