@@ -50,10 +50,36 @@ def test_a_draining_unit_waits_while_requests_are_in_flight() -> None:
     result = _decide([unit], {A.url: UnitLoad(3, True)})
     assert result.draining == {A.name: unit.since} and not result.removed
     assert result.waiting[A.name] == "decode unit 1 draining: 3 requests in flight"
-    assert [e.message for e in result.events] == ["decode unit 1 draining: 3 requests in flight"]
+    assert [e.message for e in result.events] == [
+        "decode unit 1 draining: waiting for the requests in flight to finish"
+    ]
     # The same wait as the status already shows: no new Event.
     again = _decide([unit], {A.url: UnitLoad(3, True)}, previous_waiting=result.waiting)
     assert again.events == [] and again.waiting == result.waiting
+
+
+def test_a_changing_in_flight_count_shows_in_status_but_posts_no_event() -> None:
+    unit = _started(A, 30)
+    shown = {A.name: "decode unit 1 draining: 3 requests in flight"}
+    for count in (2, 1):
+        result = _decide([unit], {A.url: UnitLoad(count, True)}, previous_waiting=shown)
+        assert result.events == []
+        shown = result.waiting
+    assert shown[A.name] == "decode unit 1 draining: 1 request in flight"
+
+
+def test_an_event_when_the_kind_of_wait_changes() -> None:
+    unit = _started(A, 30)
+    unread = {A.name: "decode unit 1 draining: the router has not read its drain yet"}
+    read = _decide([unit], {A.url: UnitLoad(2, True)}, previous_waiting=unread)
+    assert [e.message for e in read.events] == [
+        "decode unit 1 draining: waiting for the requests in flight to finish"
+    ]
+    lost = _decide([unit], None, previous_waiting=read.waiting)
+    assert [e.message for e in lost.events] == [
+        "decode unit 1 draining: the router's in-flight counts are unknown"
+    ]
+    assert _decide([unit], None, previous_waiting=lost.waiting).events == []
 
 
 def test_a_drained_unit_is_removed() -> None:
@@ -172,7 +198,7 @@ def test_scale_in_keeps_the_unit_draining_until_the_router_says_it_is_empty(
     waiting = plan(cr, _observe(cr, sts, 1, now=later, router_load=busy))
     assert _statefulsets(waiting)[unit]["metadata"]["annotations"][DRAINING_SINCE] == format_time(NOW)
     assert [e.message for e in waiting.events if e.reason == drain.UNIT_DRAINING] == [
-        "decode unit 1 draining: 3 requests in flight"
+        "decode unit 1 draining: waiting for the requests in flight to finish"
     ]
 
     done = plan(cr, _observe(cr, sts, 1, now=later, router_load={url: UnitLoad(0, True)}))
@@ -230,3 +256,47 @@ def test_surplus_and_cancelled_units_by_index() -> None:
         ("d-decode-2", "decode2", NOW),
     ]
     assert drain.cancelled(found, {"prefill": 1, "decode": 1}) == ["d-decode-0"]
+
+
+def test_a_statefulset_being_deleted_takes_no_part_in_a_drain() -> None:
+    labels = {L.ROLE: "decode", L.UNIT: "1"}
+    gone = {
+        "metadata": {
+            "name": "d-decode-1",
+            "labels": labels,
+            "annotations": {DRAINING_SINCE: format_time(NOW)},
+            "deletionTimestamp": format_time(NOW),
+        }
+    }
+    found = {"d-decode-1": gone}
+    assert drain.surplus_units(found, {"decode": 1}, lambda role, i: f"{role}{i}") == []
+    assert drain.cancelled(found, {"decode": 2}) == []
+    assert not drain.drain_due(found.values(), {"decode": 1})
+
+
+def test_a_unit_deleted_by_an_earlier_pass_is_not_applied_again(
+    two_decode_units: tuple[dict[str, Any], dict[str, dict[str, Any]]],
+) -> None:
+    cr, sts = two_decode_units
+    unit = f"{cr['metadata']['name']}-decode-1"
+    sts[unit] = _statefulsets(plan(cr, _observe(cr, sts, 1, now=NOW)))[unit]
+    sts[unit]["metadata"]["uid"] = "uid-decode-1"
+    # The drain ended and the unit was deleted; the watch still lists it, the router's answer is
+    # unknown: without the deletion known, the plan would keep it draining and apply it again.
+    stale = plan(cr, _observe(cr, sts, 1, now=NOW + timedelta(seconds=10)))
+    assert unit in _statefulsets(stale)
+    listed = drain.without_deleted(sts, {"uid-decode-1"})
+    after = plan(cr, _observe(cr, listed, 1, now=NOW + timedelta(seconds=10)))
+    assert not any(c["metadata"]["name"] == unit for c in after.children)
+    assert after.draining == {}
+
+
+def test_drain_due_only_for_a_drain_or_a_unit_at_or_above_the_live_count() -> None:
+    def sts(index: int, draining: bool = False) -> dict[str, Any]:
+        annotations = {DRAINING_SINCE: format_time(NOW)} if draining else {}
+        return {"metadata": {"labels": {L.ROLE: "decode", L.UNIT: str(index)}, "annotations": annotations}}
+
+    three = [sts(0), sts(1), sts(2)]
+    assert not drain.drain_due(three, {"decode": 3})
+    assert drain.drain_due(three, {"decode": 2})
+    assert drain.drain_due([sts(0, draining=True)], {"decode": 3})

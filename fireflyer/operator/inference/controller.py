@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.inference import drain, drain_reader, lending_writes, preflight, scaling
 from fireflyer.operator.inference.plan import Desired, Observed, plan
+from fireflyer.operator.inference.status import status_changed
 from fireflyer.operator.locks import OBJECTS, PLACEMENT
 from fireflyer.operator.metrics import timed
 from fireflyer.operator.planning import parse_time
@@ -46,6 +48,34 @@ _failed_pod_created: dict[tuple[str, str], dict[str, datetime]] = defaultdict(di
 _preflight_failures: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
 
 
+class DeletedUnits:
+    """The uids of unit StatefulSets this operator deleted, until no listing shows them."""
+
+    def __init__(self) -> None:
+        self._uids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, uid: str) -> None:
+        if uid:
+            with self._lock:
+                self._uids.add(uid)
+
+    def uids(self) -> set[str]:
+        with self._lock:
+            return set(self._uids)
+
+    def still_listed(self, listed: list[dict[str, Any]]) -> set[str]:
+        """Those `listed` (every unit StatefulSet) still shows; the rest are forgotten: the watch
+        has seen their deletion, and uids are never reused."""
+        present = {s["metadata"].get("uid") for s in listed}
+        with self._lock:
+            self._uids &= present
+            return set(self._uids)
+
+
+_deleted_units = DeletedUnits()
+
+
 def observe(
     cr: dict[str, Any],
     nodes: list[dict[str, Any]] | None = None,
@@ -63,6 +93,9 @@ def observe(
         if s["metadata"].get("namespace") == namespace
         and (s["metadata"].get("labels") or {}).get(L.DEPLOYMENT) == name
     ]
+    # A unit removed by an earlier pass may still be listed by a lagging watch: planned as
+    # present, a draining one would be applied again, which recreates it.
+    deleted = _deleted_units.still_listed(all_units)
     spec = cr.get("spec") or {}
     # A user's static placement need not carry our labels: the plan matches spec.deployment.
     eplb_on = (spec.get("eplb") or {}).get("mode", "dynamic") != "off"
@@ -72,7 +105,7 @@ def observe(
         threefs=kube.get("ThreeFSCluster", cluster, namespace) if cluster else None,
         nodes=nodes if nodes is not None else kube.list_("Node"),
         pods=pods if pods is not None else kube.list_("Pod"),
-        statefulsets={s["metadata"]["name"]: s for s in ours},
+        statefulsets=drain.without_deleted({s["metadata"]["name"]: s for s in ours}, deleted),
         other_units=[s for s in all_units if s not in ours],
         router=kube.get("Deployment", f"{name}-router", namespace, ours=True),
         router_service=kube.get("Service", f"{name}-router", namespace, ours=True),
@@ -121,7 +154,9 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
             owners = existing["metadata"].get("ownerReferences") or []
             ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
             if ours and (kind, existing["metadata"]["name"]) not in wanted:
-                kube.delete(kind, existing["metadata"]["name"], namespace)
+                gone = kube.delete(kind, existing["metadata"]["name"], namespace)
+                if gone and kind == "StatefulSet":
+                    _deleted_units.note(existing["metadata"].get("uid", ""))
     _wanted[(namespace, name)] = wanted
     with metrics.phase(KIND, "scalers_lending"):
         scaling.write_scalers(cr, desired.scales)
@@ -155,7 +190,7 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     current = cr.get("status") or {}
     merged = C.merge(previous, conditions, now, generation)
     # Written only when it changes, forced passes too: an unchanged status costs two requests.
-    if current.get("conditions") != merged or any(current.get(k) != v for k, v in status.items()):
+    if current.get("conditions") != merged or status_changed(current, status):
         # The EPLB timer writes this status too: its conditions are kept (writes.py).
         with metrics.phase(KIND, "status"):
             status_writes.patch_status(KIND, name, namespace, status, conditions, generation, read=cr)
@@ -173,7 +208,8 @@ def reconcile(
                 return None
             # Left by an older release: deletion must not wait for us.
             kube.drop_finalizer(KIND, cr, L.FINALIZER)
-            load = drain_reader.read_router_load(cr) if drain_reader.drain_possible(cr) else None
+            asked = drain_reader.drain_possible(cr, _deleted_units.uids())
+            load = drain_reader.read_router_load(cr) if asked else None
         # One plan at a time: two deployments planned at once could pick the same free nodes.
         # Once the planned StatefulSets are promised to the cache, the next plan reserves their
         # nodes: applying them, and the rest of the pass, runs beside other deployments' passes.

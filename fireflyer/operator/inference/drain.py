@@ -13,10 +13,10 @@ router there is nobody to drain through, and surplus units go at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference import children
@@ -31,8 +31,15 @@ UNIT_DRAINED = "UnitDrained"
 DRAIN_TIMED_OUT = "DrainTimedOut"
 DRAIN_CANCELLED = "DrainCancelled"
 
+StatefulSet = TypeVar("StatefulSet", bound=Mapping[str, Any])
+
 RECHECK_SECONDS = 2.0
 """How soon a waiting drain is looked at again."""
+
+WAIT_UNKNOWN = "the router's in-flight counts are unknown"
+WAIT_UNREAD = "the router has not read its drain yet"
+WAIT_IN_FLIGHT = "requests in flight"
+"""The kinds of wait: an Event says when a unit's wait changes kind; the live count is status's."""
 
 
 @dataclass(frozen=True)
@@ -97,15 +104,41 @@ def merge_router_answers(answers: Iterable[Mapping[str, Any] | None]) -> dict[st
     return merged
 
 
+def _leaving(sts: Mapping[str, Any]) -> bool:
+    """Being deleted: it takes no part in a drain (applying it again would bring it back)."""
+    return bool((sts.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def without_deleted(
+    statefulsets: Mapping[str, StatefulSet], deleted_uids: Collection[str]
+) -> dict[str, StatefulSet]:
+    """The StatefulSets less those this operator deleted and a lagging watch still lists."""
+    return {
+        name: sts
+        for name, sts in statefulsets.items()
+        if (sts.get("metadata") or {}).get("uid") not in deleted_uids
+    }
+
+
+def wait_kind(message: str) -> str:
+    """The kind of wait a drain message states (its live count left out); "" for none."""
+    for kind in (WAIT_UNKNOWN, WAIT_UNREAD):
+        if message.endswith(kind):
+            return kind
+    return WAIT_IN_FLIGHT if message.endswith(" in flight") else ""
+
+
 def surplus_units(
     statefulsets: Mapping[str, Mapping[str, Any]],
     live_units: Mapping[str, int],
     url_of: Any,
 ) -> list[Surplus]:
-    """The role units whose index is at or above the role's live count, lowest first.
-    url_of(role, index) → the unit's URL in the backends file."""
+    """The role units whose index is at or above the role's live count, lowest first (those
+    being deleted left out). url_of(role, index) → the unit's URL in the backends file."""
     found = []
     for name, sts in statefulsets.items():
+        if _leaving(sts):
+            continue
         meta = sts.get("metadata") or {}
         labels = meta.get("labels") or {}
         role, index = str(labels.get(L.ROLE)), str(labels.get(L.UNIT))
@@ -118,10 +151,28 @@ def surplus_units(
     return sorted(found, key=lambda s: (s.role, s.index))
 
 
+def drain_due(statefulsets: Iterable[Mapping[str, Any]], live_units: Mapping[str, int]) -> bool:
+    """Whether a unit drains, or sits at or above its role's live count (a scale-in): only then
+    are the routers asked for their in-flight counts."""
+    for sts in statefulsets:
+        if _leaving(sts):
+            continue
+        meta = sts.get("metadata") or {}
+        if DRAINING_SINCE in (meta.get("annotations") or {}):
+            return True
+        labels = meta.get("labels") or {}
+        role, index = str(labels.get(L.ROLE)), str(labels.get(L.UNIT))
+        if role in live_units and index.isdigit() and int(index) >= live_units[role]:
+            return True
+    return False
+
+
 def cancelled(statefulsets: Mapping[str, Mapping[str, Any]], live_units: Mapping[str, int]) -> list[str]:
     """Units within their role's live count that still carry a drain: a scale back up."""
     names = []
     for name, sts in sorted(statefulsets.items()):
+        if _leaving(sts):
+            continue
         meta = sts.get("metadata") or {}
         labels = meta.get("labels") or {}
         role, index = str(labels.get(L.ROLE)), str(labels.get(L.UNIT))
@@ -147,7 +198,7 @@ def plan_drain(
 ) -> DrainPlan:
     """What happens to each surplus unit now. `load` None: the routers' answer is unknown.
     previous_waiting: unit name → the wait message the status last showed (an Event is posted
-    only when it changes)."""
+    only when the kind of wait changes: the live count is in the status, not in Events)."""
     result = DrainPlan()
     before = previous_waiting or {}
     for name in cancelled_units:
@@ -172,12 +223,12 @@ def plan_drain(
             )
         seen = None if load is None else load.get(unit.url, UnitLoad(0, True))
         if seen is None:
-            wait = "the router's in-flight counts are unknown"
+            kind = wait = WAIT_UNKNOWN
         elif not seen.draining:
-            wait = "the router has not read its drain yet"
+            kind = wait = WAIT_UNREAD
         elif seen.in_flight > 0:
             plural = "request" if seen.in_flight == 1 else "requests"
-            wait = f"{seen.in_flight} {plural} in flight"
+            kind, wait = WAIT_IN_FLIGHT, f"{seen.in_flight} {plural} in flight"
         else:
             result.removed[unit.name] = "drained: no request in flight"
             result.events.append(Event("Normal", UNIT_DRAINED, f"{_label(unit)} drained; removing it"))
@@ -187,11 +238,11 @@ def plan_drain(
             result.removed[unit.name] = why
             result.events.append(Event("Warning", DRAIN_TIMED_OUT, f"{_label(unit)}: {why}; removing it"))
             continue
-        message = f"{_label(unit)} draining: {wait}"
         result.draining[unit.name] = since
-        result.waiting[unit.name] = message
-        if unit.since is not None and before.get(unit.name) != message:
-            result.events.append(Event("Normal", UNIT_DRAINING, message))
+        result.waiting[unit.name] = f"{_label(unit)} draining: {wait}"
+        if unit.since is not None and wait_kind(before.get(unit.name, "")) != kind:
+            waiting_for = "waiting for the requests in flight to finish" if kind == WAIT_IN_FLIGHT else kind
+            result.events.append(Event("Normal", UNIT_DRAINING, f"{_label(unit)} draining: {waiting_for}"))
     return result
 
 

@@ -12,10 +12,13 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydantic import ValidationError
+
+from fireflyer.api.inference import InferenceDeployment
 from fireflyer.operator import kube
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference import children, drain, scaler
@@ -79,25 +82,23 @@ read_router_load: RouterLoadReader = RouterHealthReader()
 """Replaceable (tests): where the in-flight counts of a drain come from."""
 
 
-def drain_possible(cr: dict[str, Any]) -> bool:
+def drain_possible(cr: dict[str, Any], deleted_uids: Collection[str] = ()) -> bool:
     """Whether a unit of the deployment drains, or sits at or above its role's live count (the
-    lower of the spec's units and the scaler's replicas): only then are the routers asked."""
+    units it runs now, as the plan counts them: the scaler's replicas, or the spec's units while
+    the scaler is reset to them). deleted_uids: unit StatefulSets already deleted."""
     name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
     selector = f"{L.DEPLOYMENT}={name},{L.COMPONENT}=unit,{L.MANAGED_BY}={L.MANAGER}"
-    statefulsets = kube.list_("StatefulSet", namespace, selector)
-    if any(drain.DRAINING_SINCE in (s["metadata"].get("annotations") or {}) for s in statefulsets):
-        return True
-    spec = cr.get("spec") or {}
-    highest: dict[str, int] = {}
-    for sts in statefulsets:
-        labels = sts["metadata"].get("labels") or {}
-        role, index = labels.get(L.ROLE), str(labels.get(L.UNIT))
-        if role in scaler.ROLES and index.isdigit():
-            highest[role] = max(highest.get(role, -1), int(index))
-    for role, top in highest.items():
-        live = int((spec.get(role) or {}).get("units", 1))
-        found = kube.get(scaler.KIND, scaler.scaler_name(name, role), namespace)
-        replicas = ((found or {}).get("spec") or {}).get("replicas")
-        if top >= (live if replicas is None else min(live, int(replicas))):
-            return True
-    return False
+    statefulsets = [
+        s
+        for s in kube.list_("StatefulSet", namespace, selector)
+        if s["metadata"].get("uid") not in deleted_uids
+    ]
+    if not statefulsets:
+        return False
+    try:
+        spec = InferenceDeployment.model_validate(cr).spec
+    except ValidationError:  # the plan reports it
+        return False
+    scalers = kube.list_(scaler.KIND, namespace, f"{L.DEPLOYMENT}={name}")
+    live = {role: scale.units for role, scale in scaler.live_units(cr, spec, scalers).items()}
+    return drain.drain_due(statefulsets, live)

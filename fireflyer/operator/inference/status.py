@@ -3,6 +3,7 @@ decided. Pure."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fireflyer.api import conditions as C
@@ -128,6 +129,20 @@ def deployment_status(
         "units": unit_status,
         "endpoints": {"router": router_url(name, namespace, router_service)},
     }
+
+
+def status_changed(current: Mapping[str, Any], sent: Mapping[str, Any]) -> bool:
+    """Whether merge-patching `sent` into the status `current` changes it. Only the keys sent
+    count, and of a dict value only its sub-keys: others are other writers' (the autoscaler's
+    `prefill.autoscaler`, scaling.py), and counting them would write the status on every pass."""
+    for key, value in sent.items():
+        have = current.get(key)
+        if isinstance(value, Mapping) and isinstance(have, Mapping):
+            if status_changed(have, value):
+                return True
+        elif have != value:
+            return True
+    return False
 
 
 def router_url(name: str, namespace: str, service: dict[str, Any] | None) -> str:
