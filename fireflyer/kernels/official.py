@@ -2,9 +2,12 @@
 
 `backend="auto"` measures an official library (DeepGEMM for the FP8 GEMMs, FlashMLA for MLA
 decode) only where `unavailable(library, device)` is None. An installed library is first probed in
-a child process: it is imported and makes one call. A build that crashes there (seen: a DeepGEMM
-extension that segfaults at its first call) is excluded with the reason instead of killing the
-process that measures, and the answer is cached per library and device for the process's life.
+a child process (`PROBES`): DeepGEMM is imported and makes one call into its extension, FlashMLA is
+imported (which loads its extension). A build that crashes there (seen: a DeepGEMM extension that
+segfaults at its first call) is excluded with the reason instead of killing the process that
+measures. The probe's answer is cached per library, and `unavailable`'s per library and device,
+for the process's life: `backend.resolve` asks on every kernel call where no measured choice
+applies.
 
 - DeepGEMM (`deep_gemm`): kernels for SM90 and SM100 only.
 - FlashMLA (`flash_mla`): releases from 1.0 on (PyPI `deepinfer-flashmla`) have dropped Hopper
@@ -29,17 +32,20 @@ import torch
 MODULES = ("deep_gemm", "flash_mla")
 ARCHS = {"deep_gemm": (9, 10), "flash_mla": (9, 10)}  # compute capability majors with kernels
 PROBE_SECONDS = 120.0
-# One call that touches the extension's native code, printed version on success.
+# What the child runs: DeepGEMM's makes one call into its native code; FlashMLA's imports it,
+# which loads the extension (every call of its own needs CUDA tensors of a decode).
 PROBES = {
     "deep_gemm": "import deep_gemm\ndeep_gemm.get_num_sms()\nprint(deep_gemm.__version__)",
     "flash_mla": "import flash_mla\nprint(flash_mla.__version__)",
 }
 
 
+@functools.cache
 def installed_version(module: str) -> str | None:
     """The version of the distribution that provides `module` (without importing it), or None
     when none is installed. Used in the autotune table's key, so that installing or upgrading a
-    library measures the table again."""
+    library measures the table again (in a new process: the answer is cached, because reading
+    every distribution's metadata takes hundreds of milliseconds)."""
     for dist in importlib.metadata.packages_distributions().get(module, []):
         try:
             return importlib.metadata.version(dist)
@@ -91,7 +97,12 @@ def unavailable(module: str, device: torch.device) -> str | None:
     """Why `module` cannot run our ops on `device`, or None when it may be measured."""
     if device.type != "cuda":
         return f"{module} needs a CUDA device"
-    major, minor = torch.cuda.get_device_capability(device)
+    return _unavailable_on_cuda(module, torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _unavailable_on_cuda(module: str, index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
     if major not in ARCHS[module]:
         return f"{module} has no kernels for sm{major}{minor}"
     version = installed_version(module)

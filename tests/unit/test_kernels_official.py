@@ -66,3 +66,36 @@ def test_the_table_key_changes_when_a_library_is_installed(monkeypatch: pytest.M
     with_deepgemm = autotune._device_key.__wrapped__(0)
     assert bare != with_deepgemm and with_deepgemm.endswith("-deep_gemm2.8.2")
     assert bare.startswith("NVIDIA_H200-sm90-torch")
+
+
+def test_auto_asks_the_installed_libraries_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `resolve` runs per GEMM and decode call; reading package metadata takes hundreds of ms.
+    from fireflyer.kernels import backend
+
+    reads: list[str] = []
+    probes: list[str] = []
+
+    def packages_distributions() -> dict[str, list[str]]:
+        reads.append("read")
+        return {}
+
+    def probe(module: str) -> None:
+        probes.append(module)
+
+    monkeypatch.setattr(official.importlib.metadata, "packages_distributions", packages_distributions)
+    monkeypatch.setattr(official.importlib.util, "find_spec", lambda module: object())
+    monkeypatch.setattr(official, "_probe", probe)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(backend, "has_module", lambda module: module == "deep_gemm")
+    monkeypatch.setenv("FIREFLYER_KERNEL_AUTOTUNE", "0")
+    official.installed_version.cache_clear()
+    official._unavailable_on_cuda.cache_clear()
+    try:
+        for _ in range(3):
+            assert backend.resolve("auto", "gemm", torch.device("cuda", 0), rows=128) == "official"
+        assert reads == ["read"] and probes == ["deep_gemm"]
+        backend.resolve("auto", "gemm", torch.device("cuda", 1), rows=128)
+        assert probes == ["deep_gemm", "deep_gemm"]  # another device is asked on its own
+    finally:
+        official.installed_version.cache_clear()
+        official._unavailable_on_cuda.cache_clear()

@@ -14,7 +14,7 @@ import torch
 
 from fireflyer.workloads.model.init import init_checkpoint
 from fireflyer.workloads.model.loader import load_model
-from fireflyer.workloads.model.model import DeepseekV3
+from fireflyer.workloads.model.model import Backends, DeepseekV3
 from fireflyer.workloads.serve import server
 from fireflyer.workloads.serve.engine import EngineConfig, EngineSetupError, LLMEngine
 from fireflyer.workloads.serve.kv_accuracy import compare, random_prompts
@@ -78,3 +78,10 @@ def test_fp8_refuses_the_disk_tier_and_other_latent_widths(model: DeepseekV3, tm
     with pytest.raises(ValueError, match="512 \\+ 64"):
         kv_cache_layout(narrow, "fp8")  # type: ignore[arg-type]
     assert kv_cache_layout(narrow, "auto") == (320, torch.bfloat16)  # type: ignore[arg-type]
+
+
+def test_fp8_refuses_the_official_attention_backend_before_serving(checkpoint: Path) -> None:
+    official = load_model(checkpoint, backends=Backends(attention="official"))
+    with pytest.raises(EngineSetupError, match="--attention-backend official"):
+        LLMEngine(official, set(), EngineConfig(num_kv_blocks=16, kv_cache_dtype="fp8"))
+    LLMEngine(official, set(), EngineConfig(num_kv_blocks=16))  # the BF16 cache is FlashMLA's

@@ -12,6 +12,7 @@ import torch
 
 from fireflyer.errors import FireflyerError
 from fireflyer.storage.kvcache import KVBlockStore, KVStoreError
+from fireflyer.workloads.model.attention import MLA
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.model.moe import MoE
 from fireflyer.workloads.serve.block_manager import BlockManager, KVTier
@@ -124,6 +125,14 @@ class LLMEngine:
             raise EngineSetupError(f"--eplb-window-seconds: {error}") from error
         if config.kv_cache_dir is not None and config.kv_cache_dtype == "fp8":
             raise EngineSetupError("--kv-cache-dir stores BF16 blocks; it does not take --kv-cache-dtype fp8")
+        if config.kv_cache_dtype == "fp8" and any(
+            isinstance(m, MLA) and m.attention_backend == "official" for m in model.modules()
+        ):
+            # FlashMLA's dense decode takes no FP8 cache in our layout (kernels/mla_fp8.py).
+            raise EngineSetupError(
+                "--attention-backend official runs FlashMLA, which does not decode the FP8 cache; "
+                "use --attention-backend auto, triton or torch with --kv-cache-dtype fp8"
+            )
         self.runner = ModelRunner(
             model,
             num_blocks,

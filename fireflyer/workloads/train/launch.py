@@ -8,7 +8,8 @@ World size = NNODES × NPROC_PER_NODE and RANK = NODE_RANK × NPROC_PER_NODE + l
 none set: one node of one rank, run in this process. When any local rank fails the others are
 stopped and the process exits non-zero, so the pod fails and the Job restarts the run, which then
 resumes from its last checkpoint. SIGTERM and SIGUSR1 ask every rank to checkpoint and stop
-(stopping.py); this process passes them on to its ranks.
+(stopping.py); this process passes them on to its ranks, also when one arrives while it starts
+them (then once they are started).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.layout import Layout
-from fireflyer.workloads.train.stopping import EXIT_CODES, STOP_SIGNALS
+from fireflyer.workloads.train.stopping import EXIT_CODES, STOP_SIGNALS, exit_code, signal_name
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Rendezvous:
 
 def run_rank(config: TrainConfig, rdv: Rendezvous, local_rank: int) -> int:
     """One rank: join the group, serve status (rank 0), train, leave the group; → the exit
-    status (not 0 only when SIGTERM stopped the run after its checkpoint)."""
+    status (not 0 only when a stop signal ended the run before --steps, after its checkpoint)."""
     import torch
 
     from fireflyer.workloads.train import parallel, stopping
@@ -157,17 +159,27 @@ def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
         import fireflyer.workloads.train.trainer  # noqa: F401
 
         method = "fork"
+    forwarder = StopForwarder()
+    forwarder.install()  # before the ranks exist: a signal while they start must not end this process
     try:
         ranks = mp.start_processes(
             _spawned, args=(config, rdv), nprocs=rdv.nproc_per_node, join=False, start_method=method
         )
         assert ranks is not None
-        _forward_stop_signals([p.pid for p in ranks.processes if p.pid is not None])
+        forwarder.started([p.pid for p in ranks.processes if p.pid is not None])
         while not ranks.join():
             pass
     except mp.ProcessExitedException as failed:
-        if failed.exit_code in EXIT_CODES.values() and failed.exit_code:
+        if failed.exit_code in EXIT_CODES.values():
             return failed.exit_code  # stopped on request after the checkpoint: rank 0 said so
+        if forwarder.received and failed.exit_code is not None and -failed.exit_code in EXIT_CODES:
+            # A rank the signal reached before its own handler: no step can have run without it.
+            print(
+                f"fireflyer: stopped on request ({signal_name(forwarder.received)}) while the ranks "
+                "were starting; no step was trained",
+                file=sys.stderr,
+            )
+            return exit_code(forwarder.received)
         # The rank reported its own error; the others were stopped by spawn.
         print(
             f"fireflyer: error: rank {rdv.rank(failed.error_index)} exited with code {failed.exit_code}",
@@ -180,14 +192,44 @@ def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     return 0
 
 
-def _forward_stop_signals(pids: list[int]) -> None:
-    """The kubelet signals the container's first process only: pass stop requests on to the
-    local ranks, which agree among themselves on the step to stop after."""
+class StopForwarder:
+    """Passes stop signals on to this node's ranks: the kubelet signals the container's first
+    process only, and the ranks agree among themselves on the step to stop after. Installed before
+    the ranks are started; a signal that arrives while they start is remembered and passed on once
+    their process ids are known."""
 
-    def forward(signum: int, frame: object) -> None:
-        for pid in pids:
+    def __init__(self, kill: Callable[[int, int], None] = os.kill) -> None:
+        self.received = 0  # the largest stop signal seen (0: none)
+        self._kill = kill
+        self._owner = os.getpid()
+        self._pids: list[int] | None = None  # None: the ranks are still being started
+        self._pending: list[int] = []
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, frame: object = None) -> None:
+        if os.getpid() != self._owner:
+            # A forked rank that has not installed its own handler yet: end as the signal would,
+            # which the launcher reports as stopped before any step.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = max(self.received, signum)
+        if self._pids is None:
+            self._pending.append(signum)
+        else:
+            self._send(signum)
+
+    def started(self, pids: list[int]) -> None:
+        self._pids = list(pids)
+        pending, self._pending = self._pending, []
+        for signum in pending:
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        for pid in self._pids or ():
             with contextlib.suppress(ProcessLookupError):  # a rank that already ended
-                os.kill(pid, signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, forward)
+                self._kill(pid, signum)

@@ -3,8 +3,10 @@
 SIGTERM is what the kubelet sends when a pod is deleted (a preempted TrainingJob, a drained
 node); SIGUSR1 asks a run by hand to save and stop. Either way the trainer finishes the step it
 is in, saves a checkpoint through the normal atomic path, says so in its log and termination
-message, and exits: 0 after SIGUSR1, EXIT_ON_SIGTERM after SIGTERM (non-zero, so that a pod
-ended this way is never counted as a finished rank of its Job).
+message, and exits 128 + the signal's number (143 after SIGTERM, 138 after SIGUSR1, as a shell
+reports a process that signal ended). Never 0: exit 0 means the run did its --steps, and a rank
+that stopped early must not count as a finished rank of its Job (a TrainingJob whose ranks all
+exit 0 is Succeeded); under a TrainingJob the attempt fails and resumes from this checkpoint.
 
 Every rank must stop after the same step, or their checkpoints would not belong together: at
 each step's end the ranks all-reduce the signal they saw (the largest wins, so SIGTERM beats
@@ -22,8 +24,7 @@ if TYPE_CHECKING:  # the launcher imports this module before torch
     from fireflyer.workloads.train.parallel import Rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_ON_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
-EXIT_CODES = {int(signal.SIGTERM): EXIT_ON_SIGTERM, int(signal.SIGUSR1): 0}
+EXIT_CODES = {int(sig): 128 + int(sig) for sig in STOP_SIGNALS}
 
 
 class StopRequest:
