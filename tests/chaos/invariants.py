@@ -4,6 +4,7 @@ each check returns the violations it found (empty when it holds)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,14 @@ def workload_pods(listing: Listing) -> dict[UnitKey, list[dict[str, Any]]]:
         elif THREEFS in labels and COMPONENT in labels:
             units[(labels[THREEFS], labels[COMPONENT], 0)].append(pod)
     return units
+
+
+def with_dependents(touched: set[UnitKey], units: Iterable[UnitKey]) -> set[UnitKey]:
+    """`touched` and what restarts with it by design: 3FS services reach mgmtd by IP address (3FS
+    does not resolve host names there), so a new mgmtd pod, with a new IP, gives every component of
+    its cluster a new configuration."""
+    clusters = {name for name, component, _ in touched if component == "mgmtd"}
+    return touched | {key for key in units if key[0] in clusters}
 
 
 def unit_pod_uids(listing: Listing) -> dict[UnitKey, frozenset[str]]:

@@ -204,6 +204,7 @@ class Chaos:
             time.sleep(self.rng.uniform(1.0, 3.0))
             faults.heal_node(self.cluster.kubeconfig, lost)
         self.figures.converge_seconds.append(self.converge(restarted))
+        touched = I.with_dependents(touched, before)
         after = I.unit_pod_uids(self.listing())
         restarted_units = sorted(k for k in before.keys() - touched if k in after and after[k] != before[k])
         assert not restarted_units, f"healthy units restarted ({actions}, touched {sorted(touched)})"
