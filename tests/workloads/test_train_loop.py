@@ -93,3 +93,9 @@ def test_status_endpoint_answers(inputs: tuple[Path, Path], tmp_path: Path) -> N
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=10)
     finally:
         server.close()
+    # "message" is served only once a run stopped on request; nothing else joins the fields.
+    assert "message" not in body
+    status.update(phase="stopped", message="checkpointed at step 3 on request (SIGTERM)")
+    assert status.snapshot()["message"].startswith("checkpointed at step 3")
+    with pytest.raises(KeyError, match="unknown status fields"):
+        status.update(note="x")

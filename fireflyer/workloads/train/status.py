@@ -1,5 +1,6 @@
 """Rank 0's status endpoint, `GET /status`, which the operator polls:
-{"step", "loss", "lastCheckpointStep", "tokensPerSecond", "phase", "message"}.
+{"step", "loss", "lastCheckpointStep", "tokensPerSecond", "phase"}, and "message" once a run stopped on
+request (why, e.g. "checkpointed at step 40 on request").
 
 http.server in a daemon thread: one tiny JSON document, no framework needed, and it keeps
 answering while the training loop holds the main thread.
@@ -31,11 +32,13 @@ class Status:
             "lastCheckpointStep": None,
             "tokensPerSecond": 0.0,
             "phase": "starting",
-            "message": None,  # why the run stopped early, e.g. "checkpointed at step 40 on request"
         }
 
+    OPTIONAL = ("message",)
+    """Served only once set: why a run stopped on request."""
+
     def update(self, **fields: Any) -> None:
-        unknown = set(fields) - set(self._fields)
+        unknown = set(fields) - set(self._fields) - set(self.OPTIONAL)
         if unknown:
             raise KeyError(f"unknown status fields: {', '.join(sorted(unknown))}")
         if "phase" in fields and fields["phase"] not in PHASES:
