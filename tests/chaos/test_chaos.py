@@ -92,9 +92,14 @@ def _deployment(name: str, prefill_units: int, args: list[str]) -> dict[str, Any
 
 
 def _training() -> dict[str, Any]:
-    """The small training sample, kept running (kwok ends a Job's pods otherwise), with restarts
-    enough for every node loss and pod deletion a long run gives it."""
+    """The small training sample on one node, kept running (kwok ends a Job's pods otherwise), with
+    restarts enough for every node loss and pod deletion a long run gives it."""
     doc = copy.deepcopy(TRAINING)
+    # One node, not the sample's two: the deployments hold six of the eight nodes, and a job that
+    # restarts while a unit is recreated after a node loss must still find room (a two-node job
+    # can lose both of its freed nodes to the unit and wait for good: no invariant could hold).
+    doc["spec"]["nodes"] = 1
+    doc["spec"]["parallelism"] = {"data": 8, "tensor": 1, "expert": 8, "pipeline": 1, "schedule": "none"}
     doc["spec"]["podLabels"] = {"fireflyer.dev/keep-running": "true"}
     doc["spec"]["restart"] = {"maxRestarts": 1000}
     return doc
