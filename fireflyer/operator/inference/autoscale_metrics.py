@@ -85,6 +85,19 @@ def http_get(url: str) -> str | None:
         return None
 
 
+def router_pod_urls(name: str, namespace: str, path: str) -> list[str]:
+    """`path` on every router replica that may be running, by pod IP: each counts only what it
+    forwarded, so one reached through the Service would be a replica at random."""
+    pods = kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name},{L.COMPONENT}=router")
+    ips = sorted(
+        ip
+        for p in pods
+        if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        and (ip := (p.get("status") or {}).get("podIP"))
+    )
+    return [f"http://{ip}:{children.ROUTER_PORT}{path}" for ip in ips]
+
+
 class Collector:
     """One reading per call; keeps the routers' previous histogram totals between calls."""
 
@@ -96,7 +109,7 @@ class Collector:
         name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
         if metric == "queueTime":
             current = {}
-            for url in self._router_urls(name, namespace):
+            for url in router_pod_urls(name, namespace, "/metrics"):
                 text = self.fetch(url)
                 if text is not None:
                     values = samples(text)
@@ -109,12 +122,6 @@ class Collector:
 
     def forget(self, namespace: str, name: str) -> None:
         self._ttfb.pop((namespace, name), None)
-
-    @staticmethod
-    def _router_urls(name: str, namespace: str) -> list[str]:
-        pods = kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name},{L.COMPONENT}=router")
-        ips = sorted(ip for p in pods if (ip := (p.get("status") or {}).get("podIP")))
-        return [f"http://{ip}:{children.ROUTER_PORT}/metrics" for ip in ips]
 
     @staticmethod
     def _unit_urls(name: str, namespace: str, role: str, units: int) -> list[str]:

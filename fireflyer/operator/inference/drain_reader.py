@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from fireflyer.api.inference import InferenceDeployment
 from fireflyer.operator import kube
 from fireflyer.operator import labels as L
-from fireflyer.operator.inference import children, drain, scaler
+from fireflyer.operator.inference import drain, scaler
+from fireflyer.operator.inference.autoscale_metrics import router_pod_urls
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +59,13 @@ class RouterHealthReader:
 
     def __call__(self, cr: dict[str, Any]) -> drain.RouterLoad | None:
         override = (cr["metadata"].get("annotations") or {}).get(HEALTH_URL_ANNOTATION)
-        urls = [override] if override else self._router_urls(cr)
+        name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
+        urls = [override] if override else router_pod_urls(name, namespace, "/health")
         if not urls:
             return None
         with ThreadPoolExecutor(max_workers=min(len(urls), 8)) as pool:
             answers = list(pool.map(self.fetch, urls))
         return drain.merge_router_answers(answers)
-
-    @staticmethod
-    def _router_urls(cr: dict[str, Any]) -> list[str]:
-        name, namespace = cr["metadata"]["name"], cr["metadata"]["namespace"]
-        pods = kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name},{L.COMPONENT}=router")
-        ips = sorted(
-            ip
-            for p in pods
-            if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-            and (ip := (p.get("status") or {}).get("podIP"))
-        )
-        return [f"http://{ip}:{children.ROUTER_PORT}/health" for ip in ips]
 
 
 read_router_load: RouterLoadReader = RouterHealthReader()
