@@ -204,39 +204,55 @@ def test_operator_restart_mid_bootstrap_resumes(
 def test_storage_node_loss_is_replaced_on_the_spare(
     kube: Kube, cluster: Kube, operator: Operator, runner: AdminRunner, storage_nodes: list[str]
 ) -> None:
+    """A storage node is lost together with the node of the mgmtd pod (the same node, when they
+    share one): the mgmtd pod moves, meta and storage keep running, and the storage node is
+    replaced on the spare."""
     _bootstrap(kube, operator)
     selector = f"fireflyer.dev/threefs={NAME},fireflyer.dev/component=storage"
     pods = {
         p["metadata"]["name"]: p["spec"]["nodeName"] for p in kube.get("pods", selector=selector)["items"]
     }
-    victim_pod = f"{NAME}-storage-1"
+    mgmtd_node = kube.get("pod", f"{NAME}-mgmtd-0")["spec"]["nodeName"]
+    on_mgmtd_node = [name for name, node in pods.items() if node == mgmtd_node]
+    victim_pod = on_mgmtd_node[0] if on_mgmtd_node else f"{NAME}-storage-1"
+    ordinal = victim_pod.rsplit("-", 1)[1]
     victim = pods[victim_pod]
     spare = (set(storage_nodes) - set(pods.values())).pop()
-    old_id = _tfs(kube)["status"]["storageNodeIds"]["1"]
-    faults.make_node_not_ready(cluster.kubeconfig, victim)
+    old_id = _tfs(kube)["status"]["storageNodeIds"][ordinal]
+    lost = sorted({victim, mgmtd_node})
+    for node in lost:
+        faults.make_node_not_ready(cluster.kubeconfig, node)
     try:
-        obj = wait_for(
-            f"the replacement to finish:\n{operator.tail()}",
-            lambda: (o := _tfs(kube)).get("status", {}).get("replacementsCompleted") == 1 and o,
-            timeout=240,
-            interval=1,
-        )
-        obj = wait_for("Ready again", lambda: _ready(kube), timeout=60, interval=1)
+        try:
+            wait_for(
+                "the replacement to finish",
+                lambda: (o := _tfs(kube)).get("status", {}).get("replacementsCompleted") == 1 and o,
+                timeout=240,
+                interval=1,
+            )
+            obj = wait_for("Ready again", lambda: _ready(kube), timeout=120, interval=1)
+        except AssertionError as exc:
+            pods_now = kube.run("get", "pods,statefulsets", "-o", "wide").stdout
+            raise AssertionError(
+                f"{exc}\n{_tfs(kube).get('status')}\n{pods_now}\n{operator.tail()}"
+            ) from None
     finally:
-        faults.heal_node(cluster.kubeconfig, victim)
-    assert obj["status"]["storageNodeIds"]["1"] == 10004 and old_id == 10002
+        for node in lost:
+            faults.heal_node(cluster.kubeconfig, node)
+    assert obj["status"]["storageNodeIds"][ordinal] == 10004 and old_id == 10001 + int(ordinal)
     moved = kube.get("pod", victim_pod)
     assert moved["spec"]["nodeName"] == spare
+    assert kube.get("pod", f"{NAME}-mgmtd-0")["spec"]["nodeName"] not in lost
     state = _simulated(runner, kube)
-    assert "10002" not in state["nodes"]
+    assert str(old_id) not in state["nodes"]
     for chain in state["chains"].values():
         assert len(chain["targets"]) == 3
         assert all(state["targets"][str(t)]["state"] == "SERVING" for t in chain["targets"])
-        assert 10002 not in {state["targets"][str(t)]["node"] for t in chain["targets"]}
+        assert old_id not in {state["targets"][str(t)]["node"] for t in chain["targets"]}
     log = state["log"]
     first_remove = next(i for i, c in enumerate(log) if c.startswith("update-chain --mode remove"))
     first_add = next(i for i, c in enumerate(log) if c.startswith("update-chain --mode add"))
-    unregister = next(i for i, c in enumerate(log) if c.startswith("unregister-node 10002"))
+    unregister = next(i for i, c in enumerate(log) if c.startswith(f"unregister-node {old_id}"))
     assert first_remove < first_add < unregister
     reasons = kube.run("get", "events", "-o", "jsonpath={.items[*].reason}").stdout.split()
     assert "StorageNodeReplacing" in reasons and "StorageNodeReplaced" in reasons

@@ -375,3 +375,56 @@ def test_a_predecessors_token_secret_is_emptied_and_taken_over() -> None:
     owner = {"kind": "ThreeFSCluster", "name": "threefs-small", "uid": "0123-4567"}
     patch = ownership.blank_token_patch(owner)
     assert patch == {"metadata": {"ownerReferences": [owner]}, "data": None}
+
+
+def _services(desired: Any) -> set[tuple[str, str]]:
+    return {
+        (c["kind"], c["metadata"]["name"])
+        for c in desired.children
+        if c["kind"] in ("StatefulSet", "DaemonSet", "ConfigMap")
+    }
+
+
+def test_an_mgmtd_pod_without_an_address_keeps_meta_storage_and_fuse() -> None:
+    """The mgmtd pod leaving a lost node has no IP for a while: the services stay as rendered
+    (anything not desired is pruned), and MgmtdReady is False until a pod has an address."""
+    nodes = {f"n{i}": _node(f"n{i}", labels={"storage": "yes"}) for i in range(4)}
+    storage = [_pod(f"threefs-small-storage-{i}", "storage", f"n{i + 1}") for i in range(3)]
+    with_mgmtd = _bootstrapped(
+        nodes, [_pod("threefs-small-mgmtd-0", "mgmtd", "n0", ip="10.0.0.1"), *storage], None, None
+    )
+    recorded = {"mgmtdAddresses": with_mgmtd.status["mgmtdAddresses"]}
+    assert recorded == {"mgmtdAddresses": ["10.0.0.1:8000"]}
+    pending = _pod("threefs-small-mgmtd-0", "mgmtd", "")
+    pending["status"] = {"phase": "Pending"}
+    without = _bootstrapped(nodes, [pending, *storage], None, None, status_extra=recorded)
+    wanted = {
+        ("StatefulSet", "threefs-small-meta"),
+        ("StatefulSet", "threefs-small-storage"),
+        ("DaemonSet", "threefs-small-fuse"),
+        ("ConfigMap", "threefs-small-storage-config"),
+    }
+    assert wanted <= _services(with_mgmtd) and wanted <= _services(without)
+    same = {c["metadata"]["name"]: c for c in with_mgmtd.children}
+    for child in without.children:
+        if child["kind"] == "ConfigMap" and child["metadata"]["name"] in same:
+            assert child["data"] == same[child["metadata"]["name"]]["data"]  # nothing rolls
+    mgmtd = next(c for c in without.status["conditions"] if c["type"] == "MgmtdReady")
+    assert mgmtd["status"] == "False"
+
+
+def test_pods_being_deleted_on_a_lost_node_are_force_deleted_but_storage_is_not() -> None:
+    """No kubelet confirms the end of a pod on a NotReady or vanished node: its StatefulSet would
+    wait forever for the mgmtd or meta pod to go. Storage pods move only by replacement."""
+    nodes = {f"n{i}": _node(f"n{i}", labels={"storage": "yes"}) for i in range(4)}
+    nodes["n1"] = _node("n1", ready=False, labels={"storage": "yes"})
+    evicted = {"deletionTimestamp": "2026-11-22T11:59:00Z"}
+    mgmtd = _pod("threefs-small-mgmtd-0", "mgmtd", "n1")
+    meta = _pod("threefs-small-meta-0", "meta", "gone-node")
+    healthy_leaving = _pod("threefs-small-monitor-0", "monitor", "n0")
+    storage = _pod("threefs-small-storage-0", "storage", "n1")
+    for pod in (mgmtd, meta, healthy_leaving, storage):
+        pod["metadata"].update(evicted)
+    running_on_lost = _pod("threefs-small-fdb-0", "fdb", "n1")
+    desired = _bootstrapped(nodes, [mgmtd, meta, healthy_leaving, storage, running_on_lost], None, None)
+    assert desired.delete_pods == ["threefs-small-meta-0", "threefs-small-mgmtd-0"]

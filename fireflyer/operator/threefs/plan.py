@@ -28,6 +28,7 @@ from fireflyer.operator.threefs.admin_jobs import (
     result_name,
     step_config_map,
 )
+from fireflyer.operator.threefs.node_loss import stranded_pods
 from fireflyer.operator.threefs.replacement_plan import plan_replacement, record_replacement_step
 from fireflyer.threefs import admin
 from fireflyer.threefs.admin import AdminOutputError, AdminStep, Health
@@ -104,6 +105,11 @@ def fdb_mode(spec: ThreeFSClusterSpec, observed: Observed) -> str:
     if spec.foundationdb.external is not None:
         return "external"
     return "operator" if observed.fdb_operator else "statefulset"
+
+
+def _recorded_mgmtd_ips(previous: dict[str, Any]) -> list[str]:
+    """The mgmtd IPs the last pass rendered (status.mgmtdAddresses, `ip:port`)."""
+    return [address.rpartition(":")[0] for address in previous.get("mgmtdAddresses") or []]
 
 
 def _ordinal(pod: dict[str, Any]) -> int:
@@ -250,7 +256,10 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             ]
 
     mgmtd_pods = _component_pods(observed, "mgmtd")
-    mgmtd_ips = [p["status"]["podIP"] for p in mgmtd_pods if (p.get("status") or {}).get("podIP")]
+    live_mgmtd_ips = [p["status"]["podIP"] for p in mgmtd_pods if (p.get("status") or {}).get("podIP")]
+    # While no mgmtd pod has an address (one moving off a lost node), the services keep the
+    # last known one: rendering without it would drop (and prune) meta, storage and fuse.
+    mgmtd_ips = live_mgmtd_ips or _recorded_mgmtd_ips(previous)
     inputs = RenderInputs(cluster, mgmtd_ips, monitor_address, clickhouse, storage_ids)
     mgmtd_files = render_service(spec, inputs, "mgmtd")
     children.append(K.config_map(cr, "mgmtd", mgmtd_files))
@@ -265,7 +274,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             K.headless_service(cr, "mgmtd", PORTS["mgmtd"]),
             K.pdb(cr, "mgmtd"),
         ]
-    mgmtd_ready = _all_ready(observed.workloads.get("mgmtd")) and len(mgmtd_ips) >= spec.mgmtd.replicas
+    mgmtd_ready = _all_ready(observed.workloads.get("mgmtd")) and len(live_mgmtd_ips) >= spec.mgmtd.replicas
     service_files: dict[str, dict[str, str]] = {}
     if mgmtd_ips:
         for service in ("meta", "storage", "fuse"):
@@ -319,6 +328,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     desired.claim_token = bool(launched) and admin.USER_ADD not in done
     children += rbac(cr, [*in_flight, *launched])
 
+    desired.delete_pods += [p for p in stranded_pods(observed) if p not in desired.delete_pods]
     _status(spec, observed, status, done, order, fdb_ready, mgmtd_ready, storage_ready, bootstrapped)
     desired.status = status
     return desired
