@@ -60,7 +60,7 @@ def test_an_autoscaled_deployments_unchanged_status_is_not_written(monkeypatch: 
     monkeypatch.setattr(status_writes, "patch_status", patch_status)
     monkeypatch.setattr(parallel_writes, "write_all", lambda objs, write: None)
     monkeypatch.setattr(kube, "list_", lambda *a, **k: [])
-    monkeypatch.setattr(scaling, "write_scalers", lambda cr, scales: None)
+    monkeypatch.setattr(scaling, "scaler_writes", lambda cr, scales: [])
     monkeypatch.setattr(lending_writes, "request", lambda *a: None)
     monkeypatch.setattr(events, "post", lambda *a: None)
     cr = _cr()

@@ -174,3 +174,24 @@ def test_a_run_that_finds_its_object_busy_runs_again_after_the_window() -> None:
     assert done.wait(5) and len(runs) == 2
     debouncer.again("other")  # not running: nothing scheduled
     assert "other" not in debouncer._again
+
+
+def test_calls_run_together_and_the_first_failure_is_raised_after_all_finished() -> None:
+    together = threading.Barrier(3, timeout=5)  # broken if the calls ran one after another
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def call(item: int) -> int:
+        together.wait()
+        with lock:
+            finished.append(item)
+        if item == 1:
+            raise ValueError("item 1")
+        return item * 10
+
+    with pytest.raises(ValueError, match="item 1"):
+        parallel_writes.each([0, 1, 2], call)
+    assert sorted(finished) == [0, 1, 2]  # nothing left running behind the caller
+    together.reset()
+    assert parallel_writes.each([2, 0, 1], lambda item: item * 10) == [20, 0, 10]
+    assert parallel_writes.each([], call) == []

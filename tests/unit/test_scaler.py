@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -186,3 +187,37 @@ def test_an_autoscaler_pass_sets_the_scaler_and_says_why(monkeypatch: pytest.Mon
     assert fields is not None
     assert fields["desiredUnits"] == 5
     assert len(patches) == 1
+
+
+def test_every_roles_scaler_is_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new deployment's pass creates each role's scaler and writes its status; one role after
+    another, on a busy API server, those round trips added up."""
+    cr = _cr()
+    together = threading.Barrier(2, timeout=5)  # broken if the roles were written in turn
+    written: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def create(obj: dict[str, Any]) -> dict[str, Any]:
+        together.wait()
+        with lock:
+            written.append(("create", obj["metadata"]["name"]))
+        return obj
+
+    def patch_status(kind: str, name: str, namespace: str, body: dict[str, Any]) -> None:
+        with lock:
+            written.append(("status", name))
+
+    monkeypatch.setattr(kube, "create", create)
+    monkeypatch.setattr(kube, "patch_status", patch_status)
+    scales = {
+        role: scaler.RoleScale(
+            role, 1, 1, create=scaler.scaler_object(cr, role, 1), status={"deploymentUnits": 1}
+        )
+        for role in ("prefill", "decode")
+    }
+    scaling.write_scalers(cr, scales)
+    names = {f"deepseek-v3-small-{role}" for role in ("prefill", "decode")}
+    assert {name for verb, name in written if verb == "create"} == names
+    assert {name for verb, name in written if verb == "status"} == names
+    for name in names:  # within a role, the status follows its scaler's creation
+        assert written.index(("create", name)) < written.index(("status", name))

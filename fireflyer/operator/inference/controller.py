@@ -7,7 +7,9 @@ import json
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import kopf
@@ -140,16 +142,25 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
         digest = _digest(child)
         if force or _applied.get(key) != digest:
             due.append((key, digest, child))
+    # Pruning lists ConfigMaps from the API server: only when the wanted set changed since the
+    # last complete prune (a new deployment, a spec change, a restart). The lists run beside the
+    # children's writes: they only look for children that are not wanted.
+    kinds: tuple[str, ...] = () if _wanted.get((namespace, name)) == wanted else CHILD_KINDS
+    selector = f"{L.DEPLOYMENT}={name},{L.MANAGED_BY}={L.MANAGER}"
+    listing = (
+        parallel_writes.start(lambda: [kube.list_(kind, namespace, selector) for kind in kinds])
+        if kinds
+        else None
+    )
     with metrics.phase(KIND, "apply_children"):  # independent children: written in parallel
         parallel_writes.write_all([child for _, _, child in due], kube.apply)
     for key, digest, _ in due:
         _applied[key] = digest
-    # Pruning lists ConfigMaps from the API server: only when the wanted set changed since the
-    # last complete prune (a new deployment, a spec change, a restart).
-    kinds: tuple[str, ...] = () if _wanted.get((namespace, name)) == wanted else CHILD_KINDS
-    for kind in kinds:
-        with metrics.phase(KIND, f"list_{kind}"):
-            children = kube.list_(kind, namespace, f"{L.DEPLOYMENT}={name},{L.MANAGED_BY}={L.MANAGER}")
+    listed: list[list[dict[str, Any]]] = []
+    if listing is not None:
+        with metrics.phase(KIND, "list_children"):  # what of the lists outlasted the writes
+            listed = listing.result()
+    for kind, children in zip(kinds, listed, strict=True):
         for existing in children:
             owners = existing["metadata"].get("ownerReferences") or []
             ours = any(o.get("uid") == cr["metadata"]["uid"] for o in owners)
@@ -158,9 +169,6 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
                 if gone and kind == "StatefulSet":
                     _deleted_units.note(existing["metadata"].get("uid", ""))
     _wanted[(namespace, name)] = wanted
-    with metrics.phase(KIND, "scalers_lending"):
-        scaling.write_scalers(cr, desired.scales)
-        lending_writes.request(cr, desired.preemptions, datetime.now(UTC))
     pods = (
         kube.list_("Pod", namespace, f"{L.DEPLOYMENT}={name}")
         if desired.recreate or desired.force_delete
@@ -179,8 +187,13 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
         pod_name = pod["metadata"]["name"]
         if pod["metadata"].get("deletionTimestamp") and pod_name in desired.force_delete:
             kube.delete("Pod", pod_name, namespace, grace_seconds=0)
-    for event in desired.events:
-        events.post(cr, event.type, event.reason, event.message)
+    # The scalers' writes and the events are independent round trips: sent at once (a new
+    # deployment's pass creates every role's scaler and has several events), before the status.
+    writes: list[Callable[[], None]] = scaling.scaler_writes(cr, desired.scales)
+    writes += [partial(events.post, cr, e.type, e.reason, e.message) for e in desired.events]
+    with metrics.phase(KIND, "scalers_lending"):
+        parallel_writes.each(writes, lambda write: write())
+        lending_writes.request(cr, desired.preemptions, datetime.now(UTC))
     previous = (cr.get("status") or {}).get("conditions", [])
     status = dict(desired.status)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

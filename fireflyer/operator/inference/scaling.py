@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fireflyer.api.inference import InferenceDeployment
-from fireflyer.operator import events, kube, status_writes
+from fireflyer.operator import events, kube, parallel_writes, status_writes
 from fireflyer.operator.inference import autoscale, scaler
 from fireflyer.operator.inference import reasons as R
 from fireflyer.operator.inference.autoscale_metrics import Collector
@@ -44,16 +44,35 @@ _last_run: dict[tuple[str, str, str], float] = {}
 
 
 def write_scalers(cr: dict[str, Any], scales: dict[str, scaler.RoleScale]) -> None:
-    """Create missing scalers, reset those the deployment's units win over, update statuses."""
+    """Create missing scalers, reset those the deployment's units win over, update statuses;
+    the roles' scalers at once."""
+    parallel_writes.each(scaler_writes(cr, scales), lambda write: write())
+
+
+def scaler_writes(cr: dict[str, Any], scales: dict[str, scaler.RoleScale]) -> list[Callable[[], None]]:
+    """One write sequence per role whose scaler needs one; the roles' are independent (a new
+    deployment's pass creates every role's scaler and writes each one's status)."""
     namespace = cr["metadata"]["namespace"]
-    for role, scale in scales.items():
+
+    def writes(role: str) -> Callable[[], None]:
+        scale = scales[role]
         name = scaler.scaler_name(cr["metadata"]["name"], role)
-        if scale.create is not None and kube.create(scale.create) is None:
-            continue  # one exists already (a stale read): the next pass sees it
-        if scale.reset_to is not None:
-            kube.patch(scaler.KIND, name, namespace, {"spec": {"replicas": scale.reset_to}})
-        if scale.status is not None:
-            kube.patch_status(scaler.KIND, name, namespace, scale.status)
+
+        def write() -> None:
+            if scale.create is not None and kube.create(scale.create) is None:
+                return  # one exists already (a stale read): the next pass sees it
+            if scale.reset_to is not None:
+                kube.patch(scaler.KIND, name, namespace, {"spec": {"replicas": scale.reset_to}})
+            if scale.status is not None:
+                kube.patch_status(scaler.KIND, name, namespace, scale.status)
+
+        return write
+
+    return [
+        writes(role)
+        for role, scale in sorted(scales.items())
+        if scale.create is not None or scale.reset_to is not None or scale.status is not None
+    ]
 
 
 def _due(key: tuple[str, str, str], interval: float, remembered: dict[str, Any], now: datetime) -> bool:
@@ -172,4 +191,4 @@ def arm_autoscaler(namespace: str, name: str, body: dict[str, Any]) -> None:
         _resync.arm(key, lambda: autoscale_pass(*key))
 
 
-__all__ = ["arm_autoscaler", "autoscale_pass", "read_metric", "write_scalers"]
+__all__ = ["arm_autoscaler", "autoscale_pass", "read_metric", "scaler_writes", "write_scalers"]
