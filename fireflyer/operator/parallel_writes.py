@@ -2,7 +2,9 @@
 
 A new deployment's pass applies a dozen children; one after another, on a busy API server, they
 took 5–10 s. Children are written in waves: what workloads refer to (Services, ConfigMaps,
-scalers' targets) first, then the workloads, each wave's objects in parallel."""
+scalers' targets) first, then the workloads, each wave's objects in parallel. The same pool
+sends a pass's other independent requests (`each`, `start`): its lists for pruning, its scalers'
+writes and its Events."""
 
 from __future__ import annotations
 

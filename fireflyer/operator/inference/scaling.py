@@ -1,7 +1,7 @@
 """Writes of the InferenceRoleScalers, and the built-in autoscaler's periodic pass.
 
-The reconcile decides what each role runs (fireflyer.operator.inference.scaler) and calls
-write_scalers. The autoscaler runs beside it: every TICK_SECONDS it looks at the roles with
+The reconcile decides what each role runs (fireflyer.operator.inference.scaler) and sends
+scaler_writes. The autoscaler runs beside it: every TICK_SECONDS it looks at the roles with
 `autoscaling` whose interval has passed, reads their metric, decides (autoscale.decide) and sets
 the scaler's spec.replicas; the scaler's watch then kicks the reconcile that adds or removes
 units. Its decision and reason go to status.<role>.autoscaler, and each change to an Event.
@@ -17,10 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from fireflyer.api.inference import InferenceDeployment
-from fireflyer.operator import events, kube, parallel_writes, status_writes
+from fireflyer.operator import events, kube, status_writes
 from fireflyer.operator.inference import autoscale, scaler
 from fireflyer.operator.inference import reasons as R
 from fireflyer.operator.inference.autoscale_metrics import Collector
@@ -43,36 +44,25 @@ _last_sample: dict[tuple[str, str, str], autoscale.MetricSample] = {}
 _last_run: dict[tuple[str, str, str], float] = {}
 
 
-def write_scalers(cr: dict[str, Any], scales: dict[str, scaler.RoleScale]) -> None:
-    """Create missing scalers, reset those the deployment's units win over, update statuses;
-    the roles' scalers at once."""
-    parallel_writes.each(scaler_writes(cr, scales), lambda write: write())
-
-
 def scaler_writes(cr: dict[str, Any], scales: dict[str, scaler.RoleScale]) -> list[Callable[[], None]]:
-    """One write sequence per role whose scaler needs one; the roles' are independent (a new
-    deployment's pass creates every role's scaler and writes each one's status)."""
+    """One write sequence per role whose scaler needs one: create a missing scaler, reset one the
+    deployment's units win over, update its status. The roles' are independent, so the pass
+    sends them at once."""
     namespace = cr["metadata"]["namespace"]
-
-    def writes(role: str) -> Callable[[], None]:
-        scale = scales[role]
-        name = scaler.scaler_name(cr["metadata"]["name"], role)
-
-        def write() -> None:
-            if scale.create is not None and kube.create(scale.create) is None:
-                return  # one exists already (a stale read): the next pass sees it
-            if scale.reset_to is not None:
-                kube.patch(scaler.KIND, name, namespace, {"spec": {"replicas": scale.reset_to}})
-            if scale.status is not None:
-                kube.patch_status(scaler.KIND, name, namespace, scale.status)
-
-        return write
-
     return [
-        writes(role)
+        partial(_write_scaler, namespace, scaler.scaler_name(cr["metadata"]["name"], role), scale)
         for role, scale in sorted(scales.items())
         if scale.create is not None or scale.reset_to is not None or scale.status is not None
     ]
+
+
+def _write_scaler(namespace: str, name: str, scale: scaler.RoleScale) -> None:
+    if scale.create is not None and kube.create(scale.create) is None:
+        return  # one exists already (a stale read): the next pass sees it
+    if scale.reset_to is not None:
+        kube.patch(scaler.KIND, name, namespace, {"spec": {"replicas": scale.reset_to}})
+    if scale.status is not None:
+        kube.patch_status(scaler.KIND, name, namespace, scale.status)
 
 
 def _due(key: tuple[str, str, str], interval: float, remembered: dict[str, Any], now: datetime) -> bool:
@@ -191,4 +181,4 @@ def arm_autoscaler(namespace: str, name: str, body: dict[str, Any]) -> None:
         _resync.arm(key, lambda: autoscale_pass(*key))
 
 
-__all__ = ["arm_autoscaler", "autoscale_pass", "read_metric", "scaler_writes", "write_scalers"]
+__all__ = ["arm_autoscaler", "autoscale_pass", "read_metric", "scaler_writes"]

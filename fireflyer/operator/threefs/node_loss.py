@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fireflyer.operator.threefs.replacement_plan import not_ready_since
 
 if TYPE_CHECKING:
     from fireflyer.operator.threefs.plan import Observed
@@ -21,14 +23,6 @@ def stranded_pods(observed: Observed) -> list[str]:
             continue
         if labels.get("fireflyer.dev/component") == "storage":
             continue
-        node = observed.nodes.get(node_name)
-        if node is None or not _node_ready(node):
+        if not_ready_since(observed.nodes.get(node_name)) is not None:  # NotReady, or gone
             stranded.append(pod["metadata"]["name"])
     return sorted(stranded)
-
-
-def _node_ready(node: dict[str, Any]) -> bool:
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (node.get("status") or {}).get("conditions") or []
-    )

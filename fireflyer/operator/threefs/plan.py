@@ -328,7 +328,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     desired.claim_token = bool(launched) and admin.USER_ADD not in done
     children += rbac(cr, [*in_flight, *launched])
 
-    desired.delete_pods += [p for p in stranded_pods(observed) if p not in desired.delete_pods]
+    desired.delete_pods += stranded_pods(observed)  # never storage pods: replacement moves those
     _status(spec, observed, status, done, order, fdb_ready, mgmtd_ready, storage_ready, bootstrapped)
     desired.status = status
     return desired

@@ -18,7 +18,7 @@ def _parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _not_ready_since(node: dict[str, Any] | None) -> datetime | None:
+def not_ready_since(node: dict[str, Any] | None) -> datetime | None:
     """When the node stopped being Ready; None while it is Ready. A deleted node counts as gone."""
     if node is None:
         return datetime.min.replace(tzinfo=None)
@@ -31,7 +31,7 @@ def _not_ready_since(node: dict[str, Any] | None) -> datetime | None:
 
 
 def _node_usable(node: dict[str, Any]) -> bool:
-    ready = _not_ready_since(node) is None
+    ready = not_ready_since(node) is None
     taints = (node.get("spec") or {}).get("taints") or []
     return (
         ready
@@ -172,7 +172,7 @@ def _detect_failure(
         node_name = (pod.get("spec") or {}).get("nodeName")
         if not node_name:
             continue
-        since = _not_ready_since(observed.nodes.get(node_name))
+        since = not_ready_since(observed.nodes.get(node_name))
         if since is None:
             continue
         if since != datetime.min and observed.now - since < grace:
