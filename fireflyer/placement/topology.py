@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -127,6 +127,83 @@ def _ready(node: Mapping[str, Any]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Base:
+    """The nodes' side of a topology, for one version of every node: each node with all its
+    GPUs and RDMA devices free, usable unless cordoned or not Ready. Built once per change of the
+    nodes, not once per plan: every pass of every deployment plans against the whole fabric."""
+
+    signature: tuple[tuple[str, str], ...]
+    infos: dict[str, NodeInfo]
+    labels: dict[str, Mapping[str, str]]
+    taints: dict[str, tuple[Mapping[str, Any], ...]]
+    """Nodes otherwise usable with NoSchedule/NoExecute taints (the plan's tolerations decide)."""
+    present: frozenset[str]
+
+
+_bases: dict[tuple[tuple[tuple[str, str], ...], str], _Base] = {}
+
+
+def _signature(nodes: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str], ...] | None:
+    """(name, resourceVersion) of each node; None when one has no version (built by hand, and it
+    may change in place): such a list is never cached."""
+    signature = []
+    for node in nodes:
+        meta = node.get("metadata", {})
+        version = meta.get("resourceVersion")
+        if not version:
+            return None
+        signature.append((meta["name"], str(version)))
+    return tuple(signature)
+
+
+def _build_base(nodes: Sequence[Mapping[str, Any]], keys: Mapping[str, str], rdma_resource: str) -> _Base:
+    infos: dict[str, NodeInfo] = {}
+    labels_of: dict[str, Mapping[str, str]] = {}
+    taints_of: dict[str, tuple[Mapping[str, Any], ...]] = {}
+    present: set[str] = set()
+    for node in nodes:
+        meta = node.get("metadata", {})
+        name = meta["name"]
+        labels = meta.get("labels", {}) or {}
+        allocatable = node.get("status", {}).get("allocatable", {}) or {}
+        gpus = int(parse_quantity(allocatable.get(GPU_RESOURCE)))
+        rdma = int(parse_quantity(allocatable.get(rdma_resource)))
+        domains = {level: labels[key] for level, key in keys.items() if labels.get(key)}
+        present.update(domains)
+        why = ""
+        if node.get("spec", {}).get("unschedulable"):
+            why = "cordoned"
+        elif not _ready(node):
+            why = "not Ready"
+        else:
+            taints = tuple(
+                t
+                for t in node.get("spec", {}).get("taints", []) or []
+                if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in TOLERATED_TAINTS
+            )
+            if taints:
+                taints_of[name] = taints
+        labels_of[name] = labels
+        infos[name] = NodeInfo(name, domains, gpus, gpus, rdma, rdma, usable=not why, why_unusable=why)
+    return _Base((), infos, labels_of, taints_of, frozenset(present))
+
+
+def _base(nodes: Iterable[Mapping[str, Any]], keys: Mapping[str, str], rdma_resource: str) -> _Base:
+    listed = nodes if isinstance(nodes, Sequence) else list(nodes)
+    signature = _signature(listed)
+    memo_key = (tuple(keys.items()), rdma_resource)
+    held = _bases.get(memo_key)
+    if signature is not None and held is not None and held.signature == signature:
+        return held
+    built = _build_base(listed, keys, rdma_resource)
+    if signature is not None:
+        if len(_bases) > 8:  # profiles no longer asked for
+            _bases.clear()
+        _bases[memo_key] = replace(built, signature=signature)
+    return built
+
+
 def build_topology(
     nodes: Iterable[Mapping[str, Any]],
     pods: Iterable[Mapping[str, Any]],
@@ -162,43 +239,28 @@ def build_topology(
     for node_name, (gpu, rdma) in (reserved or {}).items():
         used_gpu[node_name] = used_gpu.get(node_name, 0.0) + gpu
         used_rdma[node_name] = used_rdma.get(node_name, 0.0) + rdma
-    infos: dict[str, NodeInfo] = {}
-    present: set[str] = set()
-    for node in nodes:
-        meta = node.get("metadata", {})
-        name = meta["name"]
-        labels = meta.get("labels", {}) or {}
-        allocatable = node.get("status", {}).get("allocatable", {}) or {}
-        gpus = int(parse_quantity(allocatable.get(GPU_RESOURCE)))
-        rdma = int(parse_quantity(allocatable.get(rdma_resource)))
-        domains = {level: labels[key] for level, key in keys.items() if labels.get(key)}
-        present.update(domains)
-        why = ""
-        mismatch = [k for k, v in (node_selector or {}).items() if labels.get(k) != v]
+    base = _base(nodes, keys, rdma_resource)
+    infos = dict(base.infos)
+    selector = dict(node_selector or {})
+    for name, node_labels in base.labels.items() if selector else ():
+        mismatch = [k for k, v in selector.items() if node_labels.get(k) != v]
         if mismatch:
             why = f"does not match placement.nodeSelector ({mismatch[0]})"
-        elif node.get("spec", {}).get("unschedulable"):
-            why = "cordoned"
-        elif not _ready(node):
-            why = "not Ready"
-        else:
-            for taint in node.get("spec", {}).get("taints", []) or []:
-                if (
-                    taint.get("effect") in ("NoSchedule", "NoExecute")
-                    and taint.get("key") not in TOLERATED_TAINTS
-                    and not (tolerates is not None and tolerates(taint))
-                ):
-                    why = f"tainted {taint.get('key')}"
-                    break
-        infos[name] = NodeInfo(
-            name=name,
-            domains=domains,
-            gpus=gpus,
-            free_gpus=max(0, gpus - int(used_gpu.get(name, 0))),
-            rdma=rdma,
-            free_rdma=max(0, rdma - int(used_rdma.get(name, 0))),
-            usable=not why,
-            why_unusable=why,
-        )
-    levels = [level for level in LEVELS if level in present]
+            infos[name] = replace(infos[name], usable=False, why_unusable=why)
+    for name, taints in base.taints.items():
+        if not infos[name].usable:  # outside the node selector
+            continue
+        for taint in taints:
+            if not (tolerates is not None and tolerates(taint)):
+                infos[name] = replace(infos[name], usable=False, why_unusable=f"tainted {taint.get('key')}")
+                break
+    for name in used_gpu.keys() | used_rdma.keys():
+        info = infos.get(name)
+        if info is not None:
+            infos[name] = replace(
+                info,
+                free_gpus=max(0, info.gpus - int(used_gpu.get(name, 0))),
+                free_rdma=max(0, info.rdma - int(used_rdma.get(name, 0))),
+            )
+    levels = [level for level in LEVELS if level in base.present]
     return ClusterTopology(infos, levels, keys)
