@@ -128,80 +128,67 @@ def _ready(node: Mapping[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
-class _Base:
-    """The nodes' side of a topology, for one version of every node: each node with all its
-    GPUs and RDMA devices free, usable unless cordoned or not Ready. Built once per change of the
-    nodes, not once per plan: every pass of every deployment plans against the whole fabric."""
+class _NodeBase:
+    """What a plan reads of one version of a node: all its GPUs and RDMA devices free, usable
+    unless cordoned or not Ready. Derived once per (node, resourceVersion), not once per plan:
+    every pass of every deployment plans against the whole fabric, of which few nodes change
+    between two passes."""
 
-    signature: tuple[tuple[str, str], ...]
-    infos: dict[str, NodeInfo]
-    labels: dict[str, Mapping[str, str]]
-    taints: dict[str, tuple[Mapping[str, Any], ...]]
-    """Nodes otherwise usable with NoSchedule/NoExecute taints (the plan's tolerations decide)."""
-    present: frozenset[str]
-
-
-_bases: dict[tuple[tuple[tuple[str, str], ...], str], _Base] = {}
+    version: str
+    info: NodeInfo
+    labels: Mapping[str, str]
+    taints: tuple[Mapping[str, Any], ...]
+    """NoSchedule/NoExecute taints beyond the GPU operator's (the plan's tolerations decide)."""
 
 
-def _signature(nodes: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, str], ...] | None:
-    """(name, resourceVersion) of each node; None when one has no version (built by hand, and it
-    may change in place): such a list is never cached."""
-    signature = []
+# (level keys, RDMA resource) → node name → its base at the version last seen.
+_node_bases: dict[tuple[tuple[tuple[str, str], ...], str], dict[str, _NodeBase]] = {}
+_STALE_SLACK = 1024  # entries of nodes gone that may linger before the memo is pruned
+
+
+def _node_base(node: Mapping[str, Any], keys: Mapping[str, str], rdma_resource: str) -> _NodeBase:
+    meta = node.get("metadata", {})
+    name = meta["name"]
+    labels = meta.get("labels", {}) or {}
+    allocatable = node.get("status", {}).get("allocatable", {}) or {}
+    gpus = int(parse_quantity(allocatable.get(GPU_RESOURCE)))
+    rdma = int(parse_quantity(allocatable.get(rdma_resource)))
+    domains = {level: labels[key] for level, key in keys.items() if labels.get(key)}
+    why = ""
+    taints: tuple[Mapping[str, Any], ...] = ()
+    if node.get("spec", {}).get("unschedulable"):
+        why = "cordoned"
+    elif not _ready(node):
+        why = "not Ready"
+    else:
+        taints = tuple(
+            t
+            for t in node.get("spec", {}).get("taints", []) or []
+            if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in TOLERATED_TAINTS
+        )
+    info = NodeInfo(name, domains, gpus, gpus, rdma, rdma, usable=not why, why_unusable=why)
+    return _NodeBase(str(meta.get("resourceVersion") or ""), info, labels, taints)
+
+
+def _node_bases_of(
+    nodes: Iterable[Mapping[str, Any]], keys: Mapping[str, str], rdma_resource: str
+) -> list[_NodeBase]:
+    memo = _node_bases.setdefault((tuple(keys.items()), rdma_resource), {})
+    bases = []
     for node in nodes:
         meta = node.get("metadata", {})
         version = meta.get("resourceVersion")
-        if not version:
-            return None
-        signature.append((meta["name"], str(version)))
-    return tuple(signature)
-
-
-def _build_base(nodes: Sequence[Mapping[str, Any]], keys: Mapping[str, str], rdma_resource: str) -> _Base:
-    infos: dict[str, NodeInfo] = {}
-    labels_of: dict[str, Mapping[str, str]] = {}
-    taints_of: dict[str, tuple[Mapping[str, Any], ...]] = {}
-    present: set[str] = set()
-    for node in nodes:
-        meta = node.get("metadata", {})
-        name = meta["name"]
-        labels = meta.get("labels", {}) or {}
-        allocatable = node.get("status", {}).get("allocatable", {}) or {}
-        gpus = int(parse_quantity(allocatable.get(GPU_RESOURCE)))
-        rdma = int(parse_quantity(allocatable.get(rdma_resource)))
-        domains = {level: labels[key] for level, key in keys.items() if labels.get(key)}
-        present.update(domains)
-        why = ""
-        if node.get("spec", {}).get("unschedulable"):
-            why = "cordoned"
-        elif not _ready(node):
-            why = "not Ready"
-        else:
-            taints = tuple(
-                t
-                for t in node.get("spec", {}).get("taints", []) or []
-                if t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in TOLERATED_TAINTS
-            )
-            if taints:
-                taints_of[name] = taints
-        labels_of[name] = labels
-        infos[name] = NodeInfo(name, domains, gpus, gpus, rdma, rdma, usable=not why, why_unusable=why)
-    return _Base((), infos, labels_of, taints_of, frozenset(present))
-
-
-def _base(nodes: Iterable[Mapping[str, Any]], keys: Mapping[str, str], rdma_resource: str) -> _Base:
-    listed = nodes if isinstance(nodes, Sequence) else list(nodes)
-    signature = _signature(listed)
-    memo_key = (tuple(keys.items()), rdma_resource)
-    held = _bases.get(memo_key)
-    if signature is not None and held is not None and held.signature == signature:
-        return held
-    built = _build_base(listed, keys, rdma_resource)
-    if signature is not None:
-        if len(_bases) > 8:  # profiles no longer asked for
-            _bases.clear()
-        _bases[memo_key] = replace(built, signature=signature)
-    return built
+        held = memo.get(meta["name"])
+        if not version or held is None or held.version != str(version):
+            held = _node_base(node, keys, rdma_resource)
+            if version:  # a node built by hand has no version and may change in place: never kept
+                memo[meta["name"]] = held
+        bases.append(held)
+    if len(memo) > 2 * len(bases) + _STALE_SLACK:
+        current = {base.info.name for base in bases}
+        for name in [name for name in memo if name not in current]:
+            memo.pop(name, None)
+    return bases
 
 
 def build_topology(
@@ -239,28 +226,28 @@ def build_topology(
     for node_name, (gpu, rdma) in (reserved or {}).items():
         used_gpu[node_name] = used_gpu.get(node_name, 0.0) + gpu
         used_rdma[node_name] = used_rdma.get(node_name, 0.0) + rdma
-    base = _base(nodes, keys, rdma_resource)
-    infos = dict(base.infos)
     selector = dict(node_selector or {})
-    for name, node_labels in base.labels.items() if selector else ():
-        mismatch = [k for k, v in selector.items() if node_labels.get(k) != v]
+    infos: dict[str, NodeInfo] = {}
+    present: set[str] = set()
+    for base in _node_bases_of(nodes, keys, rdma_resource):
+        info = base.info
+        present.update(info.domains)
+        mismatch = [k for k, v in selector.items() if base.labels.get(k) != v] if selector else ()
         if mismatch:
-            why = f"does not match placement.nodeSelector ({mismatch[0]})"
-            infos[name] = replace(infos[name], usable=False, why_unusable=why)
-    for name, taints in base.taints.items():
-        if not infos[name].usable:  # outside the node selector
-            continue
-        for taint in taints:
-            if not (tolerates is not None and tolerates(taint)):
-                infos[name] = replace(infos[name], usable=False, why_unusable=f"tainted {taint.get('key')}")
-                break
-    for name in used_gpu.keys() | used_rdma.keys():
-        info = infos.get(name)
-        if info is not None:
-            infos[name] = replace(
-                info,
-                free_gpus=max(0, info.gpus - int(used_gpu.get(name, 0))),
-                free_rdma=max(0, info.rdma - int(used_rdma.get(name, 0))),
+            info = replace(
+                info, usable=False, why_unusable=f"does not match placement.nodeSelector ({mismatch[0]})"
             )
-    levels = [level for level in LEVELS if level in base.present]
+        elif info.usable:
+            for taint in base.taints:
+                if not (tolerates is not None and tolerates(taint)):
+                    info = replace(info, usable=False, why_unusable=f"tainted {taint.get('key')}")
+                    break
+        if info.name in used_gpu or info.name in used_rdma:
+            info = replace(
+                info,
+                free_gpus=max(0, info.gpus - int(used_gpu.get(info.name, 0))),
+                free_rdma=max(0, info.rdma - int(used_rdma.get(info.name, 0))),
+            )
+        infos[info.name] = info
+    levels = [level for level in LEVELS if level in present]
     return ClusterTopology(infos, levels, keys)
