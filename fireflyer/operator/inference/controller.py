@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from fireflyer.api import conditions as C
 from fireflyer.api.base import GROUP, VERSION
+from fireflyer.api.defaulting import status_as_stored
 from fireflyer.operator import cache, events, kube, metrics, object_metrics, parallel_writes, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
@@ -203,7 +204,7 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     current = cr.get("status") or {}
     merged = C.merge(previous, conditions, now, generation)
     # Written only when it changes, forced passes too: an unchanged status costs two requests.
-    if current.get("conditions") != merged or status_changed(current, status):
+    if current.get("conditions") != merged or status_changed(current, status_as_stored(KIND, status)):
         # The EPLB timer writes this status too: its conditions are kept (writes.py).
         with metrics.phase(KIND, "status"):
             status_writes.patch_status(KIND, name, namespace, status, conditions, generation, read=cr)
