@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from fireflyer.kernels.backend import OFFICIAL_MODULES, has_module
+from fireflyer.kernels.backend import OFFICIAL_MODULES, gluon_unavailable, has_module
 
-TABLE_FORMAT = "fireflyer.kernel-autotune/v1"
+TABLE_FORMAT = "fireflyer.kernel-autotune/v2"  # v2: the Gluon candidates
 MAX_DIFF = {"gemm": 1e-3, "mla": 1e-4}  # calc_diff against the torch reference; above it = wrong
 # Shape classes: gemm by M (decode rows, small prefill, prefill), mla by query rows per KV head.
 GEMM_CLASSES = (("m<=64", 64), ("m<=256", 256), ("m<=2048", 2048), ("m>2048", math.inf))
@@ -43,7 +43,7 @@ MLA_SHAPES = {  # (batch, s_q, h_q, s_k)
     "rows<=64": ((64, 1, 16, 4096), (64, 1, 64, 4096)),
     "rows>64": ((64, 1, 128, 4096), (64, 2, 128, 4096)),
 }
-CANDIDATES = {"gemm": ("official", "cublas", "triton"), "mla": ("official", "triton")}
+CANDIDATES = {"gemm": ("official", "cublas", "gluon", "triton"), "mla": ("official", "gluon", "triton")}
 STATIC_ORDER = ("official", "triton", "torch")
 
 _lock = threading.Lock()
@@ -204,6 +204,8 @@ def _available(op: str, candidate: str, device: torch.device) -> str | None:
         return unavailable(OFFICIAL_MODULES[op], device)
     if candidate == "triton" and not has_module("triton"):
         return "triton is not installed"
+    if candidate == "gluon":
+        return gluon_unavailable(op, device)
     return None
 
 

@@ -1,5 +1,6 @@
-"""Backend choice shared by the kernels: auto | triton | torch | official | cublas (FP8 GEMM only:
-cuBLAS block-wise scaling through `torch._scaled_mm`)."""
+"""Backend choice shared by the kernels: auto | triton | gluon | torch | official | cublas (FP8 GEMM
+only: cuBLAS block-wise scaling through `torch._scaled_mm`). `gluon`: our warp-specialised Hopper
+kernels, written in Triton's Gluon (sm_90 only; `auto` takes them where they measure fastest)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "triton", "torch", "official", "cublas"]
+Backend = Literal["auto", "triton", "gluon", "torch", "official", "cublas"]
+GLUON_KERNELS = ("mla", "gemm", "grouped_gemm")  # operations that have a Gluon kernel
 OFFICIAL_MODULES = {"mla": "flash_mla", "gemm": "deep_gemm", "grouped_gemm": "deep_gemm", "ep": "deep_ep"}
 
 
@@ -30,6 +32,11 @@ def resolve(backend: Backend, kernel: str, device: torch.device, rows: int | Non
         if not has_module(OFFICIAL_MODULES[kernel]):
             raise RuntimeError(f"backend 'official' needs the {OFFICIAL_MODULES[kernel]} package")
         return "official"
+    if backend == "gluon":
+        why = gluon_unavailable(kernel, device)
+        if why is not None:
+            raise RuntimeError(f"backend 'gluon': {why}")
+        return "gluon"
     if backend == "triton":
         if device.type != "cuda" or not has_module("triton"):
             raise RuntimeError("backend 'triton' needs a CUDA device and the triton package")
@@ -51,3 +58,18 @@ def resolve(backend: Backend, kernel: str, device: torch.device, rows: int | Non
     if device.type == "cuda" and has_module("triton"):
         return "triton"
     return "torch"
+
+
+def gluon_unavailable(kernel: str, device: torch.device) -> str | None:
+    """Why our Gluon kernel for `kernel` cannot run on `device`, or None."""
+    if kernel not in GLUON_KERNELS:
+        return f"no Gluon kernel for {kernel}"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "needs a Hopper (sm_90) GPU"
+    if kernel == "mla":
+        from fireflyer.kernels.mla_gluon import HAVE_GLUON
+    else:
+        from fireflyer.kernels.fp8_gluon_kernel import HAVE_GLUON
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon Hopper API the kernels are written for"
+    return None

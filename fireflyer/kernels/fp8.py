@@ -9,9 +9,11 @@ weights per 128×128 block, BF16 output. NT layout: out[m, n] = Σ_k a[m, k] · 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from fireflyer.kernels.backend import Backend, has_module, resolve
+from fireflyer.kernels.backend import Backend, gluon_unavailable, has_module, resolve
 
 GROUP = 128
 FP8 = torch.float8_e4m3fn
@@ -92,11 +94,25 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
 
 def _grouped_backend(backend: Backend, device: torch.device) -> str:
     """The grouped layouts have no path through DeepGEMM or cuBLAS here: where `auto` (or
-    `cublas`) is asked for, our Triton kernels run instead of the per-expert torch loop (which
+    `cublas`) is asked for, our Gluon kernels run on Hopper (1.6–1.8× the Triton ones there,
+    docs/kernels.md), else our Triton kernels, instead of the per-expert torch loop (which
     synchronises with the host). The dense table does not apply to them."""
     if backend in ("auto", "cublas"):
+        if device.type == "cuda" and gluon_unavailable("grouped_gemm", device) is None:
+            return "gluon"
         return "triton" if device.type == "cuda" and has_module("triton") else "torch"
     return resolve(backend, "grouped_gemm", device)
+
+
+def _gluon_or_fallback(backend: Backend, run: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """The Gluon kernel's result; None where `auto` chose it but it refuses these inputs (the
+    caller runs its Triton kernel). Asked for by name, the refusal reaches the caller."""
+    try:
+        return run()
+    except ValueError:
+        if backend == "gluon":
+            raise
+        return None
 
 
 def gemm_fp8_cublas(
@@ -128,6 +144,13 @@ def gemm_fp8(
     """[M, K] × [N, K]ᵀ → [M, N] BF16."""
     _check(a, a_scale, b, b_scale)
     chosen = resolve(backend, "gemm", a.device, rows=a.shape[0])
+    if chosen == "gluon":
+        from fireflyer.kernels.fp8_gluon import gemm_fp8_gluon
+
+        done = _gluon_or_fallback(backend, lambda: gemm_fp8_gluon(a, a_scale, b, b_scale))
+        if done is not None:
+            return done
+        chosen = "triton"
     if chosen == "cublas":
         return gemm_fp8_cublas(a, a_scale, b, b_scale)
     if chosen == "triton":
@@ -155,6 +178,15 @@ def grouped_gemm_fp8_contiguous(
     b [G, N, K] → [M, N]; padding rows come out as zeros."""
     _check(a, a_scale, b, b_scale)
     chosen = _grouped_backend(backend, a.device)
+    if chosen == "gluon":
+        from fireflyer.kernels.fp8_gluon import grouped_contiguous_gluon
+
+        done = _gluon_or_fallback(
+            backend, lambda: grouped_contiguous_gluon(a, a_scale, b, b_scale, m_indices)
+        )
+        if done is not None:
+            return done
+        chosen = "triton"
     if chosen == "triton":
         from fireflyer.kernels.fp8_triton import grouped_contiguous_triton
 
@@ -181,6 +213,15 @@ def grouped_gemm_fp8_masked(
     there and the others left as they were (a caller that never reads them skips the zeroing)."""
     _check(a, a_scale, b, b_scale)
     chosen = _grouped_backend(backend, a.device)
+    if chosen == "gluon":
+        from fireflyer.kernels.fp8_gluon import grouped_masked_gluon
+
+        done = _gluon_or_fallback(
+            backend, lambda: grouped_masked_gluon(a, a_scale, b, b_scale, masked_m, out=out)
+        )
+        if done is not None:
+            return done
+        chosen = "triton"
     if chosen == "triton":
         from fireflyer.kernels.fp8_triton import grouped_masked_triton
 

@@ -97,6 +97,15 @@ def mla_decode(
         return mla_decode_fp8(q, kv_cache, block_table, cache_seqlens, softmax_scale, backend)
     check_shapes(q, kv_cache, block_table, cache_seqlens)
     chosen = resolve(backend, "mla", q.device, rows=q.shape[1] * q.shape[2])
+    if chosen == "gluon":
+        from fireflyer.kernels.mla_gluon import mla_decode_gluon
+
+        try:
+            return mla_decode_gluon(q, kv_cache, block_table, cache_seqlens, softmax_scale)
+        except ValueError:
+            if backend == "gluon":  # asked for by name: say why it cannot run
+                raise
+            chosen = "triton"  # `auto` picked it for the shape class; these inputs it cannot run
     if chosen == "triton":
         from fireflyer.kernels.mla_triton import mla_decode_triton
 

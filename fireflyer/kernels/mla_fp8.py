@@ -103,13 +103,13 @@ def mla_decode_fp8(
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode over the FP8 cache: the Triton kernel (FP8 loads, dequantised in registers)
-    on CUDA, the torch reference elsewhere. FlashMLA's dense decode takes no FP8 cache in this
-    layout, so `auto` never picks the official library here and `official` is refused."""
+    on CUDA, the torch reference elsewhere. FlashMLA's dense decode and our Gluon kernel take no
+    FP8 cache in this layout, so `auto` never picks them here and naming them is refused."""
     check_fp8_shapes(q, kv_cache, block_table, cache_seqlens)
-    if backend == "official":
-        raise ValueError("the FP8 KV cache decodes with the triton or torch backend, not 'official'")
+    if backend in ("official", "gluon"):
+        raise ValueError(f"the FP8 KV cache decodes with the triton or torch backend, not {backend!r}")
     chosen = resolve(backend, "mla", q.device, rows=q.shape[1] * q.shape[2])
-    if chosen == "official":  # a measured auto choice for the BF16 cache
+    if chosen in ("official", "gluon"):  # a measured auto choice for the BF16 cache
         chosen = "triton" if q.device.type == "cuda" else "torch"
     if chosen == "triton":
         from fireflyer.kernels.mla_fp8_triton import mla_decode_fp8_triton

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from fireflyer.kernels import fp8, mla, mla_fp8  # noqa: E402
 from fireflyer.kernels.backend import has_module  # noqa: E402
+from fireflyer.kernels.cli import render_table  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -115,7 +116,8 @@ def test_gemm_fp8_matches_reference(m: int, n: int, k: int) -> None:
     assert fp8.calc_diff(out, a.float() @ b.float().T) < 1e-3
 
 
-def test_grouped_contiguous_matches_reference() -> None:
+@pytest.mark.parametrize("backend", ["triton", "auto"])  # auto: Gluon on Hopper
+def test_grouped_contiguous_matches_reference(backend: str) -> None:
     groups, n, k = 4, 4096, 7168
     sizes = [128, 384, 0, 256]
     m = sum(sizes) + 128  # one padding tile
@@ -127,13 +129,14 @@ def test_grouped_contiguous_matches_reference() -> None:
     ).cuda()
     a_q, a_s = fp8.quantize_per_token_group(a)
     b_q, b_s = fp8.quantize_per_block(b)
-    out = fp8.grouped_gemm_fp8_contiguous(a_q, a_s, b_q, b_s, idx, backend="triton")
+    out = fp8.grouped_gemm_fp8_contiguous(a_q, a_s, b_q, b_s, idx, backend=backend)  # type: ignore[arg-type]
     ref = fp8.grouped_gemm_fp8_contiguous(a_q, a_s, b_q, b_s, idx, backend="torch")
     assert fp8.calc_diff(out, ref) < 1e-3
     assert out[-128:].abs().max().item() == 0
 
 
-def test_grouped_masked_matches_reference() -> None:
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_grouped_masked_matches_reference(backend: str) -> None:
     groups, m_max, n, k = 6, 256, 4096, 7168
     a = torch.randn(groups, m_max, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
@@ -142,7 +145,7 @@ def test_grouped_masked_matches_reference() -> None:
     a_q = torch.stack([p[0] for p in pairs])
     a_s = torch.stack([p[1] for p in pairs])
     b_q, b_s = fp8.quantize_per_block(b)
-    out = fp8.grouped_gemm_fp8_masked(a_q, a_s, b_q, b_s, masked, backend="triton")
+    out = fp8.grouped_gemm_fp8_masked(a_q, a_s, b_q, b_s, masked, backend=backend)  # type: ignore[arg-type]
     ref = fp8.grouped_gemm_fp8_masked(a_q, a_s, b_q, b_s, masked, backend="torch")
     for g in range(groups):
         mg = int(masked[g])
@@ -183,10 +186,12 @@ def test_auto_measures_a_table_and_runs_its_correct_choice(
     table = autotune.table_for(device, force=True)
     assert autotune.table_path(device).is_file()
     for klass, entry in table["ops"]["gemm"].items():
-        assert entry["choice"] in ("triton", "cublas", "official"), (klass, entry)
+        assert entry["choice"] in ("triton", "gluon", "cublas", "official"), (klass, entry)
         assert entry["microseconds"][entry["choice"]] == min(entry["microseconds"].values())
     for entry in table["ops"]["mla"].values():
-        assert entry["choice"] in ("triton", "official")
+        assert entry["choice"] in ("triton", "gluon", "official")
+        assert entry["microseconds"][entry["choice"]] == min(entry["microseconds"].values())
+    print(render_table(table))
     for m in (8, 4096):
         a, a_scale = fp8.quantize_per_token_group(torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16))
         b, b_scale = fp8.quantize_per_block(torch.randn(2112, 1536, device="cuda", dtype=torch.bfloat16))

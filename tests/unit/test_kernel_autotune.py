@@ -130,3 +130,42 @@ def test_the_printed_table_names_choices_times_and_exclusions() -> None:
     row = next(line for line in text.splitlines() if "m<=64" in line)
     assert row.split()[2] == "triton"
     assert "triton 12.5 µs; cublas 30.0 µs; official: deep_gemm is not installed" in row
+
+
+def test_gluon_is_refused_by_name_where_it_cannot_run() -> None:
+    from fireflyer.kernels import mla, mla_fp8
+
+    with pytest.raises(RuntimeError, match="backend 'gluon': needs a Hopper"):
+        backend.resolve("gluon", "mla", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no Gluon kernel for ep"):
+        backend.resolve("gluon", "ep", torch.device("cpu"))
+    q = torch.zeros(1, 1, 16, mla.D_QK, dtype=torch.bfloat16)
+    cache = torch.zeros(1, mla.PAGE, 1, 656, dtype=torch.uint8)
+    table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(
+        ValueError, match="FP8 KV cache decodes with the triton or torch backend, not 'gluon'"
+    ):
+        mla_fp8.mla_decode_fp8(q, cache, table, lens, 0.1, backend="gluon")
+
+
+def test_an_auto_gluon_choice_falls_back_to_triton_for_inputs_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`auto` picks per shape class; a call in that class that the Gluon kernel refuses (say, a
+    cache that is not contiguous) runs on Triton. Named explicitly, the refusal reaches the caller."""
+    from fireflyer.kernels import mla, mla_gluon, mla_triton
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("mla_decode_gluon: needs a contiguous cache")
+
+    ran: list[str] = []
+    monkeypatch.setattr(mla, "resolve", lambda *args, **kwargs: "gluon")
+    monkeypatch.setattr(mla_gluon, "mla_decode_gluon", refuse)
+    monkeypatch.setattr(mla_triton, "mla_decode_triton", lambda *args: ran.append("triton") or ("out", "lse"))
+    q = torch.zeros(1, 1, 16, mla.D_QK, dtype=torch.bfloat16)
+    cache = torch.zeros(1, mla.PAGE, 1, mla.D_QK, dtype=torch.bfloat16)
+    table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    assert mla.mla_decode(q, cache, table, lens, 0.1) == ("out", "lse")
+    assert ran == ["triton"]
+    with pytest.raises(ValueError, match="contiguous"):
+        mla.mla_decode(q, cache, table, lens, 0.1, backend="gluon")

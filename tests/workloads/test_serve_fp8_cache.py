@@ -80,8 +80,11 @@ def test_fp8_refuses_the_disk_tier_and_other_latent_widths(model: DeepseekV3, tm
     assert kv_cache_layout(narrow, "auto") == (320, torch.bfloat16)  # type: ignore[arg-type]
 
 
-def test_fp8_refuses_the_official_attention_backend_before_serving(checkpoint: Path) -> None:
-    official = load_model(checkpoint, backends=Backends(attention="official"))
-    with pytest.raises(EngineSetupError, match="--attention-backend official"):
-        LLMEngine(official, set(), EngineConfig(num_kv_blocks=16, kv_cache_dtype="fp8"))
-    LLMEngine(official, set(), EngineConfig(num_kv_blocks=16))  # the BF16 cache is FlashMLA's
+@pytest.mark.parametrize("attention", ["official", "gluon"])
+def test_fp8_refuses_attention_backends_without_an_fp8_kernel_before_serving(
+    checkpoint: Path, attention: str
+) -> None:
+    named = load_model(checkpoint, backends=Backends(attention=attention))  # type: ignore[arg-type]
+    with pytest.raises(EngineSetupError, match=f"--attention-backend {attention}"):
+        LLMEngine(named, set(), EngineConfig(num_kv_blocks=16, kv_cache_dtype="fp8"))
+    LLMEngine(named, set(), EngineConfig(num_kv_blocks=16))  # the BF16 cache is theirs

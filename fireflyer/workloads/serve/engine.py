@@ -125,13 +125,12 @@ class LLMEngine:
             raise EngineSetupError(f"--eplb-window-seconds: {error}") from error
         if config.kv_cache_dir is not None and config.kv_cache_dtype == "fp8":
             raise EngineSetupError("--kv-cache-dir stores BF16 blocks; it does not take --kv-cache-dtype fp8")
-        if config.kv_cache_dtype == "fp8" and any(
-            isinstance(m, MLA) and m.attention_backend == "official" for m in model.modules()
-        ):
-            # FlashMLA's dense decode takes no FP8 cache in our layout (kernels/mla_fp8.py).
+        named = {m.attention_backend for m in model.modules() if isinstance(m, MLA)}
+        if config.kv_cache_dtype == "fp8" and named & {"official", "gluon"}:
+            # FlashMLA's dense decode and our Gluon kernel take no FP8 cache (kernels/mla_fp8.py).
             raise EngineSetupError(
-                "--attention-backend official runs FlashMLA, which does not decode the FP8 cache; "
-                "use --attention-backend auto, triton or torch with --kv-cache-dtype fp8"
+                f"--attention-backend {sorted(named & {'official', 'gluon'})[0]} does not decode the FP8"
+                " cache; use --attention-backend auto, triton or torch with --kv-cache-dtype fp8"
             )
         self.runner = ModelRunner(
             model,

@@ -1,0 +1,378 @@
+"""Warp-specialised paged MLA decode for Hopper, written in Gluon (Triton's lower-level dialect).
+
+Each program attends one 64-row tile of queries (s_q·h_q rows of one sequence) to one split of
+that sequence's KV pages. A one-warp loader partition walks the block table and issues TMA loads
+of each KV tile into a ring of shared-memory stages (ready/empty mbarriers), so HBM traffic runs
+ahead of the math; the math partition is two warpgroups (8 warps) that split every product along
+N: S = Q·Kᵀ with wgmma (Q resident in shared memory, loaded once), the online softmax in fp32
+with exp2, and O += P·V where V is the first 512 columns of the same tile (no second load), each
+warpgroup holding 256 of O's 512 fp32 columns. Split-KV partials merge through the Triton
+`combine_splits`. Same contract as `mla_decode_triton`; BF16 cache only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fireflyer.kernels.mla import D_QK, D_V, PAGE, check_shapes
+
+try:  # Gluon's Hopper API as shipped in Triton 3.6; absent or different elsewhere.
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+BLOCK_M = 64  # query rows per program: one wgmma M tile
+D_ROPE = D_QK - D_V
+# BLOCK_N: KV tokens per pipeline stage (a divisor of the 64-token page); STAGES: ring depth.
+# Shared memory: Q 72 KiB + STAGES × BLOCK_N × 1152 B (≤ 227 KiB on an H200).
+CONFIGS: dict[str, dict[str, int]] = {
+    "n64s2": {"BLOCK_N": 64, "STAGES": 2},
+    "n32s3": {"BLOCK_N": 32, "STAGES": 3},
+    "n32s4": {"BLOCK_N": 32, "STAGES": 4},
+}
+CONFIG = CONFIGS["n64s2"]
+LOADER_REGS = 40
+
+
+def one_wave_splits(programs: int, num_sms: int, max_tiles: int) -> int:
+    """Splits of each sequence's KV so that `programs` (sequences × M tiles) × splits fills the
+    GPU once without a second, partial wave: this kernel runs one program per SM (its shared
+    memory), and on an H200 with b = 128 one unsplit wave beat 2–8 splits (3.9 vs ≤ 3.6 TB/s at
+    s_k 16384), the partials' fp32 round trip costing more than the idle SMs. Never more splits
+    than KV tiles, nor than 64."""
+    return max(1, min(num_sms // max(1, programs), max_tiles, 64))
+
+
+def supported(q: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
+    """Why this kernel cannot run these inputs, or None when it can."""
+    if not HAVE_GLUON:
+        return "Triton's Gluon Hopper API is not importable"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "needs a Hopper (sm_90) GPU"
+    if kv_cache.dtype != torch.bfloat16 or q.dtype != torch.bfloat16:
+        return "needs BF16 queries and a BF16 cache"
+    if not kv_cache.is_contiguous():
+        return "needs a contiguous cache"
+    return None
+
+
+if HAVE_GLUON:
+    # Module constants a Gluon kernel reads must be constexpr.
+    PAGE_C = gl.constexpr(PAGE)
+    D_QK_C = gl.constexpr(D_QK)
+    D_V_C = gl.constexpr(D_V)
+    D_ROPE_C = gl.constexpr(D_ROPE)
+    LOADER_REGS_C = gl.constexpr(LOADER_REGS)
+    BLOCK_M_C = gl.constexpr(BLOCK_M)
+
+    @gluon.jit
+    def _load_kv(
+        nope_desc,
+        rope_desc,
+        kv_nope,
+        kv_rope,
+        ready,
+        empty,
+        BT,
+        pid_b,
+        stride_btb,
+        first,
+        n_tiles,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """Loader partition: one TMA load of the latent and one of the rope part per KV tile."""
+        nbytes: gl.constexpr = nope_desc.block_type.nbytes + rope_desc.block_type.nbytes
+        for i in range(n_tiles):
+            stage = i % STAGES
+            # A fresh barrier passes a wait on parity 1, so the first lap does not block.
+            mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+            token = (first + i) * BLOCK_N
+            block = gl.load(BT + pid_b * stride_btb + token // PAGE_C)
+            row = block * PAGE_C + token % PAGE_C
+            mbarrier.expect(ready.index(stage), nbytes)
+            tma.async_copy_global_to_shared(nope_desc, [row, 0], ready.index(stage), kv_nope.index(stage))
+            tma.async_copy_global_to_shared(rope_desc, [row, 0], ready.index(stage), kv_rope.index(stage))
+
+    @gluon.jit
+    def _attend(
+        Q,
+        OP,
+        LP,
+        q_nope,
+        q_rope,
+        kv_nope,
+        kv_rope,
+        ready,
+        empty,
+        pid_m,
+        pid_b,
+        pid_s,
+        seqlen,
+        first,
+        n_tiles,
+        scale_log2,
+        stride_qb,
+        stride_opb,
+        stride_ops,
+        stride_lpb,
+        stride_lps,
+        S_Q: gl.constexpr,
+        H_Q: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """Math partition (two warpgroups): Q into shared memory, then the online softmax over
+        this split's KV tiles; writes the split's normalised output and log2-sum-exp."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 256, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        rows_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        cols_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        # Queries: rows past s_q·h_q (another sequence's, or none) are zeros and never stored.
+        q_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=gl.SliceLayout(1, q_layout))
+        q_ok = q_rows < S_Q * H_Q
+        q_base = Q + pid_b * stride_qb + q_rows * D_QK_C
+        offs_v = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, q_layout))
+        offs_r = gl.arange(0, D_ROPE_C, layout=gl.SliceLayout(0, q_layout))
+        q_nope.store(gl.load(q_base[:, None] + offs_v[None, :], mask=q_ok[:, None], other=0.0))
+        q_rope.store(gl.load(q_base[:, None] + D_V_C + offs_r[None, :], mask=q_ok[:, None], other=0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+
+        rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=rows_l)
+        query_pos = seqlen - S_Q + rows // H_Q
+        offs_n = gl.arange(0, BLOCK_N, layout=cols_l)
+        m_i = gl.full([BLOCK_M_C], float("-inf"), gl.float32, layout=rows_l)
+        l_i = gl.zeros([BLOCK_M_C], gl.float32, layout=rows_l)
+        acc = gl.zeros([BLOCK_M_C, D_V_C], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M_C, BLOCK_N], gl.float32, layout=s_layout)
+        for i in range(n_tiles):
+            stage = i % STAGES
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+            k_nope = kv_nope.index(stage)
+            k_rope = kv_rope.index(stage)
+            s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            s = s * scale_log2
+            pos = (first + i) * BLOCK_N + offs_n
+            keep = (pos[None, :] < seqlen) & (pos[None, :] <= query_pos[:, None])
+            s = gl.where(keep, s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_safe)
+            p = gl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+            acc = acc * alpha_o[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p_op, k_nope, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            # Both warpgroups are done reading this stage before the loader refills it.
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(stage), count=1)
+
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        lse = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
+        gl.store(LP + pid_b * stride_lpb + pid_s * stride_lps + rows, lse, mask=rows < S_Q * H_Q)
+        o_rows_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+        l_o = gl.convert_layout(l_safe, o_rows_l)
+        out = acc / l_o[:, None]
+        o_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=o_rows_l)
+        o_cols = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, o_layout))
+        op = OP + pid_b * stride_opb + pid_s * stride_ops + o_rows[:, None] * D_V_C + o_cols[None, :]
+        gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
+
+    @gluon.jit
+    def _mla_gluon_partial(
+        Q,
+        nope_desc,
+        rope_desc,
+        BT,
+        SEQ,
+        OP,
+        LP,
+        scale_log2,
+        stride_qb,
+        stride_btb,
+        stride_opb,
+        stride_ops,
+        stride_lpb,
+        stride_lps,
+        S_Q: gl.constexpr,
+        H_Q: gl.constexpr,
+        NUM_SPLITS: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        pid_m = gl.program_id(0)
+        pid_s = gl.program_id(1)
+        pid_b = gl.program_id(2)
+        seqlen = gl.load(SEQ + pid_b)
+        tiles = gl.cdiv(seqlen, BLOCK_N)
+        per_split = gl.cdiv(tiles, NUM_SPLITS)
+        first = pid_s * per_split
+        n_tiles = gl.maximum(gl.minimum(first + per_split, tiles) - first, 0)
+
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_V_C], gl.bfloat16)
+        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_V_C], q_sl)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_ROPE_C], qr_sl)
+        kv_nope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_V_C], nope_desc.layout)
+        kv_rope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE_C], rope_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize(
+            [
+                (
+                    _attend,
+                    (
+                        Q,
+                        OP,
+                        LP,
+                        q_nope,
+                        q_rope,
+                        kv_nope,
+                        kv_rope,
+                        ready,
+                        empty,
+                        pid_m,
+                        pid_b,
+                        pid_s,
+                        seqlen,
+                        first,
+                        n_tiles,
+                        scale_log2,
+                        stride_qb,
+                        stride_opb,
+                        stride_ops,
+                        stride_lpb,
+                        stride_lps,
+                        S_Q,
+                        H_Q,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+                (
+                    _load_kv,
+                    (
+                        nope_desc,
+                        rope_desc,
+                        kv_nope,
+                        kv_rope,
+                        ready,
+                        empty,
+                        BT,
+                        pid_b,
+                        stride_btb,
+                        first,
+                        n_tiles,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+            ],
+            [1],
+            [LOADER_REGS_C],
+        )
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(st))
+            mbarrier.invalidate(empty.index(st))
+
+
+def kv_layouts(block_n: int) -> tuple[Any, Any]:
+    """Shared layouts of one stage's latent [block_n, 512] and rope [block_n, 64] tiles (128-byte
+    swizzle; the latent box is split into 64-column TMA messages by the compiler)."""
+    nope = gl.NVMMASharedLayout.get_default_for([block_n, D_V], gl.bfloat16)
+    rope = gl.NVMMASharedLayout.get_default_for([block_n, D_ROPE], gl.bfloat16)
+    return nope, rope
+
+
+def mla_decode_gluon(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    splits: int | None = None,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged MLA decode (mla.py's contract) on a Hopper GPU; ValueError for inputs it does not
+    support, so that a dispatcher can fall back to the Triton kernel."""
+    check_shapes(q, kv_cache, block_table, cache_seqlens)
+    reason = supported(q, kv_cache)
+    if reason is not None:
+        raise ValueError(f"mla_decode_gluon: {reason}")
+    from fireflyer.kernels.mla_triton import combine_splits
+
+    cfg = {**CONFIG, **(config or {})}
+    block_n, stages = cfg["BLOCK_N"], cfg["STAGES"]
+    if PAGE % block_n or block_n < 16:
+        raise ValueError(f"mla_decode_gluon: BLOCK_N must divide {PAGE} and be ≥ 16, got {block_n}")
+    b, s_q, h_q, _ = q.shape
+    q = q.contiguous()
+    block_table = block_table.contiguous()
+    rows = s_q * h_q
+    m_tiles = triton.cdiv(rows, BLOCK_M)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = one_wave_splits(b * m_tiles, sms, block_table.shape[1] * (PAGE // block_n))
+    flat = kv_cache.view(-1, D_QK)
+    nope_layout, rope_layout = kv_layouts(block_n)
+    nope_desc = TensorDescriptor(flat, [flat.shape[0], D_V], [D_QK, 1], [block_n, D_V], nope_layout)
+    rope = flat[:, D_V:]
+    rope_desc = TensorDescriptor(rope, [rope.shape[0], D_ROPE], [D_QK, 1], [block_n, D_ROPE], rope_layout)
+    out_part = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
+    _mla_gluon_partial[(m_tiles, splits, b)](
+        q,
+        nope_desc,
+        rope_desc,
+        block_table,
+        cache_seqlens,
+        out_part,
+        lse_part,
+        softmax_scale * LOG2E,
+        q.stride(0),
+        block_table.stride(0),
+        out_part.stride(0),
+        out_part.stride(1),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        S_Q=s_q,
+        H_Q=h_q,
+        NUM_SPLITS=splits,
+        BLOCK_N=block_n,
+        STAGES=stages,
+        num_warps=8,
+    )
+    return combine_splits(out_part, lse_part, s_q, h_q, q.dtype)

@@ -1,0 +1,95 @@
+"""The Gluon (warp-specialised, TMA) MLA decode kernel against the torch reference on a Hopper GPU
+(skipped elsewhere)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fireflyer.kernels import mla  # noqa: E402
+from fireflyer.kernels.fp8 import calc_diff  # noqa: E402
+from fireflyer.kernels.mla_gluon import CONFIGS, HAVE_GLUON, mla_decode_gluon  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (HOPPER and HAVE_GLUON), reason="needs a Hopper GPU and Triton's Gluon"),
+]
+SCALE = 192**-0.5
+
+
+def _inputs(b: int, s_q: int, h_q: int, seqlens: list[int], seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    max_pages = max(math.ceil(n / mla.PAGE) for n in seqlens)
+    num_blocks = b * max_pages
+    q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(num_blocks, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    table = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32).view(b, max_pages)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    return q, kv, table, lens
+
+
+def _assert_matches_reference(q, kv, table, lens, out, lse) -> None:  # type: ignore[no-untyped-def]
+    ref_out, ref_lse = mla.mla_decode_reference(q, kv, table, lens, SCALE)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    # P enters the P·V product in BF16 (as in the Triton kernel): with a handful of visible keys
+    # the output is a few cache rows of magnitude ~3, where one BF16 unit is 2^-7 of the value.
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=8e-3, rtol=2**-7)
+    assert calc_diff(out, ref_out) <= 5e-6
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "b,s_q,h_q,seqlens",
+    [
+        (2, 1, 16, [1, 64]),
+        (3, 1, 32, [63, 65, 700]),
+        (4, 1, 64, [4096, 1, 333, 2048]),
+        (3, 2, 16, [1, 2, 129]),  # the first sequence is shorter than s_q: one query sees nothing
+        (2, 2, 32, [129, 4095]),
+        (2, 2, 64, [100, 1]),
+        (3, 2, 128, [63, 65, 700]),
+        (4, 1, 128, [4096, 1, 333, 2048]),
+        (8, 1, 128, [8192] * 8),  # DeepSeek-V3 decode shape
+    ],
+)
+def test_mla_gluon_matches_reference(b: int, s_q: int, h_q: int, seqlens: list[int]) -> None:
+    q, kv, table, lens = _inputs(b, s_q, h_q, seqlens)
+    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE)
+    _assert_matches_reference(q, kv, table, lens, out, lse)
+
+
+def test_a_query_with_no_visible_key_gives_zeros_and_minus_infinity() -> None:
+    q, kv, table, lens = _inputs(1, 2, 16, [1])
+    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE)
+    assert bool((out[0, 0] == 0).all())
+    assert bool(torch.isneginf(lse[0, :, 0]).all())
+    assert bool(torch.isfinite(lse[0, :, 1]).all())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_matches_reference(name: str) -> None:
+    q, kv, table, lens = _inputs(3, 2, 64, [95, 1000, 31], seed=1)
+    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE, config=CONFIGS[name])
+    _assert_matches_reference(q, kv, table, lens, out, lse)
+
+
+def test_split_count_does_not_change_the_result() -> None:
+    q, kv, table, lens = _inputs(2, 2, 128, [1000, 3000], seed=3)
+    one, lse_one = mla_decode_gluon(q, kv, table, lens, SCALE, splits=1)
+    many, lse_many = mla_decode_gluon(q, kv, table, lens, SCALE, splits=16)
+    assert calc_diff(one, many) < 5e-6
+    torch.testing.assert_close(lse_one, lse_many, atol=1e-4, rtol=1e-5)
+
+
+def test_unsupported_inputs_raise_value_error() -> None:
+    q, kv, table, lens = _inputs(1, 1, 16, [64])
+    with pytest.raises(ValueError):
+        mla_decode_gluon(q.float(), kv, table, lens, SCALE)
+    with pytest.raises(ValueError):
+        mla_decode_gluon(q, kv.view(torch.uint8)[..., :656], table, lens, SCALE)
+    with pytest.raises(ValueError):
+        mla_decode_gluon(q, kv, table, lens, SCALE, config={"BLOCK_N": 48})
