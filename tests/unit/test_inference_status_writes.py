@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from fireflyer.api import conditions as C
+from fireflyer.api.crd import part_schema
+from fireflyer.api.defaulting import with_defaults
 from fireflyer.operator import events, kube, parallel_writes, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference import controller, drain_reader, lending_writes, scaler, scaling
@@ -71,6 +73,7 @@ def test_an_autoscaled_deployments_unchanged_status_is_not_written(monkeypatch: 
     assert len(patches) == 1
     written = copy.deepcopy(patches[0])
     written["prefill"]["autoscaler"] = {"desiredUnits": 1, "metricValue": 0.2}  # scaling.py's
+    written = with_defaults(written, part_schema("InferenceDeployment", "status"))  # the API server's
     cr["status"] = written
     controller.apply(cr, desired)
     assert len(patches) == 1
