@@ -8,6 +8,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ from fireflyer.operator.locks import OBJECTS, PLACEMENT
 from fireflyer.operator.metrics import timed
 from fireflyer.operator.planning import parse_time
 from fireflyer.operator.resync import Resync
+from fireflyer.placement.reservations import planned_nodes
 
 KIND = "InferenceDeployment"
 PLURAL = "inferencedeployments"
@@ -224,19 +226,23 @@ def reconcile(
             kube.drop_finalizer(KIND, cr, L.FINALIZER)
             asked = drain_reader.drain_possible(cr, _deleted_units.uids())
             load = drain_reader.read_router_load(cr) if asked else None
-        # One plan at a time: two deployments planned at once could pick the same free nodes.
-        # Once the planned StatefulSets are promised to the cache, the next plan reserves their
-        # nodes: applying them, and the rest of the pass, runs beside other deployments' passes.
-        with metrics.holding(KIND, "placement_lock_wait", _placement_lock):
-            try:
-                nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
-                pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
-                desired = metrics.timed_plan(KIND, plan, cr, observe(cr, nodes, pods, load))
-            except ValidationError as exc:  # admission should have caught it; say so, do not retry
-                raise kube.invalid_spec(KIND, cr, exc) from exc
-            promised = [child for child in desired.children if child["kind"] == "StatefulSet"]
-            for child in promised:
-                cache.promise(child)
+        promised: list[dict[str, Any]] = []
+        try:
+            first = observe(cr, *_snapshots(cluster_nodes, cluster_pods), load)
+            desired = _plan_unlocked(cr, first)
+            if desired is None:
+                # One plan at a time: two deployments planned at once could pick the same free
+                # nodes. Once the planned StatefulSets are promised to the cache, the next plan
+                # reserves their nodes: applying them, and the rest of the pass, runs beside other
+                # deployments' passes.
+                with metrics.holding(KIND, "placement_lock_wait", _placement_lock):
+                    observed = observe(cr, *_snapshots(cluster_nodes, cluster_pods), load)
+                    desired = metrics.timed_plan(KIND, plan, cr, carried_over(first, observed))
+                    promised = [child for child in desired.children if child["kind"] == "StatefulSet"]
+                    for child in promised:
+                        cache.promise(child)
+        except ValidationError as exc:  # admission should have caught it; say so, do not retry
+            raise kube.invalid_spec(KIND, cr, exc) from exc
         try:
             apply(cr, desired, force)
         except BaseException:
@@ -247,6 +253,47 @@ def reconcile(
         if desired.draining:  # nothing in the cluster changes when the last request ends: look again soon
             _drain_recheck.arm((namespace, name), lambda: _still_draining(namespace, name))
         return desired
+
+
+def _snapshots(cluster_nodes: Any, cluster_pods: Any) -> tuple[Any, Any]:
+    nodes = cache.snapshot(cluster_nodes) if cluster_nodes is not None else None
+    pods = cache.snapshot(cluster_pods) if cluster_pods is not None else None
+    return nodes, pods
+
+
+def _plan_unlocked(cr: dict[str, Any], observed: Observed) -> Desired | None:
+    """The plan of a deployment whose units all stand, made without the placement lock, when it
+    keeps every unit on the nodes it has (the steady state: every resync pass of every
+    deployment); None when the pass must plan under the lock (a unit to place or move). A plan
+    that reserves no node cannot take one from another deployment's plan."""
+    if not observed.statefulsets:  # a new deployment: it places, so plan once, under the lock
+        return None
+    desired = metrics.timed_plan(KIND, plan, cr, observed)
+    return desired if places_nothing(desired, observed.statefulsets) else None
+
+
+def carried_over(first: Observed, again: Observed) -> Observed:
+    """`again` with the pod failures that the first observation took from the event queues
+    (observing takes them): the plan under the lock must still see them."""
+    return replace(
+        again,
+        failed_units={**first.failed_units, **again.failed_units},
+        failed_pod_created={**first.failed_pod_created, **again.failed_pod_created},
+    )
+
+
+def places_nothing(desired: Desired, statefulsets: dict[str, dict[str, Any]]) -> bool:
+    """Whether a plan keeps every unit StatefulSet on the nodes it already has, recreates none
+    and asks no job for nodes."""
+    if desired.recreate or desired.preemptions:
+        return False
+    for child in desired.children:
+        if child["kind"] != "StatefulSet":
+            continue
+        held = statefulsets.get(child["metadata"]["name"])
+        if held is None or planned_nodes(held) != planned_nodes(child):
+            return False
+    return True
 
 
 _drain_recheck = Resync("inference drain", drain.RECHECK_SECONDS)
