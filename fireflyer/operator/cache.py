@@ -24,6 +24,10 @@ from fireflyer.operator.metrics import CACHE_OBJECTS
 log = logging.getLogger(__name__)
 
 Slim = Callable[[Mapping[str, Any]], dict[str, Any]]
+Listener = Callable[[str, dict[str, Any]], None]
+# kind → callables told of each change an informer sees (event type, the slim object): the
+# controllers' node handlers, without a second watch of every node through kopf.
+_listeners: dict[str, list[Listener]] = {}
 WATCH_SECONDS = 240
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
@@ -220,8 +224,19 @@ class Informer:
         with self._lock:
             self._items = fresh
             self._promised.clear()
-        self.synced.set()
+        self.synced.set()  # a (re)list tells no listener: the resync passes cover a watch's gap
         return version
+
+    def _tell(self, event_type: str, body: Mapping[str, Any]) -> None:
+        listeners = _listeners.get(self.kind)
+        if not listeners:
+            return
+        obj = self.slim(body)
+        for listener in listeners:
+            try:
+                listener(event_type, obj)
+            except Exception:  # a listener's failure must not stop the watch
+                log.exception("%s informer: a listener failed on %s", self.kind, event_type)
 
     def _run(self) -> None:
         version = ""
@@ -242,6 +257,9 @@ class Informer:
                         self.remove(body)
                     elif event_type in ("ADDED", "MODIFIED"):
                         self.upsert(body)
+                    else:
+                        continue
+                    self._tell(event_type, body)
             except Exception as exc:  # the API server restarted, a timeout: list again
                 if self._stop.is_set():
                     return
@@ -256,6 +274,12 @@ MANAGED = f"{L.MANAGED_BY}={L.MANAGER}"
 _informers: dict[str, Informer] = {}
 
 
+def listen(kind: str, listener: Listener) -> None:
+    """Call `listener(event type, slim object)` on each change the `kind` informer sees (on its
+    thread: keep it quick, hand work to a queue)."""
+    _listeners.setdefault(kind, []).append(listener)
+
+
 def start() -> None:
     """Start the informers and route kube.list_ and kube.apply through them."""
     if _informers:
@@ -268,8 +292,10 @@ def start() -> None:
     for kind in ("StatefulSet", "Service", "Deployment"):
         _informers[kind] = Informer(kind, MANAGED)
     # Read by every inference plan (under the placement lock): never a request per pass.
-    # TrainingJobs: what the inference plan may borrow nodes from (lending).
-    for kind in ("ExpertPlacement", "InferenceRoleScaler", "TrainingJob"):
+    # TrainingJobs: what the inference plan may borrow nodes from (lending). InferenceDeployments:
+    # read by the EPLB timer every few seconds and by the autoscaler, per deployment (the
+    # reconcile reads its deployment from the API server: a spec change is planned as written).
+    for kind in ("ExpertPlacement", "InferenceRoleScaler", "TrainingJob", "InferenceDeployment"):
         _informers[kind] = Informer(kind)
     for informer in _informers.values():
         informer.start()

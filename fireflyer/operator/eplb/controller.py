@@ -256,6 +256,16 @@ def eplb_timer(namespace: str, name: str) -> bool:
             _polled.pop((namespace, name, role), None)
         return not gone  # eplb.mode may be turned on later: keep checking while it exists
     now = datetime.now(UTC)
+    if spec.eplb.mode == "dynamic" and any(
+        getattr(spec, role).units and _due(cr, role, spec.eplb.interval_seconds, now)
+        for role in ("prefill", "decode")
+    ):
+        # The informer's copy may lag the last check's status write: a rebalance is decided on
+        # the status as stored, never run twice in one interval.
+        cr = kube.get("InferenceDeployment", name, namespace, fresh=True)
+        if cr is None or cr["metadata"].get("deletionTimestamp"):
+            return False
+        spec = InferenceDeployment.model_validate(cr).spec
     status = cr.get("status") or {}
     patch: dict[str, Any] = {}
     conds: list[dict[str, Any]] = []

@@ -219,7 +219,9 @@ def reconcile(
     """One full pass for one deployment; serialised per deployment."""
     with metrics.holding(KIND, "object_lock_wait", OBJECTS.of((KIND, namespace, name))):
         with metrics.phase(KIND, "read"):
-            cr = kube.get(KIND, name, namespace)
+            # From the API server, not the informer: the event that started this pass may be
+            # ahead of the informer's watch, and a spec change must be planned as written.
+            cr = kube.get(KIND, name, namespace, fresh=True)
             if cr is None or cr["metadata"].get("deletionTimestamp"):
                 return None
             # Left by an older release: deletion must not wait for us.
@@ -418,7 +420,6 @@ def _node_unusable(body: Any) -> bool:
     return not ready or bool(spec.get("unschedulable"))
 
 
-@kopf.on.event("nodes")
 def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
     """A node went NotReady or was cordoned: reconcile the deployments with unit pods on it now,
     before the taint manager evicts them one by one."""
@@ -436,6 +437,11 @@ def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
         # On the work queue, never on kopf's handler threads: when many nodes fail at once, the
         # reconciles must not hold up the handling of every other event.
         _kick(namespace, deployment, True, kwargs)
+
+
+# Through the Node informer, not a kopf watch: a second watch of every node decoded each
+# heartbeat of a large fabric twice, on the handlers' event loop.
+cache.listen("Node", lambda event_type, node: on_node_event(event_type, node, node["metadata"]["name"]))
 
 
 @kopf.on.event(GROUP, VERSION, "expertplacements")

@@ -265,7 +265,6 @@ def _node_unusable(body: Any) -> bool:
     return not ready
 
 
-@kopf.on.event("nodes")
 def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
     """A node went NotReady or away: restart the jobs with a rank on it now, before the taint
     manager evicts the ranks one by one."""
@@ -282,6 +281,11 @@ def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
     }
     for namespace, job in sorted(owners):
         _kick(namespace, job, True, kwargs)
+
+
+# Through the Node informer, not a kopf watch: a second watch of every node decoded each
+# heartbeat of a large fabric twice, on the handlers' event loop.
+cache.listen("Node", lambda event_type, node: on_node_event(event_type, node, node["metadata"]["name"]))
 
 
 # -- progress ---------------------------------------------------------------------------------
