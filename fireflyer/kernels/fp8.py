@@ -94,9 +94,10 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
 
 def _grouped_backend(backend: Backend, device: torch.device) -> str:
     """The grouped layouts have no path through DeepGEMM or cuBLAS here: where `auto` (or
-    `cublas`) is asked for, our Gluon kernels run on Hopper (1.6–1.8× the Triton ones there,
-    docs/kernels.md), else our Triton kernels, instead of the per-expert torch loop (which
-    synchronises with the host). The dense table does not apply to them."""
+    `cublas`) is asked for, our Gluon kernels run on Hopper (faster than the Triton ones on every
+    grouped shape measured there, docs/benchmarks.md), else our Triton kernels, instead of the
+    per-expert torch loop (which synchronises with the host). The dense table does not apply to
+    them."""
     if backend in ("auto", "cublas"):
         if device.type == "cuda" and gluon_unavailable("grouped_gemm", device) is None:
             return "gluon"
