@@ -5,7 +5,7 @@ Triton). Each kernel is checked against the torch reference before it is timed; 
 prints its error and is left out.
 
 Two times per kernel: "eager" (`triton.testing.do_bench`, L2 cleared between calls; includes the
-host's launch cost whenever that exceeds the GPU time, as it does for small M on the lent machine's
+host's launch cost whenever that exceeds the GPU time, as it does for small M on the benchmark host's
 CPU) and "graph" (the kernel alone: one CUDA graph calls it on enough copies of the operands to
 exceed L2 twice over, so no call finds its weight in L2).
 

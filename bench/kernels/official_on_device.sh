@@ -11,7 +11,7 @@
 # (SDIST_DIR/deepgemm-jit.tgz) is restored, so that a second run spends no time compiling. The
 # extension is compiled by `CXX`, the system g++ by default (an image's own g++ wrapper linked parts of
 # libstdc++ into it, which crashed at the first call); docs/kernels.md records
-# what each build did on the lent H200.
+# what each build did on the H200.
 set -u
 SDISTS=$(realpath "$1")
 OUT=$(realpath "$2")
