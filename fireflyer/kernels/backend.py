@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 
 Backend = Literal["auto", "triton", "gluon", "torch", "official", "cublas"]
 GLUON_KERNELS = ("mla", "gemm", "grouped_gemm")  # operations that have a Gluon kernel
+T = TypeVar("T")
 OFFICIAL_MODULES = {"mla": "flash_mla", "gemm": "deep_gemm", "grouped_gemm": "deep_gemm", "ep": "deep_ep"}
 
 
@@ -73,3 +75,14 @@ def gluon_unavailable(kernel: str, device: torch.device) -> str | None:
     if not HAVE_GLUON:
         return "this Triton has no Gluon Hopper API the kernels are written for"
     return None
+
+
+def gluon_or_fallback(backend: Backend, run: Callable[[], T]) -> T | None:
+    """The Gluon kernel's result; None where `auto` chose it but it refuses these inputs (the
+    caller runs its Triton kernel). Asked for by name, the refusal reaches the caller."""
+    try:
+        return run()
+    except ValueError:
+        if backend == "gluon":
+            raise
+        return None

@@ -9,11 +9,9 @@ weights per 128×128 block, BF16 output. NT layout: out[m, n] = Σ_k a[m, k] · 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from fireflyer.kernels.backend import Backend, gluon_unavailable, has_module, resolve
+from fireflyer.kernels.backend import Backend, gluon_or_fallback, gluon_unavailable, has_module, resolve
 
 GROUP = 128
 FP8 = torch.float8_e4m3fn
@@ -105,17 +103,6 @@ def _grouped_backend(backend: Backend, device: torch.device) -> str:
     return resolve(backend, "grouped_gemm", device)
 
 
-def _gluon_or_fallback(backend: Backend, run: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """The Gluon kernel's result; None where `auto` chose it but it refuses these inputs (the
-    caller runs its Triton kernel). Asked for by name, the refusal reaches the caller."""
-    try:
-        return run()
-    except ValueError:
-        if backend == "gluon":
-            raise
-        return None
-
-
 def gemm_fp8_cublas(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -148,7 +135,7 @@ def gemm_fp8(
     if chosen == "gluon":
         from fireflyer.kernels.fp8_gluon import gemm_fp8_gluon
 
-        done = _gluon_or_fallback(backend, lambda: gemm_fp8_gluon(a, a_scale, b, b_scale))
+        done = gluon_or_fallback(backend, lambda: gemm_fp8_gluon(a, a_scale, b, b_scale))
         if done is not None:
             return done
         chosen = "triton"
@@ -182,9 +169,7 @@ def grouped_gemm_fp8_contiguous(
     if chosen == "gluon":
         from fireflyer.kernels.fp8_gluon import grouped_contiguous_gluon
 
-        done = _gluon_or_fallback(
-            backend, lambda: grouped_contiguous_gluon(a, a_scale, b, b_scale, m_indices)
-        )
+        done = gluon_or_fallback(backend, lambda: grouped_contiguous_gluon(a, a_scale, b, b_scale, m_indices))
         if done is not None:
             return done
         chosen = "triton"
@@ -217,7 +202,7 @@ def grouped_gemm_fp8_masked(
     if chosen == "gluon":
         from fireflyer.kernels.fp8_gluon import grouped_masked_gluon
 
-        done = _gluon_or_fallback(
+        done = gluon_or_fallback(
             backend, lambda: grouped_masked_gluon(a, a_scale, b, b_scale, masked_m, out=out)
         )
         if done is not None:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fireflyer.kernels.backend import Backend, resolve
+from fireflyer.kernels.backend import Backend, gluon_or_fallback, resolve
 
 PAGE = 64
 D_QK = 576
@@ -100,12 +100,12 @@ def mla_decode(
     if chosen == "gluon":
         from fireflyer.kernels.mla_gluon import mla_decode_gluon
 
-        try:
-            return mla_decode_gluon(q, kv_cache, block_table, cache_seqlens, softmax_scale)
-        except ValueError:
-            if backend == "gluon":  # asked for by name: say why it cannot run
-                raise
-            chosen = "triton"  # `auto` picked it for the shape class; these inputs it cannot run
+        done = gluon_or_fallback(
+            backend, lambda: mla_decode_gluon(q, kv_cache, block_table, cache_seqlens, softmax_scale)
+        )
+        if done is not None:
+            return done
+        chosen = "triton"  # `auto` picked it for the shape class; these inputs it cannot run
     if chosen == "triton":
         from fireflyer.kernels.mla_triton import mla_decode_triton
 

@@ -35,7 +35,6 @@ try:  # Gluon's Hopper API as shipped in Triton 3.6; absent or different elsewhe
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-LOG2E = 1.4426950408889634
 BLOCK_M = 64  # query rows per program: one wgmma M tile
 D_ROPE = D_QK - D_V
 # BLOCK_N: KV tokens per pipeline stage (a divisor of the 64-token page); STAGES: ring depth.
@@ -332,7 +331,7 @@ def mla_decode_gluon(
     reason = supported(q, kv_cache)
     if reason is not None:
         raise ValueError(f"mla_decode_gluon: {reason}")
-    from fireflyer.kernels.mla_triton import combine_splits
+    from fireflyer.kernels.mla_triton import LOG2E, combine_splits
 
     cfg = {**CONFIG, **(config or {})}
     block_n, stages = cfg["BLOCK_N"], cfg["STAGES"]

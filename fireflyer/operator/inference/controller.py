@@ -420,28 +420,28 @@ def _node_unusable(body: Any) -> bool:
     return not ready or bool(spec.get("unschedulable"))
 
 
-def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
+def on_node_event(type: str, body: dict[str, Any]) -> None:
     """A node went NotReady or was cordoned: reconcile the deployments with unit pods on it now,
     before the taint manager evicts them one by one."""
     if type is None or not (type == "DELETED" or _node_unusable(body)):
         return
-    pods = kwargs.get("cluster_pods")
+    name = body["metadata"]["name"]
     owners = {
         (p["metadata"]["namespace"], p["metadata"]["labels"][L.DEPLOYMENT])
-        for p in (cache.snapshot(pods) if pods is not None else kube.list_("Pod"))
+        for p in kube.list_("Pod")
         if p["spec"].get("nodeName") == name
         and (p["metadata"].get("labels") or {}).get(L.COMPONENT) == "unit"
         and L.DEPLOYMENT in (p["metadata"].get("labels") or {})
     }
     for namespace, deployment in sorted(owners):
-        # On the work queue, never on kopf's handler threads: when many nodes fail at once, the
-        # reconciles must not hold up the handling of every other event.
-        _kick(namespace, deployment, True, kwargs)
+        # On the work queue, never on the informer's thread: when many nodes fail at once, the
+        # reconciles must not hold up the watch of every other node.
+        _kick(namespace, deployment, True, {})
 
 
 # Through the Node informer, not a kopf watch: a second watch of every node decoded each
 # heartbeat of a large fabric twice, on the handlers' event loop.
-cache.listen("Node", lambda event_type, node: on_node_event(event_type, node, node["metadata"]["name"]))
+cache.listen("Node", on_node_event)
 
 
 @kopf.on.event(GROUP, VERSION, "expertplacements")

@@ -265,27 +265,27 @@ def _node_unusable(body: Any) -> bool:
     return not ready
 
 
-def on_node_event(type: str, body: Any, name: str, **kwargs: Any) -> None:
+def on_node_event(type: str, body: dict[str, Any]) -> None:
     """A node went NotReady or away: restart the jobs with a rank on it now, before the taint
     manager evicts the ranks one by one."""
     if type is None or not (type == "DELETED" or _node_unusable(body)):
         return
-    pods = kwargs.get("cluster_pods")
+    name = body["metadata"]["name"]
     owners = {
         (p["metadata"]["namespace"], p["metadata"]["labels"][L.TRAINING_JOB])
-        for p in (cache.snapshot(pods) if pods is not None else kube.list_("Pod"))
+        for p in kube.list_("Pod")
         if p["spec"].get("nodeName") == name
         and (p["metadata"].get("labels") or {}).get(L.COMPONENT) == children.COMPONENT
         and L.TRAINING_JOB in (p["metadata"].get("labels") or {})
         and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
     }
     for namespace, job in sorted(owners):
-        _kick(namespace, job, True, kwargs)
+        _kick(namespace, job, True, {})
 
 
 # Through the Node informer, not a kopf watch: a second watch of every node decoded each
 # heartbeat of a large fabric twice, on the handlers' event loop.
-cache.listen("Node", lambda event_type, node: on_node_event(event_type, node, node["metadata"]["name"]))
+cache.listen("Node", on_node_event)
 
 
 # -- progress ---------------------------------------------------------------------------------
