@@ -6,7 +6,8 @@ reconcile latency p50/p99 (from its Prometheus histogram), API requests per reco
 counter, and the API server's apiserver_request_total of every client), the units it recreated
 ("recreated unit" log lines; must be 0), handler exceptions (must be 0), how long it takes to
 exit after SIGTERM, where the reconciles' time went (per phase: lock waits, reads, plan, writes),
-the latency of the controllers' API requests by verb, and the operator's "slow reconcile" lines.
+the latency of the controllers' API requests by verb, how long new deployments' first passes
+waited on their queue, and the operator's "slow reconcile" lines.
 
 Usage: python -m bench.operator.bench_scale --nodes 2048 --deployments 100 [--port-base 30580]
        [--hold 30] [--timeout 600] [--profile DIR]
@@ -294,6 +295,10 @@ def run_scale(
             "apiserver_requests_all_clients": int(api_after - api_before),
             "phases": histogram_summary(
                 metrics_before, metrics_after, "fireflyer_reconcile_phase_seconds", "phase", kind=KIND
+            ),
+            # New deployments' first passes wait on their own queue before they start.
+            "creation_queue_seconds": histogram_summary(
+                metrics_before, metrics_after, "fireflyer_reconcile_queue_seconds", "kind"
             ),
             "api_request_seconds": histogram_summary(
                 metrics_before, metrics_after, "fireflyer_api_request_duration_seconds", "verb"

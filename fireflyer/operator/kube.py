@@ -94,8 +94,9 @@ class CacheHooks(NamedTuple):
 
 
 _cache: CacheHooks | None = None
-# What this process last applied, by (kind, namespace, name) → (digest, resourceVersion answered).
-_applied: dict[tuple[str, str, str], tuple[str, str]] = {}
+# What this process last applied, by (kind, namespace, name) → (digest, resourceVersion and
+# metadata.generation answered).
+_applied: dict[tuple[str, str, str], tuple[str, str, int | None]] = {}
 
 
 def set_cache(hooks: CacheHooks | None) -> None:
@@ -186,15 +187,14 @@ def _call(
 def apply(obj: dict[str, Any]) -> dict[str, Any]:
     """Server-side apply: re-applying the same object is a no-op; hand edits of fields we own
     are reverted. Skipped, with no request at all, when this process applied the same content
-    and the informer holds the object still at the version that apply produced (nobody has
-    changed it since)."""
+    and the informer holds the object as that apply left what we own (`applied_stands`)."""
     meta = obj["metadata"]
     key = (obj["kind"], meta.get("namespace") or "", meta["name"])
     digest = hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     last = _applied.get(key)
     if _cache is not None and last is not None and last[0] == digest:
         held = _cache.current(obj["kind"], meta.get("namespace"), meta["name"])
-        if held is not None and held["metadata"].get("resourceVersion") == last[1]:
+        if held is not None and applied_stands(held, obj, last[1], last[2]):
             return held
     path = _path(obj["kind"], meta.get("namespace"), meta["name"])
     result: dict[str, Any] = _call(
@@ -205,10 +205,30 @@ def apply(obj: dict[str, Any]) -> dict[str, Any]:
         "application/apply-patch+yaml",
     )
     if result:
-        _applied[key] = (digest, str(result.get("metadata", {}).get("resourceVersion", "")))
+        answered = result.get("metadata", {})
+        _applied[key] = (digest, str(answered.get("resourceVersion", "")), answered.get("generation"))
         if _cache is not None:
             _cache.written(result)
     return result
+
+
+def applied_stands(
+    held: dict[str, Any], applied: dict[str, Any], version: str, generation: int | None
+) -> bool:
+    """Whether `held` (the informer's copy) still is what applying `applied` left, as far as we
+    own it: the version that apply produced, or — for an object whose controller writes its status
+    (a StatefulSet's or Deployment's replica counts move its version many times while pods
+    start) — the same spec generation with our labels, annotations and owners in place."""
+    meta = held["metadata"]
+    if meta.get("resourceVersion") == version:
+        return True
+    if generation is None or meta.get("generation") != generation:
+        return False  # a spec edited since (the generation moved), or a kind without one
+    ours = applied["metadata"]
+    for field in ("labels", "annotations"):
+        if any((meta.get(field) or {}).get(k) != v for k, v in (ours.get(field) or {}).items()):
+            return False
+    return (meta.get("ownerReferences") or []) == (ours.get("ownerReferences") or [])
 
 
 def get(

@@ -26,6 +26,12 @@ RECONCILE_SECONDS = Histogram(
     ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+QUEUE_SECONDS = Histogram(
+    "fireflyer_reconcile_queue_seconds",
+    "Time a queued reconcile waited for a worker before it started, by kind",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 # Reconciles run on kopf's worker threads, one deployment at a time under the placement lock:
 # a count that stays above 1 is a queue forming behind that lock.
 IN_FLIGHT = Gauge("fireflyer_reconciles_in_flight", "Reconciles started and not yet finished", ["kind"])

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fireflyer.dev import demo
+from fireflyer.operator import labels as L
 from tests.conftest import Operator
 from tests.e2e.conftest import needs_root
 from tests.kube import Kube, fresh_namespace, wait_for
@@ -55,7 +56,31 @@ def ns(local_cluster: Kube, local_operator: Operator, tiny_model: str) -> Iterat
     yield from fresh_namespace(local_cluster, "train-cpu", "--timeout=120s")
 
 
-def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(ns: Kube, tmp_path: Path) -> None:
+def _diagnosis(kube: Kube, operator: Operator) -> str:
+    """What a stuck restart looks like: the job's status, every pod, their logs' ends, the operator."""
+    lines = [f"status: {_job(kube).get('status')}"]
+    for pod in _pods(kube):
+        meta, status = pod["metadata"], pod.get("status") or {}
+        lines.append(
+            f"pod {meta['name']} attempt {meta['labels'].get(L.ATTEMPT)} "
+            f"index {meta['labels'].get('batch.kubernetes.io/job-completion-index')} "
+            f"phase {status.get('phase')} ip {status.get('podIP')} node {pod['spec'].get('nodeName')} "
+            f"deleting {bool(meta.get('deletionTimestamp'))}"
+        )
+        logs = kube.run("logs", meta["name"], "--tail=15", check=False)
+        lines += [f"  | {line}" for line in (logs.stdout + logs.stderr).splitlines()]
+    for node in kube.get("nodes", namespaced=False)["items"]:
+        ready = [c for c in node["status"].get("conditions") or [] if c["type"] == "Ready"]
+        lines.append(f"node {node['metadata']['name']}: {ready} taints {node['spec'].get('taints')}")
+    runtime_log = kube.kubeconfig.parent / "logs" / "pod-runtime.log"
+    if runtime_log.exists():
+        lines += ["pod runtime log:", *runtime_log.read_text(errors="replace").splitlines()[-40:]]
+    return "\n".join(lines) + f"\noperator log:\n{operator.tail()}"
+
+
+def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(
+    ns: Kube, tmp_path: Path, local_operator: Operator
+) -> None:
     doc = copy.deepcopy(SAMPLE)
     checkpoints = tmp_path / "checkpoints"
     doc["spec"]["steps"] = 60
@@ -87,7 +112,10 @@ def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(ns: Ku
         )
         return result.stdout if resumed_and_stepping else ""
 
-    log = wait_for("the new attempt to resume", leader_log, timeout=120)
+    try:
+        log = wait_for("the new attempt to resume", leader_log, timeout=120)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_diagnosis(ns, local_operator)}") from None
     resumed = int(log.split("resumed from the checkpoint of step ")[1].split()[0])
     assert resumed >= 10 and resumed % 10 == 0
     first_step = next(line for line in log.splitlines() if line.startswith("step "))

@@ -99,6 +99,41 @@ def test_an_unchanged_apply_is_skipped_until_someone_else_changes_the_object(
     assert len(sent) == 3, "new content is always applied"
 
 
+def test_a_controllers_status_update_is_no_reason_to_apply_again(
+    informers: dict[str, cache.Informer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A StatefulSet's controller moves its version with every replica count while pods start;
+    a forced pass must not re-apply it for that. A spec edit (the generation moves) or a label of
+    ours removed by hand is repaired."""
+    sent: list[dict[str, Any]] = []
+
+    def call(method: str, path: str, body: Any = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        sent.append(body)
+        return {**body, "metadata": {**body["metadata"], "resourceVersion": "100", "generation": 1}}
+
+    monkeypatch.setattr(kube, "_call", call)
+    kube._applied.clear()
+    ours = {L.MANAGED_BY: L.MANAGER, "fireflyer.dev/role": "decode"}
+    unit = _obj("StatefulSet", "u1", "", **ours)
+    kube.apply(unit)
+
+    def held(version: str, generation: int, **labels: str) -> None:
+        obj = _obj("StatefulSet", "u1", version, **labels)
+        obj["metadata"]["generation"] = generation
+        obj["status"] = {"readyReplicas": 1}
+        informers["StatefulSet"].upsert(obj)
+
+    held("101", 1, **ours)  # the controller wrote its status
+    kube.apply(unit)
+    assert len(sent) == 1, "a status update alone is not drift"
+    held("102", 2, **ours)  # someone edited the spec
+    kube.apply(unit)
+    assert len(sent) == 2
+    held("103", 1, **{L.MANAGED_BY: L.MANAGER})  # a label of ours removed
+    kube.apply(unit)
+    assert len(sent) == 3
+
+
 def test_a_promised_object_is_held_until_its_write_arrives_or_the_promise_expires(
     informers: dict[str, cache.Informer],
 ) -> None:

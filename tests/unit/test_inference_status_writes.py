@@ -12,7 +12,7 @@ import pytest
 from fireflyer.api import conditions as C
 from fireflyer.api.crd import part_schema
 from fireflyer.api.defaulting import with_defaults
-from fireflyer.operator import events, kube, parallel_writes, status_writes
+from fireflyer.operator import events, kube, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.inference import controller, drain_reader, lending_writes, scaler, scaling
 from fireflyer.operator.inference.plan import Observed, plan
@@ -60,7 +60,7 @@ def test_an_autoscaled_deployments_unchanged_status_is_not_written(monkeypatch: 
         patches.append({**fields, "conditions": C.merge([], conditions, "2026-12-01T12:00:00Z", 1)})
 
     monkeypatch.setattr(status_writes, "patch_status", patch_status)
-    monkeypatch.setattr(parallel_writes, "write_all", lambda objs, write: None)
+    monkeypatch.setattr(kube, "apply", lambda obj: obj)
     monkeypatch.setattr(kube, "list_", lambda *a, **k: [])
     monkeypatch.setattr(scaling, "scaler_writes", lambda cr, scales: [])
     monkeypatch.setattr(lending_writes, "request", lambda *a: None)

@@ -1,4 +1,4 @@
-"""Writing a reconcile's children in parallel waves (fireflyer.operator.parallel_writes), reads of
+"""Writing a reconcile's requests at once (fireflyer.operator.parallel_writes), reads of
 our own children that an informer answers without a request, and the per-phase timing of a
 reconcile (fireflyer.operator.metrics)."""
 
@@ -13,51 +13,6 @@ import pytest
 
 from fireflyer.operator import cache, kube, metrics, parallel_writes, status_writes
 from fireflyer.operator import labels as L
-
-
-def _child(kind: str, name: str) -> dict[str, Any]:
-    return {"kind": kind, "metadata": {"name": name, "namespace": "ns"}}
-
-
-def test_what_workloads_refer_to_is_written_before_the_workloads() -> None:
-    children = [
-        _child("StatefulSet", "u0"),
-        _child("Service", "u0"),
-        _child("Deployment", "router"),
-        _child("ConfigMap", "config"),
-    ]
-    waves = parallel_writes.waves(children)
-    assert [[c["metadata"]["name"] for c in wave] for wave in waves] == [["u0", "config"], ["u0", "router"]]
-    assert [c["kind"] for c in waves[1]] == ["StatefulSet", "Deployment"]
-    assert parallel_writes.waves([_child("Service", "s")]) == [[_child("Service", "s")]]
-    assert parallel_writes.waves([]) == []
-
-
-def test_a_waves_writes_are_in_flight_together() -> None:
-    services = [_child("Service", f"s{i}") for i in range(3)]
-    together = threading.Barrier(3, timeout=5)  # broken if the writes ran one after another
-
-    def write(obj: dict[str, Any]) -> str:
-        together.wait()
-        return str(obj["metadata"]["name"])
-
-    assert parallel_writes.write_all(services, write) == ["s0", "s1", "s2"]
-
-
-def test_a_failed_write_stops_the_workloads_and_is_raised() -> None:
-    written: list[str] = []
-    lock = threading.Lock()
-
-    def write(obj: dict[str, Any]) -> None:
-        if obj["metadata"]["name"] == "bad":
-            raise kube.ApiException(status=422, reason="Invalid")
-        with lock:
-            written.append(f"{obj['kind']}/{obj['metadata']['name']}")
-
-    children = [_child("Service", "bad"), _child("ConfigMap", "config"), _child("StatefulSet", "u0")]
-    with pytest.raises(kube.ApiException):
-        parallel_writes.write_all(children, write)
-    assert written == ["ConfigMap/config"]  # the rest of its wave finished; no workload written
 
 
 @pytest.fixture

@@ -192,7 +192,9 @@ class Kubelet:
     def _local_pods(self) -> list[dict[str, Any]]:
         pods = []
         for name in self.node_names:
-            listing = self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}")
+            listing = self.core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={name}", _request_timeout=nodes.REQUEST_TIMEOUT
+            )
             pods += self.serializer.sanitize_for_serialization(listing.items)
         return pods
 
@@ -226,7 +228,7 @@ class Kubelet:
     def _names(self) -> None:
         pods = self._local_pods()
         services = self.serializer.sanitize_for_serialization(
-            self.core.list_service_for_all_namespaces().items
+            self.core.list_service_for_all_namespaces(_request_timeout=nodes.REQUEST_TIMEOUT).items
         )
         self.names.refresh(pods, services)
         self.balancers.refresh(pods, services)

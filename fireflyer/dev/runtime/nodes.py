@@ -15,6 +15,9 @@ LOCAL_LABEL = "fireflyer.dev/local-runtime"
 LOCAL_TAINT = {"key": LOCAL_LABEL, "value": "true", "effect": "NoSchedule"}
 NAME_PREFIX = "local"
 LEASE_SECONDS = 40
+# A request that hangs must not stop the loop that sent it: the node would go NotReady, or its
+# pods would never start or end. The loops retry on their next turn.
+REQUEST_TIMEOUT = 15.0
 
 
 def node_names(count: int) -> list[str]:
@@ -116,17 +119,21 @@ def heartbeat(core: client.CoreV1Api, leases: client.CoordinationV1Api, name: st
         }
     }
     try:
-        leases.patch_namespaced_lease(name, "kube-node-lease", renew)
+        leases.patch_namespaced_lease(name, "kube-node-lease", renew, _request_timeout=REQUEST_TIMEOUT)
     except client.ApiException as exc:
         if exc.status != 404:
             raise
         lease = {"metadata": {"name": name, "namespace": "kube-node-lease"}, **renew}
-        leases.create_namespaced_lease("kube-node-lease", lease)  # type: ignore[arg-type]
+        leases.create_namespaced_lease(
+            "kube-node-lease",
+            lease,  # type: ignore[arg-type]  # the client takes plain dicts too
+            _request_timeout=REQUEST_TIMEOUT,
+        )
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    node = core.read_node_status(name)
+    node = core.read_node_status(name, _request_timeout=REQUEST_TIMEOUT)
     conditions = []
     for cond in (node.status.conditions if node.status else None) or []:
         entry = client.ApiClient().sanitize_for_serialization(cond)
         entry["lastHeartbeatTime"] = stamp
         conditions.append(entry)
-    core.patch_node_status(name, {"status": {"conditions": conditions}})
+    core.patch_node_status(name, {"status": {"conditions": conditions}}, _request_timeout=REQUEST_TIMEOUT)

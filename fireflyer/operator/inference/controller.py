@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
@@ -155,8 +158,15 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
         if kinds
         else None
     )
-    with metrics.phase(KIND, "apply_children"):  # independent children: written in parallel
-        parallel_writes.write_all([child for _, _, child in due], kube.apply)
+    # The scalers (a new deployment creates each role's, then writes its status) refer to no
+    # child: their round trips run beside the children's waves instead of after them.
+    scalers = parallel_writes.started(scaling.scaler_writes(cr, desired.scales))
+    try:
+        with metrics.phase(KIND, "apply_children"):  # independent children: written at once
+            parallel_writes.each([child for _, _, child in due], kube.apply)
+    except BaseException:
+        parallel_writes.finish(scalers)  # none left running behind a failed pass
+        raise
     for key, digest, _ in due:
         _applied[key] = digest
     listed: list[list[dict[str, Any]]] = []
@@ -190,12 +200,8 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
         pod_name = pod["metadata"]["name"]
         if pod["metadata"].get("deletionTimestamp") and pod_name in desired.force_delete:
             kube.delete("Pod", pod_name, namespace, grace_seconds=0)
-    # The scalers' writes and the events are independent round trips: sent at once (a new
-    # deployment's pass creates every role's scaler and has several events), before the status.
-    writes: list[Callable[[], None]] = scaling.scaler_writes(cr, desired.scales)
-    writes += [partial(events.post, cr, e.type, e.reason, e.message) for e in desired.events]
-    with metrics.phase(KIND, "scalers_lending"):
-        parallel_writes.each(writes, lambda write: write())
+    with metrics.phase(KIND, "scalers_lending"):  # what of the scalers' writes outlasted the children's
+        parallel_writes.finish(scalers)
         lending_writes.request(cr, desired.preemptions, datetime.now(UTC))
     previous = (cr.get("status") or {}).get("conditions", [])
     status = dict(desired.status)
@@ -205,23 +211,36 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     status["observedGeneration"] = generation
     current = cr.get("status") or {}
     merged = C.merge(previous, conditions, now, generation)
+    # The Events and the status are independent round trips: the pass's last one, sent at once.
+    last: list[Callable[[], None]] = [
+        partial(events.post, cr, e.type, e.reason, e.message) for e in desired.events
+    ]
     # Written only when it changes, forced passes too: an unchanged status costs two requests.
     if current.get("conditions") != merged or status_changed(current, status_as_stored(KIND, status)):
         # The EPLB timer writes this status too: its conditions are kept (writes.py).
-        with metrics.phase(KIND, "status"):
-            status_writes.patch_status(KIND, name, namespace, status, conditions, generation, read=cr)
+        write = status_writes.patch_status
+        last.append(partial(write, KIND, name, namespace, status, conditions, generation, read=cr))
+    with metrics.phase(KIND, "status"):
+        parallel_writes.each(last, lambda write: write())
 
 
 @timed(KIND)
 def reconcile(
-    namespace: str, name: str, cluster_nodes: Any = None, cluster_pods: Any = None, force: bool = True
+    namespace: str,
+    name: str,
+    cluster_nodes: Any = None,
+    cluster_pods: Any = None,
+    force: bool = True,
+    created: dict[str, Any] | None = None,
 ) -> Desired | None:
-    """One full pass for one deployment; serialised per deployment."""
+    """One full pass for one deployment; serialised per deployment. `created`: the object as its
+    creation event carried it, for the first pass (nothing of ours is written on it yet)."""
     with metrics.holding(KIND, "object_lock_wait", OBJECTS.of((KIND, namespace, name))):
         with metrics.phase(KIND, "read"):
             # From the API server, not the informer: the event that started this pass may be
-            # ahead of the informer's watch, and a spec change must be planned as written.
-            cr = kube.get(KIND, name, namespace, fresh=True)
+            # ahead of the informer's watch, and a spec change must be planned as written. A
+            # creation event is the object as written, with no status of ours to be behind on.
+            cr = created if created is not None else kube.get(KIND, name, namespace, fresh=True)
             if cr is None or cr["metadata"].get("deletionTimestamp"):
                 return None
             # Left by an older release: deletion must not wait for us.
@@ -313,7 +332,52 @@ def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
     namespace = namespace or "default"
     arm_resync(namespace, name, kwargs)
     scaling.arm_autoscaler(namespace, name, kwargs.get("body") or {})
-    reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
+    nodes, pods = kwargs.get("cluster_nodes"), kwargs.get("cluster_pods")
+    created = first_pass_body(kwargs.get("reason"), kwargs.get("retry", 0), kwargs.get("body"))
+    if created is None:
+        reconcile(namespace, name, nodes, pods)
+        return
+    queued = time.perf_counter()
+
+    def first_pass() -> None:
+        metrics.QUEUE_SECONDS.labels(KIND).observe(time.perf_counter() - queued)
+        try:
+            reconcile(namespace, name, nodes, pods, created=newest_known(created))
+        except kopf.PermanentError as exc:  # its status says so already
+            log.warning("InferenceDeployment %s/%s: %s", namespace, name, exc)
+
+    # Not on kopf's handler threads: a burst of new deployments would hold every one of them, and
+    # with them the child events of the deployments already running. A failed first pass is
+    # logged and redone by the resync armed above.
+    _creations.request((namespace, name), first_pass, urgent=True)
+
+
+def newest_known(created: dict[str, Any]) -> dict[str, Any] | None:
+    """What a new deployment's queued first pass plans from: the informer's copy when it holds
+    the object with no status yet, else its creation event; None (read it from the API server)
+    once a status is on it, as our own last write may be ahead of the watch. kopf annotates the
+    object when the create handler returns: planned from the event, the pass's status write
+    would be refused for a stale version and redone (two more round trips)."""
+    meta = created["metadata"]
+    held = kube.get(KIND, meta["name"], meta.get("namespace"))
+    if held is None or held["metadata"].get("uid") != meta.get("uid"):
+        return created
+    return None if held.get("status") else held
+
+
+# New deployments' first passes (each writes a dozen objects) run a few at a time: 16 at once
+# on a busy API server made each take seconds, as they waited for one another's writes.
+_creations = Debouncer(window=0.0, workers=int(os.environ.get("FIREFLYER_CREATION_WORKERS", "4")))
+
+
+def first_pass_body(reason: Any, retry: int, body: Any) -> dict[str, Any] | None:
+    """The creation event's object, when the pass may plan from it instead of reading the object
+    again (a round trip less for every new deployment): the first try of the create handler, on
+    an object with no status yet. Anything later reads it fresh, as our own status writes may be
+    ahead of the event."""
+    if getattr(reason, "value", reason) != "create" or retry or body is None or body.get("status"):
+        return None
+    return copy.deepcopy(dict(body))
 
 
 _resync = Resync("inference resync", RESYNC_SECONDS)
