@@ -288,8 +288,8 @@ def start() -> None:
     _informers["Node"] = Informer("Node", slim=slim_node)
     # Children the operator made (the planner reserves the nodes of other deployments' unit
     # StatefulSets; a reconcile reads, prunes and applies its own): its managed-by label only.
-    # ConfigMaps are not watched: the operator's RBAC does not grant it.
-    for kind in ("StatefulSet", "Service", "Deployment"):
+    # ConfigMaps too: without a copy to compare with, every forced pass re-applied each of them.
+    for kind in ("StatefulSet", "Service", "Deployment", "ConfigMap"):
         _informers[kind] = Informer(kind, MANAGED)
     # Read by every inference plan (under the placement lock): never a request per pass.
     # TrainingJobs: what the inference plan may borrow nodes from (lending). InferenceDeployments:

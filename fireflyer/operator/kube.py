@@ -27,6 +27,7 @@ __all__ = [
     "create",
     "delete",
     "get",
+    "held",
     "list_",
     "patch",
     "patch_status",
@@ -229,6 +230,11 @@ def applied_stands(
         if any((meta.get(field) or {}).get(k) != v for k, v in (ours.get(field) or {}).items()):
             return False
     return (meta.get("ownerReferences") or []) == (ours.get("ownerReferences") or [])
+
+
+def held(kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    """The informer's copy of an object, or None (not held, or no informer): never a request."""
+    return _cache.current(kind, namespace or _scope, name) if _cache is not None else None
 
 
 def get(

@@ -163,3 +163,21 @@ def test_the_queued_first_pass_plans_from_the_newest_copy_it_has(monkeypatch: py
     assert controller.newest_known(created) is created  # an older object of the same name
     held = {"metadata": created["metadata"], "status": {"phase": "Pending"}}
     assert controller.newest_known(created) is None  # a pass wrote its status: read it fresh
+
+
+def test_a_first_pass_writes_its_status_against_the_informers_newer_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    planned = {
+        "metadata": {"name": "a", "namespace": "ns", "uid": "u1", "generation": 1, "resourceVersion": "5"}
+    }
+    held: dict[str, Any] | None = None
+    monkeypatch.setattr(kube, "held", lambda *a, **k: held)
+    assert controller.first_status_read(planned) is planned  # nothing newer known
+    annotated = {"metadata": {**planned["metadata"], "resourceVersion": "6", "annotations": {"kopf": "x"}}}
+    held = annotated
+    assert controller.first_status_read(planned) is annotated  # only kopf's annotations moved
+    held = {**annotated, "status": {"eplb": {}}}
+    assert controller.first_status_read(planned) is planned  # another writer's status: not ours to drop
+    held = {"metadata": {**annotated["metadata"], "generation": 2}}
+    assert controller.first_status_read(planned) is planned  # the spec changed: the write must fail

@@ -138,7 +138,9 @@ def _digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
+def apply(cr: dict[str, Any], desired: Desired, force: bool = True, first: bool = False) -> None:
+    """Write what the plan wants. first: a new deployment's first pass (its status is written
+    against the newest copy the informer holds, `first_status_read`)."""
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
@@ -219,9 +221,23 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True) -> None:
     if current.get("conditions") != merged or status_changed(current, status_as_stored(KIND, status)):
         # The EPLB timer writes this status too: its conditions are kept (writes.py).
         write = status_writes.patch_status
-        last.append(partial(write, KIND, name, namespace, status, conditions, generation, read=cr))
+        read = first_status_read(cr) if first else cr
+        last.append(partial(write, KIND, name, namespace, status, conditions, generation, read=read))
     with metrics.phase(KIND, "status"):
         parallel_writes.each(last, lambda write: write())
+
+
+def first_status_read(cr: dict[str, Any]) -> dict[str, Any]:
+    """What a first pass writes its status against: the informer's copy when it is the same
+    object, spec and (empty) status as `cr`. kopf annotates a new object as its create handler
+    returns, during the pass: written against `cr`, the status would be refused for a stale
+    version and redone on a fresh read. A copy planned from is never newer than the informer's."""
+    meta = cr["metadata"]
+    held = kube.held(KIND, meta["name"], meta.get("namespace"))
+    if held is None:
+        return cr
+    same = all(held["metadata"].get(k) == meta.get(k) for k in ("uid", "generation"))
+    return held if same and held.get("status") == cr.get("status") else cr
 
 
 @timed(KIND)
@@ -265,7 +281,7 @@ def reconcile(
         except ValidationError as exc:  # admission should have caught it; say so, do not retry
             raise kube.invalid_spec(KIND, cr, exc) from exc
         try:
-            apply(cr, desired, force)
+            apply(cr, desired, force, first=created is not None)
         except BaseException:
             for child in promised:  # the writes that did not happen reserve no nodes
                 cache.retract(child)
