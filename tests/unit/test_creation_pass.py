@@ -13,25 +13,25 @@ import pytest
 
 from fireflyer.operator import events, kube, status_writes
 from fireflyer.operator.debounce import Debouncer
-from fireflyer.operator.inference import controller, lending_writes, scaling
+from fireflyer.operator.inference import controller, first_pass, lending_writes, scaling
 from fireflyer.operator.inference.plan import Observed, plan
 from tests.unit.test_inference_plan import NOW, _cr, _nodes
 
-# -- first_pass_body -----------------------------------------------------------------------------
+# -- first_pass.from_event --------------------------------------------------------------------
 
 
 def test_only_the_first_try_of_a_creation_plans_from_the_event() -> None:
     body = {"metadata": {"name": "a", "uid": "u1"}, "spec": {"x": 1}}
-    copied = controller.first_pass_body(kopf.Reason.CREATE, 0, body)
+    copied = first_pass.from_event(kopf.Reason.CREATE, 0, body)
     assert copied == body and copied is not body
     copied["spec"]["x"] = 2  # the pass may change its copy: the event stays as it came
     assert body["spec"]["x"] == 1
-    assert controller.first_pass_body("create", 0, body) == body
-    assert controller.first_pass_body(kopf.Reason.UPDATE, 0, body) is None
-    assert controller.first_pass_body(kopf.Reason.RESUME, 0, body) is None
-    assert controller.first_pass_body(kopf.Reason.CREATE, 1, body) is None  # a retry reads it fresh
-    assert controller.first_pass_body(kopf.Reason.CREATE, 0, {**body, "status": {"phase": "Pending"}}) is None
-    assert controller.first_pass_body(kopf.Reason.CREATE, 0, None) is None
+    assert first_pass.from_event("create", 0, body) == body
+    assert first_pass.from_event(kopf.Reason.UPDATE, 0, body) is None
+    assert first_pass.from_event(kopf.Reason.RESUME, 0, body) is None
+    assert first_pass.from_event(kopf.Reason.CREATE, 1, body) is None  # a retry reads it fresh
+    assert first_pass.from_event(kopf.Reason.CREATE, 0, {**body, "status": {"phase": "Pending"}}) is None
+    assert first_pass.from_event(kopf.Reason.CREATE, 0, None) is None
 
 
 # -- the creation queue --------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_new_deployments_are_reconciled_off_the_handler_thread_a_few_at_a_time(
     queue = Debouncer(window=0.0, workers=2)
     monkeypatch.setattr(controller, "_creations", queue)
     monkeypatch.setattr(controller, "reconcile", reconcile)
-    monkeypatch.setattr(kube, "get", lambda *a, **k: None)  # no informer copy: the event is planned
+    monkeypatch.setattr(kube, "held", lambda *a, **k: None)  # no informer copy: the event is planned
     monkeypatch.setattr(controller, "arm_resync", lambda *a: None)
     monkeypatch.setattr(scaling, "arm_autoscaler", lambda *a: None)
     handler_thread = threading.current_thread().name
@@ -155,14 +155,14 @@ def test_the_events_go_out_beside_the_status(monkeypatch: pytest.MonkeyPatch) ->
 def test_the_queued_first_pass_plans_from_the_newest_copy_it_has(monkeypatch: pytest.MonkeyPatch) -> None:
     created = {"metadata": {"name": "a", "namespace": "ns", "uid": "u1", "resourceVersion": "5"}}
     held: dict[str, Any] | None = None
-    monkeypatch.setattr(kube, "get", lambda *a, **k: held)
-    assert controller.newest_known(created) is created  # the informer has not seen it yet
+    monkeypatch.setattr(kube, "held", lambda *a, **k: held)
+    assert first_pass.newest_known(created) is created  # the informer has not seen it yet
     held = {"metadata": {**created["metadata"], "resourceVersion": "6", "annotations": {"kopf": "x"}}}
-    assert controller.newest_known(created) is held  # kopf's annotations are on it already
+    assert first_pass.newest_known(created) is held  # kopf's annotations are on it already
     held = {"metadata": {**created["metadata"], "uid": "u0"}}
-    assert controller.newest_known(created) is created  # an older object of the same name
+    assert first_pass.newest_known(created) is created  # an older object of the same name
     held = {"metadata": created["metadata"], "status": {"phase": "Pending"}}
-    assert controller.newest_known(created) is None  # a pass wrote its status: read it fresh
+    assert first_pass.newest_known(created) is None  # a pass wrote its status: read it fresh
 
 
 def test_a_first_pass_writes_its_status_against_the_informers_newer_copy(
@@ -173,11 +173,11 @@ def test_a_first_pass_writes_its_status_against_the_informers_newer_copy(
     }
     held: dict[str, Any] | None = None
     monkeypatch.setattr(kube, "held", lambda *a, **k: held)
-    assert controller.first_status_read(planned) is planned  # nothing newer known
+    assert first_pass.status_read(planned) is planned  # nothing newer known
     annotated = {"metadata": {**planned["metadata"], "resourceVersion": "6", "annotations": {"kopf": "x"}}}
     held = annotated
-    assert controller.first_status_read(planned) is annotated  # only kopf's annotations moved
+    assert first_pass.status_read(planned) is annotated  # only kopf's annotations moved
     held = {**annotated, "status": {"eplb": {}}}
-    assert controller.first_status_read(planned) is planned  # another writer's status: not ours to drop
+    assert first_pass.status_read(planned) is planned  # another writer's status: not ours to drop
     held = {"metadata": {**annotated["metadata"], "generation": 2}}
-    assert controller.first_status_read(planned) is planned  # the spec changed: the write must fail
+    assert first_pass.status_read(planned) is planned  # the spec changed: the write must fail

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +23,8 @@ from fireflyer.api.defaulting import status_as_stored
 from fireflyer.operator import cache, events, kube, metrics, object_metrics, parallel_writes, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
-from fireflyer.operator.inference import drain, drain_reader, lending_writes, preflight, scaling
+from fireflyer.operator.inference import drain, drain_reader, first_pass, lending_writes, preflight, scaling
+from fireflyer.operator.inference.deleted_units import DeletedUnits
 from fireflyer.operator.inference.plan import Desired, Observed, plan
 from fireflyer.operator.inference.status import status_changed
 from fireflyer.operator.locks import OBJECTS, PLACEMENT
@@ -54,31 +53,6 @@ _failed_pod_created: dict[tuple[str, str], dict[str, datetime]] = defaultdict(di
 # watch-fed pod cache keeps no container statuses; by uid, a late event of a replaced pod matches
 # no current pod.
 _preflight_failures: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-
-
-class DeletedUnits:
-    """The uids of unit StatefulSets this operator deleted, until no listing shows them."""
-
-    def __init__(self) -> None:
-        self._uids: set[str] = set()
-        self._lock = threading.Lock()
-
-    def note(self, uid: str) -> None:
-        if uid:
-            with self._lock:
-                self._uids.add(uid)
-
-    def uids(self) -> set[str]:
-        with self._lock:
-            return set(self._uids)
-
-    def still_listed(self, listed: list[dict[str, Any]]) -> set[str]:
-        """Those `listed` (every unit StatefulSet) still shows; the rest are forgotten: the watch
-        has seen their deletion, and uids are never reused."""
-        present = {s["metadata"].get("uid") for s in listed}
-        with self._lock:
-            self._uids &= present
-            return set(self._uids)
 
 
 _deleted_units = DeletedUnits()
@@ -140,7 +114,7 @@ def _digest(obj: dict[str, Any]) -> str:
 
 def apply(cr: dict[str, Any], desired: Desired, force: bool = True, first: bool = False) -> None:
     """Write what the plan wants. first: a new deployment's first pass (its status is written
-    against the newest copy the informer holds, `first_status_read`)."""
+    against the newest copy the informer holds, `first_pass.status_read`)."""
     name = cr["metadata"]["name"]
     namespace = cr["metadata"]["namespace"]
     wanted = {(c["kind"], c["metadata"]["name"]) for c in desired.children}
@@ -161,7 +135,7 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True, first: bool 
         else None
     )
     # The scalers (a new deployment creates each role's, then writes its status) refer to no
-    # child: their round trips run beside the children's waves instead of after them.
+    # child: their round trips run beside the children's writes instead of after them.
     scalers = parallel_writes.started(scaling.scaler_writes(cr, desired.scales))
     try:
         with metrics.phase(KIND, "apply_children"):  # independent children: written at once
@@ -221,23 +195,10 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True, first: bool 
     if current.get("conditions") != merged or status_changed(current, status_as_stored(KIND, status)):
         # The EPLB timer writes this status too: its conditions are kept (writes.py).
         write = status_writes.patch_status
-        read = first_status_read(cr) if first else cr
+        read = first_pass.status_read(cr) if first else cr
         last.append(partial(write, KIND, name, namespace, status, conditions, generation, read=read))
     with metrics.phase(KIND, "status"):
         parallel_writes.each(last, lambda write: write())
-
-
-def first_status_read(cr: dict[str, Any]) -> dict[str, Any]:
-    """What a first pass writes its status against: the informer's copy when it is the same
-    object, spec and (empty) status as `cr`. kopf annotates a new object as its create handler
-    returns, during the pass: written against `cr`, the status would be refused for a stale
-    version and redone on a fresh read. A copy planned from is never newer than the informer's."""
-    meta = cr["metadata"]
-    held = kube.held(KIND, meta["name"], meta.get("namespace"))
-    if held is None:
-        return cr
-    same = all(held["metadata"].get(k) == meta.get(k) for k in ("uid", "generation"))
-    return held if same and held.get("status") == cr.get("status") else cr
 
 
 @timed(KIND)
@@ -349,51 +310,28 @@ def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
     arm_resync(namespace, name, kwargs)
     scaling.arm_autoscaler(namespace, name, kwargs.get("body") or {})
     nodes, pods = kwargs.get("cluster_nodes"), kwargs.get("cluster_pods")
-    created = first_pass_body(kwargs.get("reason"), kwargs.get("retry", 0), kwargs.get("body"))
+    created = first_pass.from_event(kwargs.get("reason"), kwargs.get("retry", 0), kwargs.get("body"))
     if created is None:
         reconcile(namespace, name, nodes, pods)
         return
     queued = time.perf_counter()
 
-    def first_pass() -> None:
+    def run_first_pass() -> None:
         metrics.QUEUE_SECONDS.labels(KIND).observe(time.perf_counter() - queued)
         try:
-            reconcile(namespace, name, nodes, pods, created=newest_known(created))
+            reconcile(namespace, name, nodes, pods, created=first_pass.newest_known(created))
         except kopf.PermanentError as exc:  # its status says so already
             log.warning("InferenceDeployment %s/%s: %s", namespace, name, exc)
 
     # Not on kopf's handler threads: a burst of new deployments would hold every one of them, and
     # with them the child events of the deployments already running. A failed first pass is
     # logged and redone by the resync armed above.
-    _creations.request((namespace, name), first_pass, urgent=True)
-
-
-def newest_known(created: dict[str, Any]) -> dict[str, Any] | None:
-    """What a new deployment's queued first pass plans from: the informer's copy when it holds
-    the object with no status yet, else its creation event; None (read it from the API server)
-    once a status is on it, as our own last write may be ahead of the watch. kopf annotates the
-    object when the create handler returns: planned from the event, the pass's status write
-    would be refused for a stale version and redone (two more round trips)."""
-    meta = created["metadata"]
-    held = kube.get(KIND, meta["name"], meta.get("namespace"))
-    if held is None or held["metadata"].get("uid") != meta.get("uid"):
-        return created
-    return None if held.get("status") else held
+    _creations.request((namespace, name), run_first_pass, urgent=True)
 
 
 # New deployments' first passes (each writes a dozen objects) run a few at a time: 16 at once
 # on a busy API server made each take seconds, as they waited for one another's writes.
 _creations = Debouncer(window=0.0, workers=int(os.environ.get("FIREFLYER_CREATION_WORKERS", "4")))
-
-
-def first_pass_body(reason: Any, retry: int, body: Any) -> dict[str, Any] | None:
-    """The creation event's object, when the pass may plan from it instead of reading the object
-    again (a round trip less for every new deployment): the first try of the create handler, on
-    an object with no status yet. Anything later reads it fresh, as our own status writes may be
-    ahead of the event."""
-    if getattr(reason, "value", reason) != "create" or retry or body is None or body.get("status"):
-        return None
-    return copy.deepcopy(dict(body))
 
 
 _resync = Resync("inference resync", RESYNC_SECONDS)
