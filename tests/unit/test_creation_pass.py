@@ -181,3 +181,15 @@ def test_a_first_pass_writes_its_status_against_the_informers_newer_copy(
     assert first_pass.status_read(planned) is planned  # another writer's status: not ours to drop
     held = {"metadata": {**annotated["metadata"], "generation": 2}}
     assert first_pass.status_read(planned) is planned  # the spec changed: the write must fail
+
+
+def test_a_resync_leaves_a_queued_first_pass_to_its_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    armed: dict[Any, Any] = {}
+    passes: list[str] = []
+    monkeypatch.setattr(controller._resync, "arm", lambda key, run: armed.__setitem__(key, run))
+    monkeypatch.setattr(controller, "reconcile", lambda namespace, name, *a, **k: passes.append(name) or {})
+    controller.arm_resync("ns", "new", {})
+    monkeypatch.setattr(controller, "_first_pass_queued", {("ns", "new")})
+    assert armed[("ns", "new")]() is True and passes == [], "the timer keeps running, the queue creates it"
+    monkeypatch.setattr(controller, "_first_pass_queued", set())
+    assert armed[("ns", "new")]() is True and passes == ["new"]

@@ -318,6 +318,7 @@ def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
 
     def run_first_pass() -> None:
         metrics.QUEUE_SECONDS.labels(KIND).observe(time.perf_counter() - queued)
+        _first_pass_queued.discard((namespace, name))
         try:
             reconcile(namespace, name, nodes, pods, created=first_pass.newest_known(created))
         except kopf.PermanentError as exc:  # its status says so already
@@ -326,12 +327,16 @@ def on_change(namespace: str | None, name: str, **kwargs: Any) -> None:
     # Not on kopf's handler threads: a burst of new deployments would hold every one of them, and
     # with them the child events of the deployments already running. A failed first pass is
     # logged and redone by the resync armed above.
+    _first_pass_queued.add((namespace, name))
     _creations.request((namespace, name), run_first_pass, urgent=True)
 
 
-# New deployments' first passes (each writes a dozen objects) run a few at a time: 16 at once
-# on a busy API server made each take seconds, as they waited for one another's writes.
-_creations = Debouncer(window=0.0, workers=int(os.environ.get("FIREFLYER_CREATION_WORKERS", "4")))
+# New deployments' first passes (each writes a dozen objects) run two at a time: 16 at once on a
+# busy API server made each take seconds, as they waited for one another's writes (4 at once:
+# the burst's p99 2.3 s; 2: 1.9 s, and all Ready 3 s later; docs/benchmarks.md).
+_creations = Debouncer(window=0.0, workers=int(os.environ.get("FIREFLYER_CREATION_WORKERS", "2")))
+# Deployments whose first pass waits on that queue; their resync must not run it meanwhile.
+_first_pass_queued: set[tuple[str, str]] = set()
 
 
 _resync = Resync("inference resync", RESYNC_SECONDS)
@@ -343,6 +348,8 @@ def arm_resync(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
     (fireflyer.operator.cache), live views kept from the handler that armed the run."""
 
     def run() -> bool:
+        if (namespace, name) in _first_pass_queued:
+            return True  # its first pass is still queued: creating it here would jump the queue
         try:
             return (
                 reconcile(namespace, name, kwargs.get("cluster_nodes"), kwargs.get("cluster_pods"))
