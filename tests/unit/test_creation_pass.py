@@ -161,8 +161,10 @@ def test_the_queued_first_pass_plans_from_the_newest_copy_it_has(monkeypatch: py
     assert first_pass.newest_known(created) is held  # kopf's annotations are on it already
     held = {"metadata": {**created["metadata"], "uid": "u0"}}
     assert first_pass.newest_known(created) is created  # an older object of the same name
-    held = {"metadata": created["metadata"], "status": {"phase": "Pending"}}
-    assert first_pass.newest_known(created) is None  # a pass wrote its status: read it fresh
+    held = {"metadata": created["metadata"], "status": {"prefill": {"autoscaler": {}}}}
+    assert first_pass.newest_known(created) is held  # another writer's fields only
+    held = {"metadata": created["metadata"], "status": {"phase": "Pending", "observedGeneration": 1}}
+    assert first_pass.newest_known(created) is None  # a pass of ours wrote its status: read it fresh
 
 
 def test_a_first_pass_writes_its_status_against_the_informers_newer_copy(

@@ -27,15 +27,17 @@ def from_event(reason: Any, retry: int, body: Any) -> dict[str, Any] | None:
 
 def newest_known(created: dict[str, Any]) -> dict[str, Any] | None:
     """What a new deployment's queued first pass plans from: the informer's copy when it holds
-    the object with no status yet, else its creation event; None (read it from the API server)
-    once a status is on it, as our own last write may be ahead of the watch. kopf annotates the
+    the object, else its creation event; None (read it from the API server) once a pass of ours
+    has written its status (observedGeneration), as that write may be ahead of the watch. Other
+    writers' fields (the autoscaler's, EPLB's) are no reason to read again: if the copy is
+    behind them, the status write is refused and redone on a fresh read. kopf annotates the
     object when the create handler returns: planned from the event, the pass's status write
     would be refused for a stale version and redone (two more round trips)."""
     meta = created["metadata"]
     held = kube.held(KIND, meta["name"], meta.get("namespace"))
     if held is None or held["metadata"].get("uid") != meta.get("uid"):
         return created
-    return None if held.get("status") else held
+    return None if (held.get("status") or {}).get("observedGeneration") is not None else held
 
 
 def status_read(cr: dict[str, Any]) -> dict[str, Any]:
