@@ -121,7 +121,8 @@ def test_not_ready_node_recreates_the_unit_elsewhere(operator: Operator, kube: K
     try:
 
         def moved() -> list[dict[str, Any]] | None:
-            pods = _unit_pods(kube, "decode", 0)
+            # The old pods stay listed (Running, with a deletionTimestamp) while they terminate.
+            pods = [p for p in _unit_pods(kube, "decode", 0) if not p["metadata"].get("deletionTimestamp")]
             nodes = {p["spec"].get("nodeName") for p in pods}
             running = all(p["status"].get("phase") == "Running" for p in pods)
             return pods if len(pods) == 4 and victim not in nodes and running else None

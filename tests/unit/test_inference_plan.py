@@ -71,6 +71,25 @@ def test_a_unit_whose_old_pods_are_still_terminating_is_not_recreated_again() ->
     assert desired.recreate == {}, desired.recreate
 
 
+def test_a_moved_units_terminating_pods_of_the_old_revision_are_not_a_second_revision() -> None:
+    """Right after a unit is recreated on other nodes, its old pods (the old revision) terminate
+    beside the first fresh pod: counted, they made "pods of two revisions" and the fresh pod
+    was deleted again."""
+    cr, sets = _placed()
+    decode = next(s for n, s in sets.items() if "decode" in n)
+    old = _pods(decode, NOW - timedelta(minutes=30), deletionTimestamp=NOW.isoformat())[1:]
+    for pod in old:
+        pod["metadata"]["name"] += "-old"
+        pod["metadata"]["labels"][L.REVISION] = "0ldrev"
+    fresh = _pods(decode, NOW - timedelta(seconds=1))[:1]
+    pods = [*old, *fresh]
+    for sts in sets.values():
+        if sts is not decode:
+            pods += _pods(sts, NOW - timedelta(minutes=30))
+    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    assert desired.recreate == {}, desired.recreate
+
+
 def test_a_unit_with_one_pod_replaced_alone_is_recreated_whole() -> None:
     cr, sets = _placed()
     decode = next(s for n, s in sets.items() if "decode" in n)

@@ -303,8 +303,11 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         if len(pairing) == 1:  # the unit's pods run that spec: the router pairs it by what it runs
             unit_pairing[leader] = str(pairing.pop())
         rev = children.revision(spec, unit.role, p.nodes, kv_mount)
-        revisions = {(pod["metadata"].get("labels") or {}).get(L.REVISION) for pod in unit.pods}
-        current = revisions == {rev}
+        # Pods on their way out (a recreation's) are no longer the unit's: their old revision
+        # beside a fresh pod is not two revisions in one unit.
+        staying = [pod for pod in unit.pods if not pod["metadata"].get("deletionTimestamp")]
+        revisions = {(pod["metadata"].get("labels") or {}).get(L.REVISION) for pod in staying}
+        current = revisions <= {rev}  # no pod staying: nothing of another revision to roll
         all_ready = len(unit.pods) == role.nodes_per_unit and all(_ready(pod) for pod in unit.pods)
         if not same and unit.pods and unit.name not in recreate:
             recreate[unit.name] = f"placement moved to {p.level} {p.domain}"
