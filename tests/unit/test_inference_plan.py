@@ -56,6 +56,15 @@ def _placed() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     return cr, sets
 
 
+def _plan_with_decode_pods(
+    cr: dict[str, Any], sets: dict[str, dict[str, Any]], decode: dict[str, Any], pods: list[dict[str, Any]]
+) -> Any:
+    """The plan with `pods` as the decode unit's and every other unit's pods long settled."""
+    settled = NOW - timedelta(minutes=30)
+    others = [p for sts in sets.values() if sts is not decode for p in _pods(sts, settled)]
+    return plan(cr, Observed(nodes=_nodes(), pods=[*pods, *others], statefulsets=sets, router=None, now=NOW))
+
+
 def test_a_unit_whose_old_pods_are_still_terminating_is_not_recreated_again() -> None:
     cr, sets = _placed()
     decode = next(s for n, s in sets.items() if "decode" in n)
@@ -64,10 +73,7 @@ def test_a_unit_whose_old_pods_are_still_terminating_is_not_recreated_again() ->
         pod["metadata"]["name"] += "-old"
     fresh = _pods(decode, NOW - timedelta(seconds=5))
     pods = [*old, *fresh]
-    for sts in sets.values():
-        if sts is not decode:
-            pods += _pods(sts, NOW - timedelta(minutes=30))
-    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    desired = _plan_with_decode_pods(cr, sets, decode, pods)
     assert desired.recreate == {}, desired.recreate
 
 
@@ -83,10 +89,7 @@ def test_a_moved_units_terminating_pods_of_the_old_revision_are_not_a_second_rev
         pod["metadata"]["labels"][L.REVISION] = "0ldrev"
     fresh = _pods(decode, NOW - timedelta(seconds=1))[:1]
     pods = [*old, *fresh]
-    for sts in sets.values():
-        if sts is not decode:
-            pods += _pods(sts, NOW - timedelta(minutes=30))
-    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    desired = _plan_with_decode_pods(cr, sets, decode, pods)
     assert desired.recreate == {}, desired.recreate
 
 
@@ -95,10 +98,7 @@ def test_a_unit_with_one_pod_replaced_alone_is_recreated_whole() -> None:
     decode = next(s for n, s in sets.items() if "decode" in n)
     pods = _pods(decode, NOW - timedelta(minutes=30))
     pods[1]["metadata"]["creationTimestamp"] = (NOW - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for sts in sets.values():
-        if sts is not decode:
-            pods += _pods(sts, NOW - timedelta(minutes=30))
-    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    desired = _plan_with_decode_pods(cr, sets, decode, pods)
     assert list(desired.recreate) == [decode["metadata"]["name"]]
     assert "replaced on its own" in desired.recreate[decode["metadata"]["name"]]
 
@@ -110,10 +110,7 @@ def test_a_recreated_unit_gets_a_fresh_bind_deadline() -> None:
     decode["metadata"]["annotations"][L.PLACED_AT] = long_ago
     pods = _pods(decode, NOW - timedelta(hours=2))
     pods[0]["status"]["phase"] = "Failed"
-    for sts in sets.values():
-        if sts is not decode:
-            pods += _pods(sts, NOW - timedelta(minutes=30))
-    desired = plan(cr, Observed(nodes=_nodes(), pods=pods, statefulsets=sets, router=None, now=NOW))
+    desired = _plan_with_decode_pods(cr, sets, decode, pods)
     assert "failed" in desired.recreate[decode["metadata"]["name"]]
     again = next(c for c in desired.children if c["metadata"]["name"] == decode["metadata"]["name"])
     assert again["metadata"]["annotations"][L.PLACED_AT] == NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
