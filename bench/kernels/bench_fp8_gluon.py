@@ -167,7 +167,7 @@ def grouped_rows() -> list[dict]:
                 "n": n,
                 "k": k,
             }
-            for name in ("128x128", "128x128s5", "64x128"):
+            for name in ("128x128", "128x128s5", "128x128k2", "64x128"):
                 t = checked(
                     partial(fg.grouped_contiguous_gluon, a_q, a_s, w_q, w_s, idx, config=fg.CONFIGS[name]),
                     ref,
@@ -209,7 +209,7 @@ def grouped_rows() -> list[dict]:
                 "n": n,
                 "k": k,
             }
-            for name in ("128x128", "64x256", "64x128"):
+            for name in ("128x128", "128x128k2", "64x256", "64x128", "64x128k2"):
                 t = checked(
                     partial(
                         fg.grouped_masked_gluon, a_q, a_s, w_q, w_s, masked, out=out, config=fg.CONFIGS[name]

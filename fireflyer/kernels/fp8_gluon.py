@@ -52,7 +52,7 @@ class GluonConfig:
     split: str = "m"
     stages: int = 4
     group_m: int = 8
-    overlap: bool = False
+    k_per_stage: int = 1  # 128-wide K steps per ring slot (one ready wait and one release each)
 
     @property
     def block_m(self) -> int:
@@ -65,7 +65,7 @@ class GluonConfig:
     @property
     def name(self) -> str:
         return f"{self.block_m}x{self.block_n}/{self.split}/s{self.stages}" + (
-            "/overlap" if self.overlap else ""
+            f"/k{self.k_per_stage}" if self.k_per_stage > 1 else ""
         )
 
 
@@ -74,23 +74,25 @@ CONFIGS = {
     "128x128s5": GluonConfig(64, 128, "m", 5),
     "128x128s6": GluonConfig(64, 128, "m", 6),
     "128x128s5g16": GluonConfig(64, 128, "m", 5, group_m=16),
-    "128x128o": GluonConfig(64, 128, "m", 4, overlap=True),
+    "128x128k2": GluonConfig(64, 128, "m", 3, k_per_stage=2),
+    "128x128k2g16": GluonConfig(64, 128, "m", 3, group_m=16, k_per_stage=2),
     "128x256": GluonConfig(64, 256, "m", 3),
-    "64x256o": GluonConfig(64, 128, "n", 4, overlap=True),
     "64x256": GluonConfig(64, 128, "n", 4),
     "64x128": GluonConfig(64, 64, "n", 6),
+    "64x128k2": GluonConfig(64, 64, "n", 3, k_per_stage=2),
 }
 
 
 def default_config(m: int) -> GluonConfig:
-    """Up to 128 rows: 64×128 tiles, so that more CTAs stream the weight; else 128×128 with a 5-deep
-    ring (the best of the sweep on an H200, docs/kernels.md)."""
-    return CONFIGS["64x128"] if m <= 128 else CONFIGS["128x128s5"]
+    """Up to 128 rows: 64×128 tiles, so that more CTAs stream the weight; else 128×128. Both with
+    two K steps per ring slot, which halves the warpgroups' barriers per K step (the best of the
+    sweep on an H200, docs/benchmarks.md)."""
+    return CONFIGS["64x128k2"] if m <= 128 else CONFIGS["128x128k2"]
 
 
 def shared_bytes(cfg: GluonConfig) -> int:
     """Shared memory the kernel allocates: the load ring plus one BF16 staging tile per consumer."""
-    ring = cfg.stages * (cfg.block_m + cfg.block_n) * GROUP
+    ring = cfg.stages * cfg.k_per_stage * (cfg.block_m + cfg.block_n) * GROUP
     return ring + 2 * cfg.sub_m * cfg.sub_n * 2 + 2 * cfg.stages * 8
 
 
@@ -165,8 +167,10 @@ def _launch(
     wide = cfg.sub_n == 256
     if cfg.sub_m != 64 or cfg.sub_n not in (64, 128, 256) or cfg.split not in ("m", "n"):
         raise ValueError(f"unsupported tile {cfg}")
-    if wide and (cfg.split != "m" or cfg.overlap):
-        raise ValueError("256-column sub-tiles run only split along M and without overlap")
+    if wide and (cfg.split != "m" or cfg.k_per_stage != 1):
+        raise ValueError("256-column sub-tiles run only split along M, one K step per stage")
+    if cfg.k_per_stage not in (1, 2):
+        raise ValueError(f"k_per_stage must be 1 or 2, got {cfg.k_per_stage}")
     if shared_bytes(cfg) > 227 * 1024:
         raise ValueError(f"{cfg.name} needs {shared_bytes(cfg)} bytes of shared memory")
     k = a2.shape[1]
@@ -201,7 +205,7 @@ def _launch(
         cfg.group_m,
         cfg.stages,
         mode,
-        cfg.overlap,
+        cfg.k_per_stage,
         CONSUMER_REGS,
     )
     key = (cfg, mode, device)

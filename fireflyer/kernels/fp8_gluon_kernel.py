@@ -94,23 +94,28 @@ if HAVE_GLUON:
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
         MODE: gl.constexpr,
+        K_PER_STAGE: gl.constexpr,
     ):
-        nbytes: gl.constexpr = (BM + BN) * 128
+        # A stage holds K_PER_STAGE 128-wide K steps; a step past K (odd step counts) is loaded
+        # out of bounds, which TMA fills with zeros and still counts in full.
+        nbytes: gl.constexpr = (BM + BN) * 128 * K_PER_STAGE
         it = 0
         for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             active, row, b_row, _col, _bs_base, _row_end, _padding = _tile(
                 t, num_m, num_n, idx_ptr, M, N, M_MAX, stride_bsg, BM, BN, GROUP_M, MODE
             )
             if active:
-                for kk in range(k_steps):
+                for kk in range(0, k_steps, K_PER_STAGE):
                     s = it % STAGES
                     # The first pass over the ring finds every slot free (parity trick).
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                     mbarrier.expect(ready.index(s), nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [row, kk * 128], ready.index(s), a_smem.index(s))
-                    tma.async_copy_global_to_shared(
-                        b_desc, [b_row, kk * 128], ready.index(s), b_smem.index(s)
-                    )
+                    for j in gl.static_range(K_PER_STAGE):
+                        slot = s * K_PER_STAGE + j
+                        k = (kk + j) * 128
+                        bar = ready.index(s)
+                        tma.async_copy_global_to_shared(a_desc, [row, k], bar, a_smem.index(slot))
+                        tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_smem.index(slot))
                     it += 1
 
     @gluon.jit
@@ -151,65 +156,29 @@ if HAVE_GLUON:
         COL_OFF: gl.constexpr,
         SPLIT_N: gl.constexpr,
         STAGES: gl.constexpr,
+        K_PER_STAGE: gl.constexpr,
     ):
-        """wgmma, wait, free the slot, promote: the other consumer's wgmma hides this one's promotion."""
+        """Per K step: wgmma, wait, promote; the other consumer's wgmma hides this one's promotion.
+        A stage's K_PER_STAGE steps share one wait on its ready barrier and one release: each
+        wait and release costs the warpgroup a barrier of its own (the compiler syncs its four
+        warps around them), so fewer, larger stages spend less time there."""
         acc = zero
-        for kk in range(k_steps):
+        for kk in range(0, k_steps, K_PER_STAGE):
             s = it % STAGES
-            scale = gl.load(a_scale_ptrs + kk, mask=row_ok, other=0.0) * gl.load(b_scale_ptr + kk)
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            a_tile, b_tile = _operands(a_smem, b_smem, s, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N)
-            part = warpgroup_mma(a_tile, b_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
-            part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, b_tile))
-            mbarrier.arrive(empty.index(s), count=1)
-            acc += part * scale[:, None]
+            for j in gl.static_range(K_PER_STAGE):
+                # A step past K holds zeros; it reads the last step's scales.
+                k = gl.minimum(kk + j, k_steps - 1)
+                scale = gl.load(a_scale_ptrs + k, mask=row_ok, other=0.0) * gl.load(b_scale_ptr + k)
+                a_tile, b_tile = _operands(
+                    a_smem, b_smem, s * K_PER_STAGE + j, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N
+                )
+                part = warpgroup_mma(a_tile, b_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
+                part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, b_tile))
+                if j == K_PER_STAGE - 1:
+                    mbarrier.arrive(empty.index(s), count=1)
+                acc += part * scale[:, None]
             it += 1
-        return acc, it
-
-    @gluon.jit
-    def _mainloop_overlapped(
-        a_smem,
-        b_smem,
-        ready,
-        empty,
-        a_scale_ptrs,
-        row_ok,
-        b_scale_ptr,
-        k_steps,
-        it,
-        zero,
-        SUB_M: gl.constexpr,
-        SUB_N: gl.constexpr,
-        ROW_OFF: gl.constexpr,
-        COL_OFF: gl.constexpr,
-        SPLIT_N: gl.constexpr,
-        STAGES: gl.constexpr,
-    ):
-        """As _mainloop, but step k+1's wgmma is issued before step k is promoted, so each warpgroup
-        also overlaps its own promotion (one more fp32 partial in registers)."""
-        acc = zero
-        s_prev = it % STAGES
-        scale_prev = gl.load(a_scale_ptrs, mask=row_ok, other=0.0) * gl.load(b_scale_ptr)
-        mbarrier.wait(ready.index(s_prev), (it // STAGES) & 1)
-        a_tile, b_tile = _operands(a_smem, b_smem, s_prev, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N)
-        prev = warpgroup_mma(a_tile, b_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
-        it += 1
-        for kk in range(1, k_steps):
-            s = it % STAGES
-            scale = gl.load(a_scale_ptrs + kk, mask=row_ok, other=0.0) * gl.load(b_scale_ptr + kk)
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            a_tile, b_tile = _operands(a_smem, b_smem, s, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N)
-            cur = warpgroup_mma(a_tile, b_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
-            done = warpgroup_mma_wait(num_outstanding=1, deps=(prev,))
-            mbarrier.arrive(empty.index(s_prev), count=1)
-            acc += done * scale_prev[:, None]
-            prev = cur
-            s_prev = s
-            scale_prev = scale
-            it += 1
-        done = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-        mbarrier.arrive(empty.index(s_prev), count=1)
-        acc += done * scale_prev[:, None]
         return acc, it
 
     @gluon.jit
@@ -283,7 +252,7 @@ if HAVE_GLUON:
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
         MODE: gl.constexpr,
-        OVERLAP: gl.constexpr,
+        K_PER_STAGE: gl.constexpr,
     ):
         BM: gl.constexpr = SUB_M if SPLIT_N else 2 * SUB_M
         BN: gl.constexpr = 2 * SUB_N if SPLIT_N else SUB_N
@@ -333,25 +302,6 @@ if HAVE_GLUON:
                         ROW_OFF,
                         STAGES,
                     )
-                elif OVERLAP:
-                    acc, it = _mainloop_overlapped(
-                        a_smem,
-                        b_smem,
-                        ready,
-                        empty,
-                        a_scale_ptrs,
-                        row_ok,
-                        b_scale_ptr,
-                        k_steps,
-                        it,
-                        zero,
-                        SUB_M,
-                        SUB_N,
-                        ROW_OFF,
-                        COL_OFF,
-                        SPLIT_N,
-                        STAGES,
-                    )
                 else:
                     acc, it = _mainloop(
                         a_smem,
@@ -370,6 +320,7 @@ if HAVE_GLUON:
                         COL_OFF,
                         SPLIT_N,
                         STAGES,
+                        K_PER_STAGE,
                     )
             # Masked layout: a sub-tile reaching past the expert's row count is stored through
             # pointers, so the rows after it stay untouched; whole sub-tiles go through TMA.
@@ -425,13 +376,13 @@ if HAVE_GLUON:
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
         MODE: gl.constexpr,
-        OVERLAP: gl.constexpr,
+        K_PER_STAGE: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
     ):
         BM: gl.constexpr = SUB_M if SPLIT_N else 2 * SUB_M
         BN: gl.constexpr = 2 * SUB_N if SPLIT_N else SUB_N
-        a_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BM, 128], a_desc.layout)
-        b_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, 128], b_desc.layout)
+        a_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * K_PER_STAGE, BM, 128], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * K_PER_STAGE, BN, 128], b_desc.layout)
         # Each consumer stages its BF16 output as SUB_N // 128 (or one) [SUB_M, ≤128] pieces.
         CHUNKS: gl.constexpr = 2 if SUB_N == 256 else 1
         c0 = gl.allocate_shared_memory(gl.bfloat16, [CHUNKS * SUB_M, SUB_N // CHUNKS], c_desc.layout)
@@ -448,12 +399,12 @@ if HAVE_GLUON:
             [
                 (_consume, (a_smem, b_smem, ready, empty, c0, c_desc, c_ptr, as_ptr, bs_ptr, idx_ptr,
                             M, N, M_MAX, stride_asm, stride_bsg, stride_bsn, k_steps, num_m, num_n, num_tiles,
-                            0, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, OVERLAP)),
+                            0, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE)),
                 (_consume, (a_smem, b_smem, ready, empty, c1, c_desc, c_ptr, as_ptr, bs_ptr, idx_ptr,
                             M, N, M_MAX, stride_asm, stride_bsg, stride_bsn, k_steps, num_m, num_n, num_tiles,
-                            1, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, OVERLAP)),
+                            1, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE)),
                 (_produce, (a_desc, b_desc, a_smem, b_smem, ready, empty, idx_ptr, M, N, M_MAX, stride_bsg,
-                            k_steps, num_m, num_n, num_tiles, BM, BN, GROUP_M, STAGES, MODE)),
+                            k_steps, num_m, num_n, num_tiles, BM, BN, GROUP_M, STAGES, MODE, K_PER_STAGE)),
             ],
             [4, 1],
             [CONSUMER_REGS, 40],

@@ -12,6 +12,8 @@ warpgroup holding 256 of O's 512 fp32 columns. Split-KV partials merge through t
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -19,7 +21,6 @@ import torch
 from fireflyer.kernels.mla import D_QK, D_V, PAGE, check_shapes
 
 try:  # Gluon's Hopper API as shipped in Triton 3.6; absent or different elsewhere.
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -39,10 +40,13 @@ BLOCK_M = 64  # query rows per program: one wgmma M tile
 D_ROPE = D_QK - D_V
 # BLOCK_N: KV tokens per pipeline stage (a divisor of the 64-token page); STAGES: ring depth.
 # Shared memory: Q 72 KiB + STAGES × BLOCK_N × 1152 B (≤ 227 KiB on an H200).
+# PIPELINE: tile i+1's scores and tile i-1's P·V overlap tile i's softmax (needs ≥ 3 stages).
 CONFIGS: dict[str, dict[str, int]] = {
-    "n64s2": {"BLOCK_N": 64, "STAGES": 2},
-    "n32s3": {"BLOCK_N": 32, "STAGES": 3},
-    "n32s4": {"BLOCK_N": 32, "STAGES": 4},
+    "n64s2": {"BLOCK_N": 64, "STAGES": 2, "PIPELINE": 0},
+    "n32s3": {"BLOCK_N": 32, "STAGES": 3, "PIPELINE": 0},
+    "n32s4": {"BLOCK_N": 32, "STAGES": 4, "PIPELINE": 0},
+    "n32s3p": {"BLOCK_N": 32, "STAGES": 3, "PIPELINE": 1},
+    "n32s4p": {"BLOCK_N": 32, "STAGES": 4, "PIPELINE": 1},
 }
 CONFIG = CONFIGS["n64s2"]
 LOADER_REGS = 40
@@ -78,6 +82,7 @@ if HAVE_GLUON:
     D_ROPE_C = gl.constexpr(D_ROPE)
     LOADER_REGS_C = gl.constexpr(LOADER_REGS)
     BLOCK_M_C = gl.constexpr(BLOCK_M)
+    LN2 = gl.constexpr(math.log(2.0))
 
     @gluon.jit
     def _load_kv(
@@ -95,18 +100,94 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
     ):
-        """Loader partition: one TMA load of the latent and one of the rope part per KV tile."""
+        """Loader partition: one TMA load of the latent and one of the rope part per KV tile. The
+        block-table entry of the next tile is read while this one waits for its slot, so the
+        table's latency never sits between a slot coming free and its refill."""
         nbytes: gl.constexpr = nope_desc.block_type.nbytes + rope_desc.block_type.nbytes
+        table = BT + pid_b * stride_btb
+        last = gl.maximum(n_tiles - 1, 0)
+        # A split past the sequence's end has no tiles, and its first entry may lie past the table.
+        block_next = gl.load(table + (first * BLOCK_N) // PAGE_C, mask=n_tiles > 0, other=0)
         for i in range(n_tiles):
             stage = i % STAGES
+            token = (first + i) * BLOCK_N
+            block = block_next
+            block_next = gl.load(table + ((first + gl.minimum(i + 1, last)) * BLOCK_N) // PAGE_C)
             # A fresh barrier passes a wait on parity 1, so the first lap does not block.
             mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-            token = (first + i) * BLOCK_N
-            block = gl.load(BT + pid_b * stride_btb + token // PAGE_C)
             row = block * PAGE_C + token % PAGE_C
             mbarrier.expect(ready.index(stage), nbytes)
             tma.async_copy_global_to_shared(nope_desc, [row, 0], ready.index(stage), kv_nope.index(stage))
             tma.async_copy_global_to_shared(rope_desc, [row, 0], ready.index(stage), kv_rope.index(stage))
+
+    @gluon.jit
+    def _softmax_step(
+        s, m_i, l_i, offs_n, query_pos, seqlen, tile, scale_log2, o_layout: gl.constexpr,
+        p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+    ):  # fmt: skip
+        """One KV tile's scores → (P as the PV operand, the accumulator's rescale, new max, sum)."""
+        s = s * scale_log2
+        pos = tile * BLOCK_N + offs_n
+        keep = (pos[None, :] < seqlen) & (pos[None, :] <= query_pos[:, None])
+        s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        return p_op, alpha_o, m_new, l_i
+
+    @gluon.jit
+    def _issue_scores(q_nope, q_rope, kv_nope, kv_rope, ready, tile, s_zero, STAGES: gl.constexpr):
+        stage = tile % STAGES
+        mbarrier.wait(ready.index(stage), (tile // STAGES) & 1)
+        s = warpgroup_mma(q_nope, kv_nope.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        return warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _tiles_pipelined(
+        q_nope, q_rope, kv_nope, kv_rope, ready, empty, acc, m_i, l_i, s_zero, offs_n, query_pos, seqlen,
+        first, n_tiles, scale_log2, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """The KV tiles with tile i+1's softmax under tile i's P·V: per tile, issue S(i+1) and
+        P·V(i), wait for S(i+1) (wgmma groups retire in issue order), run its softmax while P·V(i)
+        is on the tensor cores, then wait for P·V(i), free its stage and rescale. Nothing is in
+        flight across the loop's back edge (a wgmma result carried round a loop is copied while
+        it runs, and ptxas then serialises every wgmma). Tiles i and i+1 are resident together,
+        so the loader runs ahead only with three stages or more. The last tile's "next" scores
+        are its own again, fully masked: they add nothing and rescale by one."""
+        last = gl.maximum(n_tiles - 1, 0)
+        p_op = gl.zeros([s_zero.shape[0], BLOCK_N], gl.bfloat16, p_layout)
+        alpha_o = gl.full([s_zero.shape[0]], 1.0, gl.float32, gl.SliceLayout(1, o_layout))
+        if n_tiles > 0:
+            s = _issue_scores(q_nope, q_rope, kv_nope, kv_rope, ready, 0, s_zero, STAGES)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            p_op, alpha_o, m_i, l_i = _softmax_step(
+                s, m_i, l_i, offs_n, query_pos, seqlen, first, scale_log2, o_layout, p_layout, BLOCK_N
+            )
+        for i in range(n_tiles):
+            stage = i % STAGES
+            s = _issue_scores(
+                q_nope, q_rope, kv_nope, kv_rope, ready, gl.minimum(i + 1, last), s_zero, STAGES
+            )
+            p_cur = p_op
+            acc = warpgroup_mma(p_cur, kv_nope.index(stage), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            p_op, alpha_o, m_i, l_i = _softmax_step(
+                s, m_i, l_i, offs_n, query_pos, gl.where(i + 1 < n_tiles, seqlen, 0), first + i + 1,
+                scale_log2, o_layout, p_layout, BLOCK_N,
+            )  # fmt: skip
+            # P(i) is a dependency of the wait too, so the softmax cannot reuse its registers
+            # while the wgmma still reads them.
+            acc, p_cur = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_cur))
+            # Both warpgroups are done reading this stage before the loader refills it.
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(stage), count=1)
+            acc = acc * alpha_o[:, None]
+        return acc, m_i, l_i
 
     @gluon.jit
     def _attend(
@@ -135,6 +216,8 @@ if HAVE_GLUON:
         H_Q: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
+        DIRECT: gl.constexpr,
+        PIPELINE: gl.constexpr,
     ):
         """Math partition (two warpgroups): Q into shared memory, then the online softmax over
         this split's KV tiles; writes the split's normalised output and log2-sum-exp."""
@@ -167,43 +250,46 @@ if HAVE_GLUON:
         l_i = gl.zeros([BLOCK_M_C], gl.float32, layout=rows_l)
         acc = gl.zeros([BLOCK_M_C, D_V_C], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M_C, BLOCK_N], gl.float32, layout=s_layout)
-        for i in range(n_tiles):
-            stage = i % STAGES
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-            k_nope = kv_nope.index(stage)
-            k_rope = kv_rope.index(stage)
-            s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            s = s * scale_log2
-            pos = (first + i) * BLOCK_N + offs_n
-            keep = (pos[None, :] < seqlen) & (pos[None, :] <= query_pos[:, None])
-            s = gl.where(keep, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-            acc = acc * alpha_o[:, None]
-            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(p_op, k_nope, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            # Both warpgroups are done reading this stage before the loader refills it.
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(stage), count=1)
+        if PIPELINE:
+            acc, m_i, l_i = _tiles_pipelined(
+                q_nope, q_rope, kv_nope, kv_rope, ready, empty, acc, m_i, l_i, s_zero, offs_n, query_pos,
+                seqlen, first, n_tiles, scale_log2, o_layout, p_layout, BLOCK_N, STAGES,
+            )  # fmt: skip
+        else:
+            for i in range(n_tiles):
+                stage = i % STAGES
+                mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+                k_nope = kv_nope.index(stage)
+                s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                p_op, alpha_o, m_i, l_i = _softmax_step(
+                    s, m_i, l_i, offs_n, query_pos, seqlen, first + i, scale_log2, o_layout, p_layout, BLOCK_N
+                )
+                acc = acc * alpha_o[:, None]
+                acc = warpgroup_mma(p_op, k_nope, acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                # Both warpgroups are done reading this stage before the loader refills it.
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(stage), count=1)
 
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
         lse = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
-        gl.store(LP + pid_b * stride_lpb + pid_s * stride_lps + rows, lse, mask=rows < S_Q * H_Q)
         o_rows_l: gl.constexpr = gl.SliceLayout(1, o_layout)
         l_o = gl.convert_layout(l_safe, o_rows_l)
         out = acc / l_o[:, None]
         o_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=o_rows_l)
         o_cols = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, o_layout))
         op = OP + pid_b * stride_opb + pid_s * stride_ops + o_rows[:, None] * D_V_C + o_cols[None, :]
-        gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
+        if DIRECT:
+            # One split: the final output in the query's dtype and the natural-log lse in its
+            # [b, h_q, s_q] layout, with no partials to merge.
+            lse_at = (rows % H_Q) * S_Q + rows // H_Q
+            gl.store(LP + pid_b * stride_lpb + lse_at, lse * LN2, mask=rows < S_Q * H_Q)
+            gl.store(op, out.to(OP.dtype.element_ty), mask=(o_rows < S_Q * H_Q)[:, None])
+        else:
+            gl.store(LP + pid_b * stride_lpb + pid_s * stride_lps + rows, lse, mask=rows < S_Q * H_Q)
+            gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
 
     @gluon.jit
     def _mla_gluon_partial(
@@ -226,6 +312,7 @@ if HAVE_GLUON:
         NUM_SPLITS: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
+        PIPELINE: gl.constexpr,
     ):
         pid_m = gl.program_id(0)
         pid_s = gl.program_id(1)
@@ -279,6 +366,8 @@ if HAVE_GLUON:
                         H_Q,
                         BLOCK_N,
                         STAGES,
+                        NUM_SPLITS == 1,
+                        PIPELINE,
                     ),
                 ),
                 (
@@ -308,12 +397,25 @@ if HAVE_GLUON:
             mbarrier.invalidate(empty.index(st))
 
 
+@functools.cache
 def kv_layouts(block_n: int) -> tuple[Any, Any]:
     """Shared layouts of one stage's latent [block_n, 512] and rope [block_n, 64] tiles (128-byte
-    swizzle; the latent box is split into 64-column TMA messages by the compiler)."""
+    swizzle; the latent box is split into 64-column TMA messages by the compiler). Cached: building
+    a layout costs tens of microseconds."""
     nope = gl.NVMMASharedLayout.get_default_for([block_n, D_V], gl.bfloat16)
     rope = gl.NVMMASharedLayout.get_default_for([block_n, D_ROPE], gl.bfloat16)
     return nope, rope
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Compiled kernels, launched directly on later calls (the JIT's argument binding costs more than a
+# short decode step), keyed by what the JIT specialised them on: the constexprs, the device, each
+# pointer's 16-byte alignment and each integer's divisibility by 16 and equality to 1.
+_COMPILED: dict[tuple[Any, ...], Any] = {}
 
 
 def mla_decode_gluon(
@@ -326,7 +428,8 @@ def mla_decode_gluon(
     config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode (mla.py's contract) on a Hopper GPU; ValueError for inputs it does not
-    support, so that a dispatcher can fall back to the Triton kernel."""
+    support, so that a dispatcher can fall back to the Triton kernel. With one split per sequence
+    the kernel writes the final output and lse itself; with more, the Triton combine merges them."""
     check_shapes(q, kv_cache, block_table, cache_seqlens)
     reason = supported(q, kv_cache)
     if reason is not None:
@@ -334,44 +437,66 @@ def mla_decode_gluon(
     from fireflyer.kernels.mla_triton import LOG2E, combine_splits
 
     cfg = {**CONFIG, **(config or {})}
-    block_n, stages = cfg["BLOCK_N"], cfg["STAGES"]
+    block_n, stages, pipeline = cfg["BLOCK_N"], cfg["STAGES"], int(cfg.get("PIPELINE", 0))
     if PAGE % block_n or block_n < 16:
         raise ValueError(f"mla_decode_gluon: BLOCK_N must divide {PAGE} and be ≥ 16, got {block_n}")
+    if pipeline and stages < 3:
+        raise ValueError(f"mla_decode_gluon: PIPELINE needs at least 3 stages, got {stages}")
     b, s_q, h_q, _ = q.shape
     q = q.contiguous()
     block_table = block_table.contiguous()
     rows = s_q * h_q
-    m_tiles = triton.cdiv(rows, BLOCK_M)
+    m_tiles = -(-rows // BLOCK_M)
+    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = one_wave_splits(b * m_tiles, sms, block_table.shape[1] * (PAGE // block_n))
+        splits = one_wave_splits(b * m_tiles, _sm_count(device), block_table.shape[1] * (PAGE // block_n))
     flat = kv_cache.view(-1, D_QK)
     nope_layout, rope_layout = kv_layouts(block_n)
     nope_desc = TensorDescriptor(flat, [flat.shape[0], D_V], [D_QK, 1], [block_n, D_V], nope_layout)
     rope = flat[:, D_V:]
     rope_desc = TensorDescriptor(rope, [rope.shape[0], D_ROPE], [D_QK, 1], [block_n, D_ROPE], rope_layout)
-    out_part = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
-    _mla_gluon_partial[(m_tiles, splits, b)](
+    if splits == 1:
+        out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+        out_strides = (out.stride(0), 0)
+        lse_strides = (lse.stride(0), 0)
+    else:
+        out = torch.empty(b, splits, rows, D_V, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, splits, rows, dtype=torch.float32, device=q.device)
+        out_strides = (out.stride(0), out.stride(1))
+        lse_strides = (lse.stride(0), lse.stride(1))
+    args = (
         q,
         nope_desc,
         rope_desc,
         block_table,
         cache_seqlens,
-        out_part,
-        lse_part,
+        out,
+        lse,
         softmax_scale * LOG2E,
         q.stride(0),
         block_table.stride(0),
-        out_part.stride(0),
-        out_part.stride(1),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        S_Q=s_q,
-        H_Q=h_q,
-        NUM_SPLITS=splits,
-        BLOCK_N=block_n,
-        STAGES=stages,
-        num_warps=8,
+        *out_strides,
+        *lse_strides,
+        s_q,
+        h_q,
+        splits,
+        block_n,
+        stages,
+        pipeline,
     )
-    return combine_splits(out_part, lse_part, s_q, h_q, q.dtype)
+    grid = (m_tiles, splits, b)
+    specialised = tuple(
+        a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
+        for a in args
+        if isinstance(a, (torch.Tensor, int))
+    )
+    key = (device, specialised, *args[-6:])
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = _mla_gluon_partial[grid](*args, num_warps=8)
+    else:
+        compiled[grid](*args)
+    if splits == 1:
+        return out, lse
+    return combine_splits(out, lse, s_q, h_q, q.dtype)

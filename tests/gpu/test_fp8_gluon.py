@@ -37,7 +37,8 @@ def test_dense_matches_reference_on_v3_shapes(m: int, n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(fg.CONFIGS))
-@pytest.mark.parametrize("m,n,k", [(200, 2112, 512), (4096, 576, 1536), (17, 384, 7168)])
+# K = 640 is five K steps: a two-step stage ends past K.
+@pytest.mark.parametrize("m,n,k", [(200, 2112, 512), (4096, 576, 1536), (17, 384, 7168), (130, 256, 640)])
 def test_every_config_matches_reference(name: str, m: int, n: int, k: int) -> None:
     a, a_s, b, b_s = _operands(m, n, k, seed=7)
     out = fg.gemm_fp8_gluon(a, a_s, b, b_s, config=fg.CONFIGS[name])
@@ -58,7 +59,7 @@ def test_unsupported_inputs_raise_value_error() -> None:
         fg.gemm_fp8_gluon(a, a_s[:, :2], b, b_s)
 
 
-@pytest.mark.parametrize("name", ["128x128", "64x128"])
+@pytest.mark.parametrize("name", ["128x128", "64x128", "128x128k2"])
 def test_grouped_contiguous_matches_reference(name: str) -> None:
     groups, n, k = 4, 4096, 7168
     sizes = [128, 384, 0, 256]
@@ -87,8 +88,10 @@ def test_grouped_contiguous_with_a_partial_weight_block() -> None:
     assert fp8.calc_diff(out, ref) < 1e-3
 
 
+@pytest.mark.parametrize("name", [None, "128x128k2", "64x128k2"])
 @pytest.mark.parametrize("m_max", [64, 256])
-def test_grouped_masked_matches_reference_and_leaves_other_rows(m_max: int) -> None:
+def test_grouped_masked_matches_reference_and_leaves_other_rows(m_max: int, name: str | None) -> None:
+    config = fg.CONFIGS[name] if name else None
     groups, n, k = 6, 4096, 7168
     a = torch.randn(groups, m_max, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
@@ -98,8 +101,8 @@ def test_grouped_masked_matches_reference_and_leaves_other_rows(m_max: int) -> N
     b_q, b_s = fp8.quantize_per_block(b)
     ref = fp8.grouped_gemm_fp8_masked(a_q, a_s, b_q, b_s, masked, backend="torch")
     sentinel = torch.full((groups, m_max, n), 7.0, device="cuda", dtype=torch.bfloat16)
-    out = fg.grouped_masked_gluon(a_q, a_s, b_q, b_s, masked, out=sentinel)
-    fresh = fg.grouped_masked_gluon(a_q, a_s, b_q, b_s, masked)
+    out = fg.grouped_masked_gluon(a_q, a_s, b_q, b_s, masked, out=sentinel, config=config)
+    fresh = fg.grouped_masked_gluon(a_q, a_s, b_q, b_s, masked, config=config)
     for g in range(groups):
         mg = int(masked[g])
         if mg:

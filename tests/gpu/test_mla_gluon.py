@@ -70,10 +70,26 @@ def test_a_query_with_no_visible_key_gives_zeros_and_minus_infinity() -> None:
     assert bool(torch.isfinite(lse[0, :, 1]).all())
 
 
+@pytest.mark.parametrize("splits", [None, 1, 16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_every_config_matches_reference(name: str) -> None:
+def test_every_config_matches_reference(name: str, splits: int | None) -> None:
+    # With 16 splits the 31-token sequence leaves most splits without a KV tile.
     q, kv, table, lens = _inputs(3, 2, 64, [95, 1000, 31], seed=1)
-    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE, config=CONFIGS[name])
+    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE, splits=splits, config=CONFIGS[name])
+    _assert_matches_reference(q, kv, table, lens, out, lse)
+
+
+def test_the_launch_cache_serves_other_shapes_and_unaligned_queries() -> None:
+    # The second call reuses the first call's binary (same constexprs): other batch, lengths and
+    # block-table width. The third passes queries that start 2 bytes into their storage.
+    for b, seqlens in [(3, [95, 1000, 31]), (5, [4000, 1, 64, 65, 2222])]:
+        q, kv, table, lens = _inputs(b, 1, 32, seqlens, seed=b)
+        out, lse = mla_decode_gluon(q, kv, table, lens, SCALE, splits=1)
+        _assert_matches_reference(q, kv, table, lens, out, lse)
+    storage = torch.randn(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
+    shifted = storage[1:].view_as(q).copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+    out, lse = mla_decode_gluon(shifted, kv, table, lens, SCALE, splits=1)
     _assert_matches_reference(q, kv, table, lens, out, lse)
 
 
@@ -93,3 +109,5 @@ def test_unsupported_inputs_raise_value_error() -> None:
         mla_decode_gluon(q, kv.view(torch.uint8)[..., :656], table, lens, SCALE)
     with pytest.raises(ValueError):
         mla_decode_gluon(q, kv, table, lens, SCALE, config={"BLOCK_N": 48})
+    with pytest.raises(ValueError, match="3 stages"):
+        mla_decode_gluon(q, kv, table, lens, SCALE, config={"BLOCK_N": 64, "STAGES": 2, "PIPELINE": 1})
