@@ -40,13 +40,10 @@ BLOCK_M = 64  # query rows per program: one wgmma M tile
 D_ROPE = D_QK - D_V
 # BLOCK_N: KV tokens per pipeline stage (a divisor of the 64-token page); STAGES: ring depth.
 # Shared memory: Q 72 KiB + STAGES × BLOCK_N × 1152 B (≤ 227 KiB on an H200).
-# PIPELINE: tile i+1's scores and tile i-1's P·V overlap tile i's softmax (needs ≥ 3 stages).
 CONFIGS: dict[str, dict[str, int]] = {
-    "n64s2": {"BLOCK_N": 64, "STAGES": 2, "PIPELINE": 0},
-    "n32s3": {"BLOCK_N": 32, "STAGES": 3, "PIPELINE": 0},
-    "n32s4": {"BLOCK_N": 32, "STAGES": 4, "PIPELINE": 0},
-    "n32s3p": {"BLOCK_N": 32, "STAGES": 3, "PIPELINE": 1},
-    "n32s4p": {"BLOCK_N": 32, "STAGES": 4, "PIPELINE": 1},
+    "n64s2": {"BLOCK_N": 64, "STAGES": 2},
+    "n32s3": {"BLOCK_N": 32, "STAGES": 3},
+    "n32s4": {"BLOCK_N": 32, "STAGES": 4},
 }
 CONFIG = CONFIGS["n64s2"]
 LOADER_REGS = 40
@@ -140,56 +137,6 @@ if HAVE_GLUON:
         return p_op, alpha_o, m_new, l_i
 
     @gluon.jit
-    def _issue_scores(q_nope, q_rope, kv_nope, kv_rope, ready, tile, s_zero, STAGES: gl.constexpr):
-        stage = tile % STAGES
-        mbarrier.wait(ready.index(stage), (tile // STAGES) & 1)
-        s = warpgroup_mma(q_nope, kv_nope.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        return warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
-
-    @gluon.jit
-    def _tiles_pipelined(
-        q_nope, q_rope, kv_nope, kv_rope, ready, empty, acc, m_i, l_i, s_zero, offs_n, query_pos, seqlen,
-        first, n_tiles, scale_log2, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr,
-    ):  # fmt: skip
-        """The KV tiles with tile i+1's softmax under tile i's P·V: per tile, issue S(i+1) and
-        P·V(i), wait for S(i+1) (wgmma groups retire in issue order), run its softmax while P·V(i)
-        is on the tensor cores, then wait for P·V(i), free its stage and rescale. Nothing is in
-        flight across the loop's back edge (a wgmma result carried round a loop is copied while
-        it runs, and ptxas then serialises every wgmma). Tiles i and i+1 are resident together,
-        so the loader runs ahead only with three stages or more. The last tile's "next" scores
-        are its own again, fully masked: they add nothing and rescale by one."""
-        last = gl.maximum(n_tiles - 1, 0)
-        p_op = gl.zeros([s_zero.shape[0], BLOCK_N], gl.bfloat16, p_layout)
-        alpha_o = gl.full([s_zero.shape[0]], 1.0, gl.float32, gl.SliceLayout(1, o_layout))
-        if n_tiles > 0:
-            s = _issue_scores(q_nope, q_rope, kv_nope, kv_rope, ready, 0, s_zero, STAGES)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            p_op, alpha_o, m_i, l_i = _softmax_step(
-                s, m_i, l_i, offs_n, query_pos, seqlen, first, scale_log2, o_layout, p_layout, BLOCK_N
-            )
-        for i in range(n_tiles):
-            stage = i % STAGES
-            s = _issue_scores(
-                q_nope, q_rope, kv_nope, kv_rope, ready, gl.minimum(i + 1, last), s_zero, STAGES
-            )
-            p_cur = p_op
-            acc = warpgroup_mma(p_cur, kv_nope.index(stage), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            p_op, alpha_o, m_i, l_i = _softmax_step(
-                s, m_i, l_i, offs_n, query_pos, gl.where(i + 1 < n_tiles, seqlen, 0), first + i + 1,
-                scale_log2, o_layout, p_layout, BLOCK_N,
-            )  # fmt: skip
-            # P(i) is a dependency of the wait too, so the softmax cannot reuse its registers
-            # while the wgmma still reads them.
-            acc, p_cur = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_cur))
-            # Both warpgroups are done reading this stage before the loader refills it.
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(stage), count=1)
-            acc = acc * alpha_o[:, None]
-        return acc, m_i, l_i
-
-    @gluon.jit
     def _attend(
         Q,
         OP,
@@ -217,7 +164,6 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         DIRECT: gl.constexpr,
-        PIPELINE: gl.constexpr,
     ):
         """Math partition (two warpgroups): Q into shared memory, then the online softmax over
         this split's KV tiles; writes the split's normalised output and log2-sum-exp."""
@@ -250,28 +196,22 @@ if HAVE_GLUON:
         l_i = gl.zeros([BLOCK_M_C], gl.float32, layout=rows_l)
         acc = gl.zeros([BLOCK_M_C, D_V_C], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M_C, BLOCK_N], gl.float32, layout=s_layout)
-        if PIPELINE:
-            acc, m_i, l_i = _tiles_pipelined(
-                q_nope, q_rope, kv_nope, kv_rope, ready, empty, acc, m_i, l_i, s_zero, offs_n, query_pos,
-                seqlen, first, n_tiles, scale_log2, o_layout, p_layout, BLOCK_N, STAGES,
-            )  # fmt: skip
-        else:
-            for i in range(n_tiles):
-                stage = i % STAGES
-                mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-                k_nope = kv_nope.index(stage)
-                s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                s = warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                p_op, alpha_o, m_i, l_i = _softmax_step(
-                    s, m_i, l_i, offs_n, query_pos, seqlen, first + i, scale_log2, o_layout, p_layout, BLOCK_N
-                )
-                acc = acc * alpha_o[:, None]
-                acc = warpgroup_mma(p_op, k_nope, acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                # Both warpgroups are done reading this stage before the loader refills it.
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(stage), count=1)
+        for i in range(n_tiles):
+            stage = i % STAGES
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+            k_nope = kv_nope.index(stage)
+            s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            p_op, alpha_o, m_i, l_i = _softmax_step(
+                s, m_i, l_i, offs_n, query_pos, seqlen, first + i, scale_log2, o_layout, p_layout, BLOCK_N
+            )
+            acc = acc * alpha_o[:, None]
+            acc = warpgroup_mma(p_op, k_nope, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            # Both warpgroups are done reading this stage before the loader refills it.
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(stage), count=1)
 
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
         lse = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
@@ -312,7 +252,6 @@ if HAVE_GLUON:
         NUM_SPLITS: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
-        PIPELINE: gl.constexpr,
     ):
         pid_m = gl.program_id(0)
         pid_s = gl.program_id(1)
@@ -367,7 +306,6 @@ if HAVE_GLUON:
                         BLOCK_N,
                         STAGES,
                         NUM_SPLITS == 1,
-                        PIPELINE,
                     ),
                 ),
                 (
@@ -437,11 +375,9 @@ def mla_decode_gluon(
     from fireflyer.kernels.mla_triton import LOG2E, combine_splits
 
     cfg = {**CONFIG, **(config or {})}
-    block_n, stages, pipeline = cfg["BLOCK_N"], cfg["STAGES"], int(cfg.get("PIPELINE", 0))
+    block_n, stages = cfg["BLOCK_N"], cfg["STAGES"]
     if PAGE % block_n or block_n < 16:
         raise ValueError(f"mla_decode_gluon: BLOCK_N must divide {PAGE} and be ≥ 16, got {block_n}")
-    if pipeline and stages < 3:
-        raise ValueError(f"mla_decode_gluon: PIPELINE needs at least 3 stages, got {stages}")
     b, s_q, h_q, _ = q.shape
     q = q.contiguous()
     block_table = block_table.contiguous()
@@ -483,7 +419,6 @@ def mla_decode_gluon(
         splits,
         block_n,
         stages,
-        pipeline,
     )
     grid = (m_tiles, splits, b)
     specialised = tuple(
@@ -491,7 +426,7 @@ def mla_decode_gluon(
         for a in args
         if isinstance(a, (torch.Tensor, int))
     )
-    key = (device, specialised, *args[-6:])
+    key = (device, specialised, *args[-5:])
     compiled = _COMPILED.get(key)
     if compiled is None:
         _COMPILED[key] = _mla_gluon_partial[grid](*args, num_warps=8)
