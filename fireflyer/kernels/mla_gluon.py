@@ -40,10 +40,14 @@ BLOCK_M = 64  # query rows per program: one wgmma M tile
 D_ROPE = D_QK - D_V
 # BLOCK_N: KV tokens per pipeline stage (a divisor of the 64-token page); STAGES: ring depth.
 # Shared memory: Q 72 KiB + STAGES × BLOCK_N × 1152 B (≤ 227 KiB on an H200).
+# SEESAW: the math warpgroups take turns leading KV tiles and each owns half of O
+# (`mla_gluon_seesaw`) instead of splitting every tile between them. It needs 32-token tiles: with
+# 64 there is room for two stages only and the turns wait for their loads.
 CONFIGS: dict[str, dict[str, int]] = {
     "n64s2": {"BLOCK_N": 64, "STAGES": 2},
     "n32s3": {"BLOCK_N": 32, "STAGES": 3},
     "n32s4": {"BLOCK_N": 32, "STAGES": 4},
+    "w32s4": {"BLOCK_N": 32, "STAGES": 4, "SEESAW": 1},
 }
 CONFIG = CONFIGS["n64s2"]
 LOADER_REGS = 40
@@ -375,7 +379,7 @@ def mla_decode_gluon(
     from fireflyer.kernels.mla_triton import LOG2E, combine_splits
 
     cfg = {**CONFIG, **(config or {})}
-    block_n, stages = cfg["BLOCK_N"], cfg["STAGES"]
+    block_n, stages, seesaw = cfg["BLOCK_N"], cfg["STAGES"], bool(cfg.get("SEESAW", 0))
     if PAGE % block_n or block_n < 16:
         raise ValueError(f"mla_decode_gluon: BLOCK_N must divide {PAGE} and be ≥ 16, got {block_n}")
     b, s_q, h_q, _ = q.shape
@@ -426,10 +430,15 @@ def mla_decode_gluon(
         for a in args
         if isinstance(a, (torch.Tensor, int))
     )
-    key = (device, specialised, *args[-5:])
+    key = (device, specialised, seesaw, *args[-5:])
     compiled = _COMPILED.get(key)
     if compiled is None:
-        _COMPILED[key] = _mla_gluon_partial[grid](*args, num_warps=8)
+        if seesaw:
+            from fireflyer.kernels.mla_gluon_seesaw import mla_seesaw_kernel
+
+            _COMPILED[key] = mla_seesaw_kernel[grid](*args, num_warps=4)
+        else:
+            _COMPILED[key] = _mla_gluon_partial[grid](*args, num_warps=8)
     else:
         compiled[grid](*args)
     if splits == 1:

@@ -30,7 +30,9 @@ def test_every_config_fits_hopper_shared_memory() -> None:
     q_bytes = 64 * mla.D_QK * 2
     for cfg in CONFIGS.values():
         assert mla.PAGE % cfg["BLOCK_N"] == 0
-        assert q_bytes + cfg["STAGES"] * cfg["BLOCK_N"] * mla.D_QK * 2 <= 227 * 1024
+        # The seesaw also hands a tile's P and three row statistics between its warpgroups.
+        handover = (64 * cfg["BLOCK_N"] * 2 + 3 * 64 * 4) if cfg.get("SEESAW") else 0
+        assert q_bytes + cfg["STAGES"] * cfg["BLOCK_N"] * mla.D_QK * 2 + handover <= 227 * 1024
 
 
 def test_cpu_inputs_are_refused_with_value_error() -> None:
