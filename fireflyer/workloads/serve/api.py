@@ -18,23 +18,28 @@ of any request.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
 
 from fireflyer.workloads.api_keys import KeyFile, RequireApiKey
 from fireflyer.workloads.serve import protocol as p
+from fireflyer.workloads.serve.api_errors import error_response, install_error_handlers
+from fireflyer.workloads.serve.api_stream import (
+    Disconnected,
+    ResponseMeta,
+    chat_chunks,
+    completion_chunks,
+    json_response,
+    sse,
+    until_disconnect,
+)
 from fireflyer.workloads.serve.handoff import (
     PREFILL_HEADER,
     PREFILL_PATH,
@@ -44,7 +49,7 @@ from fireflyer.workloads.serve.handoff import (
 )
 from fireflyer.workloads.serve.kv_transfer import TransferTarget
 from fireflyer.workloads.serve.metrics import EngineMetrics
-from fireflyer.workloads.serve.text_output import Delta, Generation
+from fireflyer.workloads.serve.text_output import Generation
 from fireflyer.workloads.serve.tokenizer import ChatTemplateError, ServeTokenizer
 from fireflyer.workloads.serve.types import (
     EngineStoppedError,
@@ -56,17 +61,8 @@ from fireflyer.workloads.serve.types import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 OPEN_PATHS = ("/health", "/metrics", "/v1/eplb/load")  # probes, scrapes and the EPLB controller
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-
-# Field types whose validation errors are clearer described than listed member by member.
-_FIELD_SHAPES = {
-    "prompt": "a string, a list of token ids, or a list holding one of those",
-    "stop": "a string or a list of strings",
-    "messages": "a non-empty list of {role, content} objects",
-}
-_UNION_FIELDS = {"prompt", "stop"}
 
 
 class EngineStream(Protocol):
@@ -131,16 +127,12 @@ class Engine(Protocol):
     def is_healthy(self) -> bool: ...
 
 
-class _Disconnected(Exception):
-    """The client went away before the answer was complete."""
-
-
 def create_app(engine: Engine, lifespan: Lifespan | None = None, api_keys: KeyFile | None = None) -> FastAPI:
     """The API over `engine`; `lifespan` (optional) starts and stops what the server owns,
     such as the engine's step loop; `api_keys` (optional) the keys requests must carry."""
     app = FastAPI(title="fireflyer serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     created = p.now()
-    _install_error_handlers(app)
+    install_error_handlers(app)
     if api_keys is not None:
         app.add_middleware(RequireApiKey, keys=api_keys, open_paths=OPEN_PATHS)
 
@@ -149,7 +141,7 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None, api_keys: KeyFi
         if engine.is_healthy():
             return Response(status_code=200)
         error = p.ApiError(503, "The engine is not running.", type="service_unavailable_error")
-        return _error_response(error)
+        return error_response(error)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -194,14 +186,14 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None, api_keys: KeyFi
             echo = ""
             if body.echo:
                 echo = prompt_text if prompt_text is not None else engine.tokenizer.decode(prompt_ids)
-            meta = _Meta(p.new_id("cmpl"), p.now(), engine.model_name)
+            meta = ResponseMeta(p.new_id("cmpl"), p.now(), engine.model_name)
             handoff = await _handoff(engine, request, prompt_ids)
             generation = _start(engine, prompt_ids, body, max_tokens, handoff)  # must be closed from here
             if body.stream:
-                chunks = _completion_chunks(generation, meta, echo, body.include_usage)
-                return _sse(request, generation, chunks)
+                chunks = completion_chunks(generation, meta, echo, body.include_usage)
+                return sse(request, generation, chunks)
             text, finish = await _collect(request, generation, engine)
-            return _json(
+            return json_response(
                 p.CompletionResponse(
                     id=meta.id,
                     created=meta.created,
@@ -218,13 +210,13 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None, api_keys: KeyFi
             p.check_chat(body)
             prompt_ids = _chat_prompt(engine.tokenizer, body)
             max_tokens = _max_tokens(engine, body.requested_max_tokens, len(prompt_ids), "messages")
-            meta = _Meta(p.new_id("chatcmpl"), p.now(), engine.model_name)
+            meta = ResponseMeta(p.new_id("chatcmpl"), p.now(), engine.model_name)
             handoff = await _handoff(engine, request, prompt_ids)
             generation = _start(engine, prompt_ids, body, max_tokens, handoff)  # must be closed from here
             if body.stream:
-                return _sse(request, generation, _chat_chunks(generation, meta, body.include_usage))
+                return sse(request, generation, chat_chunks(generation, meta, body.include_usage))
             text, finish = await _collect(request, generation, engine)
-            return _json(
+            return json_response(
                 p.ChatCompletionResponse(
                     id=meta.id,
                     created=meta.created,
@@ -266,13 +258,6 @@ def create_app(engine: Engine, lifespan: Lifespan | None = None, api_keys: KeyFi
 
 
 # -- request handling --------------------------------------------------------------------------
-
-
-class _Meta:
-    def __init__(self, id: str, created: int, model: str) -> None:
-        self.id = id
-        self.created = created
-        self.model = model
 
 
 def _model_card(engine: Engine, created: int) -> p.ModelCard:
@@ -394,44 +379,11 @@ def _unexpected_errors() -> Iterator[None]:
     """Anything but an ApiError becomes a 500 in OpenAI's shape (logged); the server goes on."""
     try:
         yield
-    except (p.ApiError, _Disconnected):
+    except (p.ApiError, Disconnected):
         raise
     except Exception as exc:
         log.exception("request failed")
         raise p.internal_error() from exc
-
-
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read, so the next ASGI message is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _until_disconnect(request: Request, source: AsyncIterator[T]) -> AsyncIterator[T]:
-    """The items of `source`; raises _Disconnected as soon as the client goes away, even while
-    `source` is waiting (a queued request produces nothing for a while)."""
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    step: asyncio.Future[T] | None = None
-    try:
-        while True:
-            step = asyncio.ensure_future(_next(source))
-            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                raise _Disconnected
-            try:
-                item = step.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        # Also when the server cancels this generator: no task is left waiting on the engine.
-        watcher.cancel()
-        if step is not None and not step.done():
-            step.cancel()
-
-
-async def _next(source: AsyncIterator[T]) -> T:
-    return await anext(source)
 
 
 async def _collect(
@@ -440,10 +392,10 @@ async def _collect(
     parts: list[str] = []
     finish: p.FinishReasonText = None
     try:
-        async for delta in _until_disconnect(request, generation.deltas()):
+        async for delta in until_disconnect(request, generation.deltas()):
             parts.append(delta.text)
             finish = delta.finish_reason
-    except _Disconnected:
+    except Disconnected:
         log.info("client went away: aborting %s", generation.request_id)
         raise
     finally:
@@ -456,156 +408,3 @@ async def _collect(
             code="engine_stopped",
         )
     return "".join(parts), finish
-
-
-# -- responses ---------------------------------------------------------------------------------
-
-
-def _json(model: Any) -> Response:
-    return Response(content=model.model_dump_json(), media_type="application/json")
-
-
-def _event(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _sse(request: Request, generation: Generation, chunks: AsyncIterator[bytes]) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in _until_disconnect(request, chunks):
-                yield chunk
-        except _Disconnected:
-            log.info("client went away: aborting %s", generation.request_id)
-        except Exception:
-            # The status line is sent already: report in the stream, the way OpenAI clients parse.
-            log.exception("streaming %s failed", generation.request_id)
-            yield _event(p.internal_error().body().model_dump())
-            yield b"data: [DONE]\n\n"
-        finally:
-            generation.close()
-
-    return _EventStream(body(), generation)
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that closes its generation however the response ends, even when the
-    client leaves before the body is first iterated (the body's own `finally` never runs then)."""
-
-    def __init__(self, content: AsyncIterator[bytes], generation: Generation) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._generation = generation
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._generation.close()
-
-
-async def _completion_chunks(
-    generation: Generation, meta: _Meta, echo: str, include_usage: bool
-) -> AsyncIterator[bytes]:
-    def chunk(text: str, finish: p.FinishReasonText) -> bytes:
-        data = p.CompletionResponse(
-            id=meta.id,
-            created=meta.created,
-            model=meta.model,
-            choices=[p.CompletionChoice(text=text, finish_reason=finish)],
-        ).model_dump()
-        if not include_usage:
-            del data["usage"]
-        return _event(data)
-
-    if echo:
-        yield chunk(echo, None)
-    async for delta in generation.deltas():
-        if delta.text or delta.finish_reason is not None:
-            yield chunk(delta.text, delta.finish_reason)
-    if include_usage:
-        data = p.CompletionResponse(
-            id=meta.id, created=meta.created, model=meta.model, choices=[], usage=generation.usage()
-        ).model_dump()
-        yield _event(data)
-    yield b"data: [DONE]\n\n"
-
-
-async def _chat_chunks(generation: Generation, meta: _Meta, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> bytes:
-        data = p.ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage
-        ).model_dump()
-        for choice in data["choices"]:
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-        if not include_usage:
-            del data["usage"]
-        return _event(data)
-
-    yield chunk([p.ChatChunkChoice(delta=p.ChatDelta(role="assistant", content=""))])
-    delta: Delta
-    async for delta in generation.deltas():
-        content = delta.text if delta.text else None
-        if content is not None or delta.finish_reason is not None:
-            choice = p.ChatChunkChoice(delta=p.ChatDelta(content=content), finish_reason=delta.finish_reason)
-            yield chunk([choice])
-    if include_usage:
-        yield chunk([], generation.usage())
-    yield b"data: [DONE]\n\n"
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-def _error_response(error: p.ApiError) -> JSONResponse:
-    return JSONResponse(status_code=error.status_code, content=error.body().model_dump())
-
-
-def _validation_error(exc: RequestValidationError) -> p.ApiError:
-    errors = list(exc.errors())
-    first = errors[0] if errors else {}
-    loc = [x for x in first.get("loc", ()) if x != "body"]
-    kind = first.get("type", "")
-    if kind == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return p.invalid(f"The request body is not valid JSON ({detail}).".replace(" ()", ""))
-    if not loc or not isinstance(loc[0], str):
-        return p.invalid("The request body must be a JSON object.")
-    field = loc[0]
-    where = ".".join(str(x) for x in loc)
-    # Union-typed fields report one error per member; their shape says it better.
-    if field in _FIELD_SHAPES and (len(loc) == 1 or field in _UNION_FIELDS):
-        if kind == "missing":
-            return p.invalid(f"`{field}` is required.", param=field)
-        return p.invalid(f"`{field}` must be {_FIELD_SHAPES[field]}.", param=field)
-    if kind == "missing":
-        return p.invalid(f"`{where}` is required.", param=field)
-    return p.invalid(f"Invalid value for `{where}`: {first.get('msg', 'invalid')}.", param=field)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, p.ApiError)
-        return _error_response(exc)
-
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return _error_response(_validation_error(exc))
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = f"{exc.detail}: {request.method} {request.url.path}"
-        return _error_response(p.ApiError(exc.status_code, message, type=kind))
-
-    async def disconnected(_: Request, exc: Exception) -> Response:
-        return Response(status_code=499)  # nobody reads it: the client is gone
-
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc)
-        return _error_response(p.internal_error())
-
-    app.add_exception_handler(p.ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(_Disconnected, disconnected)
-    app.add_exception_handler(Exception, unexpected)
