@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -37,62 +36,44 @@ from typing import Any
 
 import torch
 
+from fireflyer.storage.checkpoint_format import (
+    CHECKSUM_CHUNK,
+    FORMAT,
+    MANIFEST,
+    CheckpointError,
+    CorruptCheckpointError,
+    atomic_write_json,
+    check_rank,
+    crc_chunks,
+    record_name,
+    shard_name,
+    step_dir,
+    sync_dir,
+)
+from fireflyer.storage.checkpoint_load import latest_step, list_steps, load, load_latest
 from fireflyer.storage.fs import FileSystem, aligned_buffer, open_fs
-from fireflyer.storage.safetensors_format import DTYPES_BY_NAME, FileLayout, plan_layout, tensor_bytes
-from fireflyer.storage.tree import flatten_state, unflatten_state
+from fireflyer.storage.safetensors_format import FileLayout, plan_layout, tensor_bytes
+from fireflyer.storage.tree import flatten_state
+
+__all__ = [
+    "MANIFEST",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "PendingSave",
+    "latest_step",
+    "list_steps",
+    "load",
+    "load_latest",
+    "save",
+    "save_async",
+    "shard_name",
+    "step_dir",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fireflyer.checkpoint/v1"
-MANIFEST = "manifest.json"
-CHECKSUM_CHUNK = 64 << 20
-STEP_DIR = re.compile(r"^step-(\d{12})$")
 RECORD_WAIT_SECONDS = 600.0
 VERIFY_THREADS = min(8, os.cpu_count() or 2)  # zlib.crc32 releases the GIL on large buffers
-READ_THREADS = 8  # concurrent chunk reads keep the device queue full
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """Bytes on disk disagree with the manifest (checksum, size or header)."""
-
-
-def step_dir(directory: str | os.PathLike[str], step: int) -> Path:
-    return Path(directory) / f"step-{step:012d}"
-
-
-def shard_name(rank: int, world: int) -> str:
-    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
-
-
-def _record_name(rank: int) -> str:
-    return f"rank-{rank:05d}.json"
-
-
-def _crc_chunks(view: memoryview) -> list[int]:
-    return [
-        zlib.crc32(view[start : start + CHECKSUM_CHUNK]) for start in range(0, view.nbytes, CHECKSUM_CHUNK)
-    ]
-
-
-def _atomic_write_json(path: Path, document: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(temporary, "w") as handle:
-        json.dump(document, handle, separators=(",", ":"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +162,7 @@ def _write_rank(fs: FileSystem, target: Path, snapshot: _Snapshot, rank: int, wo
     shard = target / shard_name(rank, world)
     temporary = target / f".{shard.name}.tmp-{os.getpid()}"
     with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
-        pending_crcs = [pool.submit(_crc_chunks, view) for view in snapshot.data]  # overlaps the write
+        pending_crcs = [pool.submit(crc_chunks, view) for view in snapshot.data]  # overlaps the write
         fs.write_file(temporary, [memoryview(snapshot.layout.header), *snapshot.data], sync=True)
         crcs = [future.result() for future in pending_crcs]
     os.replace(temporary, shard)
@@ -205,8 +186,8 @@ def _write_rank(fs: FileSystem, target: Path, snapshot: _Snapshot, rank: int, wo
         "tensors": tensors,
         "extra": snapshot.extra,
     }
-    _atomic_write_json(target / _record_name(rank), record)
-    _sync_dir(target)
+    atomic_write_json(target / record_name(rank), record)
+    sync_dir(target)
 
 
 def _merge_records(records: list[dict[str, Any]], step: int, world: int) -> dict[str, Any]:
@@ -272,7 +253,7 @@ def _merge_records(records: list[dict[str, Any]], step: int, world: int) -> dict
 
 def _publish(target: Path, step: int, world: int, wait_seconds: float) -> None:
     deadline = time.monotonic() + wait_seconds
-    paths = [target / _record_name(r) for r in range(world)]
+    paths = [target / record_name(r) for r in range(world)]
     while True:
         missing = [p.name for p in paths if not p.exists()]
         if not missing:
@@ -281,9 +262,9 @@ def _publish(target: Path, step: int, world: int, wait_seconds: float) -> None:
             raise CheckpointError(f"{target}: ranks never wrote {', '.join(missing[:8])}")
         time.sleep(0.05)
     records = [json.loads(p.read_text()) for p in paths]
-    _atomic_write_json(target / MANIFEST, _merge_records(records, step, world))
-    _sync_dir(target)
-    _sync_dir(target.parent)
+    atomic_write_json(target / MANIFEST, _merge_records(records, step, world))
+    sync_dir(target)
+    sync_dir(target.parent)
 
 
 def _apply_retention(directory: Path, keep_last: int, current: int) -> None:
@@ -321,15 +302,10 @@ def _save_snapshot(
     return target
 
 
-def _check_rank(rank: int, world: int) -> None:
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
-
-
 def _check_args(step: int, rank: int, world: int, keep_last: int | None) -> None:
     if step < 0:
         raise ValueError(f"step must be ≥ 0, not {step}")
-    _check_rank(rank, world)
+    check_rank(rank, world)
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be ≥ 1, not {keep_last}")
 
@@ -421,170 +397,3 @@ def save_async(
             _staging.give_back(body)
 
     return PendingSave(write)
-
-
-# ---------------------------------------------------------------------------------------------
-# load
-
-
-def list_steps(directory: str | os.PathLike[str]) -> list[int]:
-    """Steps with a checkpoint directory (complete or not), ascending."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for m in map(STEP_DIR.match, names) if m)
-
-
-def _split(extent: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of `rank`'s share when `extent` rows are split over `world` ranks."""
-    base, remainder = divmod(extent, world)
-    start = rank * base + min(rank, remainder)
-    return start, start + base + (1 if rank < remainder else 0)
-
-
-def _read_manifest(target: Path) -> dict[str, Any]:
-    path = target / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"{path}: unreadable manifest ({error})") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptCheckpointError(f"{path}: not a {FORMAT} manifest")
-    return manifest
-
-
-def _needed_pieces(info: dict[str, Any], rank: int, world: int) -> tuple[list[dict[str, Any]], int, int]:
-    dim = info["shardDim"]
-    if dim is None:
-        return info["pieces"][:1], 0, 0
-    start, stop = _split(info["shape"][dim], rank, world)
-    return [p for p in info["pieces"] if p["start"] < stop and p["start"] + p["extent"] > start], start, stop
-
-
-def load(
-    directory: str | os.PathLike[str],
-    step: int,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    fs: FileSystem | None = None,
-) -> dict[str, Any]:
-    """This rank's state dict from checkpoint `step`, resharded when `world` differs from the save."""
-    _check_rank(rank, world)
-    target = step_dir(directory, step)
-    manifest = _read_manifest(target)
-    engine = fs or open_fs(target)
-    shards = {s["rank"]: s for s in manifest["shards"]}
-    plans = {name: _needed_pieces(info, rank, world) for name, info in manifest["tensors"].items()}
-    wanted: dict[int, list[tuple[int, int]]] = {}
-    for pieces, _, _ in plans.values():
-        for piece in pieces:
-            wanted.setdefault(piece["rank"], []).append(tuple(piece["offsets"]))
-    buffers = {src: _prepare_shard(engine, target, shards[src], spans) for src, spans in wanted.items()}
-
-    def piece_view(piece: dict[str, Any]) -> memoryview:
-        base, body = buffers[piece["rank"]]
-        lo, hi = piece["offsets"]
-        return body[lo - base : hi - base]
-
-    # Each task reads one checksum chunk and verifies it at once, so checksumming overlaps I/O.
-    tasks = []
-    for pieces, _, _ in plans.values():
-        for piece in pieces:
-            shard = shards[piece["rank"]]
-            chunk = shard["checksumChunkBytes"]
-            view = piece_view(piece)
-            for index, begin in enumerate(range(0, view.nbytes, chunk)):
-                offset = piece["offsets"][0] + begin
-                part = view[begin : begin + chunk]
-                tasks.append((target / shard["file"], offset, part, piece["crc32"][index]))
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        for future in [pool.submit(_read_verified, engine, *task) for task in tasks]:
-            future.result()
-    out: list[tuple[list[str], Any]] = []
-    for name, info in manifest["tensors"].items():
-        pieces, start, stop = plans[name]
-        parts = []
-        for piece in pieces:
-            shape = list(info["shape"])
-            if info["shardDim"] is not None:
-                shape[info["shardDim"]] = piece["extent"]
-            tensor = _tensor_from(piece_view(piece), info["dtype"], shape)
-            if info["shardDim"] is not None:
-                dim = info["shardDim"]
-                lo_row = max(start, piece["start"]) - piece["start"]
-                hi_row = min(stop, piece["start"] + piece["extent"]) - piece["start"]
-                if (lo_row, hi_row) != (0, piece["extent"]):
-                    tensor = tensor.narrow(dim, lo_row, hi_row - lo_row)
-            parts.append(tensor)
-        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=info["shardDim"])
-        if not value.is_contiguous():
-            value = value.contiguous()
-        out.append((info["path"], value))
-    return unflatten_state(out, manifest["extra"])
-
-
-def _prepare_shard(
-    engine: FileSystem, target: Path, shard: dict[str, Any], spans: list[tuple[int, int]]
-) -> tuple[int, memoryview]:
-    """(offset in the file, empty buffer covering `spans`) after checking size and header."""
-    path = target / shard["file"]
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError as error:
-        raise CorruptCheckpointError(f"{path}: shard named by the manifest is missing") from error
-    if size != shard["bytes"]:
-        raise CorruptCheckpointError(f"{path}: {size} bytes on disk, the manifest says {shard['bytes']}")
-    header = aligned_buffer(shard["headerBytes"])
-    engine.read_into(path, 0, header)
-    if zlib.crc32(header) != shard["headerCrc32"]:
-        raise CorruptCheckpointError(f"{path}: header checksum mismatch")
-    lo = min(s for s, _ in spans)
-    hi = max(e for _, e in spans)
-    return lo, aligned_buffer(hi - lo)
-
-
-def _read_verified(engine: FileSystem, path: Path, offset: int, view: memoryview, crc: int) -> None:
-    engine.read_into(path, offset, view)
-    if zlib.crc32(view) != crc:
-        raise CorruptCheckpointError(f"{path}: checksum mismatch in bytes {offset}–{offset + view.nbytes}")
-
-
-def _tensor_from(view: memoryview, dtype_name: str, shape: list[int]) -> torch.Tensor:
-    dtype = DTYPES_BY_NAME[dtype_name]
-    if view.nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(view, dtype=dtype).reshape(shape)
-
-
-def latest_step(directory: str | os.PathLike[str]) -> int | None:
-    """The newest step that has a manifest (not yet verified)."""
-    complete = [s for s in list_steps(directory) if (step_dir(directory, s) / MANIFEST).exists()]
-    return complete[-1] if complete else None
-
-
-def load_latest(
-    directory: str | os.PathLike[str],
-    *,
-    rank: int = 0,
-    world: int = 1,
-    fs: FileSystem | None = None,
-) -> tuple[int, dict[str, Any]] | None:
-    """(step, state dict) of the newest checkpoint that loads intact; None when there is none.
-
-    Incomplete checkpoints (no manifest) are ignored. A corrupt one is skipped with a warning that
-    names the file; when every complete checkpoint is corrupt, the newest one's error is raised.
-    """
-    errors: list[CheckpointError] = []
-    for step in reversed(list_steps(directory)):
-        if not (step_dir(directory, step) / MANIFEST).exists():
-            continue
-        try:
-            return step, load(directory, step, rank=rank, world=world, fs=fs)
-        except CorruptCheckpointError as error:
-            log.warning("skipping checkpoint step %d: %s", step, error)
-            errors.append(error)
-    if errors:
-        raise errors[0]
-    return None
