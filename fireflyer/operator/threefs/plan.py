@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from fireflyer.api import conditions as C
 from fireflyer.api.threefs import ThreeFSCluster, ThreeFSClusterSpec
 from fireflyer.operator.planning import Event
 from fireflyer.operator.threefs import children as K
@@ -30,6 +29,7 @@ from fireflyer.operator.threefs.admin_jobs import (
 )
 from fireflyer.operator.threefs.node_loss import stranded_pods
 from fireflyer.operator.threefs.replacement_plan import plan_replacement, record_replacement_step
+from fireflyer.operator.threefs.status import all_ready, write_status
 from fireflyer.threefs import admin
 from fireflyer.threefs.admin import AdminOutputError, AdminStep, Health
 from fireflyer.threefs.chaintable import ChainTable, plan_chain_table
@@ -44,14 +44,6 @@ from fireflyer.threefs.config import (
 
 HEALTH_SECONDS = float(os.environ.get("FIREFLYER_THREEFS_HEALTH_SECONDS", "60"))
 RETRY_SECONDS = 15.0
-
-# Conditions and reasons particular to 3FS.
-FDB_READY = "FoundationDBReady"
-MGMTD_READY = "MgmtdReady"
-META_READY = "MetaReady"
-STORAGE_READY = "StorageReady"
-CHAIN_TABLE_READY = "ChainTableReady"
-CLIENTS_READY = "ClientsReady"
 
 
 @dataclass
@@ -131,20 +123,6 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in (pod.get("status") or {}).get("conditions") or []
     )
-
-
-def _ready_count(workload: dict[str, Any] | None) -> tuple[int, int]:
-    if workload is None:
-        return 0, 0
-    spec, status = workload.get("spec") or {}, workload.get("status") or {}
-    if workload["kind"] == "DaemonSet":
-        return int(status.get("numberReady", 0)), int(status.get("desiredNumberScheduled", 0))
-    return int(status.get("readyReplicas", 0)), int(spec.get("replicas", 1))
-
-
-def _all_ready(workload: dict[str, Any] | None) -> bool:
-    ready, wanted = _ready_count(workload)
-    return workload is not None and wanted > 0 and ready >= wanted
 
 
 def step_for(name: str, spec: ThreeFSClusterSpec, storage_ids: dict[int, int]) -> tuple[AdminStep, str]:
@@ -265,7 +243,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     children.append(K.config_map(cr, "mgmtd", mgmtd_files))
     children.append(K.config_map(cr, "admin", render_service(spec, inputs, "admin")))
 
-    fdb_ready = bool(fdb_file) and (mode != "statefulset" or _all_ready(observed.workloads.get("fdb")))
+    fdb_ready = bool(fdb_file) and (mode != "statefulset" or all_ready(observed.workloads.get("fdb")))
     if "init-cluster" in done:
         children += [
             K.service_statefulset(
@@ -274,7 +252,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             K.headless_service(cr, "mgmtd", PORTS["mgmtd"]),
             K.pdb(cr, "mgmtd"),
         ]
-    mgmtd_ready = _all_ready(observed.workloads.get("mgmtd")) and len(live_mgmtd_ips) >= spec.mgmtd.replicas
+    mgmtd_ready = all_ready(observed.workloads.get("mgmtd")) and len(live_mgmtd_ips) >= spec.mgmtd.replicas
     service_files: dict[str, dict[str, str]] = {}
     if mgmtd_ips:
         for service in ("meta", "storage", "fuse"):
@@ -296,7 +274,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         storage = K.storage_statefulset(cr, spec, K.digest(shared))
         _tolerate_node_failures(storage)
         children += [storage, K.headless_service(cr, "storage", PORTS["storage"]), K.pdb(cr, "storage")]
-    storage_ready = _all_ready(observed.workloads.get("storage"))
+    storage_ready = all_ready(observed.workloads.get("storage"))
     bootstrapped = all(step in done for step in order)
     # user-add has stored the root token in its Secret by the time it is recorded as done.
     if bootstrapped and admin.USER_ADD in done and "fuse" in service_files:
@@ -329,7 +307,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     children += rbac(cr, [*in_flight, *launched])
 
     desired.delete_pods += stranded_pods(observed)  # never storage pods: replacement moves those
-    _status(spec, observed, status, done, order, fdb_ready, mgmtd_ready, storage_ready, bootstrapped)
+    write_status(
+        spec, observed.workloads, status, done, order, fdb_ready, mgmtd_ready, storage_ready, bootstrapped
+    )
     desired.status = status
     return desired
 
@@ -451,117 +431,6 @@ def _record_success(
     if step not in done:
         done.append(step)
         desired.events.append(Event("Normal", "BootstrapStepDone", f"bootstrap step {step} finished"))
-
-
-def _status(
-    spec: ThreeFSClusterSpec,
-    observed: Observed,
-    status: dict[str, Any],
-    done: list[str],
-    order: list[str],
-    fdb_ready: bool,
-    mgmtd_ready: bool,
-    storage_ready: bool,
-    bootstrapped: bool,
-) -> None:
-    ready_storage, _ = _ready_count(observed.workloads.get("storage"))
-    status["storageReady"] = f"{ready_storage}/{spec.storage.nodes}"
-    meta_ready = _all_ready(observed.workloads.get("meta"))
-    fuse = observed.workloads.get("fuse")
-    clients_ready = _all_ready(fuse)
-    chains = status.get("chains") or {}
-    serving = bool(chains) and chains.get("serving") == chains.get("total")
-    table_ready = "upload-chain-table" in done
-
-    def pods_ready(service: str) -> str:
-        workload = observed.workloads.get(service)
-        if workload is None:
-            return f"no {service} workload yet"
-        ready, wanted = _ready_count(workload)
-        return f"{ready}/{wanted} {service} pods ready"
-
-    conditions = [
-        C.condition(FDB_READY, fdb_ready, "Available" if fdb_ready else "Starting", pods_ready("fdb")),
-        C.condition(
-            MGMTD_READY, mgmtd_ready, "Available" if mgmtd_ready else "Starting", pods_ready("mgmtd")
-        ),
-        C.condition(META_READY, meta_ready, "Available" if meta_ready else "Starting", pods_ready("meta")),
-        C.condition(
-            STORAGE_READY,
-            storage_ready,
-            "Available" if storage_ready else "Starting",
-            f"{ready_storage}/{spec.storage.nodes} storage nodes ready",
-        ),
-        C.condition(
-            CHAIN_TABLE_READY,
-            table_ready and (serving or not chains),
-            "Serving" if table_ready and serving else ("Uploaded" if table_ready else "NotUploaded"),
-            f"{chains.get('serving', 0)}/{chains.get('total', 0)} chains serving" if chains else "",
-        ),
-        C.condition(
-            CLIENTS_READY,
-            clients_ready,
-            "Mounted" if clients_ready else "NotMounted",
-            "no client nodes match clients.nodeSelector"
-            if fuse is not None and _ready_count(fuse)[1] == 0
-            else "",
-        ),
-    ]
-    replacement = status.get("replacement")
-    degraded_reason = status.pop("_degraded", None)
-    ready = (
-        bootstrapped
-        and fdb_ready
-        and mgmtd_ready
-        and meta_ready
-        and storage_ready
-        and clients_ready
-        and serving
-    )
-    if not bootstrapped:
-        pending = [s for s in order if s not in done]
-        phase, message = "Bootstrapping", f"next bootstrap step: {pending[0]}" if pending else ""
-    elif replacement:
-        phase, message = (
-            "Replacing",
-            f"replacing storage node {replacement['oldNodeId']}: {replacement['step']}",
-        )
-    elif ready:
-        phase, message = "Ready", ""
-    else:
-        not_ready = [
-            name
-            for name, ok in (
-                ("fdb", fdb_ready),
-                ("mgmtd", mgmtd_ready),
-                ("meta", meta_ready),
-                ("storage", storage_ready),
-                ("clients", clients_ready),
-                ("chains", serving),
-            )
-            if not ok
-        ]
-        phase = "Degraded"
-        message = (
-            degraded_reason[1]
-            if degraded_reason
-            else f"not ready: {', '.join(not_ready)} (see the matching *Ready conditions)"
-        )
-    status["phase"] = phase
-    conditions.append(C.condition(C.READY, ready, "Ready" if ready else phase, message))
-    conditions.append(
-        C.condition(C.PROGRESSING, not ready and phase in ("Bootstrapping", "Replacing"), phase, message)
-    )
-    degraded = phase in ("Degraded", "Replacing") or degraded_reason is not None
-    conditions.append(
-        C.condition(
-            C.DEGRADED,
-            degraded,
-            degraded_reason[0] if degraded_reason else phase if degraded else "Healthy",
-            degraded_reason[1] if degraded_reason else "",
-        )
-    )
-    status["conditions"] = conditions
 
 
 def next_storage_node_id(status: dict[str, Any], used: set[int]) -> int:
