@@ -86,6 +86,32 @@ if HAVE_GLUON:
     LN2 = gl.constexpr(math.log(2.0))
 
     @gluon.jit
+    def _split_tiles(SEQ, pid_b, pid_s, NUM_SPLITS: gl.constexpr, BLOCK_N: gl.constexpr):
+        """(sequence length, first KV tile, tile count) of split pid_s of sequence pid_b."""
+        seqlen = gl.load(SEQ + pid_b)
+        tiles = gl.cdiv(seqlen, BLOCK_N)
+        per_split = gl.cdiv(tiles, NUM_SPLITS)
+        first = pid_s * per_split
+        return seqlen, first, gl.maximum(gl.minimum(first + per_split, tiles) - first, 0)
+
+    @gluon.jit
+    def _load_queries(
+        Q, q_nope, q_rope, pid_m, pid_b, stride_qb, S_Q: gl.constexpr, H_Q: gl.constexpr,
+        q_layout: gl.constexpr,
+    ):  # fmt: skip
+        """This program's 64 query rows into shared memory; rows past s_q·h_q (another
+        sequence's, or none) are zeros and never stored."""
+        q_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=gl.SliceLayout(1, q_layout))
+        q_ok = q_rows < S_Q * H_Q
+        q_base = Q + pid_b * stride_qb + q_rows * D_QK_C
+        offs_v = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, q_layout))
+        offs_r = gl.arange(0, D_ROPE_C, layout=gl.SliceLayout(0, q_layout))
+        q_nope.store(gl.load(q_base[:, None] + offs_v[None, :], mask=q_ok[:, None], other=0.0))
+        q_rope.store(gl.load(q_base[:, None] + D_V_C + offs_r[None, :], mask=q_ok[:, None], other=0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
     def _load_kv(
         nope_desc,
         rope_desc,
@@ -182,16 +208,7 @@ if HAVE_GLUON:
         rows_l: gl.constexpr = gl.SliceLayout(1, s_layout)
         cols_l: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-        # Queries: rows past s_q·h_q (another sequence's, or none) are zeros and never stored.
-        q_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=gl.SliceLayout(1, q_layout))
-        q_ok = q_rows < S_Q * H_Q
-        q_base = Q + pid_b * stride_qb + q_rows * D_QK_C
-        offs_v = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, q_layout))
-        offs_r = gl.arange(0, D_ROPE_C, layout=gl.SliceLayout(0, q_layout))
-        q_nope.store(gl.load(q_base[:, None] + offs_v[None, :], mask=q_ok[:, None], other=0.0))
-        q_rope.store(gl.load(q_base[:, None] + D_V_C + offs_r[None, :], mask=q_ok[:, None], other=0.0))
-        fence_async_shared()
-        gl.thread_barrier()
+        _load_queries(Q, q_nope, q_rope, pid_m, pid_b, stride_qb, S_Q, H_Q, q_layout)
 
         rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=rows_l)
         query_pos = seqlen - S_Q + rows // H_Q
@@ -260,11 +277,7 @@ if HAVE_GLUON:
         pid_m = gl.program_id(0)
         pid_s = gl.program_id(1)
         pid_b = gl.program_id(2)
-        seqlen = gl.load(SEQ + pid_b)
-        tiles = gl.cdiv(seqlen, BLOCK_N)
-        per_split = gl.cdiv(tiles, NUM_SPLITS)
-        first = pid_s * per_split
-        n_tiles = gl.maximum(gl.minimum(first + per_split, tiles) - first, 0)
+        seqlen, first, n_tiles = _split_tiles(SEQ, pid_b, pid_s, NUM_SPLITS, BLOCK_N)
 
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_V_C], gl.bfloat16)
         qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)

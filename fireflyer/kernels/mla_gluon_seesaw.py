@@ -22,7 +22,6 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         warpgroup_mma,
         warpgroup_mma_wait,
@@ -30,12 +29,13 @@ if HAVE_GLUON:
 
     from fireflyer.kernels.mla_gluon import (
         BLOCK_M_C,
-        D_QK_C,
         D_ROPE_C,
         D_V_C,
         LN2,
         LOADER_REGS_C,
         _load_kv,
+        _load_queries,
+        _split_tiles,
     )
 
     MATH_REGS = gl.constexpr(232)  # per math thread (setmaxnreg); the loader warp keeps 40
@@ -165,11 +165,7 @@ if HAVE_GLUON:
         pid_m = gl.program_id(0)
         pid_s = gl.program_id(1)
         pid_b = gl.program_id(2)
-        seqlen = gl.load(SEQ + pid_b)
-        tiles = gl.cdiv(seqlen, BLOCK_N)
-        per_split = gl.cdiv(tiles, NUM_SPLITS)
-        first = pid_s * per_split
-        n_tiles = gl.maximum(gl.minimum(first + per_split, tiles) - first, 0)
+        seqlen, first, n_tiles = _split_tiles(SEQ, pid_b, pid_s, NUM_SPLITS, BLOCK_N)
 
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_V_C], gl.bfloat16)
         qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)
@@ -190,17 +186,9 @@ if HAVE_GLUON:
         mbarrier.init(full.index(0), count=1)
         mbarrier.init(full.index(1), count=1)
 
-        # Queries into shared memory before the partitions start; rows past s_q·h_q are zeros.
+        # Queries into shared memory before the partitions start.
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        q_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=gl.SliceLayout(1, q_layout))
-        q_ok = q_rows < S_Q * H_Q
-        q_base = Q + pid_b * stride_qb + q_rows * D_QK_C
-        offs_v = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, q_layout))
-        offs_r = gl.arange(0, D_ROPE_C, layout=gl.SliceLayout(0, q_layout))
-        q_nope.store(gl.load(q_base[:, None] + offs_v[None, :], mask=q_ok[:, None], other=0.0))
-        q_rope.store(gl.load(q_base[:, None] + D_V_C + offs_r[None, :], mask=q_ok[:, None], other=0.0))
-        fence_async_shared()
-        gl.thread_barrier()
+        _load_queries(Q, q_nope, q_rope, pid_m, pid_b, stride_qb, S_Q, H_Q, q_layout)
 
         direct: gl.constexpr = NUM_SPLITS == 1
         # Argument tuples are spelled out: constexprs must reach the partitions as constexprs.
