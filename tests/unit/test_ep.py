@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from fireflyer.kernels.ep import Dispatcher
 from fireflyer.kernels.fp8 import dequantize_per_token_group, quantize_per_token_group
+from fireflyer.workloads.process_exit import exit_process
 
 HIDDEN = 256
 TOKENS = 24
@@ -56,6 +57,7 @@ def _worker(
         body(rank, world, *args)
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # no interpreter teardown after gloo collectives (see process_exit)
 
 
 def _spawn(

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from fireflyer.kernels import ep_autograd
 from fireflyer.kernels.ep import Dispatcher
+from fireflyer.workloads.process_exit import exit_process
 
 HIDDEN = 16
 TOKENS = 10
@@ -43,6 +44,7 @@ def _worker(
         body(rank, world, device, *args)
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # no interpreter teardown after gloo collectives (see process_exit)
 
 
 def _spawn(world: int, backend: str, body: Callable[..., None], *args: Any) -> None:

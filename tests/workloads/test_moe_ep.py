@@ -17,6 +17,7 @@ from fireflyer.kernels import fp8
 from fireflyer.kernels.ep import Dispatcher
 from fireflyer.workloads.model import moe
 from fireflyer.workloads.model.config import ModelConfig
+from fireflyer.workloads.process_exit import exit_process
 from tests.workloads.moe_config import CONFIG
 
 TOKENS = {0: 40, 1: 0, 2: 300}  # per rank; a rank may have no tokens this step
@@ -94,6 +95,7 @@ def _worker(rank: int, world: int, port: int, fp8_weights: bool, mode: str, erro
     except BaseException as exc:  # report to the parent, which asserts
         errors.put(f"rank {rank}: {exc!r}")
         raise
+    exit_process(0)  # no interpreter teardown after gloo collectives (see process_exit)
 
 
 @pytest.mark.parametrize(("fp8_weights", "mode"), [(False, "normal"), (True, "low_latency")])

@@ -24,6 +24,7 @@ from fireflyer.workloads.preflight.failure import (
     exit_failed,
     write_termination_log,
 )
+from fireflyer.workloads.process_exit import exit_process
 
 LINGER = 10.0  # at most this long rank 0 keeps the store up for the others once it is done
 
@@ -170,7 +171,7 @@ def _child(job: RankJob, conn: Connection) -> None:
     outcome = run_rank(job, hang)
     conn.send(outcome)
     conn.close()
-    sys.exit(0 if outcome.ok else EXIT_FAILED)
+    exit_process(0 if outcome.ok else EXIT_FAILED)
 
 
 def _spawn(jobs: list[RankJob]) -> list[Outcome]:

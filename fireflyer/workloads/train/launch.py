@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fireflyer.workloads.process_exit import exit_process
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.layout import Layout
 from fireflyer.workloads.train.stopping import EXIT_CODES, STOP_SIGNALS, exit_code, signal_name
@@ -138,8 +139,7 @@ def _spawned(local_rank: int, config: TrainConfig, rdv: Rendezvous) -> None:
             raise
         print(f"fireflyer: error: rank {rdv.rank(local_rank)}: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if code:
-        sys.exit(code)
+    exit_process(code)  # forked ranks end without teardown anyway; spawned ones must too
 
 
 def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
@@ -148,7 +148,10 @@ def launch(config: TrainConfig, env: Mapping[str, str] | None = None) -> int:
     # Refuses a --pipeline or --expert-parallel that does not divide the world.
     Layout(rdv.world, config.pipeline, config.schedule, config.expert_parallel)
     if rdv.nproc_per_node == 1:
-        return run_rank(config, rdv, 0)
+        status = run_rank(config, rdv, 0)
+        if rdv.world > 1:
+            exit_process(status)  # this process ran collectives: see process_exit
+        return status
     import torch.multiprocessing as mp
 
     method = "spawn"

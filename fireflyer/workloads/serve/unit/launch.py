@@ -14,8 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from fireflyer.workloads.process_exit import exit_process
 from fireflyer.workloads.serve.unit.topology import UnitShape
 
 log = logging.getLogger("fireflyer.serve")
@@ -27,8 +28,8 @@ RANK_LOSS_GRACE_S = 20.0
 TRANSPORTS = {"auto": "auto", "triton": "nvlink", "torch": "portable", "official": "official"}
 
 
-def run_node(args: argparse.Namespace, shape: UnitShape) -> int:
-    """This node's ranks; returns the exit status of the node process (non-zero when any rank
+def run_node(args: argparse.Namespace, shape: UnitShape) -> NoReturn:
+    """This node's ranks; ends the node process with its exit status (non-zero when any rank
     of this node failed, so that the pod restarts)."""
     context = multiprocessing.get_context("spawn")
     children = [
@@ -58,11 +59,9 @@ def run_node(args: argparse.Namespace, shape: UnitShape) -> int:
         child.join(timeout=30 if status == 0 else 0)  # a failed unit's ranks may be blocked
         if child.is_alive():
             child.terminate()
-    if status != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)  # no teardown of a process group that is no longer in step
-    return status
+    # No interpreter teardown: not of a process group that is no longer in step, nor after
+    # gloo collectives (process_exit says why).
+    exit_process(status)
 
 
 def _child_main(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> None:
@@ -70,7 +69,7 @@ def _child_main(args: argparse.Namespace, shape: UnitShape, local_rank: int) -> 
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s [rank {shape.rank(local_rank)}]: %(message)s",
     )
-    sys.exit(run_rank(args, shape, local_rank))
+    exit_process(run_rank(args, shape, local_rank))
 
 
 def init_groups(shape: UnitShape, rank: int, backend: str, args: argparse.Namespace, device: Any) -> Any:
