@@ -6,6 +6,8 @@
 #
 # Prints a compact summary; full logs and bench.json go to OUT_DIR (default $OUT, else /tmp/gluon-mla).
 # BENCH_ARGS (e.g. --quick) is passed to the benchmark; the whole run stays under 6 minutes.
+# LENGTHS=1 adds the Triton kernel's balanced-runs tests and bench/kernels/bench_mla_lengths.py
+# (unequal lengths, uniform splits against balanced runs): about 3 minutes more.
 set -u
 OUT_DIR=$(realpath -m "${1:-${OUT:-/tmp/gluon-mla}}")
 mkdir -p "$OUT_DIR"
@@ -25,3 +27,15 @@ timeout 190 python3 bench/kernels/bench_mla_gluon.py ${BENCH_ARGS:-} --out "$OUT
 echo "BENCH rc=$? in $(($(date +%s) - start)) s"
 grep -E "^(HBM|CHECK|MLA)" "$OUT_DIR/bench.log"
 grep -E "Error|error" "$OUT_DIR/bench.log" | head -n 10
+
+if [ -n "${LENGTHS:-}" ]; then
+  start=$(date +%s)
+  timeout 60 python3 -m pytest --noconftest -p no:cacheprovider -o addopts= -q -k balanced \
+    tests/gpu/test_kernels_gpu.py >"$OUT_DIR/tests_balanced.log" 2>&1
+  echo "TESTS balanced rc=$?: $(tail -n 1 "$OUT_DIR/tests_balanced.log")"
+  timeout 150 python3 bench/kernels/bench_mla_lengths.py --out "$OUT_DIR/lengths.json" \
+    >"$OUT_DIR/lengths.log" 2>&1
+  echo "LENGTHS rc=$? in $(($(date +%s) - start)) s"
+  grep -E "^(HBM|LENGTHS)" "$OUT_DIR/lengths.log"
+  grep -E "Error|error" "$OUT_DIR/lengths.log" | head -n 10
+fi

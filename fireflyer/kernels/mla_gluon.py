@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fireflyer.kernels.mla import D_QK, D_V, PAGE, check_shapes
+from fireflyer.kernels.mla_schedule import MlaSchedule
 
 try:  # Gluon's Hopper API as shipped in Triton 3.6; absent or different elsewhere.
     from triton.experimental import gluon
@@ -124,24 +125,26 @@ if HAVE_GLUON:
         stride_btb,
         first,
         n_tiles,
+        k0,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
     ):
-        """Loader partition: one TMA load of the latent and one of the rope part per KV tile. The
-        block-table entry of the next tile is read while this one waits for its slot, so the
-        table's latency never sits between a slot coming free and its refill."""
+        """Loader partition: one TMA load of the latent and one of the rope part per KV tile,
+        into the ring from its k0-th use on. The block-table entry of the next tile is read while
+        this one waits for its slot, so the table's latency never sits between a slot coming free
+        and its refill."""
         nbytes: gl.constexpr = nope_desc.block_type.nbytes + rope_desc.block_type.nbytes
         table = BT + pid_b * stride_btb
         last = gl.maximum(n_tiles - 1, 0)
         # A split past the sequence's end has no tiles, and its first entry may lie past the table.
         block_next = gl.load(table + (first * BLOCK_N) // PAGE_C, mask=n_tiles > 0, other=0)
         for i in range(n_tiles):
-            stage = i % STAGES
+            stage = (k0 + i) % STAGES
             token = (first + i) * BLOCK_N
             block = block_next
             block_next = gl.load(table + ((first + gl.minimum(i + 1, last)) * BLOCK_N) // PAGE_C)
             # A fresh barrier passes a wait on parity 1, so the first lap does not block.
-            mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+            mbarrier.wait(empty.index(stage), (((k0 + i) // STAGES) & 1) ^ 1)
             row = block * PAGE_C + token % PAGE_C
             mbarrier.expect(ready.index(stage), nbytes)
             tma.async_copy_global_to_shared(nope_desc, [row, 0], ready.index(stage), kv_nope.index(stage))
@@ -169,8 +172,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _attend(
         Q,
-        OP,
-        LP,
+        out_at,
+        lse_at,
         q_nope,
         q_rope,
         kv_nope,
@@ -179,24 +182,22 @@ if HAVE_GLUON:
         empty,
         pid_m,
         pid_b,
-        pid_s,
         seqlen,
         first,
         n_tiles,
+        k0,
         scale_log2,
         stride_qb,
-        stride_opb,
-        stride_ops,
-        stride_lpb,
-        stride_lps,
         S_Q: gl.constexpr,
         H_Q: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         DIRECT: gl.constexpr,
     ):
-        """Math partition (two warpgroups): Q into shared memory, then the online softmax over
-        this split's KV tiles; writes the split's normalised output and log2-sum-exp."""
+        """Math partition (two warpgroups): Q of sequence pid_b into shared memory, then the
+        online softmax over its KV tiles [first, first + n_tiles), which the ring holds from its
+        k0-th use on; writes the normalised output at out_at and the log2-sum-exp at lse_at (or,
+        DIRECT, the final output and natural-log lse of the sequence)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
         )
@@ -218,8 +219,8 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_M_C, D_V_C], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M_C, BLOCK_N], gl.float32, layout=s_layout)
         for i in range(n_tiles):
-            stage = i % STAGES
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+            stage = (k0 + i) % STAGES
+            mbarrier.wait(ready.index(stage), ((k0 + i) // STAGES) & 1)
             k_nope = kv_nope.index(stage)
             s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
@@ -241,15 +242,15 @@ if HAVE_GLUON:
         out = acc / l_o[:, None]
         o_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=o_rows_l)
         o_cols = gl.arange(0, D_V_C, layout=gl.SliceLayout(0, o_layout))
-        op = OP + pid_b * stride_opb + pid_s * stride_ops + o_rows[:, None] * D_V_C + o_cols[None, :]
+        op = out_at + o_rows[:, None] * D_V_C + o_cols[None, :]
         if DIRECT:
             # One split: the final output in the query's dtype and the natural-log lse in its
             # [b, h_q, s_q] layout, with no partials to merge.
-            lse_at = (rows % H_Q) * S_Q + rows // H_Q
-            gl.store(LP + pid_b * stride_lpb + lse_at, lse * LN2, mask=rows < S_Q * H_Q)
-            gl.store(op, out.to(OP.dtype.element_ty), mask=(o_rows < S_Q * H_Q)[:, None])
+            lse_rows = (rows % H_Q) * S_Q + rows // H_Q
+            gl.store(lse_at + lse_rows, lse * LN2, mask=rows < S_Q * H_Q)
+            gl.store(op, out.to(out_at.dtype.element_ty), mask=(o_rows < S_Q * H_Q)[:, None])
         else:
-            gl.store(LP + pid_b * stride_lpb + pid_s * stride_lps + rows, lse, mask=rows < S_Q * H_Q)
+            gl.store(lse_at + rows, lse, mask=rows < S_Q * H_Q)
             gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
 
     @gluon.jit
@@ -298,8 +299,8 @@ if HAVE_GLUON:
                     _attend,
                     (
                         Q,
-                        OP,
-                        LP,
+                        OP + pid_b * stride_opb + pid_s * stride_ops,
+                        LP + pid_b * stride_lpb + pid_s * stride_lps,
                         q_nope,
                         q_rope,
                         kv_nope,
@@ -308,16 +309,12 @@ if HAVE_GLUON:
                         empty,
                         pid_m,
                         pid_b,
-                        pid_s,
                         seqlen,
                         first,
                         n_tiles,
+                        0,
                         scale_log2,
                         stride_qb,
-                        stride_opb,
-                        stride_ops,
-                        stride_lpb,
-                        stride_lps,
                         S_Q,
                         H_Q,
                         BLOCK_N,
@@ -339,6 +336,7 @@ if HAVE_GLUON:
                         stride_btb,
                         first,
                         n_tiles,
+                        0,
                         BLOCK_N,
                         STAGES,
                     ),
@@ -373,6 +371,24 @@ def _sm_count(device_index: int) -> int:
 _COMPILED: dict[tuple[Any, ...], Any] = {}
 
 
+def _launch(
+    kernel: Any, device: int, grid: tuple[int, ...], args: tuple[Any, ...], num_warps: int, constexprs: int
+) -> None:
+    """Launch through the JIT the first time, then the compiled kernel directly; the last
+    `constexprs` arguments are the kernel's constexprs."""
+    specialised = tuple(
+        a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
+        for a in args
+        if isinstance(a, (torch.Tensor, int))
+    )
+    key = (kernel, device, specialised, *args[-constexprs:])
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = kernel[grid](*args, num_warps=num_warps)
+    else:
+        compiled[grid](*args)
+
+
 def mla_decode_gluon(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -381,10 +397,13 @@ def mla_decode_gluon(
     softmax_scale: float,
     splits: int | None = None,
     config: dict[str, int] | None = None,
+    schedule: MlaSchedule | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode (mla.py's contract) on a Hopper GPU; ValueError for inputs it does not
     support, so that a dispatcher can fall back to the Triton kernel. With one split per sequence
-    the kernel writes the final output and lse itself; with more, the Triton combine merges them."""
+    the kernel writes the final output and lse itself; with more, the Triton combine merges them.
+    `schedule` (mla_schedule.balanced_schedule over the config's BLOCK_N-token tiles): runs of
+    equal length in place of `splits` uniform splits per sequence (not with the seesaw)."""
     check_shapes(q, kv_cache, block_table, cache_seqlens)
     reason = supported(q, kv_cache)
     if reason is not None:
@@ -401,13 +420,30 @@ def mla_decode_gluon(
     rows = s_q * h_q
     m_tiles = -(-rows // BLOCK_M)
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if splits is None:
-        splits = one_wave_splits(b * m_tiles, _sm_count(device), block_table.shape[1] * (PAGE // block_n))
     flat = kv_cache.view(-1, D_QK)
     nope_layout, rope_layout = kv_layouts(block_n)
     nope_desc = TensorDescriptor(flat, [flat.shape[0], D_V], [D_QK, 1], [block_n, D_V], nope_layout)
     rope = flat[:, D_V:]
     rope_desc = TensorDescriptor(rope, [rope.shape[0], D_ROPE], [D_QK, 1], [block_n, D_ROPE], rope_layout)
+    if schedule is not None:
+        if seesaw or schedule.tile_tokens != block_n or schedule.split_count.shape[0] != b:
+            raise ValueError(
+                f"mla_decode_gluon: the schedule must be over {block_n}-token tiles of these {b} "
+                "sequences, with a config other than the seesaw"
+            )
+        out = torch.empty(schedule.slots, rows, D_V, dtype=torch.float32, device=q.device)
+        lse = torch.empty(schedule.slots, rows, dtype=torch.float32, device=q.device)
+        from fireflyer.kernels.mla_gluon_runs import mla_runs_kernel
+
+        runs_args = (
+            q, nope_desc, rope_desc, block_table, cache_seqlens, schedule.runs, schedule.split_offset,
+            schedule.first_run, out, lse, softmax_scale * LOG2E, q.stride(0), block_table.stride(0),
+            s_q, h_q, block_n, stages,
+        )  # fmt: skip
+        _launch(mla_runs_kernel, device, (m_tiles, schedule.parts), runs_args, num_warps=8, constexprs=4)
+        return combine_splits(out, lse, s_q, h_q, q.dtype, schedule)
+    if splits is None:
+        splits = one_wave_splits(b * m_tiles, _sm_count(device), block_table.shape[1] * (PAGE // block_n))
     if splits == 1:
         out = torch.empty(b, s_q, h_q, D_V, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
@@ -437,23 +473,12 @@ def mla_decode_gluon(
         block_n,
         stages,
     )
-    grid = (m_tiles, splits, b)
-    specialised = tuple(
-        a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
-        for a in args
-        if isinstance(a, (torch.Tensor, int))
-    )
-    key = (device, specialised, seesaw, *args[-5:])
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        if seesaw:
-            from fireflyer.kernels.mla_gluon_seesaw import mla_seesaw_kernel
+    if seesaw:
+        from fireflyer.kernels.mla_gluon_seesaw import mla_seesaw_kernel
 
-            _COMPILED[key] = mla_seesaw_kernel[grid](*args, num_warps=4)
-        else:
-            _COMPILED[key] = _mla_gluon_partial[grid](*args, num_warps=8)
+        _launch(mla_seesaw_kernel, device, (m_tiles, splits, b), args, num_warps=4, constexprs=5)
     else:
-        compiled[grid](*args)
+        _launch(_mla_gluon_partial, device, (m_tiles, splits, b), args, num_warps=8, constexprs=5)
     if splits == 1:
         return out, lse
     return combine_splits(out, lse, s_q, h_q, q.dtype)

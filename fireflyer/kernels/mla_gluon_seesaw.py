@@ -202,7 +202,7 @@ if HAVE_GLUON:
                                 pid_m, pid_b, pid_s, seqlen, first, n_tiles, scale_log2, stride_opb,
                                 stride_ops, stride_lpb, stride_lps, S_Q, H_Q, BLOCK_N, STAGES, direct, 1)),
                 (_load_kv, (nope_desc, rope_desc, kv_nope, kv_rope, ready, empty, BT, pid_b, stride_btb,
-                            first, n_tiles, BLOCK_N, STAGES)),
+                            first, n_tiles, 0, BLOCK_N, STAGES)),
             ],
             [4, 1],
             [MATH_REGS, LOADER_REGS_C],

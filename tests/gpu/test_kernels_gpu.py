@@ -66,6 +66,33 @@ def test_mla_split_count_does_not_change_the_result() -> None:
     torch.testing.assert_close(lse_one, lse_many, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 128)])
+def test_mla_balanced_runs_match_the_reference_also_in_a_cuda_graph(s_q: int, h_q: int) -> None:
+    from fireflyer.kernels.mla_schedule import balanced_schedule
+    from fireflyer.kernels.mla_triton import balanced_parts, mla_decode_triton
+
+    # One long sequence among short ones, an empty one: what the balanced runs are for.
+    seqlens = [16384, 0, 1, 700, *[129] * 12]
+    q, kv, table, lens = _mla_inputs(len(seqlens), s_q, h_q, seqlens, seed=11)
+    ref_out, ref_lse = mla.mla_decode(q, kv, table, lens, SCALE, backend="torch")
+    schedule = balanced_schedule(lens, balanced_parts(q), mla.PAGE)
+    out, lse = mla_decode_triton(q, kv, table, lens, SCALE, schedule=schedule)
+    assert _cos_diff(out, ref_out) <= 5e-6
+    finite = ref_lse.isfinite()
+    assert torch.equal(finite, lse.isfinite())
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
+    # Schedule and kernels captured together: new lengths replay without a host round trip.
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = balanced_schedule(lens, balanced_parts(q), mla.PAGE)
+        g_out, _ = mla_decode_triton(q, kv, table, lens, SCALE, schedule=graphed)
+    lens.copy_(torch.tensor(list(reversed(seqlens)), dtype=torch.int32))
+    table.copy_(table.flip(0))
+    graph.replay()
+    want, _ = mla.mla_decode(q, kv, table, lens, SCALE, backend="torch")
+    assert _cos_diff(g_out, want) <= 5e-6
+
+
 @pytest.mark.parametrize(
     "b,s_q,h_q,seqlens",
     [

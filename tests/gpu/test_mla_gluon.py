@@ -109,3 +109,24 @@ def test_unsupported_inputs_raise_value_error() -> None:
         mla_decode_gluon(q, kv.view(torch.uint8)[..., :656], table, lens, SCALE)
     with pytest.raises(ValueError):
         mla_decode_gluon(q, kv, table, lens, SCALE, config={"BLOCK_N": 48})
+
+
+@pytest.mark.parametrize("name", ["n64s2", "n32s4"])
+@pytest.mark.parametrize("parts", [3, 132])
+def test_balanced_runs_match_the_reference(name: str, parts: int) -> None:
+    from fireflyer.kernels.mla_schedule import balanced_schedule
+
+    # A long sequence among short ones and an empty one: runs that end, cover and start
+    # sequences (3 runs), and runs with nothing to do (132 runs, fewer tiles than that for some).
+    seqlens = [9000, 0, 1, 700, 65, *[129] * 6]
+    q, kv, table, lens = _inputs(len(seqlens), 2, 64, seqlens, seed=4)
+    config = CONFIGS[name]
+    schedule = balanced_schedule(lens, parts, config["BLOCK_N"])
+    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE, config=config, schedule=schedule)
+    ref_out, ref_lse = mla.mla_decode_reference(q, kv, table, lens, SCALE)
+    finite = ref_lse.isfinite()
+    assert torch.equal(finite, lse.isfinite())
+    assert calc_diff(out, ref_out) <= 5e-6
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="tiles of these"):
+        mla_decode_gluon(q, kv, table, lens, SCALE, config=CONFIGS["w32s4"], schedule=schedule)

@@ -1,0 +1,116 @@
+"""Length-balanced MLA decode work (mla_schedule): every KV tile attended once, programs of equal
+work whatever the lengths, partial slots that never collide; and the Triton kernel over such a
+schedule in Triton's interpreter against the torch reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fireflyer.kernels import mla  # noqa: E402
+from fireflyer.kernels.mla_schedule import balanced_schedule, runs_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TILE = mla.PAGE
+
+
+def _tiles(lengths: list[int]) -> list[int]:
+    return [math.ceil(n / TILE) for n in lengths]
+
+
+CASES = [
+    ([4096, 1, 0, 150, 64, 65], 5),
+    ([0, 0, 0], 4),  # nothing to attend
+    ([1], 1),
+    ([70, 0, 300, 1, 0], 16),  # more runs than tiles: the last runs are empty
+    ([32768] + [512] * 127, 132),  # one long sequence in a decode batch
+    ([129, 7000, 64, 63, 20000, 1], 3),
+]
+
+
+@pytest.mark.parametrize(("lengths", "parts"), CASES)
+def test_every_tile_is_attended_once_into_its_sequences_own_slots(lengths: list[int], parts: int) -> None:
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    schedule = balanced_schedule(lens, parts, TILE)
+    assert schedule.parts == parts
+    covered: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(lengths))}
+    slots_used: list[int] = []
+    for pieces in runs_of(schedule, lens):
+        for seq, begin, end, slot in pieces:
+            covered[seq].append((begin, end))
+            slots_used.append(slot)
+            first, count = int(schedule.split_offset[seq]), int(schedule.split_count[seq])
+            assert first <= slot < first + count, (seq, slot)
+    for seq, tiles in enumerate(_tiles(lengths)):
+        ranges = sorted(covered[seq])
+        # Consecutive runs, no gap, no overlap, the whole sequence.
+        assert [t for r in ranges for t in range(*r)] == list(range(tiles)), (seq, ranges)
+        assert int(schedule.split_count[seq]) == len(ranges)
+    assert len(slots_used) == len(set(slots_used)), "two pieces wrote one partial slot"
+    assert sum(schedule.split_count.tolist()) <= len(lengths) + parts - 1
+    assert max(slots_used, default=-1) < schedule.slots
+
+
+@pytest.mark.parametrize(("lengths", "parts"), CASES)
+def test_no_program_attends_more_than_its_equal_share(lengths: list[int], parts: int) -> None:
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    share = max(1, math.ceil(sum(_tiles(lengths)) / parts))
+    for pieces in runs_of(balanced_schedule(lens, parts, TILE), lens):
+        assert sum(end - begin for _, begin, end, _ in pieces) <= share
+
+
+def test_a_long_sequence_no_longer_sets_the_decode_steps_time() -> None:
+    # One 32K-token sequence among 127 of 512 on an H200's 132 SMs, 64-row query tiles (h_q 64):
+    # uniform splits give every sequence the same count, so the long one's programs each walk a
+    # long stretch while the short ones' are done.
+    lengths, sms = [32768] + [512] * 127, 132
+    uniform_splits = mla.num_splits(len(lengths), 1, max(_tiles(lengths)), sms, waves=1.0)
+    uniform_longest = math.ceil(max(_tiles(lengths)) / uniform_splits)
+    balanced_longest = math.ceil(sum(_tiles(lengths)) / sms)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    runs = runs_of(balanced_schedule(lens, sms, TILE), lens)
+    longest = max(sum(end - begin for _, begin, end, _ in pieces) for pieces in runs)
+    assert longest == balanced_longest
+    assert longest * 10 < uniform_longest, (longest, uniform_longest)
+
+
+def test_bad_arguments_are_refused() -> None:
+    lens = torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="positive"):
+        balanced_schedule(lens, 0, TILE)
+    with pytest.raises(ValueError, match="one length per sequence"):
+        balanced_schedule(torch.zeros(0, dtype=torch.int32), 2, TILE)
+    pytest.importorskip("triton")
+    from fireflyer.kernels.mla_triton import mla_decode_triton
+
+    q = torch.zeros(1, 1, 16, mla.D_QK)
+    cache = torch.zeros(1, mla.PAGE, 1, mla.D_QK)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="64-token tiles of these 1 sequences"):
+        mla_decode_triton(q, cache, table, lens, 1.0, schedule=balanced_schedule(lens, 2, 32))
+
+
+def test_triton_kernel_in_the_interpreter_equals_the_reference_uniform_and_balanced() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.unit.mla_interpreted"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = {key: float(value) for key, value in (item.split("=") for item in result.stdout.split())}
+    cases = ("uniform", "runs3", "runs7")
+    assert set(errors) == {f"{case}_{what}" for case in cases for what in ("out", "lse")}
+    # fp32 throughout: only the summation order differs.
+    assert max(errors.values()) <= 1e-4, result.stdout
