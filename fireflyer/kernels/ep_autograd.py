@@ -51,7 +51,9 @@ def _sum_to_tokens(routing: Routing, entries: torch.Tensor) -> torch.Tensor:
     out_dtype = entries.dtype
     present = (handle.row_entries >= 0).to(torch.float32)
     per_row = gather_sum(entries, handle.row_entries, present, out_dtype)
-    back = dispatcher._exchange(per_row, handle.recv_counts, handle.send_counts, len(handle.send_token))
+    back = dispatcher.portable.exchange(
+        per_row, handle.recv_counts, handle.send_counts, len(handle.send_token)
+    )
     ones = torch.ones(handle.token_rows.shape, dtype=torch.float32, device=back.device)
     return gather_sum(back, handle.token_rows, ones, out_dtype)
 
@@ -61,7 +63,7 @@ def _spread_to_entries(routing: Routing, tokens: torch.Tensor) -> torch.Tensor:
     dispatcher, handle = routing.dispatcher, routing.handle
     assert handle is not None
     rows = tokens[handle.send_token]
-    received = dispatcher._exchange(rows, handle.send_counts, handle.recv_counts, handle.recv_rows)
+    received = dispatcher.portable.exchange(rows, handle.send_counts, handle.recv_counts, handle.recv_rows)
     return received[handle.entry_row]
 
 
@@ -70,7 +72,9 @@ class _Dispatch(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor, routing: Routing
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        received, handle = routing.dispatcher._dispatch(x.detach(), None, topk_idx, topk_weights.detach())
+        received, handle = routing.dispatcher.dispatch_portable(
+            x.detach(), None, topk_idx, topk_weights.detach()
+        )
         routing.handle, routing.tokens_per_expert = handle, received.tokens_per_expert
         ctx.routing = routing
         ctx.top_k = topk_idx.shape[1]
@@ -96,7 +100,7 @@ class _Dispatch(torch.autograd.Function):
         per_slot = torch.where(
             present, grad_entry_weights.float()[handle.row_entries.clamp(min=0)], 0.0
         ).contiguous()
-        back = routing.dispatcher._exchange(
+        back = routing.dispatcher.portable.exchange(
             per_slot, handle.recv_counts, handle.send_counts, len(handle.send_token)
         )
         grad_weights = torch.zeros(handle.num_tokens, ctx.top_k, device=back.device)
