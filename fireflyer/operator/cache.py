@@ -35,9 +35,31 @@ PROMISE_SECONDS = 60.0
 SYNC_WAIT_SECONDS = 60.0
 
 
+def _slim_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A container state's kind, and a termination's exit code and message (the preflight's and
+    the trainer's reports travel in it)."""
+    state = state or {}
+    slim: dict[str, Any] = {kind: {} for kind in ("waiting", "running") if kind in state}
+    if "terminated" in state:
+        terminated = state["terminated"] or {}
+        slim["terminated"] = {
+            "exitCode": terminated.get("exitCode"),
+            "message": terminated.get("message") or "",
+        }
+    return slim
+
+
+def _slim_containers(statuses: Any) -> list[dict[str, Any]]:
+    return [
+        {"state": _slim_state(c.get("state")), "lastState": _slim_state(c.get("lastState"))}
+        for c in statuses or []
+    ]
+
+
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What planning reads of a pod: labels, node, requests, phase and readiness. An unscheduled
-    pod's node name is "" (never null)."""
+    """What planning and the controllers' pod listeners read of a pod: labels, owners, node,
+    requests, phase, readiness and how its containers ended. An unscheduled pod's node name is ""
+    (never null)."""
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
     status = body.get("status") or {}
@@ -48,6 +70,10 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
             "uid": meta.get("uid"),
             "resourceVersion": meta.get("resourceVersion"),
             "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [
+                {"kind": o.get("kind"), "name": o.get("name"), "uid": o.get("uid")}
+                for o in meta.get("ownerReferences") or []
+            ],
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
@@ -62,6 +88,8 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
             "conditions": [
                 {"type": c.get("type"), "status": c.get("status")} for c in status.get("conditions") or []
             ],
+            "initContainerStatuses": _slim_containers(status.get("initContainerStatuses")),
+            "containerStatuses": _slim_containers(status.get("containerStatuses")),
         },
     }
 

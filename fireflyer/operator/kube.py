@@ -327,15 +327,18 @@ def delete(
 
 
 def create(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """Create, or None when an object of that name exists already (never overwrites)."""
+    """Create, or None when an object of that name exists already (never overwrites). The answer
+    goes to the informer at once, like a patch's."""
     meta = obj["metadata"]
     try:
         result: dict[str, Any] = _call("POST", _path(obj["kind"], meta.get("namespace")), obj)
-        return result
     except ApiException as exc:
         if exc.status == 409:
             return None
         raise
+    if result and _cache is not None:
+        _cache.written(result)
+    return result
 
 
 def api_group_served(path: str) -> bool:
@@ -388,12 +391,16 @@ def drop_finalizer(kind: str, cr: dict[str, Any], finalizer: str) -> bool:
 
 
 def patch_status(kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:
-    _call(
+    """Merge `status` into the object's status. The answer goes to the informer at once: a pass
+    inside the watch's lag compares with the status just written, not write it again."""
+    result = _call(
         "PATCH",
         _path(kind, namespace, name, "status"),
         {"status": status},
         content_type="application/merge-patch+json",
     )
+    if isinstance(result, dict) and result and _cache is not None:
+        _cache.written(result)
 
 
 def invalid_spec(kind: str, cr: dict[str, Any], error: Exception) -> Exception:

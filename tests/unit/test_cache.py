@@ -196,3 +196,34 @@ def test_nodes_are_served_whatever_namespace_the_operator_is_scoped_to(
     monkeypatch.setattr(kube, "_scope", "team-a")  # namespace mode
     assert [n["metadata"]["name"] for n in kube.list_("Node")] == ["n1"]
     assert kube.get("Node", "n1") is not None
+
+
+def test_creations_and_status_writes_reach_the_informer_before_their_watch_events(
+    informers: dict[str, cache.Informer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new deployment's scaler is created, then its status written; the next pass, inside the
+    # watch's lag, must compare with that status rather than write it again.
+    informers["InferenceRoleScaler"] = cache.Informer("InferenceRoleScaler")
+    informers["InferenceRoleScaler"].synced.set()
+    cache._informers["InferenceRoleScaler"] = informers["InferenceRoleScaler"]
+    stored: dict[str, Any] = {}
+
+    def api(method: str, path: str, body: Any = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if method == "POST":
+            stored.update(body, metadata={**body["metadata"], "resourceVersion": "10"})
+        else:
+            stored.update(status=body["status"], metadata={**stored["metadata"], "resourceVersion": "11"})
+        return dict(stored)
+
+    monkeypatch.setattr(kube, "_call", api)
+    scaler = {
+        "kind": "InferenceRoleScaler",
+        "metadata": {"name": "svc-decode", "namespace": "ns"},
+        "spec": {},
+    }
+    assert kube.create(scaler) is not None
+    assert cache.current("InferenceRoleScaler", "ns", "svc-decode") is not None
+    kube.patch_status("InferenceRoleScaler", "svc-decode", "ns", {"replicas": 2})
+    held = cache.current("InferenceRoleScaler", "ns", "svc-decode")
+    assert held is not None and held["status"] == {"replicas": 2}
+    assert held["metadata"]["resourceVersion"] == "11"

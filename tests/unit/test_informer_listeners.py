@@ -67,3 +67,82 @@ def test_a_node_gone_not_ready_kicks_the_deployment_with_a_unit_on_it(
     for listener in cache._listeners["Node"]:
         listener("MODIFIED", cache.slim_node(_node("False")))
     assert kicked == [("ns", "svc", True)]
+
+
+def _pod(labels: dict[str, str], phase: str, message: str = "", job_uid: str = "") -> dict[str, Any]:
+    """A pod as the API server sends it (the informer slims it before the listeners see it)."""
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": "p-0",
+            "uid": "u-1",
+            "resourceVersion": "7",
+            "labels": labels,
+            "ownerReferences": [{"kind": "Job", "name": "j", "uid": job_uid, "controller": True}],
+            "managedFields": [{"manager": "kubelet"}],
+        },
+        "spec": {"nodeName": "n1", "containers": [{"name": "engine", "image": "x"}]},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "image": "x",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 3, "message": message, "reason": "Error"}},
+                }
+            ],
+        },
+    }
+
+
+def test_pod_changes_reach_the_controllers_through_the_pod_informer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fireflyer.operator import labels as L
+    from fireflyer.operator.inference import controller as inference
+    from fireflyer.operator.inference import preflight
+    from fireflyer.operator.threefs import children as threefs_children
+    from fireflyer.operator.threefs import controller as threefs
+    from fireflyer.operator.training import controller as training
+
+    kicked: list[tuple[str, ...]] = []
+    monkeypatch.setattr(
+        inference, "_kick", lambda ns, name, urgent, kw: kicked.append(("svc", ns, name, str(urgent)))
+    )
+    monkeypatch.setattr(
+        training, "_kick", lambda ns, name, urgent, kw: kicked.append(("job", ns, name, str(urgent)))
+    )
+    monkeypatch.setattr(threefs, "_kick", lambda ns, name: kicked.append(("3fs", ns, name)))
+    monkeypatch.setattr(inference, "_preflight_failures", type(inference._preflight_failures)(dict))
+    monkeypatch.setattr(inference, "_failed_units", type(inference._failed_units)(dict))
+    monkeypatch.setattr(training, "_noted", type(training._noted)(dict))
+    informer = cache.Informer("Pod", slim=cache.slim_pod)
+    ours = {L.MANAGED_BY: L.MANAGER}
+
+    # A unit pod that failed its preflight: noted with its message, the unit marked for
+    # recreation, the deployment reconciled at once.
+    failed = f"{preflight.PREFIX} rank 1 cannot reach rank 0"
+    unit = {**ours, L.DEPLOYMENT: "svc", L.COMPONENT: "unit", L.ROLE: "decode", L.UNIT: "0"}
+    informer._tell("MODIFIED", _pod(unit, "Failed", failed))
+    assert kicked == [("svc", "ns", "svc", "True")]
+    assert inference._preflight_failures[("ns", "svc")] == {"u-1": failed}
+    assert inference._failed_units[("ns", "svc")] == {"svc-decode-0": "pod p-0 failed"}
+    # The plan reads the same failure off the cached (slim) pod after a restart.
+    assert preflight.failure(cache.slim_pod(_pod(unit, "Running", failed))) == failed
+
+    # A training rank deleted while it ran: its Job attempt is noted as lost.
+    kicked.clear()
+    informer._tell("DELETED", _pod({**ours, L.TRAINING_JOB: "train"}, "Running", job_uid="job-uid"))
+    assert kicked == [("job", "ns", "train", "True")]
+    assert training._noted[("ns", "train")] == {"job-uid": "pod p-0 was deleted"}
+
+    # A 3FS cluster's pod: the cluster advances.
+    kicked.clear()
+    informer._tell("MODIFIED", _pod({threefs_children.CLUSTER: "fs"}, "Running"))
+    assert kicked == [("3fs", "ns", "fs")]
+
+    # Someone else's pods, or ours that only changed while pending: nothing.
+    kicked.clear()
+    informer._tell("MODIFIED", _pod({L.DEPLOYMENT: "svc"}, "Failed"))  # not managed by us
+    informer._tell("MODIFIED", _pod({**ours, L.DEPLOYMENT: "svc"}, "Pending"))
+    informer._tell("ADDED", _pod({"app": "web"}, "Running"))
+    assert kicked == []

@@ -392,27 +392,33 @@ def _note_preflight(event_type: str | None, pod: Any, namespace: str, deployment
         _preflight_failures[(namespace, deployment)].pop(uid, None)
 
 
-@kopf.on.event("pods", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 # The router Deployment: its availability is part of Ready and lags its pods' readiness.
 @kopf.on.event("apps", "v1", "deployments", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
-    """A child changed (pod failed, service deleted, …): reconcile its deployment soon."""
+    """A child changed (service deleted, unit StatefulSet or router changed): reconcile its
+    deployment soon."""
     deployment = (body.get("metadata", {}).get("labels") or {}).get(L.DEPLOYMENT)
-    if deployment and namespace and body.get("kind") == "Pod":
-        _note_preflight(type, body, namespace, deployment)  # the initial listing (type None) too
-    if not deployment or type is None or namespace is None:
+    if deployment and type is not None and namespace is not None:
+        _kick(namespace, deployment, type == "DELETED", kwargs)
+
+
+def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
+    """A pod of a deployment changed (from the Pod informer: a second watch of our pods through
+    kopf decoded each of their events twice). Its preflight failure and its loss are noted; a
+    pod that failed, started running or went away gets its deployment reconciled."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    deployment, namespace = labels.get(L.DEPLOYMENT), meta.get("namespace")
+    if not deployment or labels.get(L.MANAGED_BY) != L.MANAGER or not namespace:
         return
-    phase = body.get("status", {}).get("phase")
-    if (
-        body.get("kind") == "Pod"
-        and (body.get("metadata", {}).get("labels") or {}).get(L.COMPONENT) == "unit"
-    ):
-        _note_pod_failure(type, body, namespace, deployment)
-    interesting = type == "DELETED" or phase in ("Failed", "Running") or body.get("kind") != "Pod"
-    if interesting:
-        _kick(namespace, deployment, phase == "Failed" or type == "DELETED", kwargs)
+    _note_preflight(event_type, pod, namespace, deployment)
+    phase = (pod.get("status") or {}).get("phase")
+    if labels.get(L.COMPONENT) == "unit":
+        _note_pod_failure(event_type, pod, namespace, deployment)
+    if event_type == "DELETED" or phase in ("Failed", "Running"):
+        _kick(namespace, deployment, phase == "Failed" or event_type == "DELETED", {})
 
 
 _debounce = Debouncer(window=1.0)
@@ -467,6 +473,7 @@ def on_node_event(type: str, body: dict[str, Any]) -> None:
 # Through the Node informer, not a kopf watch: a second watch of every node decoded each
 # heartbeat of a large fabric twice, on the handlers' event loop.
 cache.listen("Node", on_node_event)
+cache.listen("Pod", on_pod_change)
 
 
 @kopf.on.event(GROUP, VERSION, "expertplacements")

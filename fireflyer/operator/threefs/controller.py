@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from fireflyer.api.base import GROUP, VERSION
 from fireflyer.api.threefs import ThreeFSClusterSpec
-from fireflyer.operator import events, kube, object_metrics, status_writes
+from fireflyer.operator import cache, events, kube, object_metrics, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
 from fireflyer.operator.metrics import timed
@@ -183,13 +183,24 @@ _debounce = Debouncer(window=0.5)
 @kopf.on.event("batch", "v1", "jobs", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "daemonsets", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-@kopf.on.event("pods", labels={K.CLUSTER: kopf.PRESENT})
 def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> None:
     """An admin Job finished, a service became ready: advance soon."""
     cluster = (body.get("metadata", {}).get("labels") or {}).get(K.CLUSTER)
     if not cluster or namespace is None or type is None:
         return
     _kick(namespace, cluster)
+
+
+def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
+    """A pod of a cluster changed (from the Pod informer, not a second watch of pods through
+    kopf): advance soon."""
+    meta = pod.get("metadata") or {}
+    cluster = (meta.get("labels") or {}).get(K.CLUSTER)
+    if cluster and meta.get("namespace"):
+        _kick(meta["namespace"], cluster)
+
+
+cache.listen("Pod", on_pod_change)
 
 
 def _kick(namespace: str, cluster: str) -> None:

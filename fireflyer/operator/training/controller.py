@@ -227,21 +227,24 @@ def _owner(body: Any) -> str | None:
     return None
 
 
-@kopf.on.event("pods", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-def on_pod_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
-    """A pod of a job started, failed or went away: reconcile its job soon (at once on failure)."""
-    if type is None or namespace is None:
+def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
+    """A pod of a job started, failed or went away (from the Pod informer, not a second watch of
+    our pods through kopf): reconcile its job soon (at once on failure)."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    job, namespace = labels.get(L.TRAINING_JOB), meta.get("namespace")
+    if not job or labels.get(L.MANAGED_BY) != L.MANAGER or not namespace:
         return
-    meta = body.get("metadata", {})
     job_uid = next((o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job"), None)
-    job = (meta.get("labels") or {}).get(L.TRAINING_JOB)
-    if not job:
-        return
-    phase = body.get("status", {}).get("phase")
-    if type == "DELETED" and phase not in ("Succeeded", "Failed") and job_uid:
+    phase = (pod.get("status") or {}).get("phase")
+    if event_type == "DELETED" and phase not in ("Succeeded", "Failed") and job_uid:
         _noted[(namespace, job)].setdefault(str(job_uid), f"pod {meta.get('name')} was deleted")
-    if type == "DELETED" or phase in ("Failed", "Running", "Succeeded") or meta.get("deletionTimestamp"):
-        _kick(namespace, job, phase == "Failed" or type == "DELETED", kwargs)
+    if (
+        event_type == "DELETED"
+        or phase in ("Failed", "Running", "Succeeded")
+        or meta.get("deletionTimestamp")
+    ):
+        _kick(namespace, job, phase == "Failed" or event_type == "DELETED", {})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
@@ -286,6 +289,7 @@ def on_node_event(type: str, body: dict[str, Any]) -> None:
 # Through the Node informer, not a kopf watch: a second watch of every node decoded each
 # heartbeat of a large fabric twice, on the handlers' event loop.
 cache.listen("Node", on_node_event)
+cache.listen("Pod", on_pod_change)
 
 
 # -- progress ---------------------------------------------------------------------------------
