@@ -146,3 +146,39 @@ def test_pod_changes_reach_the_controllers_through_the_pod_informer(monkeypatch:
     informer._tell("MODIFIED", _pod({**ours, L.DEPLOYMENT: "svc"}, "Pending"))
     informer._tell("ADDED", _pod({"app": "web"}, "Running"))
     assert kicked == []
+
+
+def test_child_changes_reach_the_controllers_through_their_informers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fireflyer.operator import labels as L
+    from fireflyer.operator.inference import controller as inference
+    from fireflyer.operator.threefs import children as threefs_children
+    from fireflyer.operator.threefs import controller as threefs
+    from fireflyer.operator.training import controller as training
+
+    kicked: list[tuple[str, ...]] = []
+
+    def kick_as(what: str) -> Any:
+        return lambda ns, name, urgent, kw: kicked.append((what, name, str(urgent)))
+
+    monkeypatch.setattr(inference, "_kick", kick_as("svc"))
+    monkeypatch.setattr(training, "_kick", kick_as("job"))
+    monkeypatch.setattr(threefs, "_kick", lambda ns, name: kicked.append(("3fs", name)))
+    ours = {L.MANAGED_BY: L.MANAGER}
+
+    def tell(kind: str, event_type: str, labels: dict[str, str], owner: str = "") -> None:
+        refs = [{"kind": training.KIND, "name": owner, "uid": "u"}] if owner else []
+        meta = {"namespace": "ns", "name": "c", "resourceVersion": "3", "labels": labels}
+        body = {"kind": kind, "metadata": {**meta, "ownerReferences": refs}, "spec": {}, "status": {}}
+        cache.Informer(kind, cache.MANAGED)._tell(event_type, body)
+
+    tell("StatefulSet", "MODIFIED", {**ours, L.DEPLOYMENT: "svc"})
+    tell("StatefulSet", "MODIFIED", {**ours, threefs_children.CLUSTER: "fs"})
+    tell("Deployment", "DELETED", {**ours, L.DEPLOYMENT: "svc"})
+    tell("Service", "DELETED", {**ours, L.TRAINING_JOB: "train"}, owner="train")
+    tell("Service", "MODIFIED", {**ours, L.TRAINING_JOB: "train"}, owner="train")  # no news for a job
+    assert kicked == [
+        ("svc", "svc", "False"),
+        ("3fs", "fs"),
+        ("svc", "svc", "True"),
+        ("job", "train", "True"),
+    ]

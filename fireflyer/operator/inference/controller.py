@@ -392,16 +392,15 @@ def _note_preflight(event_type: str | None, pod: Any, namespace: str, deployment
         _preflight_failures[(namespace, deployment)].pop(uid, None)
 
 
-@kopf.on.event("services", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-@kopf.on.event("apps", "v1", "statefulsets", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-# The router Deployment: its availability is part of Ready and lags its pods' readiness.
-@kopf.on.event("apps", "v1", "deployments", labels={L.DEPLOYMENT: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
-    """A child changed (service deleted, unit StatefulSet or router changed): reconcile its
-    deployment soon."""
-    deployment = (body.get("metadata", {}).get("labels") or {}).get(L.DEPLOYMENT)
-    if deployment and type is not None and namespace is not None:
-        _kick(namespace, deployment, type == "DELETED", kwargs)
+def on_child_change(event_type: str, child: dict[str, Any]) -> None:
+    """A Service, unit StatefulSet or router Deployment of a deployment changed (from their
+    informers, not second watches through kopf; the router's availability is part of Ready and
+    lags its pods' readiness): reconcile the deployment soon, at once when the child is gone."""
+    meta = child.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    deployment, namespace = labels.get(L.DEPLOYMENT), meta.get("namespace")
+    if deployment and namespace and labels.get(L.MANAGED_BY) == L.MANAGER:
+        _kick(namespace, deployment, event_type == "DELETED", {})
 
 
 def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
@@ -474,6 +473,8 @@ def on_node_event(type: str, body: dict[str, Any]) -> None:
 # heartbeat of a large fabric twice, on the handlers' event loop.
 cache.listen("Node", on_node_event)
 cache.listen("Pod", on_pod_change)
+for _kind in ("Service", "StatefulSet", "Deployment"):
+    cache.listen(_kind, on_child_change)
 
 
 @kopf.on.event(GROUP, VERSION, "expertplacements")

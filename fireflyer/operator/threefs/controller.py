@@ -181,7 +181,6 @@ _debounce = Debouncer(window=0.5)
 # No watch on Secrets or ConfigMaps: an admin Job ends only after writing its result, and its end
 # arrives as a Job event (the resync timer covers a missed one).
 @kopf.on.event("batch", "v1", "jobs", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-@kopf.on.event("apps", "v1", "statefulsets", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 @kopf.on.event("apps", "v1", "daemonsets", labels={K.CLUSTER: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> None:
     """An admin Job finished, a service became ready: advance soon."""
@@ -191,16 +190,17 @@ def on_child_event(type: str, body: Any, namespace: str | None, **_: Any) -> Non
     _kick(namespace, cluster)
 
 
-def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
-    """A pod of a cluster changed (from the Pod informer, not a second watch of pods through
-    kopf): advance soon."""
-    meta = pod.get("metadata") or {}
+def on_cached_change(event_type: str, obj: dict[str, Any]) -> None:
+    """A pod or StatefulSet of a cluster changed (from their informers, not second watches
+    through kopf): advance soon."""
+    meta = obj.get("metadata") or {}
     cluster = (meta.get("labels") or {}).get(K.CLUSTER)
     if cluster and meta.get("namespace"):
         _kick(meta["namespace"], cluster)
 
 
-cache.listen("Pod", on_pod_change)
+cache.listen("Pod", on_cached_change)
+cache.listen("StatefulSet", on_cached_change)  # the informer holds only ours (managed-by)
 
 
 def _kick(namespace: str, cluster: str) -> None:

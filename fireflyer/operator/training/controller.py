@@ -248,9 +248,8 @@ def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
-@kopf.on.event("services", labels={L.TRAINING_JOB: kopf.PRESENT, L.MANAGED_BY: L.MANAGER})
 def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -> None:
-    """The Job finished, failed or went away (the end of a teardown), or the Service was deleted."""
+    """The Job finished, failed or went away (the end of a teardown)."""
     job = _owner(body)
     if type is None or namespace is None or not job:
         return
@@ -258,6 +257,14 @@ def on_child_event(type: str, body: Any, namespace: str | None, **kwargs: Any) -
     finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
     if type == "DELETED" or finished:
         _kick(namespace, job, True, kwargs)
+
+
+def on_service_change(event_type: str, service: dict[str, Any]) -> None:
+    """A job's Service was deleted (from the Service informer, not a second watch through kopf)."""
+    labels = (service.get("metadata") or {}).get("labels") or {}
+    job, namespace = _owner(service), (service.get("metadata") or {}).get("namespace")
+    if event_type == "DELETED" and job and namespace and L.TRAINING_JOB in labels:
+        _kick(namespace, job, True, {})
 
 
 def _node_unusable(body: Any) -> bool:
@@ -290,6 +297,7 @@ def on_node_event(type: str, body: dict[str, Any]) -> None:
 # heartbeat of a large fabric twice, on the handlers' event loop.
 cache.listen("Node", on_node_event)
 cache.listen("Pod", on_pod_change)
+cache.listen("Service", on_service_change)
 
 
 # -- progress ---------------------------------------------------------------------------------
