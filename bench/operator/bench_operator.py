@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -30,6 +31,15 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
         check=True,
     )
     return out.stdout
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far; NaN once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -39,7 +39,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.operator import bench_operator
-from bench.operator.bench_operator import kubectl, rss_mb
+from bench.operator.bench_operator import cpu_seconds, kubectl, rss_mb
 from fireflyer.dev import cluster, demo
 from fireflyer.dev.topology import fabric_topology
 
@@ -257,6 +257,7 @@ def run_scale(
         docs = [deepseek_sample()] + [small_deployment(i) for i in range(deployments)]
         names = {d["metadata"]["name"] for d in docs}
         metrics_before, api_before = scrape(port), apiserver_requests(kc)
+        cpu_before = cpu_seconds(operator.pid)
         started = time.monotonic()
         kubectl(kc, "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(docs))
         ready: set[str] = set()
@@ -271,6 +272,7 @@ def run_scale(
         metrics_ready = scrape(port)
         time.sleep(hold)  # resync rounds with everything in place
         metrics_after, api_after = scrape(port), apiserver_requests(kc)
+        cpu_used = cpu_seconds(operator.pid) - cpu_before
         steady = reconcile_buckets(metrics_ready, metrics_after)
         reconciles = total(metrics_after, "fireflyer_reconcile_total", kind=KIND) - total(
             metrics_before, "fireflyer_reconcile_total", kind=KIND
@@ -293,6 +295,8 @@ def run_scale(
             "plan_mean_ms": round(1e3 * plan_sum / plan_count, 2) if plan_count else None,
             "operator_api_requests_per_reconcile": round(ours / reconciles, 1) if reconciles else None,
             "apiserver_requests_all_clients": int(api_after - api_before),
+            # The operator's user + system CPU from the apply to the end of the hold.
+            "operator_cpu_s": round(cpu_used, 1),
             "phases": histogram_summary(
                 metrics_before, metrics_after, "fireflyer_reconcile_phase_seconds", "phase", kind=KIND
             ),

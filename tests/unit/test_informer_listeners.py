@@ -100,6 +100,7 @@ def test_pod_changes_reach_the_controllers_through_the_pod_informer(monkeypatch:
     from fireflyer.operator import labels as L
     from fireflyer.operator.inference import controller as inference
     from fireflyer.operator.inference import preflight
+    from fireflyer.operator.inference.pod_failures import PodFailures
     from fireflyer.operator.threefs import children as threefs_children
     from fireflyer.operator.threefs import controller as threefs
     from fireflyer.operator.training import controller as training
@@ -112,8 +113,7 @@ def test_pod_changes_reach_the_controllers_through_the_pod_informer(monkeypatch:
         training, "_kick", lambda ns, name, urgent, kw: kicked.append(("job", ns, name, str(urgent)))
     )
     monkeypatch.setattr(threefs, "_kick", lambda ns, name: kicked.append(("3fs", ns, name)))
-    monkeypatch.setattr(inference, "_preflight_failures", type(inference._preflight_failures)(dict))
-    monkeypatch.setattr(inference, "_failed_units", type(inference._failed_units)(dict))
+    monkeypatch.setattr(inference, "_pod_failures", PodFailures())
     monkeypatch.setattr(training, "_noted", type(training._noted)(dict))
     informer = cache.Informer("Pod", slim=cache.slim_pod)
     ours = {L.MANAGED_BY: L.MANAGER}
@@ -124,8 +124,12 @@ def test_pod_changes_reach_the_controllers_through_the_pod_informer(monkeypatch:
     unit = {**ours, L.DEPLOYMENT: "svc", L.COMPONENT: "unit", L.ROLE: "decode", L.UNIT: "0"}
     informer._tell("MODIFIED", _pod(unit, "Failed", failed))
     assert kicked == [("svc", "ns", "svc", "True")]
-    assert inference._preflight_failures[("ns", "svc")] == {"u-1": failed}
-    assert inference._failed_units[("ns", "svc")] == {"svc-decode-0": "pod p-0 failed"}
+    taken = inference._pod_failures.take("ns", "svc")
+    assert taken["preflight_failures"] == {"u-1": failed}
+    assert taken["failed_units"] == {"svc-decode-0": "pod p-0 failed"}
+    # The loss is handed to one reconcile; the preflight verdict stays while the pod does.
+    again = inference._pod_failures.take("ns", "svc")
+    assert again["failed_units"] == {} and again["preflight_failures"] == {"u-1": failed}
     # The plan reads the same failure off the cached (slim) pod after a restart.
     assert preflight.failure(cache.slim_pod(_pod(unit, "Running", failed))) == failed
 

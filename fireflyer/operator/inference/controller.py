@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -23,13 +22,13 @@ from fireflyer.api.defaulting import status_as_stored
 from fireflyer.operator import cache, events, kube, metrics, object_metrics, parallel_writes, status_writes
 from fireflyer.operator import labels as L
 from fireflyer.operator.debounce import Debouncer
-from fireflyer.operator.inference import drain, drain_reader, first_pass, lending_writes, preflight, scaling
+from fireflyer.operator.inference import drain, drain_reader, first_pass, lending_writes, scaling
 from fireflyer.operator.inference.deleted_units import DeletedUnits
 from fireflyer.operator.inference.plan import Desired, Observed, plan
+from fireflyer.operator.inference.pod_failures import PodFailures
 from fireflyer.operator.inference.status import status_changed
 from fireflyer.operator.locks import OBJECTS, PLACEMENT
 from fireflyer.operator.metrics import timed
-from fireflyer.operator.planning import parse_time
 from fireflyer.operator.resync import Resync
 from fireflyer.placement.reservations import planned_nodes
 
@@ -43,18 +42,7 @@ _placement_lock = PLACEMENT  # shared with the training controller
 log = logging.getLogger(__name__)
 
 
-# Failures seen in pod events, by (namespace, deployment) → unit → reason, and when that pod
-# was created. The StatefulSet controller may replace a failed pod before a reconcile lists it,
-# so the event is remembered until the next reconcile; whether the loss was our own deletion is
-# judged there, from the record on the unit's StatefulSet (recreation.py), which outlives us.
-_failed_units: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-_failed_pod_created: dict[tuple[str, str], dict[str, datetime]] = defaultdict(dict)
-# Failed preflights seen in unit pod events, by (namespace, deployment) → pod uid → message. The
-# watch-fed pod cache keeps no container statuses; by uid, a late event of a replaced pod matches
-# no current pod.
-_preflight_failures: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-
-
+_pod_failures = PodFailures()  # what unit pod events said, until the next reconcile
 _deleted_units = DeletedUnits()
 
 
@@ -92,9 +80,7 @@ def observe(
         router=kube.get("Deployment", f"{name}-router", namespace, ours=True),
         router_service=kube.get("Service", f"{name}-router", namespace, ours=True),
         now=datetime.now(UTC),
-        failed_units=_failed_units.pop((namespace, name), {}),
-        failed_pod_created=_failed_pod_created.pop((namespace, name), {}),
-        preflight_failures=dict(_preflight_failures.get((namespace, name), {})),
+        **_pod_failures.take(namespace, name),  # after the reads above: a failed one loses nothing
         scalers=kube.list_("InferenceRoleScaler", namespace, f"{L.DEPLOYMENT}={name}"),
         router_load=router_load,
         training_jobs=lending_writes.training_jobs(pods),  # lending: preemptible jobs' nodes
@@ -361,37 +347,6 @@ def arm_resync(namespace: str, name: str, kwargs: dict[str, Any]) -> None:
     _resync.arm((namespace, name), run)
 
 
-def _note_pod_failure(event_type: str, pod: Any, namespace: str, deployment: str) -> None:
-    """Remember a unit whose pod failed or was deleted (by someone else, an eviction, the
-    StatefulSet controller replacing a failed pod — or by us, which the plan tells apart): the
-    whole unit must be recreated. Of several losses the youngest pod's is kept: an older one may
-    be our own deletion, a younger one not."""
-    meta = pod.get("metadata", {})
-    labels = meta.get("labels") or {}
-    unit = f"{deployment}-{labels.get(L.ROLE)}-{labels.get(L.UNIT)}"
-    if pod.get("status", {}).get("phase") == "Failed":
-        why = f"pod {meta.get('name')} failed"
-    elif event_type == "DELETED":
-        why = f"pod {meta.get('name')} was deleted"
-    else:
-        return
-    key = (namespace, deployment)
-    created = parse_time(meta.get("creationTimestamp")) or datetime.now(UTC)
-    known = _failed_pod_created[key].get(unit)
-    if unit not in _failed_units[key] or known is None or created >= known:
-        _failed_units[key][unit] = why
-        _failed_pod_created[key][unit] = created
-
-
-def _note_preflight(event_type: str | None, pod: Any, namespace: str, deployment: str) -> None:
-    uid = pod.get("metadata", {}).get("uid", "")
-    message = "" if event_type == "DELETED" else preflight.failure(pod)
-    if message:
-        _preflight_failures[(namespace, deployment)][uid] = message
-    else:
-        _preflight_failures[(namespace, deployment)].pop(uid, None)
-
-
 def on_child_change(event_type: str, child: dict[str, Any]) -> None:
     """A Service, unit StatefulSet or router Deployment of a deployment changed (from their
     informers, not second watches through kopf; the router's availability is part of Ready and
@@ -412,10 +367,8 @@ def on_pod_change(event_type: str, pod: dict[str, Any]) -> None:
     deployment, namespace = labels.get(L.DEPLOYMENT), meta.get("namespace")
     if not deployment or labels.get(L.MANAGED_BY) != L.MANAGER or not namespace:
         return
-    _note_preflight(event_type, pod, namespace, deployment)
+    _pod_failures.note(event_type, pod, namespace, deployment)
     phase = (pod.get("status") or {}).get("phase")
-    if labels.get(L.COMPONENT) == "unit":
-        _note_pod_failure(event_type, pod, namespace, deployment)
     if event_type == "DELETED" or phase in ("Failed", "Running"):
         _kick(namespace, deployment, phase == "Failed" or event_type == "DELETED", {})
 
