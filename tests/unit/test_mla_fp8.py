@@ -5,18 +5,14 @@ reference over the same bytes."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from fireflyer.kernels import fp8, mla, mla_fp8  # noqa: E402
+from tests.unit.interpreted import run_interpreted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 SCALE = 192**-0.5
 # Decode over the FP8 cache against the BF16 cache, on unit-scale latents (what kv_a_layernorm
 # writes): docs/serving.md quotes these bounds.
@@ -127,17 +123,6 @@ def test_fp8_cache_refuses_the_official_backend_and_bad_layouts() -> None:
 
 def test_triton_kernel_in_the_interpreter_equals_the_fp8_reference() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.unit.mla_fp8_interpreted"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    errors = dict(item.split("=") for item in result.stdout.split())
-    out_err, lse_err = float(errors["out_err"]), float(errors["lse_err"])
+    errors = run_interpreted("tests.unit.mla_fp8_interpreted")
     # Both in fp32: only the summation order differs.
-    assert out_err <= 1e-4 and lse_err <= 1e-4, result.stdout
+    assert errors["out_err"] <= 1e-4 and errors["lse_err"] <= 1e-4, errors

@@ -5,10 +5,6 @@ schedule in Triton's interpreter against the torch reference."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 from fireflyer.kernels import mla  # noqa: E402
 from fireflyer.kernels.mla_schedule import balanced_schedule, runs_of  # noqa: E402
+from tests.unit.interpreted import run_interpreted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 TILE = mla.PAGE
 
 
@@ -99,18 +95,8 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_triton_kernel_in_the_interpreter_equals_the_reference_uniform_and_balanced() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.unit.mla_interpreted"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    errors = {key: float(value) for key, value in (item.split("=") for item in result.stdout.split())}
+    errors = run_interpreted("tests.unit.mla_interpreted")
     cases = ("uniform", "runs3", "runs7")
     assert set(errors) == {f"{case}_{what}" for case in cases for what in ("out", "lse")}
     # fp32 throughout: only the summation order differs.
-    assert max(errors.values()) <= 1e-4, result.stdout
+    assert max(errors.values()) <= 1e-4, errors
