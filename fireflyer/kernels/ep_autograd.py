@@ -51,11 +51,7 @@ def _sum_to_tokens(routing: Routing, entries: torch.Tensor) -> torch.Tensor:
     out_dtype = entries.dtype
     present = (handle.row_entries >= 0).to(torch.float32)
     per_row = gather_sum(entries, handle.row_entries, present, out_dtype)
-    back = dispatcher.portable.exchange(
-        per_row, handle.recv_counts, handle.send_counts, len(handle.send_token)
-    )
-    ones = torch.ones(handle.token_rows.shape, dtype=torch.float32, device=back.device)
-    return gather_sum(back, handle.token_rows, ones, out_dtype)
+    return dispatcher.portable.sum_back(per_row, handle, out_dtype)
 
 
 def _spread_to_entries(routing: Routing, tokens: torch.Tensor) -> torch.Tensor:

@@ -240,6 +240,12 @@ class PortableTransport:
         # One row per (token, rank): the weighted sum of this rank's experts for that token.
         out_dtype = torch.float32 if expert_out.dtype == torch.float32 else torch.bfloat16
         per_row = gather_sum(source, positions, handle.row_weights, out_dtype)
+        return self.sum_back(per_row, handle, out_dtype)
+
+    def sum_back(self, per_row: torch.Tensor, handle: Handle, out_dtype: torch.dtype) -> torch.Tensor:
+        """Rows of one (token, rank) each back to the token's rank, where each token's rows are
+        added up: [received rows, h] → [tokens, h]."""
+        assert handle.token_rows is not None
         back = self.exchange(per_row, handle.recv_counts, handle.send_counts, len(handle.send_token))
         ones = torch.ones(handle.token_rows.shape, dtype=torch.float32, device=back.device)
         return gather_sum(back, handle.token_rows, ones, out_dtype)

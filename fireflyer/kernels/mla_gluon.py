@@ -254,6 +254,30 @@ if HAVE_GLUON:
             gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
 
     @gluon.jit
+    def _kv_ring(nope_desc, rope_desc, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """A program's shared memory: its 64 query rows (resident) and the ring of STAGES KV
+        stages with their ready/empty mbarriers, initialised (one arrival each)."""
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_V_C], gl.bfloat16)
+        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)
+        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_V_C], q_sl)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_ROPE_C], qr_sl)
+        kv_nope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_V_C], nope_desc.layout)
+        kv_rope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE_C], rope_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=1)
+        fence_async_shared()
+        return q_nope, q_rope, kv_nope, kv_rope, ready, empty
+
+    @gluon.jit
+    def _release_ring(ready, empty, STAGES: gl.constexpr):
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(st))
+            mbarrier.invalidate(empty.index(st))
+
+    @gluon.jit
     def _mla_gluon_partial(
         Q,
         nope_desc,
@@ -280,19 +304,7 @@ if HAVE_GLUON:
         pid_b = gl.program_id(2)
         seqlen, first, n_tiles = _split_tiles(SEQ, pid_b, pid_s, NUM_SPLITS, BLOCK_N)
 
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_V_C], gl.bfloat16)
-        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)
-        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_V_C], q_sl)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_ROPE_C], qr_sl)
-        kv_nope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_V_C], nope_desc.layout)
-        kv_rope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE_C], rope_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=1)
-        fence_async_shared()
-
+        q_nope, q_rope, kv_nope, kv_rope, ready, empty = _kv_ring(nope_desc, rope_desc, BLOCK_N, STAGES)
         gl.warp_specialize(
             [
                 (
@@ -345,9 +357,7 @@ if HAVE_GLUON:
             [1],
             [LOADER_REGS_C],
         )
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(st))
-            mbarrier.invalidate(empty.index(st))
+        _release_ring(ready, empty, STAGES)
 
 
 @functools.cache

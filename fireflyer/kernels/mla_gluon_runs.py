@@ -15,16 +15,8 @@ from fireflyer.kernels.mla_gluon import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-    from fireflyer.kernels.mla_gluon import (
-        BLOCK_M_C,
-        D_ROPE_C,
-        D_V_C,
-        LOADER_REGS_C,
-        _attend,
-        _load_kv,
-    )
+    from fireflyer.kernels.mla_gluon import D_V_C, LOADER_REGS_C, _attend, _kv_ring, _load_kv, _release_ring
 
     @gluon.jit
     def _piece(RUNS, SEQ, pid_r, seq, BLOCK_N: gl.constexpr):
@@ -80,18 +72,7 @@ if HAVE_GLUON:
         """Grid (query tiles, runs); launched with num_warps=8 (the two math warpgroups)."""
         pid_m = gl.program_id(0)
         pid_r = gl.program_id(1)
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_V_C], gl.bfloat16)
-        qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)
-        q_nope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_V_C], q_sl)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_ROPE_C], qr_sl)
-        kv_nope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_V_C], nope_desc.layout)
-        kv_rope = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE_C], rope_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=1)
-        fence_async_shared()
+        q_nope, q_rope, kv_nope, kv_rope, ready, empty = _kv_ring(nope_desc, rope_desc, BLOCK_N, STAGES)
         # Argument tuples are spelled out: constexprs must reach the partitions as constexprs.
         # fmt: off
         gl.warp_specialize(
@@ -106,6 +87,4 @@ if HAVE_GLUON:
             [LOADER_REGS_C],
         )
         # fmt: on
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(st))
-            mbarrier.invalidate(empty.index(st))
+        _release_ring(ready, empty, STAGES)

@@ -86,8 +86,8 @@ def balanced_schedule(cache_seqlens: torch.Tensor, parts: int, tile_tokens: int)
 
 
 def runs_of(schedule: MlaSchedule, cache_seqlens: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
-    """Each run's work as (sequence, first tile, end tile, slot): what a program does, for tests
-    and the reference path."""
+    """Each run's work as (sequence, first tile, end tile, slot): what its programs do, read on
+    the host (for tests and inspection)."""
     tiles = [(int(n) + schedule.tile_tokens - 1) // schedule.tile_tokens for n in cache_seqlens.tolist()]
     offset, first_run = schedule.split_offset.tolist(), schedule.first_run.tolist()
     work = []

@@ -105,6 +105,13 @@ def set_cache(hooks: CacheHooks | None) -> None:
     _cache = hooks
 
 
+def _to_cache(answer: Any) -> None:
+    """The API server's answer to a write goes to the informers at once, so a pass inside the
+    watch's lag sees it."""
+    if isinstance(answer, dict) and answer and _cache is not None:
+        _cache.written(answer)
+
+
 def set_scope(namespace: str | None) -> None:
     global _scope
     _scope = namespace
@@ -208,8 +215,7 @@ def apply(obj: dict[str, Any]) -> dict[str, Any]:
     if result:
         answered = result.get("metadata", {})
         _applied[key] = (digest, str(answered.get("resourceVersion", "")), answered.get("generation"))
-        if _cache is not None:
-            _cache.written(result)
+    _to_cache(result)
     return result
 
 
@@ -327,8 +333,7 @@ def delete(
 
 
 def create(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """Create, or None when an object of that name exists already (never overwrites). The answer
-    goes to the informer at once, like a patch's."""
+    """Create, or None when an object of that name exists already (never overwrites)."""
     meta = obj["metadata"]
     try:
         result: dict[str, Any] = _call("POST", _path(obj["kind"], meta.get("namespace")), obj)
@@ -336,8 +341,7 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
         if exc.status == 409:
             return None
         raise
-    if result and _cache is not None:
-        _cache.written(result)
+    _to_cache(result)
     return result
 
 
@@ -355,14 +359,12 @@ def api_group_served(path: str) -> bool:
 def patch(
     kind: str, name: str, namespace: str | None, body: dict[str, Any], *, field_manager: str | None = None
 ) -> dict[str, Any]:
-    """JSON merge patch of the object itself (metadata, not status); the answer goes to the
-    informer at once, so a pass inside the watch's lag sees the write."""
+    """JSON merge patch of the object itself (metadata, not status)."""
     query = [("fieldManager", field_manager)] if field_manager else None
     result: dict[str, Any] = _call(
         "PATCH", _path(kind, namespace, name), body, query, content_type="application/merge-patch+json"
     )
-    if result and _cache is not None:
-        _cache.written(result)
+    _to_cache(result)
     return result
 
 
@@ -391,16 +393,15 @@ def drop_finalizer(kind: str, cr: dict[str, Any], finalizer: str) -> bool:
 
 
 def patch_status(kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:
-    """Merge `status` into the object's status. The answer goes to the informer at once: a pass
-    inside the watch's lag compares with the status just written, not write it again."""
+    """Merge `status` into the object's status (a pass inside the watch's lag then compares with
+    the status just written, not write it again)."""
     result = _call(
         "PATCH",
         _path(kind, namespace, name, "status"),
         {"status": status},
         content_type="application/merge-patch+json",
     )
-    if isinstance(result, dict) and result and _cache is not None:
-        _cache.written(result)
+    _to_cache(result)
 
 
 def invalid_spec(kind: str, cr: dict[str, Any], error: Exception) -> Exception:
