@@ -27,7 +27,8 @@ import torch
 from bench.kernels.bench_mla_gluon import bench, copy_rate
 from fireflyer.kernels import mla
 from fireflyer.kernels.fp8 import calc_diff
-from fireflyer.kernels.mla_gluon import BLOCK_M, CONFIGS, mla_decode_gluon
+from fireflyer.kernels.mla_gluon import CONFIGS, mla_decode_gluon
+from fireflyer.kernels.mla_gluon import balanced_parts as gluon_balanced_parts
 from fireflyer.kernels.mla_schedule import balanced_schedule
 from fireflyer.kernels.mla_triton import balanced_parts, mla_decode_triton, mla_decode_triton_balanced
 
@@ -48,9 +49,7 @@ Decode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def variants(q: torch.Tensor, lens: torch.Tensor) -> dict[str, Decode]:
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    m_tiles = -(-q.shape[1] * q.shape[2] // BLOCK_M)
-    gluon_parts = max(1, sms // m_tiles)
+    gluon_parts = gluon_balanced_parts(q)
     found: dict[str, Decode] = {
         "triton_uniform": mla_decode_triton,
         "triton_balanced": mla_decode_triton_balanced,

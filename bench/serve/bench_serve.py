@@ -4,6 +4,8 @@ A model of real DeepSeek-V3 widths with few layers (default 1 dense + 3 MoE, 256
 random weights), built in memory:
 - decode at batch B, context C: step time against its memory roofline (weights read + KV read at
   the HBM rate a device copy reaches in this run), with and without CUDA graphs;
+- decode over lengths log-uniform in 256-32K (graphed): uniform KV splits against length-balanced
+  MLA runs;
 - prefill of N × L tokens: the GEMM rate inside the model against the same GEMM shapes alone;
 - tokens/s of the engine against Hugging Face transformers' DeepSeek-V3 on the same weights
   (dequantised to BF16, as transformers runs them) in the same process.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import time
 from typing import Any
 
@@ -71,34 +74,46 @@ def weight_bytes(model: DeepseekV3) -> int:
     )
 
 
-def fake_sequences(runner: ModelRunner, batch: int, context: int, vocab: int) -> list[Sequence]:
-    """Sequences whose first `context` tokens are already in the cache (random latents)."""
-    blocks_each = -(-(context + 64) // 64)
-    if batch * blocks_each > runner.num_blocks - 1:
+def fake_sequences(runner: ModelRunner, batch: int, context: int | list[int], vocab: int) -> list[Sequence]:
+    """Sequences whose first `context` tokens (one length, or one per sequence) are already in the
+    cache (random latents)."""
+    contexts = context if isinstance(context, list) else [context] * batch
+    blocks = [-(-(n + 64) // 64) for n in contexts]
+    if sum(blocks) > runner.num_blocks - 1:
         raise ValueError("not enough KV blocks for the decode batch")
     seqs = []
-    for i in range(batch):
-        ids = torch.randint(0, vocab, (context + 1,)).tolist()
+    first = 0
+    for n, blocks_each in zip(contexts, blocks, strict=True):
+        ids = torch.randint(0, vocab, (n + 1,)).tolist()
         seq = Sequence(
             prompt_ids=ids, params=SamplingParams(max_tokens=1 << 20, temperature=0, ignore_eos=True)
         )
-        seq.block_table = list(range(i * blocks_each, (i + 1) * blocks_each))
-        seq.num_computed_tokens = context
+        seq.block_table = list(range(first, first + blocks_each))
+        seq.num_computed_tokens = n
         seqs.append(seq)
+        first += blocks_each
     for cache in runner.caches:
         cache.normal_(0, 0.5)
     return seqs
 
 
 def bench_decode(
-    model: DeepseekV3, batch: int, context: int, graphs: bool, hbm: float, count_load: bool = False
+    model: DeepseekV3,
+    batch: int,
+    context: int | list[int],
+    graphs: bool,
+    hbm: float,
+    count_load: bool = False,
+    balance: bool = True,
 ) -> dict[str, Any]:
     """With `count_load`, the engine's expert load window counts every MoE layer (inside the
     graphs) and is ticked at every step boundary, as the engine does: its cost is what EPLB and the
-    per-GPU expert metrics add to a decode step."""
-    blocks = batch * (-(-(context + 64) // 64)) + 2
+    per-GPU expert metrics add to a decode step. `context`: one length for all, or one each;
+    `balance` off: uniform KV splits whatever the lengths."""
+    contexts = context if isinstance(context, list) else [context] * batch
+    blocks = sum(-(-(n + 64) // 64) for n in contexts) + 2
     window = LoadWindow.for_model(model, publish_seconds=0.0) if count_load else None
-    runner = ModelRunner(model, blocks, cuda_graph_max_batch=batch if graphs else 0)
+    runner = ModelRunner(model, blocks, cuda_graph_max_batch=batch if graphs else 0, balance_decode=balance)
     seqs = fake_sequences(runner, batch, context, model.config.vocab_size)
 
     def step() -> None:
@@ -120,8 +135,9 @@ def bench_decode(
     torch.cuda.empty_cache()
     return {
         "batch": batch,
-        "context": context,
+        "context": context if isinstance(context, int) else f"{min(contexts)}-{max(contexts)}",
         "cuda_graphs": graphs,
+        "balanced_decode": balance,
         "counting_expert_load": count_load,
         "step_ms": seconds * 1e3,
         "weights_gb": weights / 1e9,
@@ -130,6 +146,13 @@ def bench_decode(
         "step_over_roofline": seconds / roofline,
         "tokens_per_s": batch / seconds,
     }
+
+
+def mixed_contexts(batch: int, seed: int = 0) -> list[int]:
+    """Decode lengths log-uniform in [256, 32K]: a batch of conversations of every age."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.empty(batch).uniform_(math.log(256), math.log(32768), generator=g).exp()
+    return [int(n) for n in spread]
 
 
 def model_gemm_flops(model: DeepseekV3, tokens: int, per_seq: int) -> float:
@@ -418,7 +441,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--prefill-seqs", type=int, default=8)
     parser.add_argument("--prefill-len", type=int, default=4096)
-    parser.add_argument("--skip", default="", help="comma-separated: decode,eager,prefill,transformers")
+    parser.add_argument("--mixed-batch", type=int, default=64, help="decode batch of lengths 256-32K")
+    parser.add_argument("--skip", default="", help="comma-separated: decode,eager,mixed,prefill,transformers")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step of each")
     parser.add_argument(
@@ -446,6 +470,11 @@ def main() -> None:
             for graphs in (True, False) if "eager" not in skip else (True,):
                 key = "decode_graphs" if graphs else "decode_eager"
                 record(key, bench_decode(model, args.decode_batch, args.context, graphs, hbm))
+        if "mixed" not in skip:  # unequal lengths: uniform KV splits against balanced runs
+            contexts = mixed_contexts(args.mixed_batch)
+            for balance in (False, True):
+                key = "decode_mixed_balanced" if balance else "decode_mixed_uniform"
+                record(key, bench_decode(model, args.mixed_batch, contexts, True, hbm, balance=balance))
         if args.metrics_overhead:
             plain = bench_decode(model, args.decode_batch, args.context, True, hbm)
             counted = bench_decode(model, args.decode_batch, args.context, True, hbm, count_load=True)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from fireflyer.kernels.backend import Backend, gluon_or_fallback, resolve
+from fireflyer.kernels.mla_schedule import StepSchedules
 
 PAGE = 64
 D_QK = 576
@@ -88,9 +89,12 @@ def mla_decode(
     cache_seqlens: torch.Tensor,
     softmax_scale: float,
     backend: Backend = "auto",
+    schedules: StepSchedules | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode. softmax_scale is always explicit (DeepSeek-V3: 192^-0.5 × its YaRN
-    factor, not 576^-0.5). A uint8 cache is the FP8 layout (fireflyer.kernels.mla_fp8)."""
+    factor, not 576^-0.5). A uint8 cache is the FP8 layout (fireflyer.kernels.mla_fp8).
+    `schedules`: the step's length-balanced schedules (mla_schedule), for a batch of unequal
+    lengths; the Gluon and Triton kernels then attend balanced runs instead of uniform splits."""
     if kv_cache.dtype == torch.uint8:
         from fireflyer.kernels.mla_fp8 import mla_decode_fp8
 
@@ -100,16 +104,21 @@ def mla_decode(
     if chosen == "gluon":
         from fireflyer.kernels.mla_gluon import mla_decode_gluon
 
-        done = gluon_or_fallback(
-            backend, lambda: mla_decode_gluon(q, kv_cache, block_table, cache_seqlens, softmax_scale)
-        )
+        def gluon() -> tuple[torch.Tensor, torch.Tensor]:
+            from fireflyer.kernels.mla_gluon import CONFIG, balanced_parts
+
+            schedule = None if schedules is None else schedules.get(balanced_parts(q), CONFIG["BLOCK_N"])
+            return mla_decode_gluon(q, kv_cache, block_table, cache_seqlens, softmax_scale, schedule=schedule)
+
+        done = gluon_or_fallback(backend, gluon)
         if done is not None:
             return done
         chosen = "triton"  # `auto` picked it for the shape class; these inputs it cannot run
     if chosen == "triton":
-        from fireflyer.kernels.mla_triton import mla_decode_triton
+        from fireflyer.kernels.mla_triton import balanced_parts, mla_decode_triton
 
-        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, softmax_scale)
+        schedule = None if schedules is None else schedules.get(balanced_parts(q), PAGE)
+        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, softmax_scale, schedule=schedule)
     if chosen == "official":
         import flash_mla
 

@@ -375,6 +375,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def balanced_parts(q: torch.Tensor) -> int:
+    """Runs for a balanced schedule: one program per SM (query tiles × runs), as the uniform
+    splits' single wave."""
+    m_tiles = -(-q.shape[1] * q.shape[2] // BLOCK_M)
+    return max(1, _sm_count(_device_index(q)) // m_tiles)
+
+
+def _device_index(q: torch.Tensor) -> int:
+    return q.device.index if q.device.index is not None else torch.cuda.current_device()
+
+
 # Compiled kernels, launched directly on later calls (the JIT's argument binding costs more than a
 # short decode step), keyed by what the JIT specialised them on: the constexprs, the device, each
 # pointer's 16-byte alignment and each integer's divisibility by 16 and equality to 1.
@@ -396,7 +407,8 @@ def _launch(
     if compiled is None:
         _COMPILED[key] = kernel[grid](*args, num_warps=num_warps)
     else:
-        compiled[grid](*args)
+        # A compiled kernel's launcher reads all three grid dimensions.
+        compiled[(*grid, 1, 1)[:3]](*args)
 
 
 def mla_decode_gluon(
@@ -429,7 +441,7 @@ def mla_decode_gluon(
     block_table = block_table.contiguous()
     rows = s_q * h_q
     m_tiles = -(-rows // BLOCK_M)
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    device = _device_index(q)
     flat = kv_cache.view(-1, D_QK)
     nope_layout, rope_layout = kv_layouts(block_n)
     nope_desc = TensorDescriptor(flat, [flat.shape[0], D_V], [D_QK, 1], [block_n, D_V], nope_layout)

@@ -15,9 +15,16 @@ with the decode step and computed once per step for every layer, like FlashMLA's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+# Balanced runs pay a combine pass that uniform splits skip when each sequence fits one program:
+# on an H200, 128 equal 4K sequences ran 3-9 % slower balanced, while one 32K sequence among 1K
+# ones ran 14x faster (docs/benchmarks.md). Uniform splits take as long as the longest sequence,
+# balanced runs as the mean, so the gain is about longest / mean; balance above this ratio.
+BALANCE_RATIO = 1.25
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,27 @@ def balanced_schedule(cache_seqlens: torch.Tensor, parts: int, tile_tokens: int)
         count.to(torch.int32),
         first_run.to(torch.int32),
     )
+
+
+def worth_balancing(lengths: Sequence[int]) -> bool:
+    """Whether a decode batch's KV lengths (known on the host when the step is built) are unequal
+    enough for balanced runs to beat uniform splits."""
+    return len(lengths) > 1 and max(lengths) * len(lengths) > BALANCE_RATIO * sum(lengths)
+
+
+@dataclass
+class StepSchedules:
+    """One decode step's balanced schedules, each made on first use and shared by every layer:
+    all layers attend the same lengths. Keyed by what the kernel that asks tiles and launches."""
+
+    cache_seqlens: torch.Tensor
+    made: dict[tuple[int, int], MlaSchedule] = field(default_factory=dict)
+
+    def get(self, parts: int, tile_tokens: int) -> MlaSchedule:
+        key = (parts, tile_tokens)
+        if key not in self.made:
+            self.made[key] = balanced_schedule(self.cache_seqlens, parts, tile_tokens)
+        return self.made[key]
 
 
 def runs_of(schedule: MlaSchedule, cache_seqlens: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:

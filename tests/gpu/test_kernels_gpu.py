@@ -93,6 +93,19 @@ def test_mla_balanced_runs_match_the_reference_also_in_a_cuda_graph(s_q: int, h_
     assert _cos_diff(g_out, want) <= 5e-6
 
 
+def test_mla_decode_attends_a_steps_shared_balanced_schedule() -> None:
+    from fireflyer.kernels.mla_schedule import StepSchedules
+    from fireflyer.kernels.mla_triton import balanced_parts
+
+    q, kv, table, lens = _mla_inputs(6, 1, 64, [9000, 1, 700, 65, 129, 3000], seed=12)
+    schedules = StepSchedules(lens)
+    out, lse = mla.mla_decode(q, kv, table, lens, SCALE, backend="triton", schedules=schedules)
+    assert list(schedules.made) == [(balanced_parts(q), mla.PAGE)]
+    ref_out, ref_lse = mla.mla_decode(q, kv, table, lens, SCALE, backend="torch")
+    assert _cos_diff(out, ref_out) <= 5e-6
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "b,s_q,h_q,seqlens",
     [

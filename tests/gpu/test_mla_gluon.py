@@ -130,3 +130,14 @@ def test_balanced_runs_match_the_reference(name: str, parts: int) -> None:
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="tiles of these"):
         mla_decode_gluon(q, kv, table, lens, SCALE, config=CONFIGS["w32s4"], schedule=schedule)
+
+
+def test_mla_decode_attends_a_steps_shared_balanced_schedule() -> None:
+    from fireflyer.kernels.mla_gluon import CONFIG, balanced_parts
+    from fireflyer.kernels.mla_schedule import StepSchedules
+
+    q, kv, table, lens = _inputs(6, 2, 64, [9000, 1, 700, 65, 129, 3000], seed=12)
+    schedules = StepSchedules(lens)
+    out, lse = mla.mla_decode(q, kv, table, lens, SCALE, backend="gluon", schedules=schedules)
+    assert list(schedules.made) == [(balanced_parts(q), CONFIG["BLOCK_N"])]
+    _assert_matches_reference(q, kv, table, lens, out, lse)

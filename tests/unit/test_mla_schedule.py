@@ -11,7 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fireflyer.kernels import mla  # noqa: E402
-from fireflyer.kernels.mla_schedule import balanced_schedule, runs_of  # noqa: E402
+from fireflyer.kernels.mla_schedule import balanced_schedule, runs_of, worth_balancing  # noqa: E402
+from fireflyer.workloads.serve.batch_builder import build_step  # noqa: E402
+from fireflyer.workloads.serve.types import SamplingParams, ScheduledChunk, Sequence  # noqa: E402
 from tests.unit.interpreted import run_interpreted  # noqa: E402
 
 TILE = mla.PAGE
@@ -75,6 +77,35 @@ def test_a_long_sequence_no_longer_sets_the_decode_steps_time() -> None:
     longest = max(sum(end - begin for _, begin, end, _ in pieces) for pieces in runs)
     assert longest == balanced_longest
     assert longest * 10 < uniform_longest, (longest, uniform_longest)
+
+
+def test_a_step_balances_unequal_lengths_only() -> None:
+    assert worth_balancing([32768] + [1024] * 127)
+    assert worth_balancing([4096, 8192])  # longest 1.33 x the mean
+    assert not worth_balancing([4096] * 128)
+    assert not worth_balancing([4000, 4096, 4200])
+    assert not worth_balancing([70000])  # one sequence: its uniform splits are balanced already
+
+
+def _decode_chunk(length: int, first_block: int) -> ScheduledChunk:
+    """A sequence of `length` tokens whose last one is decoded this step."""
+    seq = Sequence(prompt_ids=list(range(3, 3 + length)), params=SamplingParams())
+    seq.block_table = list(range(first_block, first_block + math.ceil(length / TILE)))
+    return ScheduledChunk(seq, length - 1, 1)
+
+
+def test_a_decode_step_of_unequal_lengths_shares_one_schedule_across_layers() -> None:
+    cpu = torch.device("cpu")
+    step = build_step([_decode_chunk(2000, 0), _decode_chunk(30, 40), _decode_chunk(90, 50)], cpu)
+    schedules = step.meta.decode_schedules
+    assert schedules is not None and schedules.cache_seqlens is step.meta.decode_seqlens
+    first = schedules.get(5, TILE)
+    assert schedules.get(5, TILE) is first  # the next layer reuses it
+    want = balanced_schedule(torch.tensor([2000, 30, 90], dtype=torch.int32), 5, TILE)
+    assert torch.equal(first.runs, want.runs) and torch.equal(first.split_offset, want.split_offset)
+    assert schedules.get(5, 32).tile_tokens == 32  # another kernel's tiles get their own
+    equal = build_step([_decode_chunk(500, 0), _decode_chunk(500, 10)], cpu)
+    assert equal.meta.decode_schedules is None
 
 
 def test_bad_arguments_are_refused() -> None:

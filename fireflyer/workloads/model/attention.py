@@ -161,7 +161,13 @@ class MLA(nn.Module):
         q = torch.cat([q_latent, q_pe], dim=-1).to(q_dtype)[:, None]  # [b, 1, heads, 576]
         paged = cache.view(cache.shape[0], mla.PAGE, 1, cache.shape[-1])
         out, _ = mla.mla_decode(
-            q, paged, meta.decode_block_table, meta.decode_seqlens, self.scale, backend=self.attention_backend
+            q,
+            paged,
+            meta.decode_block_table,
+            meta.decode_seqlens,
+            self.scale,
+            backend=self.attention_backend,
+            schedules=meta.decode_schedules,
         )
         return torch.einsum("bhr,hvr->bhv", out[:, 0].to(q_nope.dtype), self.w_uv)
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fireflyer.kernels.mla_schedule import StepSchedules
+
 
 @dataclass
 class PrefillSpan:
@@ -24,12 +26,14 @@ class BatchMetadata:
 
     slot_mapping[t] is the flat cache row (block · 64 + offset) where token t's latent is written.
     decode_block_table / decode_seqlens describe the decode sequences for the paged MLA kernel
-    (seqlens include the token being decoded)."""
+    (seqlens include the token being decoded); decode_schedules, set when those lengths are
+    unequal enough (mla_schedule.worth_balancing), has the kernel attend length-balanced runs."""
 
     slot_mapping: torch.Tensor  # int64 [T]
     num_decode: int = 0
     decode_block_table: torch.Tensor | None = None  # int32 [decodes, max blocks]
     decode_seqlens: torch.Tensor | None = None  # int32 [decodes]
+    decode_schedules: StepSchedules | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
 
     @property

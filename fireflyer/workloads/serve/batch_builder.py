@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fireflyer.kernels.mla_schedule import StepSchedules, worth_balancing
 from fireflyer.workloads.model.batch import BatchMetadata, PrefillSpan
 from fireflyer.workloads.serve.types import BLOCK_TOKENS, ScheduledChunk
 
@@ -25,8 +26,9 @@ def cache_rows(block_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return block_table[positions // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
 
 
-def build_step(chunks: list[ScheduledChunk], device: torch.device) -> StepInputs:
-    """Decode chunks (one token, after a computed prefix) first, then prefill chunks."""
+def build_step(chunks: list[ScheduledChunk], device: torch.device, balance: bool = True) -> StepInputs:
+    """Decode chunks (one token, after a computed prefix) first, then prefill chunks. With
+    `balance`, decodes of unequal lengths get length-balanced MLA schedules."""
     decodes = [c for c in chunks if c.length == 1 and c.start > 0]
     prefills = [c for c in chunks if not (c.length == 1 and c.start > 0)]
     ids: list[int] = []
@@ -49,7 +51,10 @@ def build_step(chunks: list[ScheduledChunk], device: torch.device) -> StepInputs
         width = max(len(c.seq.block_table) for c in decodes)
         table = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
         meta.decode_block_table = torch.tensor(table, dtype=torch.int32, device=device)
-        meta.decode_seqlens = torch.tensor([c.start + 1 for c in decodes], dtype=torch.int32, device=device)
+        lengths = [c.start + 1 for c in decodes]
+        meta.decode_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        if balance and worth_balancing(lengths):
+            meta.decode_schedules = StepSchedules(meta.decode_seqlens)
     offset = len(decodes)
     for chunk in prefills:
         end = chunk.start + chunk.length

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fireflyer.kernels import mla, mla_fp8
+from fireflyer.kernels.mla_schedule import StepSchedules
 from fireflyer.workloads.model.batch import BatchMetadata
 from fireflyer.workloads.model.model import DeepseekV3
 from fireflyer.workloads.model.moe import MoE
@@ -49,8 +50,12 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,
         max_model_len: int | None = None,
         kv_cache_dtype: str = "auto",
+        balance_decode: bool = True,
     ) -> None:
+        """`balance_decode`: decode steps of unequal lengths attend length-balanced runs
+        (mla_schedule); off, every step takes uniform KV splits."""
         self.model = model
+        self.balance_decode = balance_decode
         self.device = model.device
         width, self.kv_dtype = kv_cache_layout(model, kv_cache_dtype)
         self.num_blocks = num_blocks
@@ -84,7 +89,7 @@ class ModelRunner:
             if self.expert_parallel:
                 self.model.idle_pass()  # the unit steps together: this rank joins with no tokens
             return {}
-        inputs = build_step(output.chunks, self.device)
+        inputs = build_step(output.chunks, self.device, balance=self.balance_decode)
         rows = inputs.sample_rows
         logits = None
         if self.graphs is not None and inputs.meta.num_decode == len(output.chunks):
@@ -120,7 +125,11 @@ class DecodeGraphs:
 
     The expert load counters (`MoE.load`, the EPLB window) are captured with the graphs: they must
     be set before the runner is built and never reallocated. Padding rows are not counted: the
-    graphs count each row by `count_rows` (1 for the batch's rows, 0 for padding)."""
+    graphs count each row by `count_rows` (1 for the batch's rows, 0 for padding).
+
+    Each size has two graphs (one where the runner does not balance): uniform KV splits, and
+    length-balanced runs whose schedule the graph makes from the lengths, for steps whose lengths
+    are unequal (BatchMetadata.decode_schedules)."""
 
     def __init__(self, runner: ModelRunner, max_batch: int) -> None:
         self.runner = runner
@@ -136,41 +145,45 @@ class DecodeGraphs:
         self.table = torch.full((b, self.max_blocks), runner.num_blocks - 1, dtype=torch.int32, device=device)
         self.seqlens = torch.ones(b, dtype=torch.int32, device=device)
         self.count_rows = torch.zeros(b, dtype=torch.long, device=device)
-        self.logits: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
         for size in reversed(self.sizes):
-            self._capture(size)
+            for balanced in (False, True) if runner.balance_decode else (False,):
+                self._capture(size, balanced)
 
-    def _meta(self, size: int) -> BatchMetadata:
+    def _meta(self, size: int, balanced: bool) -> BatchMetadata:
+        seqlens = self.seqlens[:size]
         return BatchMetadata(
             slot_mapping=self.slots[:size],
             num_decode=size,
             decode_block_table=self.table[:size],
-            decode_seqlens=self.seqlens[:size],
+            decode_seqlens=seqlens,
+            decode_schedules=StepSchedules(seqlens) if balanced else None,
         )
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, balanced: bool) -> torch.Tensor:
         model = self.runner.model
-        hidden = model(self.input_ids[:size], self.positions[:size], self.runner.caches, self._meta(size))
+        meta = self._meta(size, balanced)
+        hidden = model(self.input_ids[:size], self.positions[:size], self.runner.caches, meta)
         return model.logits(hidden)
 
-    def _capture(self, size: int) -> None:
+    def _capture(self, size: int, balanced: bool) -> None:
         moes = [block.mlp for block in self.runner.model.blocks if isinstance(block.mlp, MoE)]
         for moe in moes:
             moe.load_mask = self.count_rows
         try:
             for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its algorithms
-                self._forward(size)
+                self._forward(size, balanced)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[size] = self._forward(size)
+                self.logits[size, balanced] = self._forward(size, balanced)
         finally:
             for moe in moes:  # eager steps have no padding rows
                 moe.load_mask = None
         self.pool = graph.pool()
-        self.graphs[size] = graph
+        self.graphs[size, balanced] = graph
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMetadata
@@ -189,5 +202,7 @@ class DecodeGraphs:
         self.seqlens[n:size] = 1
         self.count_rows[:n] = 1
         self.count_rows[n:size] = 0
-        self.graphs[size].replay()
-        return self.logits[size][:n]
+        # The padding rows' one-token lengths do not change which graph suits the batch's own.
+        balanced = meta.decode_schedules is not None
+        self.graphs[size, balanced].replay()
+        return self.logits[size, balanced][:n]
