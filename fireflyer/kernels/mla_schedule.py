@@ -8,9 +8,10 @@ sequence, cover several whole ones and start another. A sequence covered by k ru
 results, merged by the combine step; a run crosses at most `parts - 1` sequence boundaries, so a
 batch of b sequences has at most b + parts - 1 partials.
 
-The schedule is computed on the device with tensor operations from `cache_seqlens` (no host
-synchronisation, fixed shapes for a batch size and `parts`), so it is captured in CUDA graphs
-with the decode step and computed once per step for every layer, like FlashMLA's metadata.
+The schedule is computed on the device from `cache_seqlens` (no host synchronisation, fixed shapes
+for a batch size and `parts`): one Triton launch on a CUDA device, tensor operations elsewhere. It
+is captured in CUDA graphs with the decode step and computed once per step for every layer, like
+FlashMLA's metadata.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def balanced_schedule(cache_seqlens: torch.Tensor, parts: int, tile_tokens: int)
         raise ValueError(f"parts and tile_tokens must be positive, got {parts} and {tile_tokens}")
     if cache_seqlens.dim() != 1 or cache_seqlens.numel() == 0:
         raise ValueError("cache_seqlens must hold one length per sequence")
+    if cache_seqlens.is_cuda:
+        from fireflyer.kernels.mla_schedule_triton import balanced_schedule_triton
+
+        return balanced_schedule_triton(cache_seqlens.to(torch.int32).contiguous(), parts, tile_tokens)
+    return balanced_schedule_torch(cache_seqlens, parts, tile_tokens)
+
+
+def balanced_schedule_torch(cache_seqlens: torch.Tensor, parts: int, tile_tokens: int) -> MlaSchedule:
+    """The schedule in tensor operations: on any device, and the definition the one-launch Triton
+    version (mla_schedule_triton) is tested against."""
     device = cache_seqlens.device
     tiles = (cache_seqlens.long().clamp(min=0) + tile_tokens - 1) // tile_tokens
     ends = torch.cumsum(tiles, 0)
