@@ -93,6 +93,19 @@ def test_mla_balanced_runs_match_the_reference_also_in_a_cuda_graph(s_q: int, h_
     assert _cos_diff(g_out, want) <= 5e-6
 
 
+def test_balanced_schedule_in_one_launch_equals_the_tensor_operations() -> None:
+    from fireflyer.kernels.mla_schedule import balanced_schedule, balanced_schedule_torch
+
+    g = torch.Generator().manual_seed(5)
+    for b, parts in [(1, 1), (3, 7), (128, 132), (300, 66), (1024, 132)]:
+        lens = torch.randint(0, 40000, (b,), generator=g, dtype=torch.int32).cuda()
+        lens[::7] = 0
+        for tile in (32, mla.PAGE):
+            one, ops = balanced_schedule(lens, parts, tile), balanced_schedule_torch(lens, parts, tile)
+            for field in ("runs", "split_offset", "split_count", "first_run"):
+                assert torch.equal(getattr(one, field), getattr(ops, field)), (b, parts, tile, field)
+
+
 def test_mla_decode_attends_a_steps_shared_balanced_schedule() -> None:
     from fireflyer.kernels.mla_schedule import StepSchedules
     from fireflyer.kernels.mla_triton import balanced_parts
