@@ -161,7 +161,9 @@ def test_an_auto_gluon_choice_falls_back_to_triton_for_inputs_it_cannot_run(
     ran: list[str] = []
     monkeypatch.setattr(mla, "resolve", lambda *args, **kwargs: "gluon")
     monkeypatch.setattr(mla_gluon, "mla_decode_gluon", refuse)
-    monkeypatch.setattr(mla_triton, "mla_decode_triton", lambda *args: ran.append("triton") or ("out", "lse"))
+    monkeypatch.setattr(
+        mla_triton, "mla_decode_triton", lambda *args, **kwargs: ran.append("triton") or ("out", "lse")
+    )
     q = torch.zeros(1, 1, 16, mla.D_QK, dtype=torch.bfloat16)
     cache = torch.zeros(1, mla.PAGE, 1, mla.D_QK, dtype=torch.bfloat16)
     table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
