@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fireflyer.kernels.mla_schedule import MlaSchedule
 
-BLOCK_SEQS = 64
+BLOCK_SEQS = 32
 
 
 @triton.jit
