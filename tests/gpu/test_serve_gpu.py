@@ -64,25 +64,14 @@ def test_gpu_logits_match_cpu(checkpoint: Path) -> None:
 
 
 def test_cuda_graphs_and_batching_keep_greedy_tokens(checkpoint: Path) -> None:
-    """Greedy tokens of 24 concurrent requests with decode CUDA graphs (length-balanced MLA
-    decode) equal those of each request run alone without graphs."""
+    """Greedy tokens of 24 concurrent requests with decode CUDA graphs equal those of each
+    request run alone without graphs."""
     model = load_model(checkpoint, device="cuda")
     prompts = _prompts(24, 900, seed=1)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     batched = LLMEngine(model, set(), EngineConfig(num_kv_blocks=512, cuda_graph_max_batch=32))
-    graphs = batched.runner.graphs
-    assert graphs is not None
-    replayed: list[bool] = []
-    real_run = graphs.run
-
-    def recorded_run(input_ids, positions, meta):  # type: ignore[no-untyped-def]
-        replayed.append(meta.decode_schedules is not None)
-        return real_run(input_ids, positions, meta)
-
-    graphs.run = recorded_run  # type: ignore[method-assign]
+    assert batched.runner.graphs is not None
     together = [s.output_ids for s in batched.generate(prompts, params)]
-    # Prompts of 3-300 tokens: the decode steps' lengths are unequal, so balanced graphs replay.
-    assert any(replayed), replayed
     del batched
     alone_engine = LLMEngine(model, set(), EngineConfig(num_kv_blocks=512, cuda_graph_max_batch=0))
     alone = [alone_engine.generate([p], params)[0].output_ids for p in prompts]
