@@ -74,11 +74,15 @@ def weight_bytes(model: DeepseekV3) -> int:
     )
 
 
-def fake_sequences(runner: ModelRunner, batch: int, context: int | list[int], vocab: int) -> list[Sequence]:
-    """Sequences whose first `context` tokens (one length, or one per sequence) are already in the
-    cache (random latents)."""
-    contexts = context if isinstance(context, list) else [context] * batch
-    blocks = [-(-(n + 64) // 64) for n in contexts]
+def blocks_for(context: int) -> int:
+    """KV blocks of a sequence of `context` tokens with room to grow by one block."""
+    return -(-(context + 64) // 64)
+
+
+def fake_sequences(runner: ModelRunner, contexts: list[int], vocab: int) -> list[Sequence]:
+    """One sequence per entry of `contexts`, whose first that many tokens are already in the cache
+    (random latents)."""
+    blocks = [blocks_for(n) for n in contexts]
     if sum(blocks) > runner.num_blocks - 1:
         raise ValueError("not enough KV blocks for the decode batch")
     seqs = []
@@ -111,10 +115,10 @@ def bench_decode(
     per-GPU expert metrics add to a decode step. `context`: one length for all, or one each;
     `balance` off: uniform KV splits whatever the lengths."""
     contexts = context if isinstance(context, list) else [context] * batch
-    blocks = sum(-(-(n + 64) // 64) for n in contexts) + 2
+    blocks = sum(blocks_for(n) for n in contexts) + 2
     window = LoadWindow.for_model(model, publish_seconds=0.0) if count_load else None
     runner = ModelRunner(model, blocks, cuda_graph_max_batch=batch if graphs else 0, balance_decode=balance)
-    seqs = fake_sequences(runner, batch, context, model.config.vocab_size)
+    seqs = fake_sequences(runner, contexts, model.config.vocab_size)
 
     def step() -> None:
         out = SchedulerOutput([ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs])
@@ -401,11 +405,10 @@ def profile_steps(model: DeepseekV3, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     blocks = (
-        max(args.decode_batch * (-(-(args.context + 64) // 64)), args.prefill_seqs * (args.prefill_len // 64))
-        + 2
+        max(args.decode_batch * blocks_for(args.context), args.prefill_seqs * (args.prefill_len // 64)) + 2
     )
     runner = ModelRunner(model, blocks)
-    seqs = fake_sequences(runner, args.decode_batch, args.context, model.config.vocab_size)
+    seqs = fake_sequences(runner, [args.context] * args.decode_batch, model.config.vocab_size)
     decode = SchedulerOutput([ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs])
     prefill_seqs = []
     for i in range(args.prefill_seqs):

@@ -102,13 +102,14 @@ def mla_decode(
     check_shapes(q, kv_cache, block_table, cache_seqlens)
     chosen = resolve(backend, "mla", q.device, rows=q.shape[1] * q.shape[2])
     if chosen == "gluon":
-        from fireflyer.kernels.mla_gluon import mla_decode_gluon
+        from fireflyer.kernels import mla_gluon
 
         def gluon() -> tuple[torch.Tensor, torch.Tensor]:
-            from fireflyer.kernels.mla_gluon import CONFIG, balanced_parts
-
-            schedule = None if schedules is None else schedules.get(balanced_parts(q), CONFIG["BLOCK_N"])
-            return mla_decode_gluon(q, kv_cache, block_table, cache_seqlens, softmax_scale, schedule=schedule)
+            tile = mla_gluon.CONFIG["BLOCK_N"]
+            schedule = None if schedules is None else schedules.get(mla_gluon.balanced_parts(q), tile)
+            return mla_gluon.mla_decode_gluon(
+                q, kv_cache, block_table, cache_seqlens, softmax_scale, schedule=schedule
+            )
 
         done = gluon_or_fallback(backend, gluon)
         if done is not None:
