@@ -76,6 +76,8 @@ CONFIGS = {
     "128x128s5g16": GluonConfig(64, 128, "m", 5, group_m=16),
     "128x128k2": GluonConfig(64, 128, "m", 3, k_per_stage=2),
     "128x128k2g16": GluonConfig(64, 128, "m", 3, group_m=16, k_per_stage=2),
+    "128x128k3": GluonConfig(64, 128, "m", 2, k_per_stage=3),
+    "128x128k3g16": GluonConfig(64, 128, "m", 2, group_m=16, k_per_stage=3),
     "128x256": GluonConfig(64, 256, "m", 3),
     "64x256": GluonConfig(64, 128, "n", 4),
     "64x128": GluonConfig(64, 64, "n", 6),
@@ -169,8 +171,8 @@ def _launch(
         raise ValueError(f"unsupported tile {cfg}")
     if wide and (cfg.split != "m" or cfg.k_per_stage != 1):
         raise ValueError("256-column sub-tiles run only split along M, one K step per stage")
-    if cfg.k_per_stage not in (1, 2):
-        raise ValueError(f"k_per_stage must be 1 or 2, got {cfg.k_per_stage}")
+    if cfg.k_per_stage not in (1, 2, 3):
+        raise ValueError(f"k_per_stage must be 1, 2 or 3, got {cfg.k_per_stage}")
     if shared_bytes(cfg) > 227 * 1024:
         raise ValueError(f"{cfg.name} needs {shared_bytes(cfg)} bytes of shared memory")
     k = a2.shape[1]

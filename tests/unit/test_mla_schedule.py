@@ -106,6 +106,20 @@ def test_a_decode_step_of_unequal_lengths_shares_one_schedule_across_layers() ->
     assert schedules.get(5, 32).tile_tokens == 32  # another kernel's tiles get their own
     equal = build_step([_decode_chunk(500, 0), _decode_chunk(500, 10)], cpu)
     assert equal.meta.decode_schedules is None
+    # An engine started with --no-balance-decode builds its steps without schedules.
+    uniform = build_step([_decode_chunk(2000, 0), _decode_chunk(30, 40)], cpu, balance=False)
+    assert uniform.meta.decode_schedules is None
+
+
+def test_serve_balances_decode_unless_told_not_to() -> None:
+    import argparse
+
+    from fireflyer.workloads.serve import server
+
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    assert parser.parse_args(["--model", "m"]).balance_decode is True
+    assert parser.parse_args(["--model", "m", "--no-balance-decode"]).balance_decode is False
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -43,6 +43,7 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes of KV cache when not on a GPU
     gpu_memory_utilization: float = 0.9
     cuda_graph_max_batch: int = 128  # 0: no CUDA graphs
+    balance_decode: bool = True  # decode steps of unequal lengths attend length-balanced MLA runs
     kv_cache_dir: Path | None = None
     kv_cache_dir_bytes: int = 64 << 30
     namespace: str = ""  # prefix-cache keys: requests of different models never share blocks
@@ -138,6 +139,7 @@ class LLMEngine:
             cuda_graph_max_batch=graphs,
             max_model_len=self.max_model_len,
             kv_cache_dtype=config.kv_cache_dtype,
+            balance_decode=config.balance_decode,
         )
         self.store: KVBlockStore | None = None
         tier: KVTier | None = None

@@ -50,11 +50,10 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,
         max_model_len: int | None = None,
         kv_cache_dtype: str = "auto",
-        balance_decode: bool = False,
+        balance_decode: bool = True,
     ) -> None:
         """`balance_decode`: decode steps of unequal lengths attend length-balanced runs
-        (mla_schedule). Off by default until the engine's greedy-token GPU test passes with it
-        (docs/kernels.md): every step takes uniform KV splits."""
+        (mla_schedule) instead of uniform KV splits (docs/kernels.md, "Unequal lengths")."""
         self.model = model
         self.balance_decode = balance_decode
         self.device = model.device

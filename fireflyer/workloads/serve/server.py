@@ -115,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
     eng.add_argument("--cuda-graph-max-batch", type=int, default=128, help="0 disables CUDA graphs")
     eng.add_argument(
+        "--balance-decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode steps of unequal lengths attend length-balanced MLA runs (GPU kernels)",
+    )
+    eng.add_argument(
         "--eplb-window-seconds",
         type=float,
         default=600.0,
@@ -218,6 +224,7 @@ def engine_config(args: argparse.Namespace, model: Any, **overrides: Any) -> Any
         kv_cache_memory=int(args.kv_cache_memory_gb * GIB),
         gpu_memory_utilization=args.gpu_memory_utilization,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        balance_decode=args.balance_decode,
         eplb_window_seconds=args.eplb_window_seconds,
         kv_cache_dir=Path(args.kv_cache_dir) if args.kv_cache_dir else None,
         kv_cache_dir_bytes=int(args.kv_cache_dir_gb * GIB),
