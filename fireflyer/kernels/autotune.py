@@ -28,8 +28,9 @@ import torch
 
 from fireflyer.kernels.backend import OFFICIAL_MODULES, gluon_unavailable, has_module
 
-# v2: the Gluon candidates; v3: their two-step FP8 stages and direct MLA launch (re-measure)
-TABLE_FORMAT = "fireflyer.kernel-autotune/v3"
+# v2: the Gluon candidates; v3: their two-step FP8 stages and direct MLA launch; v4: candidates
+# checked on PROBE_SHAPES too (re-measure)
+TABLE_FORMAT = "fireflyer.kernel-autotune/v4"
 MAX_DIFF = {"gemm": 1e-3, "mla": 1e-4}  # calc_diff against the torch reference; above it = wrong
 # Shape classes: gemm by M (decode rows, small prefill, prefill), mla by query rows per KV head.
 GEMM_CLASSES = (("m<=64", 64), ("m<=256", 256), ("m<=2048", 2048), ("m>2048", math.inf))
@@ -43,6 +44,14 @@ GEMM_SHAPES = {  # representative (M, N, K) of DeepSeek-V3's linears per class
 MLA_SHAPES = {  # (batch, s_q, h_q, s_k)
     "rows<=64": ((64, 1, 16, 4096), (64, 1, 64, 4096)),
     "rows>64": ((64, 1, 128, 4096), (64, 2, 128, 4096)),
+}
+# Checked, not timed: a candidate wrong on any of these is excluded from every class of its op.
+# Small and ragged shapes (K of 1-3 weight blocks, a partial N block, M not a multiple of 4, few
+# heads) where a library may take another path than on DeepSeek-V3's: cuBLAS block-wise scaling
+# in torch 2.11 returned wrong results for K of 128 and 256 until its weight scales were padded.
+PROBE_SHAPES = {
+    "gemm": ((5, 256, 256), (67, 576, 128), (130, 384, 384), (1, 2112, 7168)),
+    "mla": ((3, 1, 4, 192), (5, 2, 16, 320)),
 }
 CANDIDATES = {"gemm": ("official", "cublas", "gluon", "triton"), "mla": ("official", "gluon", "triton")}
 STATIC_ORDER = ("official", "triton", "torch")
@@ -210,14 +219,31 @@ def _available(op: str, candidate: str, device: torch.device) -> str | None:
     return None
 
 
-def _measure_class(op: str, shapes: tuple[tuple[int, ...], ...], device: torch.device) -> ClassResult:
+def _wrong_on_probes(op: str, candidate: str, device: torch.device) -> str | None:
+    """Why `candidate` is not correct on this op's PROBE_SHAPES, or None when it is."""
+    from fireflyer.kernels import fp8
+
+    try:
+        for shape in PROBE_SHAPES[op]:
+            call, reference = (_gemm_case if op == "gemm" else _mla_case)(shape, candidate, device)
+            diff = fp8.calc_diff(call(), reference)
+            if not diff <= MAX_DIFF[op]:
+                return f"wrong result on {shape}: diff {diff:.2e}"
+    except Exception as exc:
+        return str(exc).splitlines()[0][:200]
+    return None
+
+
+def _measure_class(
+    op: str, shapes: tuple[tuple[int, ...], ...], device: torch.device, excluded: dict[str, str]
+) -> ClassResult:
+    """`excluded`: candidates already known not to run or not to be correct here, with why."""
     from fireflyer.kernels import fp8
 
     result = ClassResult()
     for candidate in CANDIDATES[op]:
-        missing = _available(op, candidate, device)
-        if missing:
-            result.candidates[candidate] = Measurement(error=missing)
+        if candidate in excluded:
+            result.candidates[candidate] = Measurement(error=excluded[candidate])
             continue
         seconds = []
         try:
@@ -271,7 +297,12 @@ def _mla_case(
 def measure(device: torch.device) -> dict[str, dict[str, ClassResult]]:
     """Every op, class and candidate on this device (CUDA)."""
     with torch.cuda.device(device):
-        return {
-            "gemm": {name: _measure_class("gemm", GEMM_SHAPES[name], device) for name, _ in GEMM_CLASSES},
-            "mla": {name: _measure_class("mla", MLA_SHAPES[name], device) for name, _ in MLA_CLASSES},
-        }
+        results: dict[str, dict[str, ClassResult]] = {}
+        for op, classes, shapes in (("gemm", GEMM_CLASSES, GEMM_SHAPES), ("mla", MLA_CLASSES, MLA_SHAPES)):
+            excluded = {}
+            for candidate in CANDIDATES[op]:
+                why = _available(op, candidate, device) or _wrong_on_probes(op, candidate, device)
+                if why:
+                    excluded[candidate] = why
+            results[op] = {name: _measure_class(op, shapes[name], device, excluded) for name, _ in classes}
+        return results

@@ -103,6 +103,18 @@ def _grouped_backend(backend: Backend, device: torch.device) -> str:
     return resolve(backend, "grouped_gemm", device)
 
 
+def cublas_weight_scales(b_scale: torch.Tensor) -> torch.Tensor:
+    """The 128×128 weight scales [⌈N/128⌉, ⌈K/128⌉] as cuBLASLt reads them: row-major with the
+    leading dimension a multiple of 4 (later torch releases refuse anything else; torch 2.11 passes
+    a shorter one through, and cuBLAS then reads the wrong scales for every row past the first)."""
+    blocks_n, blocks_k = b_scale.shape
+    if blocks_k % 4 == 0 and b_scale.is_contiguous():
+        return b_scale
+    padded = b_scale.new_zeros(blocks_n, blocks_k + (-blocks_k % 4))
+    padded[:, :blocks_k] = b_scale
+    return padded[:, :blocks_k]
+
+
 def gemm_fp8_cublas(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -110,7 +122,7 @@ def gemm_fp8_cublas(
     cuBLASLt wants the activation scales outer-dim-major and the weight as the column-major
     second operand, so both are passed as transposed views. It also needs M to be a multiple of 4
     (the scales' leading dimension): other M are padded with zero rows, which come out as zeros
-    and are dropped."""
+    and are dropped; and the weight scales' rows padded to a multiple of 4 (`cublas_weight_scales`)."""
     m = a.shape[0]
     pad = -m % 4
     if pad:
@@ -120,7 +132,7 @@ def gemm_fp8_cublas(
         a,
         b.t(),
         scale_a=a_scale.t().contiguous().t(),
-        scale_b=b_scale.t(),
+        scale_b=cublas_weight_scales(b_scale).t(),
         out_dtype=torch.bfloat16,
     )
     return out[:m] if pad else out

@@ -216,6 +216,10 @@ def test_grouped_masked_matches_reference(backend: str) -> None:
         (64, 24576, 1536),
         (301, 7168, 2048),
         (4096, 4096, 7168),
+        # K of one to three weight blocks (weight scales with a leading dimension under 4)
+        (5, 256, 256),
+        (67, 576, 128),
+        (130, 384, 384),
     ],
 )
 def test_cublas_blockwise_matches_the_reference(m: int, n: int, k: int) -> None:

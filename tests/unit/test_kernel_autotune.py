@@ -171,3 +171,29 @@ def test_an_auto_gluon_choice_falls_back_to_triton_for_inputs_it_cannot_run(
     assert ran == ["triton"]
     with pytest.raises(ValueError, match="contiguous"):
         mla.mla_decode(q, cache, table, lens, 0.1, backend="gluon")
+
+
+def test_a_backend_wrong_only_on_small_shapes_is_excluded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library right on DeepSeek-V3's shapes but wrong where K is one or two weight blocks (as
+    cuBLAS block-wise was in torch 2.11 with unpadded weight scales) is kept out of `auto`."""
+    real = fp8.gemm_fp8
+
+    def flawed(
+        a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, backend: str = "auto"
+    ) -> torch.Tensor:
+        out = real(a, a_scale, b, b_scale, backend="torch")
+        return out.flip(1) if backend == "cublas" and a.shape[1] <= 256 else out
+
+    monkeypatch.setattr(fp8, "gemm_fp8", flawed)
+    cpu = torch.device("cpu")
+    assert autotune._wrong_on_probes("gemm", "triton", cpu) is None
+    why = autotune._wrong_on_probes("gemm", "cublas", cpu)
+    assert why is not None and "(5, 256, 256)" in why
+
+
+def test_cublas_weight_scales_have_a_leading_dimension_of_four() -> None:
+    scales = torch.arange(6, dtype=torch.float32).view(3, 2)  # N of 3 blocks, K of 2
+    padded = fp8.cublas_weight_scales(scales)
+    assert padded.stride() == (4, 1) and torch.equal(padded, scales)
+    aligned = torch.ones(2, 8)
+    assert fp8.cublas_weight_scales(aligned) is aligned
