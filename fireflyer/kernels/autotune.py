@@ -48,7 +48,7 @@ MLA_SHAPES = {  # (batch, s_q, h_q, s_k)
 # Checked, not timed: a candidate wrong on any of these is excluded from every class of its op.
 # Small and ragged shapes (K of 1-3 weight blocks, a partial N block, M not a multiple of 4, few
 # heads) where a library may take another path than on DeepSeek-V3's: cuBLAS block-wise scaling
-# in torch 2.11 returned wrong results for K of 128 and 256 until its weight scales were padded.
+# in torch 2.11 returned wrong results for K of 128 and 256 until K was padded to four blocks.
 PROBE_SHAPES = {
     "gemm": ((5, 256, 256), (67, 576, 128), (130, 384, 384), (1, 2112, 7168)),
     "mla": ((3, 1, 4, 192), (5, 2, 16, 320)),

@@ -103,16 +103,23 @@ def _grouped_backend(backend: Backend, device: torch.device) -> str:
     return resolve(backend, "grouped_gemm", device)
 
 
-def cublas_weight_scales(b_scale: torch.Tensor) -> torch.Tensor:
-    """The 128×128 weight scales [⌈N/128⌉, ⌈K/128⌉] as cuBLASLt reads them: row-major with the
-    leading dimension a multiple of 4 (later torch releases refuse anything else; torch 2.11 passes
-    a shorter one through, and cuBLAS then reads the wrong scales for every row past the first)."""
-    blocks_n, blocks_k = b_scale.shape
-    if blocks_k % 4 == 0 and b_scale.is_contiguous():
-        return b_scale
-    padded = b_scale.new_zeros(blocks_n, blocks_k + (-blocks_k % 4))
-    padded[:, :blocks_k] = b_scale
-    return padded[:, :blocks_k]
+def pad_k_to_four_blocks(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operands with K padded by zero columns (scales of one) to a multiple of four 128-wide
+    blocks, the same product. cuBLASLt reads the weight scales with a leading dimension that is a
+    multiple of 4, while torch 2.11 accepts only a leading dimension of exactly ⌈K/128⌉; where the
+    two differ (K of 1–3, 5–7, … blocks) the unpadded call returned wrong results."""
+    blocks = b_scale.shape[1]
+    extra = -blocks % 4
+    if not extra:
+        return a, a_scale, b, b_scale
+    columns = (blocks + extra) * GROUP - a.shape[1]
+    a = torch.cat([a, a.new_zeros(a.shape[0], columns)], dim=1)
+    b = torch.cat([b, b.new_zeros(b.shape[0], columns)], dim=1)
+    a_scale = torch.cat([a_scale, a_scale.new_ones(a_scale.shape[0], extra)], dim=1)
+    b_scale = torch.cat([b_scale, b_scale.new_ones(b_scale.shape[0], extra)], dim=1)
+    return a, a_scale, b, b_scale
 
 
 def gemm_fp8_cublas(
@@ -122,7 +129,8 @@ def gemm_fp8_cublas(
     cuBLASLt wants the activation scales outer-dim-major and the weight as the column-major
     second operand, so both are passed as transposed views. It also needs M to be a multiple of 4
     (the scales' leading dimension): other M are padded with zero rows, which come out as zeros
-    and are dropped; and the weight scales' rows padded to a multiple of 4 (`cublas_weight_scales`)."""
+    and are dropped; and K a multiple of four blocks (`pad_k_to_four_blocks`)."""
+    a, a_scale, b, b_scale = pad_k_to_four_blocks(a, a_scale, b, b_scale)
     m = a.shape[0]
     pad = -m % 4
     if pad:
@@ -132,7 +140,7 @@ def gemm_fp8_cublas(
         a,
         b.t(),
         scale_a=a_scale.t().contiguous().t(),
-        scale_b=cublas_weight_scales(b_scale).t(),
+        scale_b=b_scale.t(),
         out_dtype=torch.bfloat16,
     )
     return out[:m] if pad else out

@@ -175,7 +175,7 @@ def test_an_auto_gluon_choice_falls_back_to_triton_for_inputs_it_cannot_run(
 
 def test_a_backend_wrong_only_on_small_shapes_is_excluded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A library right on DeepSeek-V3's shapes but wrong where K is one or two weight blocks (as
-    cuBLAS block-wise was in torch 2.11 with unpadded weight scales) is kept out of `auto`."""
+    cuBLAS block-wise was with torch 2.11 before K was padded) is kept out of `auto`."""
     real = fp8.gemm_fp8
 
     def flawed(
@@ -191,9 +191,16 @@ def test_a_backend_wrong_only_on_small_shapes_is_excluded(monkeypatch: pytest.Mo
     assert why is not None and "(5, 256, 256)" in why
 
 
-def test_cublas_weight_scales_have_a_leading_dimension_of_four() -> None:
-    scales = torch.arange(6, dtype=torch.float32).view(3, 2)  # N of 3 blocks, K of 2
-    padded = fp8.cublas_weight_scales(scales)
-    assert padded.stride() == (4, 1) and torch.equal(padded, scales)
-    aligned = torch.ones(2, 8)
-    assert fp8.cublas_weight_scales(aligned) is aligned
+def test_cublas_operands_are_padded_to_four_k_blocks_without_changing_the_product() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, a_scale = fp8.quantize_per_token_group(torch.randn(5, 256, generator=g))
+    b, b_scale = fp8.quantize_per_block(torch.randn(384, 256, generator=g))
+    padded = fp8.pad_k_to_four_blocks(a, a_scale, b, b_scale)
+    assert [tuple(t.shape) for t in padded] == [(5, 512), (5, 4), (384, 512), (3, 4)]
+    assert all(t.is_contiguous() for t in padded)
+    torch.testing.assert_close(
+        fp8.gemm_fp8_reference(*padded), fp8.gemm_fp8_reference(a, a_scale, b, b_scale)
+    )
+    deep = fp8.quantize_per_token_group(torch.randn(2, 512, generator=g))
+    weight = fp8.quantize_per_block(torch.randn(128, 512, generator=g))
+    assert fp8.pad_k_to_four_blocks(*deep, *weight)[0] is deep[0]  # four blocks already
