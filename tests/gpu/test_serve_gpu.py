@@ -160,7 +160,9 @@ def test_batched_graph_decode_matches_each_request_alone(
         sampled = torch.stack(seen[seq.request_id])
         assert sampled.argmax(-1).tolist() == seq.output_ids
         diffs.append(calc_diff(sampled, _alone_logits(reference, prompt, seq.output_ids)))
-    assert max(diffs) < 1e-3, diffs
+    # FP8: a batch and a lone request are GEMMs of different M, which `auto` may give different
+    # backends (each right to the reference, not bit-identical to one another).
+    assert max(diffs) < (6e-3 if "fp8" in str(checkpoint) else 1e-3), diffs
 
 
 def test_cuda_graph_decode_counts_the_expert_load(checkpoint: Path) -> None:
