@@ -53,11 +53,21 @@ class ModelRunner:
         balance_decode: bool = True,
     ) -> None:
         """`balance_decode`: decode steps of unequal lengths attend length-balanced runs
-        (mla_schedule) instead of uniform KV splits (docs/kernels.md, "Unequal lengths")."""
+        (mla_schedule) instead of uniform KV splits (docs/kernels.md, "Unequal lengths"), on a
+        CUDA device with a BF16 cache and attention backends that take a schedule."""
         self.model = model
-        self.balance_decode = balance_decode
         self.device = model.device
         width, self.kv_dtype = kv_cache_layout(model, kv_cache_dtype)
+        # Only our Gluon and Triton kernels (under auto too) attend balanced runs; the FP8 cache's
+        # kernels, FlashMLA and the torch reference take uniform splits, so the schedules and the
+        # second set of decode graphs would be made for nothing.
+        schedulable = {"auto", "gluon", "triton"}
+        self.balance_decode = (
+            balance_decode
+            and self.device.type == "cuda"
+            and self.kv_dtype == torch.bfloat16
+            and all(block.self_attn.attention_backend in schedulable for block in model.blocks)
+        )
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         shape = (num_blocks, BLOCK_TOKENS, width)
