@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from bench.kernels.bench_fp8_gluon import L2_BYTES, SHAPES, geomean, graph_seconds
+from bench.kernels.bench_fp8_gluon import SHAPES, geomean, graph_seconds, operand_sets
 from fireflyer.kernels import fp8
 from fireflyer.kernels import fp8_gluon as fg
 
@@ -28,13 +28,9 @@ def main() -> None:
     names, m = args.configs.split(","), args.m
     rates: dict[str, list[float]] = {name: [] for name in [*names, "cublas"]}
     for n, k in SHAPES:
-        a_q, a_s = fp8.quantize_per_token_group(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-        b_q, b_s = fp8.quantize_per_block(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
-        copies = max(1, min(32, -(-2 * L2_BYTES // (m * k + n * k + 2 * m * n))))
-        sets = [(a_q, a_s, b_q, b_s)] + [
-            (a_q.clone(), a_s.clone(), b_q.clone(), b_s.clone()) for _ in range(copies - 1)
-        ]
-        reference = fp8.gemm_fp8_reference(a_q, a_s, b_q, b_s)
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        sets = operand_sets(a, torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        reference = fp8.gemm_fp8_reference(*sets[0])
         kernels = {name: partial(fg.gemm_fp8_gluon, config=fg.CONFIGS[name]) for name in names}
         kernels["cublas"] = fp8.gemm_fp8_cublas
         for label, kernel in kernels.items():

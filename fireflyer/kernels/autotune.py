@@ -219,16 +219,25 @@ def _available(op: str, candidate: str, device: torch.device) -> str | None:
     return None
 
 
-def _wrong_on_probes(op: str, candidate: str, device: torch.device) -> str | None:
-    """Why `candidate` is not correct on this op's PROBE_SHAPES, or None when it is."""
+def _checked_call(
+    op: str, shape: tuple[int, ...], candidate: str, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """`candidate`'s call on one case of `op`, after it matched the torch reference (ValueError if
+    it did not)."""
     from fireflyer.kernels import fp8
 
+    call, reference = (_gemm_case if op == "gemm" else _mla_case)(shape, candidate, device)
+    diff = fp8.calc_diff(call(), reference)
+    if not diff <= MAX_DIFF[op]:
+        raise ValueError(f"wrong result on {shape}: diff {diff:.2e}")
+    return call
+
+
+def _wrong_on_probes(op: str, candidate: str, device: torch.device) -> str | None:
+    """Why `candidate` is not correct on this op's PROBE_SHAPES, or None when it is."""
     try:
         for shape in PROBE_SHAPES[op]:
-            call, reference = (_gemm_case if op == "gemm" else _mla_case)(shape, candidate, device)
-            diff = fp8.calc_diff(call(), reference)
-            if not diff <= MAX_DIFF[op]:
-                return f"wrong result on {shape}: diff {diff:.2e}"
+            _checked_call(op, shape, candidate, device)
     except Exception as exc:
         return str(exc).splitlines()[0][:200]
     return None
@@ -238,8 +247,6 @@ def _measure_class(
     op: str, shapes: tuple[tuple[int, ...], ...], device: torch.device, excluded: dict[str, str]
 ) -> ClassResult:
     """`excluded`: candidates already known not to run or not to be correct here, with why."""
-    from fireflyer.kernels import fp8
-
     result = ClassResult()
     for candidate in CANDIDATES[op]:
         if candidate in excluded:
@@ -248,11 +255,7 @@ def _measure_class(
         seconds = []
         try:
             for shape in shapes:
-                call, reference = (_gemm_case if op == "gemm" else _mla_case)(shape, candidate, device)
-                diff = fp8.calc_diff(call(), reference)
-                if not diff <= MAX_DIFF[op]:
-                    raise ValueError(f"wrong result on {shape}: diff {diff:.2e}")
-                seconds.append(_time(call))
+                seconds.append(_time(_checked_call(op, shape, candidate, device)))
         except Exception as exc:  # a backend that fails here is simply not chosen
             result.candidates[candidate] = Measurement(error=str(exc).splitlines()[0][:200])
             continue
