@@ -20,6 +20,9 @@ pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).resolve().parents[2] / "manifests/samples/inference-deepseek-v3.yaml"
 # The issue's target: the unit recreated on healthy nodes and Ready within this of NotReady.
 TARGET_SECONDS = 60.0
+# A router must be back sooner than the dev cluster's not-ready eviction (15 s; 300 s in a real
+# cluster), so it is the operator that replaces it, not the eviction.
+ROUTER_TARGET_SECONDS = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +67,63 @@ def test_a_decode_unit_on_a_lost_node_is_ready_elsewhere_within_a_minute(
             pods = kube.get("pods", selector=selector)["items"]
             return (
                 len(pods) == 18
-                and victim not in {p["spec"].get("nodeName") for p in pods}
+                and victim not in {p["spec"].get("nodeName") for p in _own_pods(kube, name)}
                 and _ready(kube, name)
             )
 
         wait_for("the unit to be Ready on healthy nodes", recreated, timeout=TARGET_SECONDS, interval=0.5)
         seconds = time.monotonic() - start
         print(f"\nnode loss on deepseek: decode unit (18 nodes) Ready again {seconds:.1f} s after NotReady")
-        pods = kube.get("pods", selector=f"fireflyer.dev/deployment={name}")["items"]
+        pods = _own_pods(kube, name)
         assert not {p["metadata"]["uid"] for p in before} & {p["metadata"]["uid"] for p in pods}
         assert not [p for p in pods if p["spec"].get("nodeName") == victim]
     finally:
         faults.heal_node(deepseek_cluster.kubeconfig, victim)
+
+
+def test_a_router_on_a_lost_node_is_replaced_on_a_live_node_within_seconds(
+    deepseek: Kube, deepseek_cluster: Kube
+) -> None:
+    """Left alone, a router on a lost node stays until the not-ready eviction, five minutes on."""
+    kube = deepseek
+    doc = _sample()
+    name = doc["metadata"]["name"]
+    kube.apply(doc)
+    router_selector = f"fireflyer.dev/deployment={name},fireflyer.dev/component=router"
+
+    def routers_ready() -> list[dict[str, Any]]:
+        pods = kube.get("pods", selector=router_selector)["items"]
+        ready = [p for p in pods if _pod_ready(p) and not p["metadata"].get("deletionTimestamp")]
+        return ready if len(ready) == doc["spec"]["router"].get("replicas", 1) else []
+
+    before = wait_for("the routers to run", routers_ready, timeout=120, interval=1)
+    wait_for("the deployment to be Ready", lambda: _ready(kube, name), timeout=120, interval=1)
+    victim = before[0]["spec"]["nodeName"]
+    start = time.monotonic()
+    faults.make_node_not_ready(deepseek_cluster.kubeconfig, victim)
+    try:
+
+        def replaced() -> bool:
+            pods = _own_pods(kube, name)
+            return (
+                bool(routers_ready())
+                and victim not in {p["spec"].get("nodeName") for p in pods}
+                and _ready(kube, name)
+            )
+
+        wait_for("a router Ready on a live node", replaced, timeout=ROUTER_TARGET_SECONDS, interval=0.5)
+        print(f"\nnode loss on deepseek: router replaced {time.monotonic() - start:.1f} s after NotReady")
+        assert before[0]["metadata"]["uid"] not in {p["metadata"]["uid"] for p in routers_ready()}
+    finally:
+        faults.heal_node(deepseek_cluster.kubeconfig, victim)
+
+
+def _own_pods(kube: Kube, name: str) -> list[dict[str, Any]]:
+    return kube.get("pods", selector=f"fireflyer.dev/deployment={name}")["items"]  # type: ignore[no-any-return]
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c["type"] == "Ready" and c["status"] == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )

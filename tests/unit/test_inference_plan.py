@@ -192,6 +192,34 @@ def test_pods_on_a_not_ready_node_are_deleted_without_grace() -> None:
     assert desired.force_delete == set()
 
 
+def test_a_router_pod_on_a_not_ready_node_is_replaced_at_once_and_one_on_a_live_node_is_kept() -> None:
+    """A router on a lost node would take requests nowhere until the not-ready eviction, five
+    minutes later: the plan has it deleted now, so its ReplicaSet starts one on a live node."""
+    cr, sets = _placed()
+    pods: list[dict[str, Any]] = []
+    for sts in sets.values():
+        pods += _pods(sts, NOW - timedelta(minutes=30))
+    used = {p["spec"]["nodeName"] for p in pods}
+    free = [n["metadata"]["name"] for n in _nodes() if n["metadata"]["name"] not in used]
+    router_labels = {L.DEPLOYMENT: cr["metadata"]["name"], L.COMPONENT: "router", L.MANAGED_BY: L.MANAGER}
+    routers = [
+        {
+            "metadata": {"name": f"router-{i}", "namespace": "ns", "labels": router_labels},
+            "spec": {"nodeName": node},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+        for i, node in enumerate(free[:2])
+    ]
+    nodes = _nodes()
+    for node in nodes:
+        if node["metadata"]["name"] == free[0]:
+            node["status"]["conditions"] = [{"type": "Ready", "status": "Unknown"}]
+    desired = plan(cr, Observed(nodes=nodes, pods=pods + routers, statefulsets=sets, router=None, now=NOW))
+    assert desired.replace_now == {"router-0"}
+    assert desired.force_delete == {"router-0"}
+    assert desired.recreate == {}, "no unit had a pod on that node"
+
+
 def _restarted_after_recreating_decode() -> tuple[
     dict[str, Any], dict[str, dict[str, Any]], list[dict[str, Any]], str
 ]:

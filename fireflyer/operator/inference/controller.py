@@ -160,7 +160,9 @@ def apply(cr: dict[str, Any], desired: Desired, force: bool = True, first: bool 
         log.info("recreated unit %s/%s: %s", namespace, unit, why)
     for pod in pods:  # stuck Terminating on a dead node (deleted by anyone): finish the deletion
         pod_name = pod["metadata"]["name"]
-        if pod["metadata"].get("deletionTimestamp") and pod_name in desired.force_delete:
+        if pod_name in desired.replace_now or (
+            pod["metadata"].get("deletionTimestamp") and pod_name in desired.force_delete
+        ):
             kube.delete("Pod", pod_name, namespace, grace_seconds=0)
     with metrics.phase(KIND, "scalers_lending"):  # what of the scalers' writes outlasted the children's
         parallel_writes.finish(scalers)

@@ -71,6 +71,9 @@ class Desired:
     force_delete: set[str] = field(default_factory=set)
     """Pods on nodes that are gone or not Ready: no kubelet will confirm their end, so deleting
     them with a grace period would leave them Terminating and their StatefulSet stuck."""
+    replace_now: set[str] = field(default_factory=set)
+    """Router pods on such nodes: deleted at once so their ReplicaSet starts a replacement on a
+    live node, instead of serving through a dead one until the not-ready eviction (5 minutes)."""
     scales: dict[str, scaler.RoleScale] = field(default_factory=dict)
     """Per role: the units it runs now and what its InferenceRoleScaler needs written."""
     draining: dict[str, str] = field(default_factory=dict)
@@ -383,16 +386,23 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         if recreate or rolling or not placement.complete or any(not u["ready"] for u in unit_status)
         else None
     )
+    dead = dead_node_pods(own_pods, topology)
+    routers = {
+        p["metadata"]["name"]
+        for p in own_pods
+        if (p["metadata"].get("labels") or {}).get(L.COMPONENT) == "router"
+    }
     return Desired(
         desired_children,
         recreate,
         events,
         status,
         requeue,
-        dead_node_pods(own_pods, topology),
-        scales,
-        leaving.plan.waiting,
-        preemptions,
+        force_delete=dead,
+        replace_now={name for name in dead if name in routers},
+        scales=scales,
+        draining=leaving.plan.waiting,
+        preemptions=preemptions,
     )
 
 
