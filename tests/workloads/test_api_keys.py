@@ -30,7 +30,7 @@ from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from tests.workloads.api_engine import MODEL, FakeEngine
 from tests.workloads.api_engine import anyio_backend as anyio_backend
 from tests.workloads.api_engine import tokenizer as tokenizer
-from tests.workloads.test_router import Running, body, eventually, routing, serving
+from tests.workloads.router_harness import Running, body, eventually, routing, serving
 
 ROUTER_KEY, CLIENT_KEY = "sk-router-0123456789", "sk-client-abcdefghij"
 

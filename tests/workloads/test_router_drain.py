@@ -16,7 +16,16 @@ from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from tests.workloads.api_engine import anyio_backend as anyio_backend
 from tests.workloads.api_engine import sse_events
 from tests.workloads.api_engine import tokenizer as tokenizer
-from tests.workloads.test_router import BACKEND, Unit, body, eventually, health, routing, serving, write_units
+from tests.workloads.router_harness import (
+    BACKEND,
+    Unit,
+    body,
+    eventually,
+    health,
+    routing,
+    serving,
+    write_units,
+)
 
 pytestmark = pytest.mark.anyio
 
