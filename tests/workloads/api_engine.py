@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from fireflyer.workloads.model.tokenizer_files import write_tokenizer
-from fireflyer.workloads.serve.api import create_app
+from fireflyer.workloads.serve.api import LoadSource, create_app
 from fireflyer.workloads.serve.metrics import EngineMetrics
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from fireflyer.workloads.serve.types import FinishReason, QueueFullError, SamplingParams, TokenEvent
@@ -118,6 +118,7 @@ class FakeEngine:
         self.placement_generation: int | None = None
         self.prefill_urls: list[str] = []  # the x-fireflyer-prefill of each request, if any
         self.placement_error: str | None = None
+        self.eplb_window: LoadSource | None = None  # a dense model: no expert load to report
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, *, handoff: Any = None, kv_target: Any = None

@@ -178,8 +178,7 @@ PROTECTED: list[tuple[str, str, dict[str, Any] | None]] = [
 @pytest.mark.anyio
 async def test_the_engine_api_asks_every_request_for_a_key(tokenizer: ServeTokenizer, key_path: Path) -> None:
     engine = FakeEngine(tokenizer)
-    engine.eplb_window = None  # type: ignore[attr-defined]  # a model without MoE layers
-    app = create_serve_app(engine, api_keys=KeyFile(key_path))  # type: ignore[arg-type]
+    app = create_serve_app(engine, api_keys=KeyFile(key_path))
     async with unit_client(app) as client:
         for method, path, payload in PROTECTED:
             assert (
@@ -210,7 +209,7 @@ async def test_the_engine_takes_a_rotated_key_without_a_restart(
 ) -> None:
     clock = Clock()
     path = write_keys(tmp_path / "api-keys", "sk-first\n")
-    app = create_serve_app(FakeEngine(tokenizer), api_keys=KeyFile(path, clock=clock))  # type: ignore[arg-type]
+    app = create_serve_app(FakeEngine(tokenizer), api_keys=KeyFile(path, clock=clock))
     async with unit_client(app) as client:
         assert (await client.get("/v1/models", headers=bearer("sk-first"))).status_code == 200
         write_keys(path, "sk-second\n")
@@ -224,7 +223,7 @@ async def test_a_decode_unit_sends_its_key_to_the_prefill_unit(
     tokenizer: ServeTokenizer, key_path: Path
 ) -> None:
     prefill_engine = FakeEngine(tokenizer)
-    app = create_serve_app(prefill_engine, api_keys=KeyFile(key_path))  # type: ignore[arg-type]
+    app = create_serve_app(prefill_engine, api_keys=KeyFile(key_path))
     prefill = await Running(app).start()
     prompt = list(range(1, 140))  # two full blocks to hand over
     try:
