@@ -18,7 +18,7 @@ from lupa import lua51
 from fireflyer.api import conditions as C
 from fireflyer.api.kinds import KINDS
 from tests.unit import test_threefs_plan as threefs
-from tests.unit import test_training_plan as training
+from tests.unit import training_plan_harness as training
 from tests.unit.test_inference_plan import NOW, _nodes, _placed, _pods
 from tests.unit.test_inference_plan import Observed as InferenceObserved
 from tests.unit.test_inference_plan import plan as inference_plan
@@ -126,9 +126,9 @@ def test_a_ready_deployment_whose_load_cannot_be_collected_stays_healthy_and_say
 
 
 def _training_running() -> dict[str, Any]:
-    job = training._started(training._cr())
-    cr = training._cr({"phase": "Pending", "restarts": 0})
-    return written(cr, training.plan(cr, training._observed(job, training._pods(job))).status)
+    job = training.started_job(training.training_job())
+    cr = training.training_job({"phase": "Pending", "restarts": 0})
+    return written(cr, training.plan(cr, training.observed_with(job, training.pods_of(job))).status)
 
 
 def _threefs_ready() -> dict[str, Any]:
@@ -206,39 +206,44 @@ def test_training_running_succeeded_restarting_and_failed() -> None:
     obj["status"]["step"] = 120
     assert argocd_health("TrainingJob", obj) == ("Healthy", "Running, step 120")
 
-    job = training._started(training._cr())
+    job = training.started_job(training.training_job())
     done = training.plan(
-        training._cr({"phase": "Running"}), training._observed(job, training._pods(job, "Succeeded"))
+        training.training_job({"phase": "Running"}),
+        training.observed_with(job, training.pods_of(job, "Succeeded")),
     )
-    succeeded = written(training._cr({"phase": "Running", "step": 500}), done.status)
+    succeeded = written(training.training_job({"phase": "Running", "step": 500}), done.status)
     assert argocd_health("TrainingJob", succeeded) == ("Healthy", "Succeeded at step 500")
 
-    pods = training._pods(job)
-    training._fail(pods[1])
+    pods = training.pods_of(job)
+    training.fail_pod(pods[1])
     restarting = training.plan(
-        training._cr({"phase": "Running", "restarts": 0}), training._observed(job, pods)
+        training.training_job({"phase": "Running", "restarts": 0}), training.observed_with(job, pods)
     )
     status, message = argocd_health(
-        "TrainingJob", written(training._cr({"phase": "Running"}), restarting.status)
+        "TrainingJob", written(training.training_job({"phase": "Running"}), restarting.status)
     )
     assert status == "Degraded" and "exited 1" in message
 
-    job = training._started(training._cr(status={"restarts": 3}))
-    pods = training._pods(job)
-    training._fail(pods[0])
+    job = training.started_job(training.training_job(status={"restarts": 3}))
+    pods = training.pods_of(job)
+    training.fail_pod(pods[0])
     failed = training.plan(
-        training._cr({"phase": "Restarting", "restarts": 3}), training._observed(job, pods)
+        training.training_job({"phase": "Restarting", "restarts": 3}), training.observed_with(job, pods)
     )
-    status, message = argocd_health("TrainingJob", written(training._cr({"restarts": 3}), failed.status))
+    status, message = argocd_health(
+        "TrainingJob", written(training.training_job({"restarts": 3}), failed.status)
+    )
     assert status == "Degraded" and "maxRestarts (3)" in message
 
 
 def test_training_waiting_for_its_pods_is_progressing() -> None:
-    job = training._started(training._cr())
-    pods = training._pods(job)
+    job = training.started_job(training.training_job())
+    pods = training.pods_of(job)
     pods[1]["status"]["phase"] = "Pending"
-    desired = training.plan(training._cr({"phase": "Pending"}), training._observed(job, pods))
-    status, _ = argocd_health("TrainingJob", written(training._cr({"phase": "Pending"}), desired.status))
+    desired = training.plan(training.training_job({"phase": "Pending"}), training.observed_with(job, pods))
+    status, _ = argocd_health(
+        "TrainingJob", written(training.training_job({"phase": "Pending"}), desired.status)
+    )
     assert status == "Progressing"
 
 

@@ -18,7 +18,7 @@ from fireflyer.cli import build_parser
 from fireflyer.operator import labels as L
 from fireflyer.operator.training import children, dataprep
 from fireflyer.operator.training.plan import Desired, finished, plan
-from tests.unit.test_training_plan import NS, _nodes, _observed
+from tests.unit.training_plan_harness import NS, observed_with, small_nodes
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = yaml.safe_load((REPO / "manifests/samples/training-dataprep.yaml").read_text())
@@ -43,7 +43,7 @@ def _cond(desired: Desired, type_: str) -> dict[str, Any]:
 
 
 def _prep_job(cr: dict[str, Any], **status: Any) -> dict[str, Any]:
-    [job] = [c for c in plan(cr, _observed()).children if c["kind"] == "Job"]
+    [job] = [c for c in plan(cr, observed_with()).children if c["kind"] == "Job"]
     job = copy.deepcopy(job)
     job["metadata"]["uid"] = "prep-uid"
     job["status"] = status
@@ -71,7 +71,7 @@ FAILED = {"failed": 2, "conditions": [{"type": "Failed", "status": "True", "reas
 
 
 def test_the_preparation_job_comes_first_and_no_training_job_yet() -> None:
-    desired = plan(_cr(), _observed())
+    desired = plan(_cr(), observed_with())
     assert _kinds(desired) == [f"Job/{NAME}-prepare", f"Service/{NAME}"]
     assert desired.status["phase"] == "Pending"
     prepared = _cond(desired, dataprep.DATA_PREPARED)
@@ -122,7 +122,7 @@ def test_options_placement_and_explicit_paths() -> None:
         image="example/prepare:1",
         backoffLimit=0,
     )
-    job = next(c for c in plan(cr, _observed()).children if c["kind"] == "Job")
+    job = next(c for c in plan(cr, observed_with()).children if c["kind"] == "Job")
     pod = job["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--out") + 1] == "/3fs/other/out"
@@ -136,7 +136,7 @@ def test_options_placement_and_explicit_paths() -> None:
 
 def test_training_waits_while_the_preparation_runs() -> None:
     cr = _cr()
-    desired = plan(cr, _observed(preparation=_prep_job(cr, active=1)))
+    desired = plan(cr, observed_with(preparation=_prep_job(cr, active=1)))
     assert _kinds(desired) == [f"Service/{NAME}"]  # no training Job, and the running one is not re-applied
     assert _cond(desired, dataprep.DATA_PREPARED)["reason"] == "Running"
     assert desired.events == []
@@ -152,7 +152,7 @@ def test_training_waits_while_the_preparation_runs() -> None:
 )
 def test_a_succeeded_preparation_starts_the_training_pods(message: str | None, reason: str) -> None:
     cr = _cr()
-    observed = _observed(
+    observed = observed_with(
         preparation=_prep_job(cr, **COMPLETE), preparation_pods=[_prep_pod("Succeeded", message)]
     )
     desired = plan(cr, observed)
@@ -171,7 +171,7 @@ def test_a_failed_preparation_fails_the_job_with_its_message() -> None:
         _prep_pod("Failed", '{"result": "failed", "message": "old"}', created="2025-01-01T11:58:00Z"),
         _prep_pod("Failed", '{"result": "failed", "message": "/raw/a.jsonl: line 2 has no `text` field"}'),
     ]
-    desired = plan(cr, _observed(preparation=_prep_job(cr, **FAILED), preparation_pods=pods))
+    desired = plan(cr, observed_with(preparation=_prep_job(cr, **FAILED), preparation_pods=pods))
     assert desired.status["phase"] == "Failed"
     assert _kinds(desired) == [f"Service/{NAME}"]
     prepared = _cond(desired, dataprep.DATA_PREPARED)
@@ -183,19 +183,19 @@ def test_a_failed_preparation_fails_the_job_with_its_message() -> None:
     # Failed stays observed (a fixed spec replaces the Job) and the event is not repeated.
     again = _cr(status=desired.status | {"conditions": desired.status["conditions"]})
     assert not finished(again)
-    assert plan(again, _observed(preparation=_prep_job(cr, **FAILED), preparation_pods=pods)).events == []
+    assert plan(again, observed_with(preparation=_prep_job(cr, **FAILED), preparation_pods=pods)).events == []
 
 
 def test_crash_logs_explain_a_preparation_without_a_result_line() -> None:
     cr = _cr()
     pods = [_prep_pod("Failed", "Traceback ...\nMemoryError")]
-    desired = plan(cr, _observed(preparation=_prep_job(cr, **FAILED), preparation_pods=pods))
+    desired = plan(cr, observed_with(preparation=_prep_job(cr, **FAILED), preparation_pods=pods))
     assert "MemoryError" in _cond(desired, dataprep.DATA_PREPARED)["message"]
 
 
 def test_a_changed_preparation_replaces_the_job() -> None:
     old = _prep_job(_cr(), **FAILED)
-    desired = plan(_cr(input="/3fs/stage/raw/fixed"), _observed(preparation=old))
+    desired = plan(_cr(input="/3fs/stage/raw/fixed"), observed_with(preparation=old))
     assert desired.delete_preparation
     assert desired.status["phase"] == "Pending"
     assert _kinds(desired) == [f"Service/{NAME}"]
@@ -205,12 +205,12 @@ def test_a_running_attempt_is_not_held_back_by_the_preparation() -> None:
     """The gate is only asked before an attempt starts: a current attempt runs on."""
     cr = _cr()
     started = plan(
-        cr, _observed(preparation=_prep_job(cr, **COMPLETE), preparation_pods=[_prep_pod("Succeeded")])
+        cr, observed_with(preparation=_prep_job(cr, **COMPLETE), preparation_pods=[_prep_pod("Succeeded")])
     )
     job = next(c for c in started.children if c["metadata"]["name"] == children.child_name(NAME))
     job = copy.deepcopy(job) | {"status": {}}
     job["metadata"]["uid"] = "job-uid"
-    desired = plan(cr, _observed(job=job, nodes=_nodes()))
+    desired = plan(cr, observed_with(job=job, nodes=small_nodes()))
     assert desired.status["phase"] == "Pending"  # pods starting
     assert not any(c["metadata"]["name"].endswith("-prepare") for c in desired.children)
 
@@ -229,5 +229,5 @@ def test_rendered_arguments_are_ones_prepare_accepts() -> None:
     commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
     assert "prepare" in commands
     for cr in (_cr(), _cr(dedup=False, maxTokens=None, args=["--shard-tokens", "64"])):
-        job = next(c for c in plan(cr, _observed()).children if c["kind"] == "Job")
+        job = next(c for c in plan(cr, observed_with()).children if c["kind"] == "Job")
         parser.parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
