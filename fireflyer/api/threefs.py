@@ -280,6 +280,10 @@ class ThreeFSClusterSpec(ApiModel):
     """Transport between services."""
     reclaim_policy: Literal["Retain", "Delete"] = "Retain"
     """What happens to disks and FoundationDB data when the cluster is deleted."""
+    failover_seconds: int = Field(default=30, ge=0, le=3600)
+    """How long an mgmtd, meta or monitor pod stays on a node that is NotReady or unreachable
+    before it is evicted and started on a live node (Kubernetes' default is 300 s). Storage
+    pods never move this way: storage.replacementGracePeriodSeconds governs them."""
 
 
 class ChainSummary(ApiModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = yaml.safe_load((REPO_ROOT / "manifests/samples/small/threefs.yaml").read_text())
 NAME = SMALL["metadata"]["name"]
 STORAGE_LABEL = "fireflyer.dev/3fs-storage"
+# failoverSeconds in the failover test: well under the dev cluster's own not-ready eviction (15 s).
+FAILOVER_SECONDS = 2
+META_MOVED_WITHIN_SECONDS = 13
 BOOTSTRAP = [
     "configure-fdb",
     "init-cluster",
@@ -60,12 +64,13 @@ def runner(cluster: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         admin.stop()
 
 
-def _cluster_doc(reclaim: str = "Delete", name: str = NAME) -> dict[str, Any]:
+def _cluster_doc(reclaim: str = "Delete", name: str = NAME, **spec: Any) -> dict[str, Any]:
     doc = copy.deepcopy(SMALL)
     doc["metadata"]["name"] = name
     doc["spec"]["storage"]["nodeSelector"] = {STORAGE_LABEL: "true"}
     doc["spec"]["storage"]["replacementGracePeriodSeconds"] = 3
     doc["spec"]["reclaimPolicy"] = reclaim
+    doc["spec"].update(spec)
     return doc
 
 
@@ -83,8 +88,10 @@ def _simulated(runner: AdminRunner, kube: Kube) -> dict[str, Any]:
     return json.loads(runner.state_path(kube.namespace, NAME).read_text())  # type: ignore[no-any-return]
 
 
-def _bootstrap(kube: Kube, operator: Operator, reclaim: str = "Delete", name: str = NAME) -> dict[str, Any]:
-    kube.apply(_cluster_doc(reclaim, name))
+def _bootstrap(
+    kube: Kube, operator: Operator, reclaim: str = "Delete", name: str = NAME, **spec: Any
+) -> dict[str, Any]:
+    kube.apply(_cluster_doc(reclaim, name, **spec))
     try:
         return wait_for(  # type: ignore[no-any-return]
             f"ThreeFSCluster {name} Ready", lambda: _ready(kube, name), timeout=240, interval=1
@@ -251,6 +258,44 @@ def test_storage_node_loss_is_replaced_on_the_spare(
     assert first_remove < first_add < unregister
     reasons = kube.run("get", "events", "-o", "jsonpath={.items[*].reason}").stdout.split()
     assert "StorageNodeReplacing" in reasons and "StorageNodeReplaced" in reasons
+
+
+def test_a_meta_pod_on_a_lost_node_runs_on_a_live_node_after_failover_seconds(
+    kube: Kube, cluster: Kube, operator: Operator, runner: AdminRunner, storage_nodes: list[str]
+) -> None:
+    """The node of the meta pod is lost: with failoverSeconds 2 the pod is evicted long before the
+    cluster's own not-ready eviction, the operator ends it (no kubelet will), and its successor
+    runs on a live node; the file system is Ready again (after a storage replacement when a
+    storage pod shared the node)."""
+    _bootstrap(kube, operator, failoverSeconds=FAILOVER_SECONDS)
+    meta = f"{NAME}-meta-0"
+    victim = kube.get("pod", meta)["spec"]["nodeName"]
+
+    def moved() -> bool:
+        pods = kube.get("pods", selector=f"fireflyer.dev/threefs={NAME},fireflyer.dev/component=meta")
+        return any(
+            pod["spec"].get("nodeName") not in (None, victim)
+            and not pod["metadata"].get("deletionTimestamp")
+            and (condition(pod, "Ready") or {}).get("status") == "True"
+            for pod in pods["items"]
+        )
+
+    lost_at = time.monotonic()
+    faults.make_node_not_ready(cluster.kubeconfig, victim)
+    try:
+        try:
+            wait_for("meta-0 Ready on a live node", moved, timeout=60, interval=0.25)
+            took = time.monotonic() - lost_at
+            wait_for("Ready again", lambda: _ready(kube), timeout=240, interval=1)
+        except AssertionError as exc:
+            pods_now = kube.run("get", "pods", "-o", "wide").stdout
+            raise AssertionError(f"{exc}\n{pods_now}\n{operator.tail()}") from None
+    finally:
+        faults.heal_node(cluster.kubeconfig, victim)
+    assert took <= META_MOVED_WITHIN_SECONDS, f"meta-0 took {took:.1f} s to run on a live node"
+    meta_set = kube.get("statefulset", f"{NAME}-meta")["spec"]["template"]["spec"]
+    seconds = {t["key"]: t.get("tolerationSeconds") for t in meta_set["tolerations"]}
+    assert seconds["node.kubernetes.io/not-ready"] == FAILOVER_SECONDS
 
 
 def test_delete_wipes_disks_retain_keeps_data(

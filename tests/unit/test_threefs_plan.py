@@ -428,3 +428,45 @@ def test_pods_being_deleted_on_a_lost_node_are_force_deleted_but_storage_is_not(
     running_on_lost = _pod("threefs-small-fdb-0", "fdb", "n1")
     desired = _bootstrapped(nodes, [mgmtd, meta, healthy_leaving, storage, running_on_lost], None, None)
     assert desired.delete_pods == ["threefs-small-meta-0", "threefs-small-mgmtd-0"]
+
+
+WORKLOAD_KINDS = ("StatefulSet", "Deployment")
+
+
+def _node_loss_tolerations(workload: dict[str, Any]) -> dict[str, int | None]:
+    """The taint keys of a lost node that the workload's pods tolerate, with how long."""
+    tolerations = workload["spec"]["template"]["spec"].get("tolerations") or []
+    return {
+        t["key"]: t.get("tolerationSeconds")
+        for t in tolerations
+        if t.get("effect") == "NoExecute" and t.get("key", "").startswith("node.kubernetes.io/")
+    }
+
+
+def test_mgmtd_meta_and_monitor_leave_a_lost_node_after_failover_seconds_and_storage_never() -> None:
+    """Kubernetes would keep a pod on a NotReady node for 300 s; the stateless 3FS services move
+    after spec.failoverSeconds. Storage pods stay: only the replacement procedure moves them, and
+    FoundationDB's pods keep the cluster default (their data is on the node)."""
+    nodes = {f"n{i}": _node(f"n{i}", labels={"storage": "yes"}) for i in range(4)}
+    storage_pods = [_pod(f"threefs-small-storage-{i}", "storage", f"n{i + 1}") for i in range(3)]
+    pods = [_pod("threefs-small-mgmtd-0", "mgmtd", "n0", ip="10.0.0.1"), *storage_pods]
+    workloads = {
+        "fdb": _workload("StatefulSet", 1, 1),
+        "mgmtd": _workload("StatefulSet", 1, 1),
+        "meta": _workload("StatefulSet", 1, 1),
+        "storage": _workload("StatefulSet", 3, 3),
+    }
+    lost = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+    for failover in (None, 7):
+        cr = _cr({"bootstrapSteps": ALL_STEPS}, nodeSelector={"storage": "yes"})
+        cr["spec"]["monitor"] = {"clickhouse": "external", "externalAddress": "clickhouse.example:9000"}
+        if failover is not None:
+            cr["spec"]["failoverSeconds"] = failover
+        desired = plan(cr, _observed(nodes=nodes, pods=pods, workloads=workloads))
+        by_name = {c["metadata"]["name"]: c for c in desired.children if c["kind"] in WORKLOAD_KINDS}
+        expected = 30 if failover is None else failover
+        for component in ("mgmtd", "meta", "monitor"):
+            workload = by_name[f"threefs-small-{component}"]
+            assert _node_loss_tolerations(workload) == dict.fromkeys(lost, expected), component
+        assert _node_loss_tolerations(by_name["threefs-small-storage"]) == dict.fromkeys(lost, None)
+        assert _node_loss_tolerations(by_name["threefs-small-fdb"]) == {}

@@ -27,7 +27,7 @@ from fireflyer.operator.threefs.admin_jobs import (
     result_name,
     step_config_map,
 )
-from fireflyer.operator.threefs.node_loss import stranded_pods
+from fireflyer.operator.threefs.node_loss import fail_over_after, stay_on_lost_nodes, stranded_pods
 from fireflyer.operator.threefs.replacement_plan import plan_replacement, record_replacement_step
 from fireflyer.operator.threefs.status import all_ready, write_status
 from fireflyer.threefs import admin
@@ -222,9 +222,11 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     monitor_address, clickhouse = _monitor_inputs(cr, spec, observed)
     if spec.monitor.clickhouse != "disabled":
         monitor_files = render_service(spec, RenderInputs(cluster, [], clickhouse=clickhouse), "monitor")
+        monitor = K.monitor_deployment(cr, spec, K.digest(monitor_files))
+        fail_over_after(monitor, spec.failover_seconds)
         children += [
             K.config_map(cr, "monitor", monitor_files),
-            K.monitor_deployment(cr, spec, K.digest(monitor_files)),
+            monitor,
             K.service(cr, "monitor", PORTS["monitor"][0]),
         ]
         if spec.monitor.clickhouse == "managed":
@@ -245,10 +247,12 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
 
     fdb_ready = bool(fdb_file) and (mode != "statefulset" or all_ready(observed.workloads.get("fdb")))
     if "init-cluster" in done:
+        mgmtd = K.service_statefulset(
+            cr, spec, "mgmtd", "mgmtd_main", spec.mgmtd.replicas, K.digest(mgmtd_files)
+        )
+        fail_over_after(mgmtd, spec.failover_seconds)
         children += [
-            K.service_statefulset(
-                cr, spec, "mgmtd", "mgmtd_main", spec.mgmtd.replicas, K.digest(mgmtd_files)
-            ),
+            mgmtd,
             K.headless_service(cr, "mgmtd", PORTS["mgmtd"]),
             K.pdb(cr, "mgmtd"),
         ]
@@ -260,10 +264,12 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             children.append(K.config_map(cr, service, service_files[service]))
         status["mgmtdAddresses"] = [f"{ip}:{PORTS['mgmtd'][0]}" for ip in mgmtd_ips]
     if "set-config-meta" in done and "meta" in service_files:
+        meta = K.service_statefulset(
+            cr, spec, "meta", "meta_main", spec.meta.replicas, K.digest(service_files["meta"])
+        )
+        fail_over_after(meta, spec.failover_seconds)
         children += [
-            K.service_statefulset(
-                cr, spec, "meta", "meta_main", spec.meta.replicas, K.digest(service_files["meta"])
-            ),
+            meta,
             K.headless_service(cr, "meta", PORTS["meta"]),
             K.pdb(cr, "meta"),
         ]
@@ -272,7 +278,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         # every storage pod, only the replaced one is restarted.
         shared = {k: v for k, v in service_files["storage"].items() if not k.startswith("app-")}
         storage = K.storage_statefulset(cr, spec, K.digest(shared))
-        _tolerate_node_failures(storage)
+        stay_on_lost_nodes(storage)
         children += [storage, K.headless_service(cr, "storage", PORTS["storage"]), K.pdb(cr, "storage")]
     storage_ready = all_ready(observed.workloads.get("storage"))
     bootstrapped = all(step in done for step in order)
@@ -312,18 +318,6 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     )
     desired.status = status
     return desired
-
-
-def _tolerate_node_failures(statefulset: dict[str, Any]) -> None:
-    """Storage pods never leave a failed node by eviction: the replacement procedure moves them,
-    after their targets left their chains (a pod restarting elsewhere with the old node id and
-    empty disks would claim targets it no longer holds)."""
-    pod = statefulset["spec"]["template"]["spec"]
-    pod["tolerations"] = [
-        *pod.get("tolerations", []),  # storage.tolerations
-        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
-        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
-    ]
 
 
 def _fdb_cluster_file(cr: dict[str, Any], spec: ThreeFSClusterSpec, mode: str, observed: Observed) -> str:
