@@ -129,6 +129,17 @@ class Storage(ApiModel):
                 "stripe size, disk paths) is fixed once the file system exists; "
                 "create a new ThreeFSCluster to change it",
             ),
+            # Kubernetes evicts after the shortest tolerationSeconds of the matching tolerations,
+            # which would override the storage pods' unlimited one for a lost node.
+            cel(
+                "!has(self.tolerations) || self.tolerations.all(t, !has(t.tolerationSeconds) || "
+                "(has(t.effect) && t.effect != 'NoExecute') || (has(t.key) && t.key != '' && "
+                "t.key != 'node.kubernetes.io/not-ready' && t.key != 'node.kubernetes.io/unreachable'))",
+                "storage.tolerations must not put a tolerationSeconds on a toleration of the "
+                "node.kubernetes.io/not-ready or unreachable taints: storage pods stay on a lost node "
+                "until the replacement procedure moves them",
+                ".tolerations",
+            ),
             cel(
                 "self.diskPathTemplate.contains('{disk}')",
                 "storage.diskPathTemplate must contain the {disk} placeholder",
@@ -280,10 +291,12 @@ class ThreeFSClusterSpec(ApiModel):
     """Transport between services."""
     reclaim_policy: Literal["Retain", "Delete"] = "Retain"
     """What happens to disks and FoundationDB data when the cluster is deleted."""
-    failover_seconds: int = Field(default=30, ge=0, le=3600)
+    failover_seconds: int = Field(default=60, ge=0, le=3600)
     """How long an mgmtd, meta or monitor pod stays on a node that is NotReady or unreachable
-    before it is evicted and started on a live node (Kubernetes' default is 300 s). Storage
-    pods never move this way: storage.replacementGracePeriodSeconds governs them."""
+    before it is evicted and started on a live node (Kubernetes' default is 300 s). The default
+    is mgmtd's own lease_length and heartbeat_fail_interval: by then a silent primary's lease has
+    run out and mgmtd counts a silent service as failed. Storage pods never move this way:
+    storage.replacementGracePeriodSeconds governs them."""
 
 
 class ChainSummary(ApiModel):

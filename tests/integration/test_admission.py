@@ -186,6 +186,20 @@ MALFORMED: list[tuple[str, dict[str, Any], list[str]]] = [
     (TFS, {"spec.storage.diskPathTemplate": "/d{disk} x"}, ["spec.storage.diskPathTemplate", "letters"]),
     (
         TFS,
+        {
+            "spec.storage.tolerations": [
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "tolerationSeconds": 30}
+            ]
+        },
+        ["spec.storage.tolerations", "replacement procedure"],
+    ),
+    (
+        TFS,
+        {"spec.storage.tolerations": [{"operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5}]},
+        ["spec.storage.tolerations", "replacement procedure"],
+    ),
+    (
+        TFS,
         {"spec.monitor.clickhouse": "external"},
         ["spec.monitor.externalAddress", "required when monitor.clickhouse is external"],
     ),
@@ -240,6 +254,26 @@ def test_malformed_resource_is_rejected_naming_the_field(
     assert result.returncode != 0, f"accepted: {changes}"
     for text in expected:
         assert text in result.stderr, f"{text!r} not in {result.stderr!r}"
+
+
+def test_storage_tolerations_with_limits_for_other_taints_are_accepted(dry_run: Kube) -> None:
+    """Only a limit on tolerating a lost node is refused: a maintenance taint with
+    tolerationSeconds, or the node-loss taints without one, are fine."""
+    tolerations = [
+        {
+            "key": "example.com/maintenance",
+            "operator": "Exists",
+            "effect": "NoExecute",
+            "tolerationSeconds": 60,
+        },
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    ]
+    doc = _mutate(_load(TFS), {"spec.storage.tolerations": tolerations})
+    result = dry_run.run(
+        "apply", "--server-side", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(doc), check=False
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_architecture_is_immutable(crds: Kube, kube: Kube) -> None:

@@ -70,6 +70,7 @@ def _cluster_doc(reclaim: str = "Delete", name: str = NAME, **spec: Any) -> dict
     doc["spec"]["storage"]["nodeSelector"] = {STORAGE_LABEL: "true"}
     doc["spec"]["storage"]["replacementGracePeriodSeconds"] = 3
     doc["spec"]["reclaimPolicy"] = reclaim
+    doc["spec"]["failoverSeconds"] = 5  # the dev cluster's pace: an mgmtd on a lost node moves soon
     doc["spec"].update(spec)
     return doc
 
@@ -274,7 +275,8 @@ def test_a_meta_pod_on_a_lost_node_runs_on_a_live_node_after_failover_seconds(
     def moved() -> bool:
         pods = kube.get("pods", selector=f"fireflyer.dev/threefs={NAME},fireflyer.dev/component=meta")
         return any(
-            pod["spec"].get("nodeName") not in (None, victim)
+            pod["metadata"]["name"] == meta
+            and pod["spec"].get("nodeName") not in (None, victim)
             and not pod["metadata"].get("deletionTimestamp")
             and (condition(pod, "Ready") or {}).get("status") == "True"
             for pod in pods["items"]

@@ -433,14 +433,14 @@ def test_pods_being_deleted_on_a_lost_node_are_force_deleted_but_storage_is_not(
 WORKLOAD_KINDS = ("StatefulSet", "Deployment")
 
 
-def _node_loss_tolerations(workload: dict[str, Any]) -> dict[str, int | None]:
+def _node_loss_tolerations(workload: dict[str, Any]) -> list[tuple[str, int | None]]:
     """The taint keys of a lost node that the workload's pods tolerate, with how long."""
     tolerations = workload["spec"]["template"]["spec"].get("tolerations") or []
-    return {
-        t["key"]: t.get("tolerationSeconds")
+    return sorted(
+        (t["key"], t.get("tolerationSeconds"))
         for t in tolerations
         if t.get("effect") == "NoExecute" and t.get("key", "").startswith("node.kubernetes.io/")
-    }
+    )
 
 
 def test_mgmtd_meta_and_monitor_leave_a_lost_node_after_failover_seconds_and_storage_never() -> None:
@@ -464,9 +464,27 @@ def test_mgmtd_meta_and_monitor_leave_a_lost_node_after_failover_seconds_and_sto
             cr["spec"]["failoverSeconds"] = failover
         desired = plan(cr, _observed(nodes=nodes, pods=pods, workloads=workloads))
         by_name = {c["metadata"]["name"]: c for c in desired.children if c["kind"] in WORKLOAD_KINDS}
-        expected = 30 if failover is None else failover
+        expected = 60 if failover is None else failover
         for component in ("mgmtd", "meta", "monitor"):
             workload = by_name[f"threefs-small-{component}"]
-            assert _node_loss_tolerations(workload) == dict.fromkeys(lost, expected), component
-        assert _node_loss_tolerations(by_name["threefs-small-storage"]) == dict.fromkeys(lost, None)
-        assert _node_loss_tolerations(by_name["threefs-small-fdb"]) == {}
+            assert _node_loss_tolerations(workload) == [(key, expected) for key in lost], component
+        assert _node_loss_tolerations(by_name["threefs-small-storage"]) == [(key, None) for key in lost]
+        assert _node_loss_tolerations(by_name["threefs-small-fdb"]) == []
+
+
+def test_services_in_the_host_network_claim_their_ports_on_the_node() -> None:
+    """Two mgmtd (or meta) pods on one node would bind the same host ports and one would crash:
+    as host ports the scheduler keeps them apart, a pod moving off a lost node included."""
+    nodes = {f"n{i}": _node(f"n{i}", labels={"storage": "yes"}) for i in range(4)}
+    pods = [_pod("threefs-small-mgmtd-0", "mgmtd", "n0", ip="10.0.0.1")]
+    workloads = {"fdb": _workload("StatefulSet", 1, 1), "mgmtd": _workload("StatefulSet", 1, 1)}
+    for host_network in (True, False):
+        cr = _cr({"bootstrapSteps": ALL_STEPS}, nodeSelector={"storage": "yes"})
+        cr["spec"]["network"]["hostNetwork"] = host_network
+        desired = plan(cr, _observed(nodes=nodes, pods=pods, workloads=workloads))
+        sets = {c["metadata"]["name"]: c for c in desired.children if c["kind"] == "StatefulSet"}
+        for component, ports in (("mgmtd", [8000, 9000]), ("meta", [8001, 9001]), ("storage", [8002, 9002])):
+            container = sets[f"threefs-small-{component}"]["spec"]["template"]["spec"]["containers"][0]
+            assert [p["containerPort"] for p in container["ports"]] == ports, component
+            claimed = [p.get("hostPort") for p in container["ports"]]
+            assert claimed == (ports if host_network else [None, None]), component

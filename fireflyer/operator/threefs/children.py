@@ -119,6 +119,19 @@ def _service_command(component: str, binary: str) -> list[str]:
     return ["/bin/sh", "-c", line]
 
 
+def service_ports(component: str, *, host_network: bool) -> list[dict[str, Any]]:
+    """The ports a 3FS service binds (its serde/RDMA port, then its TCP core port). In the host's
+    network namespace they are claimed as host ports too, so the scheduler never puts two pods
+    that bind them on one node (an mgmtd pod moving off a lost node beside another mgmtd)."""
+    ports = []
+    for name, port in zip(("serde", "core"), PORTS[component], strict=True):
+        entry: dict[str, Any] = {"name": name, "containerPort": port, "protocol": "TCP"}
+        if host_network:
+            entry["hostPort"] = port
+        ports.append(entry)
+    return ports
+
+
 def service_statefulset(
     cr: dict[str, Any],
     spec: ThreeFSClusterSpec,
@@ -148,6 +161,7 @@ def service_statefulset(
                 "name": component,
                 "image": spec.image,
                 "command": _service_command(component, binary),
+                "ports": service_ports(component, host_network=spec.network.host_network),
                 "resources": resources,
                 "securityContext": {"capabilities": {"add": ["IPC_LOCK", "SYS_RESOURCE"]}},
                 "volumeMounts": [
