@@ -19,3 +19,5 @@ POD_INDEX = "apps.kubernetes.io/pod-index"
 TRAINING_JOB = "fireflyer.dev/training-job"
 ATTEMPT = "fireflyer.dev/attempt"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# The taints the node lifecycle controller puts on a node that stops reporting or turns NotReady.
+NODE_LOSS_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")

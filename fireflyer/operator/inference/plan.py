@@ -25,7 +25,6 @@ REPLACED_ALONE_SECONDS = 10.0
 # The node lifecycle controller lifts these a few seconds after a node reports Ready again; on a
 # Ready node they are what is left of a brief loss, no reason to move a unit off it (a node that
 # is not Ready is unusable anyway).
-LIFECYCLE_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
 
 
 @dataclass
@@ -137,7 +136,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         ),
         node_selector=spec.placement.node_selector,
         tolerates=lambda taint: (
-            taint.get("key") in LIFECYCLE_TAINTS
+            taint.get("key") in L.NODE_LOSS_TAINTS
             or any(t.tolerates(taint) for t in spec.placement.tolerations)
         ),
     )

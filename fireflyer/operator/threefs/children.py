@@ -119,6 +119,12 @@ def _service_command(component: str, binary: str) -> list[str]:
     return ["/bin/sh", "-c", line]
 
 
+def node_loss_tolerations(seconds: int | None) -> list[dict[str, Any]]:
+    """NoExecute tolerations of a lost node's taints: for `seconds`, or without limit (None)."""
+    limit = {} if seconds is None else {"tolerationSeconds": seconds}
+    return [{"key": key, "operator": "Exists", "effect": "NoExecute", **limit} for key in L.NODE_LOSS_TAINTS]
+
+
 def service_ports(component: str, *, host_network: bool) -> list[dict[str, Any]]:
     """The ports a 3FS service binds (its serde/RDMA port, then its TCP core port). In the host's
     network namespace they are claimed as host ports too, so the scheduler never puts two pods
@@ -237,7 +243,10 @@ def storage_statefulset(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_dig
         ],
         extra_mounts=[{"name": name, "mountPath": path} for name, path in disks],
         node_selector=spec.storage.node_selector,
-        tolerations=tolerations(spec.storage.tolerations),
+        # Storage pods never leave a failed node by eviction: the replacement procedure moves them,
+        # after their targets left their chains (a pod restarting elsewhere with the old node id
+        # and empty disks would claim targets it no longer holds).
+        tolerations=[*tolerations(spec.storage.tolerations), *node_loss_tolerations(None)],
         one_per_node=True,
         rdma=True,
         init_containers=[init],
@@ -347,6 +356,7 @@ def monitor_deployment(cr: dict[str, Any], spec: ThreeFSClusterSpec, config_dige
                 },
                 "spec": {
                     "automountServiceAccountToken": False,
+                    "tolerations": node_loss_tolerations(spec.failover_seconds),
                     "containers": [
                         {
                             "name": "monitor",

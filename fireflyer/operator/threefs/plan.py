@@ -27,7 +27,7 @@ from fireflyer.operator.threefs.admin_jobs import (
     result_name,
     step_config_map,
 )
-from fireflyer.operator.threefs.node_loss import fail_over_after, stay_on_lost_nodes, stranded_pods
+from fireflyer.operator.threefs.node_loss import stranded_pods
 from fireflyer.operator.threefs.replacement_plan import plan_replacement, record_replacement_step
 from fireflyer.operator.threefs.status import all_ready, write_status
 from fireflyer.threefs import admin
@@ -222,11 +222,9 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     monitor_address, clickhouse = _monitor_inputs(cr, spec, observed)
     if spec.monitor.clickhouse != "disabled":
         monitor_files = render_service(spec, RenderInputs(cluster, [], clickhouse=clickhouse), "monitor")
-        monitor = K.monitor_deployment(cr, spec, K.digest(monitor_files))
-        fail_over_after(monitor, spec.failover_seconds)
         children += [
             K.config_map(cr, "monitor", monitor_files),
-            monitor,
+            K.monitor_deployment(cr, spec, K.digest(monitor_files)),
             K.service(cr, "monitor", PORTS["monitor"][0]),
         ]
         if spec.monitor.clickhouse == "managed":
@@ -246,13 +244,20 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     children.append(K.config_map(cr, "admin", render_service(spec, inputs, "admin")))
 
     fdb_ready = bool(fdb_file) and (mode != "statefulset" or all_ready(observed.workloads.get("fdb")))
+    # mgmtd and meta keep their state in FoundationDB: their pods (and the monitor's) leave a lost
+    # node after failoverSeconds, and stranded_pods ends the evicted pod so it starts on a live node.
+    failover = K.node_loss_tolerations(spec.failover_seconds)
     if "init-cluster" in done:
-        mgmtd = K.service_statefulset(
-            cr, spec, "mgmtd", "mgmtd_main", spec.mgmtd.replicas, K.digest(mgmtd_files)
-        )
-        fail_over_after(mgmtd, spec.failover_seconds)
         children += [
-            mgmtd,
+            K.service_statefulset(
+                cr,
+                spec,
+                "mgmtd",
+                "mgmtd_main",
+                spec.mgmtd.replicas,
+                K.digest(mgmtd_files),
+                tolerations=failover,
+            ),
             K.headless_service(cr, "mgmtd", PORTS["mgmtd"]),
             K.pdb(cr, "mgmtd"),
         ]
@@ -264,12 +269,16 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
             children.append(K.config_map(cr, service, service_files[service]))
         status["mgmtdAddresses"] = [f"{ip}:{PORTS['mgmtd'][0]}" for ip in mgmtd_ips]
     if "set-config-meta" in done and "meta" in service_files:
-        meta = K.service_statefulset(
-            cr, spec, "meta", "meta_main", spec.meta.replicas, K.digest(service_files["meta"])
-        )
-        fail_over_after(meta, spec.failover_seconds)
         children += [
-            meta,
+            K.service_statefulset(
+                cr,
+                spec,
+                "meta",
+                "meta_main",
+                spec.meta.replicas,
+                K.digest(service_files["meta"]),
+                tolerations=failover,
+            ),
             K.headless_service(cr, "meta", PORTS["meta"]),
             K.pdb(cr, "meta"),
         ]
@@ -278,7 +287,6 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
         # every storage pod, only the replaced one is restarted.
         shared = {k: v for k, v in service_files["storage"].items() if not k.startswith("app-")}
         storage = K.storage_statefulset(cr, spec, K.digest(shared))
-        stay_on_lost_nodes(storage)
         children += [storage, K.headless_service(cr, "storage", PORTS["storage"]), K.pdb(cr, "storage")]
     storage_ready = all_ready(observed.workloads.get("storage"))
     bootstrapped = all(step in done for step in order)
