@@ -29,14 +29,12 @@ from typing import Any
 import torch
 
 from fireflyer.kernels.fp8_gluon_kernel import HAVE_GLUON
-from fireflyer.kernels.fp8_stream_k import StreamKPlan, plan_stream_k
 
 if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from fireflyer.kernels.fp8_gluon_kernel import fp8_gemm_kernel
-    from fireflyer.kernels.fp8_stream_k_triton import fix_up
 
 GROUP = 128
 DENSE, CONTIGUOUS, MASKED = 0, 1, 2
@@ -55,7 +53,6 @@ class GluonConfig:
     stages: int = 4
     group_m: int = 8
     k_per_stage: int = 1  # 128-wide K steps per ring slot (one ready wait and one release each)
-    stream_k: bool = False  # dense only: spread a partial last wave over every CTA (fp8_stream_k)
 
     @property
     def block_m(self) -> int:
@@ -67,10 +64,8 @@ class GluonConfig:
 
     @property
     def name(self) -> str:
-        return (
-            f"{self.block_m}x{self.block_n}/{self.split}/s{self.stages}"
-            + (f"/k{self.k_per_stage}" if self.k_per_stage > 1 else "")
-            + ("/sk" if self.stream_k else "")
+        return f"{self.block_m}x{self.block_n}/{self.split}/s{self.stages}" + (
+            f"/k{self.k_per_stage}" if self.k_per_stage > 1 else ""
         )
 
 
@@ -87,7 +82,6 @@ CONFIGS = {
     "64x256": GluonConfig(64, 128, "n", 4),
     "64x128": GluonConfig(64, 64, "n", 6),
     "64x128k2": GluonConfig(64, 64, "n", 3, k_per_stage=2),
-    "64x128k2sk": GluonConfig(64, 64, "n", 3, k_per_stage=2, stream_k=True),
 }
 
 
@@ -175,8 +169,8 @@ def _launch(
     wide = cfg.sub_n == 256
     if cfg.sub_m != 64 or cfg.sub_n not in (64, 128, 256) or cfg.split not in ("m", "n"):
         raise ValueError(f"unsupported tile {cfg}")
-    if wide and (cfg.split != "m" or cfg.k_per_stage != 1 or cfg.stream_k):
-        raise ValueError("256-column sub-tiles run only split along M, one K step per stage, no stream-K")
+    if wide and (cfg.split != "m" or cfg.k_per_stage != 1):
+        raise ValueError("256-column sub-tiles run only split along M, one K step per stage")
     if cfg.k_per_stage not in (1, 2, 3):
         raise ValueError(f"k_per_stage must be 1, 2 or 3, got {cfg.k_per_stage}")
     if shared_bytes(cfg) > 227 * 1024:
@@ -187,16 +181,7 @@ def _launch(
     num_n = -(-n // bn)
     num_tiles = num_m * num_n * (groups if mode == MASKED else 1)
     device = _index(a2.device)
-    sms = _sm_count(device)
-    if cfg.stream_k and mode == DENSE:
-        plan = plan_stream_k(num_tiles, k // GROUP, sms)
-    else:
-        plan = StreamKPlan(num_tiles, k // GROUP, max(1, min(num_tiles, sms)), num_tiles, 0)
-    grid = (plan.programs,)
-    # Fragments of split tiles, two slots per CTA; the scales stand in (never written) without one.
-    workspace = (
-        torch.empty(2 * grid[0], bm, bn, dtype=torch.float32, device=a2.device) if plan.sk_steps else a_scale2
-    )
+    grid = (max(1, min(num_tiles, _sm_count(device))),)
     b_scale3 = b_scale.reshape(-1, b_scale.shape[-2], b_scale.shape[-1])
     args = (
         _descriptor(a2, (bm, GROUP)),
@@ -216,9 +201,6 @@ def _launch(
         num_m,
         num_n,
         num_tiles,
-        workspace,
-        plan.dp_tiles,
-        plan.sk_steps,
         cfg.sub_m,
         cfg.sub_n,
         cfg.split == "n",
@@ -234,8 +216,6 @@ def _launch(
         _COMPILED[key] = fp8_gemm_kernel[grid](*args, num_warps=4)
     else:
         compiled[(grid[0], 1, 1)](*args)
-    if plan.sk_steps:
-        fix_up(plan, workspace, c2, num_m, num_n, cfg.group_m)
 
 
 def gemm_fp8_gluon(

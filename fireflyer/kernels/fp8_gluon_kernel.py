@@ -15,14 +15,62 @@ try:  # Gluon ships inside Triton ≥ 3.4; the operator and CPU-only machines ne
         warpgroup_mma_wait,
     )
 
-    from fireflyer.kernels.fp8_gluon_tiles import load_steps, stream_k_run, tile_at
-
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 
 if HAVE_GLUON:
+
+    @gluon.jit
+    def _tile(
+        t,
+        num_m,
+        num_n,
+        idx_ptr,
+        M,
+        N,
+        M_MAX,
+        stride_bsg,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        GROUP_M: gl.constexpr,
+        MODE: gl.constexpr,
+    ):
+        """Tile t → (has work, A row, B row, output column, scale base of the weight, row end, is a
+        padding tile). Both partitions call this, so they agree on every tile."""
+        per_group = num_m * num_n
+        g = 0
+        if MODE == 2:
+            g = t // per_group
+            t = t % per_group
+        # Grouped order: consecutive tiles share B column blocks in L2.
+        span = GROUP_M * num_n
+        first_m = (t // span) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (t % span) % size_m
+        pid_n = (t % span) // size_m
+        row = pid_m * BM
+        col = pid_n * BN
+        active = True
+        padding = False
+        b_row = col
+        bs_base = 0
+        row_end = M
+        if MODE == 1:
+            expert = gl.load(idx_ptr + row)
+            padding = expert < 0
+            active = expert >= 0
+            b_row = expert * N + col
+            bs_base = expert * stride_bsg
+        if MODE == 2:
+            valid = gl.load(idx_ptr + g)
+            active = row < valid
+            row = g * M_MAX + row
+            b_row = g * N + col
+            bs_base = g * stride_bsg
+            row_end = g * M_MAX + valid
+        return active, row, b_row, col, bs_base, row_end, padding
 
     @gluon.jit
     def _produce(
@@ -41,8 +89,6 @@ if HAVE_GLUON:
         num_m,
         num_n,
         num_tiles,
-        dp_tiles,
-        sk_steps,
         BM: gl.constexpr,
         BN: gl.constexpr,
         GROUP_M: gl.constexpr,
@@ -50,30 +96,27 @@ if HAVE_GLUON:
         MODE: gl.constexpr,
         K_PER_STAGE: gl.constexpr,
     ):
+        # A stage holds K_PER_STAGE 128-wide K steps; a step past K (odd step counts) is loaded
+        # out of bounds, which TMA fills with zeros and still counts in full.
         nbytes: gl.constexpr = (BM + BN) * 128 * K_PER_STAGE
         it = 0
-        for t in range(gl.program_id(0), dp_tiles, gl.num_programs(0)):
-            active, row, b_row, _col, _bs_base, _row_end, _padding = tile_at(
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            active, row, b_row, _col, _bs_base, _row_end, _padding = _tile(
                 t, num_m, num_n, idx_ptr, M, N, M_MAX, stride_bsg, BM, BN, GROUP_M, MODE
             )
             if active:
-                it = load_steps(
-                    a_desc, b_desc, a_smem, b_smem, ready, empty, row, b_row, 0, k_steps, it, nbytes,
-                    STAGES, K_PER_STAGE,
-                )  # fmt: skip
-        if MODE == 0:  # noqa: SIM102 (compiled for the dense layout only)
-            if sk_steps > 0:  # this CTA's stream-K run (fp8_stream_k)
-                begin, end = stream_k_run(gl.program_id(0), gl.num_programs(0), sk_steps)
-                for tt in range(begin // k_steps, (end - 1) // k_steps + 1):
-                    _active, row, b_row, _col, _bs_base, _row_end, _padding = tile_at(
-                        dp_tiles + tt, num_m, num_n, idx_ptr, M, N, M_MAX, stride_bsg, BM, BN, GROUP_M, MODE
-                    )
-                    k0 = gl.maximum(begin - tt * k_steps, 0)
-                    k1 = gl.minimum(end - tt * k_steps, k_steps)
-                    it = load_steps(
-                        a_desc, b_desc, a_smem, b_smem, ready, empty, row, b_row, k0, k1, it, nbytes,
-                        STAGES, K_PER_STAGE,
-                    )  # fmt: skip
+                for kk in range(0, k_steps, K_PER_STAGE):
+                    s = it % STAGES
+                    # The first pass over the ring finds every slot free (parity trick).
+                    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                    mbarrier.expect(ready.index(s), nbytes)
+                    for j in gl.static_range(K_PER_STAGE):
+                        slot = s * K_PER_STAGE + j
+                        k = (kk + j) * 128
+                        bar = ready.index(s)
+                        tma.async_copy_global_to_shared(a_desc, [row, k], bar, a_smem.index(slot))
+                        tma.async_copy_global_to_shared(b_desc, [b_row, k], bar, b_smem.index(slot))
+                    it += 1
 
     @gluon.jit
     def _operands(
@@ -104,8 +147,6 @@ if HAVE_GLUON:
         a_scale_ptrs,
         row_ok,
         b_scale_ptr,
-        k_begin,
-        k_end,
         k_steps,
         it,
         zero,
@@ -122,15 +163,13 @@ if HAVE_GLUON:
         wait and release costs the warpgroup a barrier of its own (the compiler syncs its four
         warps around them), so fewer, larger stages spend less time there."""
         acc = zero
-        for kk in range(k_begin, k_end, K_PER_STAGE):
+        for kk in range(0, k_steps, K_PER_STAGE):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             for j in gl.static_range(K_PER_STAGE):
-                # A step past k_end (zeros past K, another run's step inside it) is weighted 0.
+                # A step past K holds zeros; it reads the last step's scales.
                 k = gl.minimum(kk + j, k_steps - 1)
-                weight = (kk + j < k_end).to(gl.float32)
-                b_scale = gl.load(b_scale_ptr + k) * weight
-                scale = gl.load(a_scale_ptrs + k, mask=row_ok, other=0.0) * b_scale
+                scale = gl.load(a_scale_ptrs + k, mask=row_ok, other=0.0) * gl.load(b_scale_ptr + k)
                 a_tile, b_tile = _operands(
                     a_smem, b_smem, s * K_PER_STAGE + j, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N
                 )
@@ -206,9 +245,6 @@ if HAVE_GLUON:
         num_m,
         num_n,
         num_tiles,
-        ws_ptr,
-        dp_tiles,
-        sk_steps,
         WHICH: gl.constexpr,
         SUB_M: gl.constexpr,
         SUB_N: gl.constexpr,
@@ -232,8 +268,8 @@ if HAVE_GLUON:
         zero = gl.zeros([SUB_M, CHUNK_N], gl.float32, mma_layout)
         n_blocks = (N + 127) // 128
         it = 0
-        for t in range(gl.program_id(0), dp_tiles, gl.num_programs(0)):
-            active, row, _b_row, col, bs_base, row_end, padding = tile_at(
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            active, row, _b_row, col, bs_base, row_end, padding = _tile(
                 t, num_m, num_n, idx_ptr, M, N, M_MAX, stride_bsg, BM, BN, GROUP_M, MODE
             )
             row = row + ROW_OFF
@@ -275,8 +311,6 @@ if HAVE_GLUON:
                         a_scale_ptrs,
                         row_ok,
                         b_scale_ptr,
-                        0,
-                        k_steps,
                         k_steps,
                         it,
                         zero,
@@ -310,44 +344,11 @@ if HAVE_GLUON:
                 tma.async_copy_shared_to_global(c_desc, [row, col], c_smem.slice(0, SUB_M))
                 if WIDE:
                     tma.async_copy_shared_to_global(c_desc, [row, col + 128], c_smem.slice(SUB_M, SUB_M))
-        # Compiled for the dense layout only (the outer conditions are resolved at compile time).
-        if MODE == 0:  # noqa: SIM102
-            if not WIDE:  # noqa: SIM102
-                if sk_steps > 0:  # this CTA's stream-K run (fp8_stream_k)
-                    begin, end = stream_k_run(gl.program_id(0), gl.num_programs(0), sk_steps)
-                    first = begin // k_steps
-                    for tt in range(first, (end - 1) // k_steps + 1):
-                        tile = dp_tiles + tt
-                        _active, row, _b_row, col, _bs_base, row_end, _padding = tile_at(
-                            tile, num_m, num_n, idx_ptr, M, N, M_MAX, stride_bsg, BM, BN, GROUP_M, MODE
-                        )
-                        row = row + ROW_OFF
-                        col = col + COL_OFF
-                        rows = row + gl.arange(0, SUB_M, layout=rows_layout)
-                        a_scale_ptrs = as_ptr + rows.to(gl.int64) * stride_asm
-                        b_scale_ptr = bs_ptr + gl.minimum(col // 128, n_blocks - 1) * stride_bsn
-                        k0 = gl.maximum(begin - tt * k_steps, 0)
-                        k1 = gl.minimum(end - tt * k_steps, k_steps)
-                        acc, it = _mainloop(
-                            a_smem, b_smem, ready, empty, a_scale_ptrs, rows < row_end, b_scale_ptr, k0, k1,
-                            k_steps, it, zero, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N, STAGES, K_PER_STAGE,
-                        )  # fmt: skip
-                        if k0 == 0 and k1 == k_steps:  # the whole tile is this CTA's
-                            tma.store_wait(pendings=0)
-                            c_smem.slice(0, SUB_M).store(acc.to(gl.bfloat16))
-                            fence_async_shared()
-                            tma.async_copy_shared_to_global(c_desc, [row, col], c_smem.slice(0, SUB_M))
-                        else:  # a fragment: fp32 into the slot that the fix-up reads
-                            slot = 2 * gl.program_id(0) + (tt != first).to(gl.int32)
-                            r = ROW_OFF + gl.arange(0, SUB_M, layout=rows_layout)
-                            c = COL_OFF + gl.arange(0, SUB_N, layout=cols_layout)
-                            offs = slot.to(gl.int64) * (BM * BN) + r[:, None] * BN + c[None, :]
-                            gl.store(ws_ptr + offs, acc)
         tma.store_wait(pendings=0)
 
     _RUNTIME_ARGS = [
         "c_ptr", "as_ptr", "bs_ptr", "idx_ptr", "M", "N", "M_MAX", "stride_asm", "stride_bsg", "stride_bsn",
-        "k_steps", "num_m", "num_n", "num_tiles", "ws_ptr", "dp_tiles", "sk_steps",
+        "k_steps", "num_m", "num_n", "num_tiles",
     ]  # fmt: skip
 
     @gluon.jit(do_not_specialize=_RUNTIME_ARGS, do_not_specialize_on_alignment=_RUNTIME_ARGS)
@@ -369,9 +370,6 @@ if HAVE_GLUON:
         num_m,
         num_n,
         num_tiles,
-        ws_ptr,
-        dp_tiles,
-        sk_steps,
         SUB_M: gl.constexpr,
         SUB_N: gl.constexpr,
         SPLIT_N: gl.constexpr,
@@ -401,15 +399,12 @@ if HAVE_GLUON:
             [
                 (_consume, (a_smem, b_smem, ready, empty, c0, c_desc, c_ptr, as_ptr, bs_ptr, idx_ptr,
                             M, N, M_MAX, stride_asm, stride_bsg, stride_bsn, k_steps, num_m, num_n, num_tiles,
-                            ws_ptr, dp_tiles, sk_steps,
                             0, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE)),
                 (_consume, (a_smem, b_smem, ready, empty, c1, c_desc, c_ptr, as_ptr, bs_ptr, idx_ptr,
                             M, N, M_MAX, stride_asm, stride_bsg, stride_bsn, k_steps, num_m, num_n, num_tiles,
-                            ws_ptr, dp_tiles, sk_steps,
                             1, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE)),
                 (_produce, (a_desc, b_desc, a_smem, b_smem, ready, empty, idx_ptr, M, N, M_MAX, stride_bsg,
-                            k_steps, num_m, num_n, num_tiles, dp_tiles, sk_steps,
-                            BM, BN, GROUP_M, STAGES, MODE, K_PER_STAGE)),
+                            k_steps, num_m, num_n, num_tiles, BM, BN, GROUP_M, STAGES, MODE, K_PER_STAGE)),
             ],
             [4, 1],
             [CONSUMER_REGS, 40],

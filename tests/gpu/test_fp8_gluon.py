@@ -49,28 +49,6 @@ def test_every_config_matches_reference(name: str, m: int, n: int, k: int) -> No
     assert fp8.calc_diff(out[-1:, -8:], ref[-1:, -8:]) < 1e-3
 
 
-# Decode-size GEMMs (fewer 64×128 tiles than SMs): runs within a tile and across tiles, one row,
-# ragged rows and columns, a K too short to split.
-STREAM_K_SHAPES = [(64, 2112, 7168), (1, 7168, 16384), (128, 4096, 7168), (100, 576, 1536), (37, 7168, 2048)]
-
-
-@pytest.mark.parametrize("m,n,k", STREAM_K_SHAPES)
-def test_stream_k_matches_reference_and_the_one_cta_per_tile_kernel(m: int, n: int, k: int) -> None:
-    from fireflyer.kernels.fp8_stream_k import plan_stream_k
-
-    cfg = fg.CONFIGS["64x128k2sk"]
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert plan_stream_k(tiles, k // 128, sms).sk_steps > 0, "the shape must engage stream-K"
-    a, a_s, b, b_s = _operands(m, n, k, seed=n)
-    out = fg.gemm_fp8_gluon(a, a_s, b, b_s, config=cfg)
-    assert fp8.calc_diff(out, fp8.gemm_fp8_reference(a, a_s, b, b_s)) < 1e-3
-    per_tile = fg.gemm_fp8_gluon(a, a_s, b, b_s, config=fg.CONFIGS["64x128k2"])
-    # Only the order of the fp32 sums of split tiles differs.
-    assert fp8.calc_diff(out, per_tile) < 1e-5
-    assert torch.isfinite(out.float()).all()
-
-
 def test_unsupported_inputs_raise_value_error() -> None:
     a, a_s, b, b_s = _operands(64, 256, 512)
     with pytest.raises(ValueError):

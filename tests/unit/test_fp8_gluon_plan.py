@@ -28,7 +28,7 @@ def test_a_two_step_stage_holds_twice_the_operands() -> None:
 def test_the_default_streams_the_weight_with_more_ctas_for_few_rows() -> None:
     for m in (1, 64, 128):
         cfg = fg.default_config(m)
-        assert (cfg.block_m, cfg.block_n, cfg.k_per_stage, cfg.stream_k) == (64, 128, 2, False)
+        assert (cfg.block_m, cfg.block_n, cfg.k_per_stage) == (64, 128, 2)
     for m in (129, 4096):
         cfg = fg.default_config(m)
-        assert (cfg.block_m, cfg.block_n, cfg.k_per_stage, cfg.stream_k) == (128, 128, 2, False)
+        assert (cfg.block_m, cfg.block_n, cfg.k_per_stage) == (128, 128, 2)
