@@ -19,6 +19,7 @@ from fireflyer.kernels.mla_schedule import StepSchedules
 PAGE = 64
 D_QK = 576
 D_V = 512
+D_ROPE = D_QK - D_V  # the rotary part of each cached token: 64
 
 
 def check_shapes(

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 
 from fireflyer.kernels.backend import Backend, resolve
-from fireflyer.kernels.mla import D_QK, D_V, PAGE, check_shapes, mla_decode_reference
+from fireflyer.kernels.mla import D_QK, D_ROPE, D_V, PAGE, check_shapes, mla_decode_reference
 
 TILE = 128
 TILES = D_V // TILE  # 4 scales per token
-D_ROPE = D_QK - D_V  # 64
 SCALES_AT = D_V  # byte offset of the scales
 ROPE_AT = SCALES_AT + 4 * TILES  # byte offset of the BF16 RoPE part: 528
 TOKEN_BYTES = ROPE_AT + 2 * D_ROPE  # 656

@@ -16,7 +16,14 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    from fireflyer.kernels.mla_gluon import D_V_C, LOADER_REGS_C, _attend, _kv_ring, _load_kv, _release_ring
+    from fireflyer.kernels.mla_gluon_parts import (
+        D_V_C,
+        LOADER_REGS_C,
+        _attend,
+        _kv_ring,
+        _load_kv,
+        _release_ring,
+    )
 
     @gluon.jit
     def _piece(RUNS, SEQ, pid_r, seq, BLOCK_N: gl.constexpr):

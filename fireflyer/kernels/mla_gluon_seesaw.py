@@ -27,7 +27,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from fireflyer.kernels.mla_gluon import (
+    from fireflyer.kernels.mla_gluon_parts import (
         BLOCK_M_C,
         D_ROPE_C,
         D_V_C,
