@@ -8,6 +8,7 @@ import copy
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,40 @@ def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(
     assert done["restarts"] == 1
     assert done.get("step") == 60, "the final step comes from rank 0's termination message"
     assert _checkpoints(checkpoints)[-1] == 60
+
+
+def test_a_survivor_that_ignores_sigterm_does_not_hold_the_restart_back(
+    ns: Kube, local_operator: Operator
+) -> None:
+    """A rank stuck in a collective with a dead peer never checkpoints and may never honour SIGTERM.
+    After one rank fails, the other's pod ends within seconds, not after the pods' own grace
+    (300 s), and the next attempt starts."""
+    doc = copy.deepcopy(SAMPLE)
+    doc["spec"]["command"] = ["/bin/sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"]
+    doc["spec"]["args"] = []
+    ns.apply(doc)
+
+    def running() -> list[dict[str, Any]]:
+        pods = [p for p in _pods(ns) if (p.get("status") or {}).get("phase") == "Running"]
+        return pods if len(pods) == 2 else []
+
+    first = wait_for("both ranks running", running, timeout=120)
+    victim = next(
+        p for p in first if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "1"
+    )
+    assert _kill_pod_processes(victim["metadata"]["uid"]) > 0
+    started = time.monotonic()
+
+    def next_attempt() -> bool:
+        pods = _pods(ns)
+        old = [p for p in pods if p["metadata"]["labels"].get(L.ATTEMPT) == "0"]
+        new = [p for p in pods if p["metadata"]["labels"].get(L.ATTEMPT) == "1"]
+        return not old and len(new) == 2
+
+    try:
+        wait_for("the next attempt's pods, the old ones gone", next_attempt, timeout=90)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_diagnosis(ns, local_operator)}") from None
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, f"the restart took {elapsed:.0f} s"
+    assert (_job(ns).get("status") or {}).get("restarts") == 1

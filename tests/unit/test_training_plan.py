@@ -7,6 +7,7 @@ from datetime import timedelta
 from fireflyer.operator import labels as L
 from fireflyer.operator.training import children
 from fireflyer.operator.training.plan import plan
+from fireflyer.operator.training.teardown import FAILED_ATTEMPT_GRACE_SECONDS as FAILED_GRACE
 from fireflyer.placement.reservations import planned_nodes, reservations
 from tests.unit.training_plan_harness import (
     LEAF,
@@ -219,6 +220,15 @@ def test_a_failed_pod_restarts_the_whole_job() -> None:
     assert event.type == "Warning" and event.reason == "JobRestarted"
     assert event.message == f"restart 1/3: pod {pods[1]['metadata']['name']} exited 1"
     assert condition_of(desired, "Degraded")["status"] == "True"
+    # The surviving rank waits on a collective with the failed one: it cannot checkpoint, so its
+    # pod ends within seconds instead of the pods' own grace (sized for a checkpoint).
+    survivor = pods[0]["metadata"]["name"]
+    assert desired.delete_pods[survivor] == FAILED_GRACE < 300
+    # Once its deletion has the short grace, later passes leave it alone.
+    pods[0]["metadata"] |= {"deletionTimestamp": "2025-01-01T12:00:00Z", "deletionGracePeriodSeconds": 10}
+    job["metadata"]["deletionTimestamp"] = "2025-01-01T12:00:00Z"
+    later = plan(training_job(desired.status), observed_with(job, pods))
+    assert survivor not in later.delete_pods
 
 
 def test_the_earliest_failure_is_named() -> None:
@@ -259,7 +269,8 @@ def test_a_lost_node_restarts_the_job_and_the_next_attempt_avoids_it() -> None:
     assert desired.delete_job and desired.status["restarts"] == 1
     assert desired.status["lastFailure"] == f"node {victim} NotReady"
     assert desired.events[0].message == f"restart 1/3: node {victim} NotReady"
-    assert desired.delete_pods == {pods[1]["metadata"]["name"]: True}  # no kubelet will confirm
+    # No kubelet will confirm the lost pod's end; the survivor cannot checkpoint without its peer.
+    assert desired.delete_pods == {pods[1]["metadata"]["name"]: 0, pods[0]["metadata"]["name"]: FAILED_GRACE}
     # The old attempt is gone: the next one is planned around the node.
     after = plan(training_job(desired.status), observed_with(None, [], nodes))
     new = job_child(after)
@@ -340,7 +351,9 @@ def test_the_next_attempt_waits_until_the_old_pods_are_gone() -> None:
     pods[0]["metadata"]["deletionTimestamp"] = "2025-01-01T12:00:00Z"
     desired = plan(training_job({"phase": "Restarting", "restarts": 1}), observed_with(None, pods))
     assert not [c for c in desired.children if c["kind"] == "Job"]
-    assert desired.delete_pods == {pods[1]["metadata"]["name"]: False}  # the orphan still running
+    # A failed attempt's pods: the orphan still running and the one deleted with its full grace
+    # both end within seconds.
+    assert desired.delete_pods == {p["metadata"]["name"]: FAILED_GRACE for p in pods}
     assert desired.status["phase"] == "Restarting"
 
 
@@ -349,6 +362,7 @@ def test_a_spec_change_recreates_the_pods_without_counting_a_restart() -> None:
     desired = plan(training_job({"phase": "Running"}, steps=5000), observed_with(job, pods_of(job)))
     assert desired.delete_job and not desired.persist_first and desired.status["restarts"] == 0
     assert [e.reason for e in desired.events] == ["JobRecreated"]
+    assert not desired.delete_pods  # healthy ranks keep their grace: they checkpoint, then stop
     # the API server's defaulting (fields spelled out at their defaults) changes nothing
     defaulted = training_job(
         {"phase": "Running"}, gpusPerNode=8, podLabels={}, network={"rdmaResource": "rdma/ib"}

@@ -106,8 +106,8 @@ def apply(cr: dict[str, Any], desired: Desired) -> None:
         # the same failure again.
         write_status()
     job_name = children.child_name(name)
-    for pod, force in sorted(desired.delete_pods.items()):
-        kube.delete("Pod", pod, namespace, grace_seconds=0 if force else None)
+    for pod, grace in sorted(desired.delete_pods.items()):
+        kube.delete("Pod", pod, namespace, grace_seconds=grace)
     if desired.delete_job:
         kube.delete("Job", job_name, namespace, propagation="Foreground")
     if desired.delete_preparation:

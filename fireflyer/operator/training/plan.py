@@ -32,8 +32,9 @@ from fireflyer.api.training import TrainingJob, TrainingJobSpec
 from fireflyer.operator import labels as L
 from fireflyer.operator.planning import Event, format_time
 from fireflyer.operator.training import children, dataprep, preemption
-from fireflyer.operator.training.failures import failure, job_condition, node_problem, owner_uid
+from fireflyer.operator.training.failures import failure, job_condition, owner_uid
 from fireflyer.operator.training.progress import rank0_final
+from fireflyer.operator.training.teardown import teardown_deletes
 from fireflyer.placement import UnitRequest, build_topology, plan_units
 from fireflyer.placement.planner import CLUSTER
 from fireflyer.placement.reservations import planned_nodes, reservations
@@ -68,8 +69,10 @@ class Desired:
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
     """Delete the Job and its pods (foreground): a whole-job restart or a stale attempt."""
-    delete_pods: dict[str, bool] = field(default_factory=dict)
-    """Pod name → force (grace 0: its node is gone or NotReady, no kubelet will confirm)."""
+    delete_pods: dict[str, int | None] = field(default_factory=dict)
+    """Pod name → grace seconds of its deletion: 0 where its node is gone or NotReady (no kubelet
+    will confirm), FAILED_ATTEMPT_GRACE_SECONDS (teardown) for a failed attempt's survivors, None for the
+    pod's own terminationGracePeriodSeconds."""
     suspend_job: bool = False
     """Stop the Job's remaining pods: the job Failed for good."""
     persist_first: bool = False
@@ -159,11 +162,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
     if job is None:
         leftovers = observed.job_pods
         if leftovers:  # pods of an earlier attempt are still going away: never two attempts at once
-            delete = {}
-            for pod in leftovers:
-                gone = bool(pod["spec"].get("nodeName") and node_problem(nodes, pod["spec"]["nodeName"]))
-                if gone or not pod["metadata"].get("deletionTimestamp"):
-                    delete[pod["metadata"]["name"]] = gone
+            delete = teardown_deletes(leftovers, nodes, restarts)
             message = f"{len(leftovers)} pods of the previous attempt are still terminating"
             return Desired([service], _waiting(restarts, want, message), delete_pods=delete)
         if spec.data_preparation is not None:
@@ -198,7 +197,7 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
 
     cause, lost = failure(spec, job, pods, nodes, observed.now, observed.noted.get(str(uid), ""))
     if cause:
-        force = {p: True for p in sorted(lost)}
+        force: dict[str, int | None] = {p: 0 for p in sorted(lost)}
         if restarts < max_restarts:
             message = f"restart {restarts + 1}/{max_restarts}: {cause}"
             status = {
@@ -220,7 +219,8 @@ def plan(cr: dict[str, Any], observed: Observed) -> Desired:
                 status,
                 [event],
                 delete_job=True,
-                delete_pods=force,
+                # The survivors end within seconds; counted as restart restarts + 1 from now on.
+                delete_pods={**teardown_deletes(pods, nodes, restarts + 1), **force},
                 persist_first=True,
             )
         message = (
@@ -330,13 +330,13 @@ def _tear_down(
     restarts: int,
     previous: dict[str, Any],
 ) -> Desired:
-    """A stale attempt: delete it (once) and force-delete its pods on lost nodes; wait."""
+    """A stale attempt: delete it (once), its pods on lost nodes at once and a failed attempt's
+    survivors with a short grace; wait."""
     uid = job["metadata"].get("uid")
     pods = [p for p in observed.job_pods if owner_uid(p) == uid]
-    force = {
-        p["metadata"]["name"]: True
-        for p in pods
-        if p["spec"].get("nodeName") and node_problem(nodes, p["spec"]["nodeName"])
+    # The Job's deletion ends the other pods with their own grace (a spec change: they checkpoint).
+    deletes: dict[str, int | None] = {
+        name: grace for name, grace in teardown_deletes(pods, nodes, restarts).items() if grace is not None
     }
     events = []
     deleting = bool(job["metadata"].get("deletionTimestamp"))
@@ -352,7 +352,7 @@ def _tear_down(
         status,
         events,
         delete_job=not deleting,
-        delete_pods=force,
+        delete_pods=deletes,
     )
 
 
