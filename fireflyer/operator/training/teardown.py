@@ -15,27 +15,23 @@ from fireflyer.operator.training.failures import node_problem
 FAILED_ATTEMPT_GRACE_SECONDS = 10
 
 
-def _grace(pod: dict[str, Any], nodes: dict[str, dict[str, Any]], restarts: int) -> int | None:
-    """How to delete a pod of an attempt being torn down; -1: leave it alone (already going).
-    A pod whose attempt is behind the restart count belongs to a failed attempt."""
-    node = pod["spec"].get("nodeName")
-    if node and node_problem(nodes, node):
-        return 0
-    meta = pod["metadata"]
-    attempt = (meta.get("labels") or {}).get(L.ATTEMPT, "")
-    failed = attempt.isdigit() and int(attempt) < restarts
-    if failed:
-        granted = meta.get("deletionGracePeriodSeconds")
-        going_soon = (
-            meta.get("deletionTimestamp") and granted is not None and granted <= FAILED_ATTEMPT_GRACE_SECONDS
-        )
-        return -1 if going_soon else FAILED_ATTEMPT_GRACE_SECONDS
-    return -1 if meta.get("deletionTimestamp") else None
-
-
 def teardown_deletes(
     pods: list[dict[str, Any]], nodes: dict[str, dict[str, Any]], restarts: int
 ) -> dict[str, int | None]:
-    """Pod name → the grace of a delete call to make now (None: the pod's own)."""
-    graces = {p["metadata"]["name"]: _grace(p, nodes, restarts) for p in pods}
-    return {name: grace for name, grace in sorted(graces.items()) if grace != -1}
+    """Pod name → the grace of a delete call to make now (None: the pod's own). A pod whose
+    attempt is behind the restart count belongs to a failed attempt; a pod already going away
+    within that grace is left alone."""
+    deletes: dict[str, int | None] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        meta, node = pod["metadata"], pod["spec"].get("nodeName")
+        attempt = (meta.get("labels") or {}).get(L.ATTEMPT, "")
+        deleting = bool(meta.get("deletionTimestamp"))
+        granted = meta.get("deletionGracePeriodSeconds")
+        if node and node_problem(nodes, node):
+            deletes[meta["name"]] = 0
+        elif attempt.isdigit() and int(attempt) < restarts:
+            if not (deleting and granted is not None and granted <= FAILED_ATTEMPT_GRACE_SECONDS):
+                deletes[meta["name"]] = FAILED_ATTEMPT_GRACE_SECONDS
+        elif not deleting:
+            deletes[meta["name"]] = None
+    return deletes
