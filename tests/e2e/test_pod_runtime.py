@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,23 @@ def test_a_crashing_container_is_restarted_with_back_off_and_deletion_kills_it(n
         assert not Path(f"/proc/{pid}").exists(), f"pid {pid} outlived its pod"
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert netns[0] not in listing
+
+
+def test_a_shorter_grace_on_a_second_deletion_ends_a_pod_that_ignores_sigterm(ns: Kube) -> None:
+    """As with a kubelet: every container gets SIGTERM at once, and `kubectl delete
+    --grace-period=1` on a pod already terminating with a long grace brings the kill forward."""
+    stubborn = "trap '' TERM; while true; do sleep 0.2; done"
+    second = {"name": "side", "image": "unused", "command": ["/bin/sh", "-c", stubborn]}
+    ns.apply(_pod("stubborn", stubborn, terminationGracePeriodSeconds=300, containers=[
+        {"name": "main", "image": "unused", "command": ["/bin/sh", "-c", stubborn]}, second,
+    ]))  # fmt: skip
+    wait_for("stubborn running", lambda: _status(ns, "stubborn").get("phase") == "Running")
+    ns.run("delete", "pod", "stubborn", "--wait=false")
+    time.sleep(3)
+    assert ns.exists("pod", "stubborn"), "both containers ignore SIGTERM: the 300 s grace holds"
+    started = time.monotonic()
+    ns.run("delete", "pod", "stubborn", "--grace-period=1", "--timeout=30s")
+    assert time.monotonic() - started < 15
 
 
 def test_node_leases_keep_local_nodes_ready(local_cluster: Kube) -> None:

@@ -82,18 +82,17 @@ class ContainerProcess:
             return None
         return 128 - code if code < 0 else code  # a signal shows as 128 + signo, like a shell
 
-    def stop(self, grace: float) -> int:
-        """SIGTERM to the container's pid 1, then SIGKILL after the grace period."""
+    def signal_term(self) -> None:
+        """SIGTERM to the container's pid 1, if it still runs."""
         init = self.init_pid
         if init is not None and self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(init, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and self.poll() is None:
-                time.sleep(0.1)
+
+    def kill(self) -> int:
+        """SIGKILL to the container (unless it ended already); waits for it and returns its exit code."""
         if self.poll() is None:
-            init = self.init_pid
-            for pid in (init, self.proc.pid):
+            for pid in (self.init_pid, self.proc.pid):
                 if pid is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -103,6 +102,14 @@ class ContainerProcess:
             log.warning("container process %d did not end after SIGKILL", self.proc.pid)
         code = self.poll()
         return 137 if code is None else code
+
+    def stop(self, grace: float) -> int:
+        """SIGTERM to the container's pid 1, then SIGKILL after the grace period."""
+        self.signal_term()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.poll() is None:
+            time.sleep(0.1)
+        return self.kill()
 
 
 def _port(container: Mapping[str, Any], port: int | str) -> int:

@@ -101,7 +101,7 @@ class PodWorker:
             self._setup()
             while not self._stop.is_set():
                 if self.pod["metadata"].get("deletionTimestamp"):
-                    self._terminate(float(self.pod["metadata"].get("deletionGracePeriodSeconds") or 30))
+                    self._terminate()
                     self._release_network()  # gone before the pod object is: nothing outlives it
                     self.ctx.remove(self.namespace, self.name, self.uid)
                     return
@@ -110,7 +110,7 @@ class PodWorker:
                 if phase in ("Succeeded", "Failed") and self.netns:
                     self._release_network()  # as a kubelet removes an ended pod's sandbox
                 self._stop.wait(TICK_SECONDS)
-            self._terminate(0.0)
+            self._kill_all()
         except Exception as exc:  # report it on the pod rather than dying silently
             log.exception("pod %s/%s", self.namespace, self.name)
             self.error = str(exc)
@@ -283,18 +283,37 @@ class PodWorker:
 
     # -- ending ---------------------------------------------------------------------------------
 
-    def _terminate(self, grace: float) -> None:
-        running = [c for c in self.containers if c.process is not None]
-        for c in running:
-            assert c.process is not None
-            code = c.process.stop(grace)
-            c.state.running, c.state.exit_code, c.state.finished_at = False, code, now_iso()
-            c.process = None
+    def _deletion_grace(self) -> float:
+        grace = self.pod["metadata"].get("deletionGracePeriodSeconds")
+        return 30.0 if grace is None else float(grace)
+
+    def _terminate(self) -> None:
+        """A kubelet's graceful stop: SIGTERM to every container at once, SIGKILL to those still
+        running when the grace ends. A later deletion with a shorter grace brings the kill
+        forward, and the pod object's removal makes it immediate."""
+        running = [c.process for c in self.containers if c.process is not None]
+        for process in running:
+            process.signal_term()
+        deadline = time.monotonic() + self._deletion_grace()
+        while not self._stop.is_set() and any(process.poll() is None for process in running):
+            now = time.monotonic()
+            deadline = min(deadline, now + self._deletion_grace())
+            if now >= deadline:
+                break
+            time.sleep(0.1)
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for c in self.containers:
+            if c.process is not None:
+                code = c.process.kill()
+                c.state.running, c.state.exit_code, c.state.finished_at = False, code, now_iso()
+                c.process = None
 
     def _cleanup(self) -> None:
         for c in self.containers:
             if c.process is not None:
-                c.process.stop(0.0)
+                c.process.kill()
                 c.process = None
         self._release_network()
 
