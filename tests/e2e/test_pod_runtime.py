@@ -138,10 +138,9 @@ def test_a_shorter_grace_on_a_second_deletion_ends_a_pod_that_ignores_sigterm(ns
     """As with a kubelet: every container gets SIGTERM at once, and `kubectl delete
     --grace-period=1` on a pod already terminating with a long grace brings the kill forward."""
     stubborn = "trap '' TERM; while true; do sleep 0.2; done"
-    second = {"name": "side", "image": "unused", "command": ["/bin/sh", "-c", stubborn]}
-    ns.apply(_pod("stubborn", stubborn, terminationGracePeriodSeconds=300, containers=[
-        {"name": "main", "image": "unused", "command": ["/bin/sh", "-c", stubborn]}, second,
-    ]))  # fmt: skip
+    command = ["/bin/sh", "-c", stubborn]
+    containers = [{"name": name, "image": "unused", "command": command} for name in ("main", "side")]
+    ns.apply(_pod("stubborn", stubborn, terminationGracePeriodSeconds=300, containers=containers))
     wait_for("stubborn running", lambda: _status(ns, "stubborn").get("phase") == "Running")
     ns.run("delete", "pod", "stubborn", "--wait=false")
     time.sleep(3)

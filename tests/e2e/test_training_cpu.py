@@ -4,6 +4,7 @@ resumes from the checkpoint and finishes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -48,11 +49,9 @@ def _kill_pod_processes(uid: str) -> int:
     pids = subprocess.run(["ip", "netns", "pids", space], capture_output=True, text=True).stdout.split()
     killed = 0
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # a short-lived child (a sleep) ended on its own
             os.kill(int(pid), signal.SIGKILL)
             killed += 1
-        except ProcessLookupError:  # a short-lived child (the shell's sleep) ended on its own
-            pass
     return killed
 
 
@@ -145,8 +144,7 @@ def test_a_survivor_that_ignores_sigterm_does_not_hold_the_restart_back(
     doc = copy.deepcopy(SAMPLE)
     doc["spec"]["command"] = ["/bin/sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"]
     doc["spec"]["args"] = []
-    # Longer than the wait below, so that only the failed attempt's short grace can pass the test;
-    # the namespace's deletion afterwards still waits this long for the next attempt's pods.
+    # Longer than the wait below, so that only the failed attempt's short grace can pass the test.
     doc["spec"]["terminationGracePeriodSeconds"] = 100
     ns.apply(doc)
     try:

@@ -311,10 +311,7 @@ class PodWorker:
                 c.process = None
 
     def _cleanup(self) -> None:
-        for c in self.containers:
-            if c.process is not None:
-                c.process.kill()
-                c.process = None
+        self._kill_all()
         self._release_network()
 
     def _release_network(self) -> None:
