@@ -53,6 +53,8 @@ class GluonConfig:
     stages: int = 4
     group_m: int = 8
     k_per_stage: int = 1  # 128-wide K steps per ring slot (one ready wait and one release each)
+    prefetch_scales: bool = False  # load each K step's scales two steps before its promotion
+    late_release: bool = False  # free a ring slot after its promotions instead of before them
 
     @property
     def block_m(self) -> int:
@@ -64,9 +66,9 @@ class GluonConfig:
 
     @property
     def name(self) -> str:
-        return f"{self.block_m}x{self.block_n}/{self.split}/s{self.stages}" + (
-            f"/k{self.k_per_stage}" if self.k_per_stage > 1 else ""
-        )
+        flags = ("/p" if self.prefetch_scales else "") + ("/l" if self.late_release else "")
+        k = f"/k{self.k_per_stage}" if self.k_per_stage > 1 else ""
+        return f"{self.block_m}x{self.block_n}/{self.split}/s{self.stages}{k}{flags}"
 
 
 CONFIGS = {
@@ -76,12 +78,17 @@ CONFIGS = {
     "128x128s5g16": GluonConfig(64, 128, "m", 5, group_m=16),
     "128x128k2": GluonConfig(64, 128, "m", 3, k_per_stage=2),
     "128x128k2g16": GluonConfig(64, 128, "m", 3, group_m=16, k_per_stage=2),
+    "128x128k2p": GluonConfig(64, 128, "m", 3, k_per_stage=2, prefetch_scales=True),
+    "128x128k2l": GluonConfig(64, 128, "m", 3, k_per_stage=2, late_release=True),
+    "128x128k2pl": GluonConfig(64, 128, "m", 3, k_per_stage=2, prefetch_scales=True, late_release=True),
     "128x128k3": GluonConfig(64, 128, "m", 2, k_per_stage=3),
+    "128x128k3p": GluonConfig(64, 128, "m", 2, k_per_stage=3, prefetch_scales=True),
     "128x128k3g16": GluonConfig(64, 128, "m", 2, group_m=16, k_per_stage=3),
     "128x256": GluonConfig(64, 256, "m", 3),
     "64x256": GluonConfig(64, 128, "n", 4),
     "64x128": GluonConfig(64, 64, "n", 6),
     "64x128k2": GluonConfig(64, 64, "n", 3, k_per_stage=2),
+    "64x128k2p": GluonConfig(64, 64, "n", 3, k_per_stage=2, prefetch_scales=True),
 }
 
 
@@ -208,6 +215,8 @@ def _launch(
         cfg.stages,
         mode,
         cfg.k_per_stage,
+        cfg.prefetch_scales,
+        cfg.late_release,
         CONSUMER_REGS,
     )
     key = (cfg, mode, device)

@@ -139,6 +139,12 @@ if HAVE_GLUON:
         return a_tile, b_tile
 
     @gluon.jit
+    def _scales(a_scale_ptrs, row_ok, b_scale_ptr, k):
+        """Step k's activation scales (one per row) and weight-block scale, as loaded: multiplying
+        them here would make the loads' latency due at once instead of at the promotion."""
+        return gl.load(a_scale_ptrs + k, mask=row_ok, other=0.0), gl.load(b_scale_ptr + k)
+
+    @gluon.jit
     def _mainloop(
         a_smem,
         b_smem,
@@ -157,27 +163,43 @@ if HAVE_GLUON:
         SPLIT_N: gl.constexpr,
         STAGES: gl.constexpr,
         K_PER_STAGE: gl.constexpr,
+        PREFETCH: gl.constexpr,
+        LATE_RELEASE: gl.constexpr,
     ):
         """Per K step: wgmma, wait, promote; the other consumer's wgmma hides this one's promotion.
         A stage's K_PER_STAGE steps share one wait on its ready barrier and one release: each
         wait and release costs the warpgroup a barrier of its own (the compiler syncs its four
-        warps around them), so fewer, larger stages spend less time there."""
+        warps around them), so fewer, larger stages spend less time there.
+
+        PREFETCH loads each step's scales two steps ahead (global loads take longer than one
+        wgmma); LATE_RELEASE frees a stage after its promotions, so the release's warpgroup
+        barrier sits next to the following wait's."""
         acc = zero
+        last = k_steps - 1
+        if PREFETCH:
+            a_s0, b_s0 = _scales(a_scale_ptrs, row_ok, b_scale_ptr, 0)
+            a_s1, b_s1 = _scales(a_scale_ptrs, row_ok, b_scale_ptr, gl.minimum(1, last))
         for kk in range(0, k_steps, K_PER_STAGE):
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             for j in gl.static_range(K_PER_STAGE):
-                # A step past K holds zeros; it reads the last step's scales.
-                k = gl.minimum(kk + j, k_steps - 1)
-                scale = gl.load(a_scale_ptrs + k, mask=row_ok, other=0.0) * gl.load(b_scale_ptr + k)
+                if PREFETCH:
+                    a_s, b_s = a_s0, b_s0
+                    a_s0, b_s0 = a_s1, b_s1
+                    a_s1, b_s1 = _scales(a_scale_ptrs, row_ok, b_scale_ptr, gl.minimum(kk + j + 2, last))
+                else:
+                    # A step past K holds zeros; it reads the last step's scales.
+                    a_s, b_s = _scales(a_scale_ptrs, row_ok, b_scale_ptr, gl.minimum(kk + j, last))
                 a_tile, b_tile = _operands(
                     a_smem, b_smem, s * K_PER_STAGE + j, SUB_M, SUB_N, ROW_OFF, COL_OFF, SPLIT_N
                 )
                 part = warpgroup_mma(a_tile, b_tile.permute((1, 0)), zero, use_acc=False, is_async=True)
                 part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, b_tile))
-                if j == K_PER_STAGE - 1:
+                if j == K_PER_STAGE - 1 and not LATE_RELEASE:
                     mbarrier.arrive(empty.index(s), count=1)
-                acc += part * scale[:, None]
+                acc += part * (a_s * b_s)[:, None]
+            if LATE_RELEASE:
+                mbarrier.arrive(empty.index(s), count=1)
             it += 1
         return acc, it
 
@@ -253,6 +275,8 @@ if HAVE_GLUON:
         STAGES: gl.constexpr,
         MODE: gl.constexpr,
         K_PER_STAGE: gl.constexpr,
+        PREFETCH: gl.constexpr,
+        LATE_RELEASE: gl.constexpr,
     ):
         BM: gl.constexpr = SUB_M if SPLIT_N else 2 * SUB_M
         BN: gl.constexpr = 2 * SUB_N if SPLIT_N else SUB_N
@@ -321,6 +345,8 @@ if HAVE_GLUON:
                         SPLIT_N,
                         STAGES,
                         K_PER_STAGE,
+                        PREFETCH,
+                        LATE_RELEASE,
                     )
             # Masked layout: a sub-tile reaching past the expert's row count is stored through
             # pointers, so the rows after it stay untouched; whole sub-tiles go through TMA.
@@ -377,6 +403,8 @@ if HAVE_GLUON:
         STAGES: gl.constexpr,
         MODE: gl.constexpr,
         K_PER_STAGE: gl.constexpr,
+        PREFETCH: gl.constexpr,
+        LATE_RELEASE: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
     ):
         BM: gl.constexpr = SUB_M if SPLIT_N else 2 * SUB_M
@@ -399,10 +427,10 @@ if HAVE_GLUON:
             [
                 (_consume, (a_smem, b_smem, ready, empty, c0, c_desc, c_ptr, as_ptr, bs_ptr, idx_ptr,
                             M, N, M_MAX, stride_asm, stride_bsg, stride_bsn, k_steps, num_m, num_n, num_tiles,
-                            0, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE)),
+                            0, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE, PREFETCH, LATE_RELEASE)),
                 (_consume, (a_smem, b_smem, ready, empty, c1, c_desc, c_ptr, as_ptr, bs_ptr, idx_ptr,
                             M, N, M_MAX, stride_asm, stride_bsg, stride_bsn, k_steps, num_m, num_n, num_tiles,
-                            1, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE)),
+                            1, SUB_M, SUB_N, SPLIT_N, GROUP_M, STAGES, MODE, K_PER_STAGE, PREFETCH, LATE_RELEASE)),
                 (_produce, (a_desc, b_desc, a_smem, b_smem, ready, empty, idx_ptr, M, N, M_MAX, stride_bsg,
                             k_steps, num_m, num_n, num_tiles, BM, BN, GROUP_M, STAGES, MODE, K_PER_STAGE)),
             ],
