@@ -156,7 +156,7 @@ def gemm_rows(ms: list[int]) -> list[dict]:
     return rows
 
 
-def grouped_rows() -> list[dict]:
+def grouped_rows(contiguous_configs: list[str], masked_configs: list[str]) -> list[dict]:
     rows = []
     contiguous_rate: dict[tuple[int, int], float] = {}
     for groups, m_per in ((4, 8192), (8, 4096), (32, 256)):
@@ -174,7 +174,7 @@ def grouped_rows() -> list[dict]:
                 "n": n,
                 "k": k,
             }
-            for name in ("128x128", "128x128s5", "128x128k2", "64x128"):
+            for name in contiguous_configs:
                 t = checked(
                     partial(fg.grouped_contiguous_gluon, a_q, a_s, w_q, w_s, idx, config=fg.CONFIGS[name]),
                     ref,
@@ -216,7 +216,7 @@ def grouped_rows() -> list[dict]:
                 "n": n,
                 "k": k,
             }
-            for name in ("128x128", "128x128k2", "64x256", "64x128", "64x128k2"):
+            for name in masked_configs:
                 t = checked(
                     partial(
                         fg.grouped_masked_gluon, a_q, a_s, w_q, w_s, masked, out=out, config=fg.CONFIGS[name]
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--only", default="gemm,grouped")
     parser.add_argument("--m", default="64,128,4096")
+    parser.add_argument("--contiguous-configs", default="128x128,128x128s5,128x128k2,64x128")
+    parser.add_argument("--masked-configs", default="128x128,128x128k2,64x256,64x128,64x128k2")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(
@@ -258,7 +260,7 @@ def main() -> None:
     if "gemm" in args.only:
         rows += gemm_rows([int(x) for x in args.m.split(",")])
     if "grouped" in args.only:
-        rows += grouped_rows()
+        rows += grouped_rows(args.contiguous_configs.split(","), args.masked_configs.split(","))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": props.name, "rows": rows}, f, indent=1)

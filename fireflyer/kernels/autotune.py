@@ -29,8 +29,8 @@ import torch
 from fireflyer.kernels.backend import OFFICIAL_MODULES, gluon_unavailable, has_module
 
 # v2: the Gluon candidates; v3: their two-step FP8 stages and direct MLA launch; v4: candidates
-# checked on PROBE_SHAPES too (re-measure)
-TABLE_FORMAT = "fireflyer.kernel-autotune/v4"
+# checked on PROBE_SHAPES too (re-measure); v5: the Gluon GEMMs load scales ahead
+TABLE_FORMAT = "fireflyer.kernel-autotune/v5"
 MAX_DIFF = {"gemm": 1e-3, "mla": 1e-4}  # calc_diff against the torch reference; above it = wrong
 # Shape classes: gemm by M (decode rows, small prefill, prefill), mla by query rows per KV head.
 GEMM_CLASSES = (("m<=64", 64), ("m<=256", 256), ("m<=2048", 2048), ("m>2048", math.inf))

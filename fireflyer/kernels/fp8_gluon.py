@@ -79,10 +79,8 @@ CONFIGS = {
     "128x128k2": GluonConfig(64, 128, "m", 3, k_per_stage=2),
     "128x128k2g16": GluonConfig(64, 128, "m", 3, group_m=16, k_per_stage=2),
     "128x128k2p": GluonConfig(64, 128, "m", 3, k_per_stage=2, prefetch_scales=True),
-    "128x128k2l": GluonConfig(64, 128, "m", 3, k_per_stage=2, late_release=True),
     "128x128k2pl": GluonConfig(64, 128, "m", 3, k_per_stage=2, prefetch_scales=True, late_release=True),
     "128x128k3": GluonConfig(64, 128, "m", 2, k_per_stage=3),
-    "128x128k3p": GluonConfig(64, 128, "m", 2, k_per_stage=3, prefetch_scales=True),
     "128x128k3g16": GluonConfig(64, 128, "m", 2, group_m=16, k_per_stage=3),
     "128x256": GluonConfig(64, 256, "m", 3),
     "64x256": GluonConfig(64, 128, "n", 4),
@@ -94,9 +92,9 @@ CONFIGS = {
 
 def default_config(m: int) -> GluonConfig:
     """Up to 128 rows: 64×128 tiles, so that more CTAs stream the weight; else 128×128. Both with
-    two K steps per ring slot, which halves the warpgroups' barriers per K step (the best of the
-    sweep on an H200, docs/benchmarks.md)."""
-    return CONFIGS["64x128k2"] if m <= 128 else CONFIGS["128x128k2"]
+    two K steps per ring slot, which halves the warpgroups' barriers per K step, and with each
+    step's scales loaded two steps ahead (the best of the sweeps on an H200, docs/benchmarks.md)."""
+    return CONFIGS["64x128k2p"] if m <= 128 else CONFIGS["128x128k2pl"]
 
 
 def shared_bytes(cfg: GluonConfig) -> int:
@@ -277,7 +275,7 @@ def grouped_contiguous_gluon(
     groups, n, _ = b.shape
     if m % GROUP:
         raise ValueError(f"contiguous layout needs M ({m}) aligned to {GROUP}")
-    cfg = config or CONFIGS["128x128"]
+    cfg = config or CONFIGS["128x128k2p"]
     if GROUP % cfg.block_m:
         raise ValueError("contiguous tiles must not straddle two experts (block_m must divide 128)")
     c = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)

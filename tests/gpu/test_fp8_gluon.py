@@ -59,7 +59,7 @@ def test_unsupported_inputs_raise_value_error() -> None:
         fg.gemm_fp8_gluon(a, a_s[:, :2], b, b_s)
 
 
-@pytest.mark.parametrize("name", ["128x128", "64x128", "128x128k2"])
+@pytest.mark.parametrize("name", ["128x128", "64x128", "128x128k2", "128x128k2p"])
 def test_grouped_contiguous_matches_reference(name: str) -> None:
     groups, n, k = 4, 4096, 7168
     sizes = [128, 384, 0, 256]
@@ -88,7 +88,7 @@ def test_grouped_contiguous_with_a_partial_weight_block() -> None:
     assert fp8.calc_diff(out, ref) < 1e-3
 
 
-@pytest.mark.parametrize("name", [None, "128x128k2", "64x128k2"])
+@pytest.mark.parametrize("name", [None, "128x128k2", "64x128k2", "64x128k2p"])
 @pytest.mark.parametrize("m_max", [64, 256])
 def test_grouped_masked_matches_reference_and_leaves_other_rows(m_max: int, name: str | None) -> None:
     config = fg.CONFIGS[name] if name else None
