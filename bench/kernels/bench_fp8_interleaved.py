@@ -3,7 +3,7 @@ in interleaved rounds (each round times every kernel once, in CUDA graphs over o
 larger than L2) and reported as medians: single graph timings on the benchmark host moved by up to
 10 % between runs, more than the differences between configs.
 
-Usage: python -m bench.kernels.bench_fp8_interleaved [--m 4096] [--rounds 7] [--configs 128x128k2,128x128k3]
+Usage: python -m bench.kernels.bench_fp8_interleaved [--m 4096] [--rounds 7] [--configs 128x128k2pl,128x128k2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--configs", default="128x128k2,128x128k2g16,128x128k3,128x128k3g16")
+    parser.add_argument("--configs", default="128x128k2pl,128x128k2p,128x128k2,128x128k3")
     args = parser.parse_args()
     names, m = args.configs.split(","), args.m
     rates: dict[str, list[float]] = {name: [] for name in [*names, "cublas"]}
