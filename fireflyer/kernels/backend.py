@@ -73,7 +73,9 @@ def gluon_unavailable(kernel: str, device: torch.device) -> str | None:
     else:
         from fireflyer.kernels.fp8_gluon_kernel import HAVE_GLUON
     if not HAVE_GLUON:
-        return "this Triton has no Gluon Hopper API the kernels are written for"
+        from fireflyer.kernels.gluon_release import missing_gluon_reason
+
+        return missing_gluon_reason()
     return None
 
 

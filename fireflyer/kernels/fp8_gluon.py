@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fireflyer.kernels.fp8_gluon_kernel import HAVE_GLUON
+from fireflyer.kernels.gluon_release import missing_gluon_reason
 
 if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
@@ -114,7 +115,7 @@ def _is_hopper(device_index: int) -> bool:
 
 def _require_gluon(device: torch.device) -> None:
     if not HAVE_GLUON:
-        raise ValueError("this Triton has no Gluon")
+        raise ValueError(missing_gluon_reason())
     if device.type != "cuda" or not _is_hopper(_index(device)):
         raise ValueError("the Gluon FP8 kernels need a Hopper (sm_90) GPU")
 

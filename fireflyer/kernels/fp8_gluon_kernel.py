@@ -4,6 +4,10 @@ dense (MODE 0), grouped-contiguous (1) and grouped-masked (2) layouts."""
 
 from __future__ import annotations
 
+import triton
+
+from fireflyer.kernels.gluon_release import gluon_release_supported
+
 try:  # Gluon ships inside Triton ≥ 3.4; the operator and CPU-only machines never need it.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -15,7 +19,7 @@ try:  # Gluon ships inside Triton ≥ 3.4; the operator and CPU-only machines ne
         warpgroup_mma_wait,
     )
 
-    HAVE_GLUON = True
+    HAVE_GLUON = gluon_release_supported(triton.__version__)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 

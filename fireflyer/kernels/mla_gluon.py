@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from fireflyer.kernels.gluon_release import gluon_release_supported, missing_gluon_reason
 from fireflyer.kernels.mla import D_QK, D_ROPE, D_V, PAGE, check_shapes
 from fireflyer.kernels.mla_schedule import MlaSchedule
 
 try:  # Gluon's Hopper API as shipped in Triton 3.6; absent or different elsewhere.
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
@@ -34,7 +36,7 @@ try:  # Gluon's Hopper API as shipped in Triton 3.6; absent or different elsewhe
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    HAVE_GLUON = True
+    HAVE_GLUON = gluon_release_supported(triton.__version__)
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
@@ -66,7 +68,7 @@ def one_wave_splits(programs: int, num_sms: int, max_tiles: int) -> int:
 def supported(q: torch.Tensor, kv_cache: torch.Tensor) -> str | None:
     """Why this kernel cannot run these inputs, or None when it can."""
     if not HAVE_GLUON:
-        return "Triton's Gluon Hopper API is not importable"
+        return missing_gluon_reason()
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "needs a Hopper (sm_90) GPU"
     if kv_cache.dtype != torch.bfloat16 or q.dtype != torch.bfloat16:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,29 @@ def test_gluon_is_refused_by_name_where_it_cannot_run() -> None:
         ValueError, match="FP8 KV cache decodes with the triton or torch backend, not 'gluon'"
     ):
         mla_fp8.mla_decode_fp8(q, cache, table, lens, 0.1, backend="gluon")
+
+
+def test_gluon_runs_only_on_the_triton_release_it_is_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton
+
+    from fireflyer.kernels import fp8_gluon_kernel, gluon_release, mla_gluon
+
+    assert gluon_release.gluon_release_supported("3.6.0")
+    assert gluon_release.gluon_release_supported("3.6.1+git1a2b3c")
+    for other in ("3.5.1", "3.9.0", "4.6.0", "nightly"):
+        assert not gluon_release.gluon_release_supported(other)
+    # The installed Triton's Gluon kernels are on exactly when it is that release.
+    if fp8_gluon_kernel.HAVE_GLUON or mla_gluon.HAVE_GLUON:
+        assert gluon_release.gluon_release_supported(triton.__version__)
+    # On a Hopper GPU with another release, `auto` and the grouped GEMMs run Triton, and asking for
+    # Gluon by name says why.
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    monkeypatch.setattr(fp8_gluon_kernel, "HAVE_GLUON", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    why = backend.gluon_unavailable("gemm", torch.device("cuda", 0))
+    assert why == "the Gluon kernels are written for Triton 3.6's Gluon API; this is Triton 3.9.0"
+    with pytest.raises(RuntimeError, match=re.escape("Triton 3.6's Gluon API; this is Triton 3.9.0")):
+        backend.resolve("gluon", "grouped_gemm", torch.device("cuda", 0))
 
 
 def test_an_auto_gluon_choice_falls_back_to_triton_for_inputs_it_cannot_run(
