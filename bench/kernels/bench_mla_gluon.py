@@ -8,7 +8,7 @@ reference on a small batch; a failing one is reported and not timed. One line pe
 
   MLA name=<variant> s_q=.. h_q=.. s_k=.. us=.. TBps=.. of_copy=.. TFLOPS=..
 
-Usage: python bench/kernels/bench_mla_gluon.py [--quick] [--out results.json]
+Usage: python bench/kernels/bench_mla_gluon.py [--quick] [--configs triton,n64s2,...] [--out results.json]
 """
 
 from __future__ import annotations
@@ -46,11 +46,14 @@ def copy_rate() -> float:
     return 2 * 2**32 / seconds
 
 
-def variants() -> dict[str, Decode]:
+def variants(only: set[str] | None = None) -> dict[str, Decode]:
+    """The Triton kernel and every Gluon config (`only`: those names, e.g. {"triton", "n64s2"})."""
     found: dict[str, Decode] = {"triton": mla_decode_triton}
     for name, cfg in CONFIGS.items():
         found[f"gluon_{name}"] = partial(mla_decode_gluon, config=cfg)
-    return found
+    if only is None:
+        return found
+    return {name: fn for name, fn in found.items() if name.removeprefix("gluon_") in only}
 
 
 def correct(fn: Decode) -> str | None:
@@ -71,12 +74,12 @@ def correct(fn: Decode) -> str | None:
     return None
 
 
-def run(quick: bool) -> list[dict]:
+def run(quick: bool, only: set[str] | None = None) -> list[dict]:
     hbm = copy_rate()
     print(f"HBM copy rate {hbm / 1e12:.2f} TB/s", flush=True)
     results: list[dict] = [{"kernel": "copy", "TBps": hbm / 1e12}]
     usable: dict[str, Decode] = {}
-    for name, fn in variants().items():
+    for name, fn in variants(only).items():
         try:
             problem = correct(fn)
         except Exception as exc:  # one broken variant must not hide the others
@@ -128,8 +131,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="s_k 4096 only")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--configs", help="comma-separated variants to run (triton and config names)")
     args = parser.parse_args()
-    results = run(args.quick)
+    results = run(args.quick, set(args.configs.split(",")) if args.configs else None)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

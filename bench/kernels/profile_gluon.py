@@ -2,7 +2,8 @@
 up (compiled) outside the NVTX range "profile", then run once inside it, so that
 `ncu --nvtx --nvtx-include "profile/"` records exactly one launch of each (profile_gluon_on_device.sh).
 
-Cases: MLA decode compute-bound (b = 128, s_q 2, h_q 128, s_k 8192) and memory-bound at the
+Cases: MLA decode compute-bound (b = 128, s_q 2, h_q 128, s_k 8192; the default config and the
+64-token seesaw `w64s2`) and memory-bound at the
 short context where it is furthest from the copy rate (s_q 1, h_q 32, s_k 4096); the dense FP8
 GEMM at M = 4096 on the V3 shape where it trails cuBLAS most (N 7168, K 18432, the MLP's down
 projection), beside cuBLAS block-wise `_scaled_mm` on the same operands.
@@ -19,18 +20,19 @@ import torch
 
 from fireflyer.kernels import fp8, mla
 from fireflyer.kernels.fp8_gluon import gemm_fp8_gluon
-from fireflyer.kernels.mla_gluon import mla_decode_gluon
+from fireflyer.kernels.mla_gluon import CONFIGS, mla_decode_gluon
 
 SCALE = 192**-0.5
 
 
-def mla_case(s_q: int, h_q: int, s_k: int, b: int = 128) -> Callable[[], object]:
+def mla_case(s_q: int, h_q: int, s_k: int, b: int = 128, config: str | None = None) -> Callable[[], object]:
     pages = s_k // mla.PAGE
     q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(b * pages, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16)
     table = torch.randperm(b * pages, device="cuda").to(torch.int32).view(b, pages)
     lens = torch.full((b,), s_k, dtype=torch.int32, device="cuda")
-    return lambda: mla_decode_gluon(q, kv, table, lens, SCALE)
+    cfg = CONFIGS[config] if config else None
+    return lambda: mla_decode_gluon(q, kv, table, lens, SCALE, config=cfg)
 
 
 def gemm_operands(m: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
@@ -41,6 +43,7 @@ def gemm_operands(m: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
 
 CASES: dict[str, Callable[[], Callable[[], object]]] = {
     "mla_compute": lambda: mla_case(2, 128, 8192),
+    "mla_compute_w64s2": lambda: mla_case(2, 128, 8192, config="w64s2"),
     "mla_memory_4k": lambda: mla_case(1, 32, 4096),
     "gemm_gluon_4096": lambda: (lambda ops: lambda: gemm_fp8_gluon(*ops))(gemm_operands(4096, 7168, 18432)),
     "gemm_cublas_4096": lambda: (lambda ops: lambda: fp8.gemm_fp8_cublas(*ops))(

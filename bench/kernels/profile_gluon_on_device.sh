@@ -24,6 +24,12 @@ METRICS+=,smsp__average_warp_latency_issue_stalled_membar.ratio
 METRICS+=,smsp__average_warp_latency_issue_stalled_sleeping.ratio
 METRICS+=,smsp__average_warp_latency_issue_stalled_dispatch_stall.ratio
 METRICS+=,smsp__issue_active.avg.pct_of_peak_sustained_active
+METRICS+=,lts__t_throughput.avg.pct_of_peak_sustained_elapsed
+METRICS+=,l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed
+METRICS+=,smsp__average_warp_latency_issue_stalled_short_scoreboard.ratio
+METRICS+=,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio
+METRICS+=,smsp__average_warp_latency_issue_stalled_lg_throttle.ratio
+METRICS+=,smsp__cycles_active.avg
 METRICS+=,launch__registers_per_thread,launch__grid_size,launch__block_size,gpu__time_duration.sum
 for case in ${CASES:-mla_compute gemm_gluon_4096 gemm_cublas_4096 mla_memory_4k}; do
   start=$(date +%s)

@@ -44,13 +44,16 @@ BLOCK_M = 64  # query rows per program: one wgmma M tile
 # BLOCK_N: KV tokens per pipeline stage (a divisor of the 64-token page); STAGES: ring depth.
 # Shared memory: Q 72 KiB + STAGES × BLOCK_N × 1152 B (≤ 227 KiB on an H200).
 # SEESAW: the math warpgroups take turns leading KV tiles and each owns half of O
-# (`mla_gluon_seesaw`) instead of splitting every tile between them. It needs 32-token tiles: with
-# 64 there is room for two stages only and the turns wait for their loads.
+# (`mla_gluon_seesaw`) instead of splitting every tile between them. With a loader warp (SEESAW 1)
+# it needs 32-token tiles: with 64 there is room for two stages only and the turns wait for their
+# loads. SEESAW 2 (`mla_gluon_seesaw64`) runs 64-token tiles without a loader warp: each
+# warpgroup refills the parts of the two stages it has finished reading.
 CONFIGS: dict[str, dict[str, int]] = {
     "n64s2": {"BLOCK_N": 64, "STAGES": 2},
     "n32s3": {"BLOCK_N": 32, "STAGES": 3},
     "n32s4": {"BLOCK_N": 32, "STAGES": 4},
     "w32s4": {"BLOCK_N": 32, "STAGES": 4, "SEESAW": 1},
+    "w64s2": {"BLOCK_N": 64, "STAGES": 2, "SEESAW": 2},
 }
 CONFIG = CONFIGS["n64s2"]
 LOADER_REGS = 40
@@ -182,6 +185,12 @@ def kv_layouts(block_n: int) -> tuple[Any, Any]:
 
 
 @functools.cache
+def half_layout() -> Any:
+    """Shared layout of half a 64-token latent tile, [64, 256] (the 64-token seesaw's loads)."""
+    return gl.NVMMASharedLayout.get_default_for([PAGE, D_V // 2], gl.bfloat16)
+
+
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -306,7 +315,14 @@ def mla_decode_gluon(
         block_n,
         stages,
     )
-    if seesaw:
+    if cfg.get("SEESAW") == 2:
+        from fireflyer.kernels.mla_gluon_seesaw64 import mla_seesaw64_kernel
+
+        half_box = [block_n, D_V // 2]
+        half_desc = TensorDescriptor(flat, [flat.shape[0], D_V], [D_QK, 1], half_box, half_layout())
+        args = (args[0], half_desc, *args[2:])
+        _launch(mla_seesaw64_kernel, device, (m_tiles, splits, b), args, num_warps=4, constexprs=5)
+    elif seesaw:
         from fireflyer.kernels.mla_gluon_seesaw import mla_seesaw_kernel
 
         _launch(mla_seesaw_kernel, device, (m_tiles, splits, b), args, num_warps=4, constexprs=5)

@@ -56,9 +56,12 @@ def _assert_matches_reference(q, kv, table, lens, out, lse) -> None:  # type: ig
         (8, 1, 128, [8192] * 8),  # DeepSeek-V3 decode shape
     ],
 )
-def test_mla_gluon_matches_reference(b: int, s_q: int, h_q: int, seqlens: list[int]) -> None:
+@pytest.mark.parametrize("config", [None, "w64s2"])
+def test_mla_gluon_matches_reference(
+    b: int, s_q: int, h_q: int, seqlens: list[int], config: str | None
+) -> None:
     q, kv, table, lens = _inputs(b, s_q, h_q, seqlens)
-    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE)
+    out, lse = mla_decode_gluon(q, kv, table, lens, SCALE, config=CONFIGS[config] if config else None)
     _assert_matches_reference(q, kv, table, lens, out, lse)
 
 
