@@ -1,5 +1,5 @@
-"""Paged MLA decode: the Gluon kernel (each config) beside the Triton kernel and the HBM copy rate,
-measured in one run on one Hopper GPU.
+"""Paged MLA decode: the Gluon kernel (each config) beside the Triton kernel, FlashMLA where it
+can run here (`official`) and the HBM copy rate, measured in one run on one Hopper GPU.
 
 Shapes: b = 128, BF16 cache, s_k ∈ {4096, 8192, 16384}; memory-bound rows (s_q 1, h_q 16/32/64)
 and compute-bound ones (h_q 128, s_q 1 and 2). Bytes count the cache read plus the queries and
@@ -23,9 +23,10 @@ from functools import partial
 import torch
 import triton.testing
 
-from fireflyer.kernels import mla
+from fireflyer.kernels import mla, official
 from fireflyer.kernels.fp8 import calc_diff
 from fireflyer.kernels.mla_gluon import CONFIGS, mla_decode_gluon
+from fireflyer.kernels.mla_official import decode_with, mla_decode_official, new_schedule
 from fireflyer.kernels.mla_triton import mla_decode_triton
 
 SCALE = 192**-0.5
@@ -51,9 +52,33 @@ def variants(only: set[str] | None = None) -> dict[str, Decode]:
     found: dict[str, Decode] = {"triton": mla_decode_triton}
     for name, cfg in CONFIGS.items():
         found[f"gluon_{name}"] = partial(mla_decode_gluon, config=cfg)
+    why = official.unavailable("flash_mla", torch.device("cuda", 0))
+    if why is None:
+        # FlashMLA (docs/kernels.md, "The official libraries"): as `backend="official"` runs it,
+        # making its split schedule in each call, and with one schedule per batch, as a decode
+        # step would share it across its layers (the kernel's own rate).
+        found["official"] = mla_decode_official
+        found["official_shared"] = flashmla_sharing_schedules()
+    else:
+        print(f"FlashMLA not measured: {why}", flush=True)
     if only is None:
         return found
     return {name: fn for name, fn in found.items() if name.removeprefix("gluon_") in only}
+
+
+def flashmla_sharing_schedules() -> Decode:
+    """FlashMLA with one split schedule per lengths tensor, kept for the run (the benchmark calls
+    each batch with the same tensors)."""
+    import flash_mla
+
+    kept: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def decode(q, kv, table, lens, scale):  # type: ignore[no-untyped-def]
+        if id(lens) not in kept:  # the tensor is kept too, so that its id is not reused
+            kept[id(lens)] = (lens, new_schedule(flash_mla, lens, q.shape[1] * q.shape[2]))
+        return decode_with(flash_mla, q, kv, table, lens, scale, schedule=kept[id(lens)][1])
+
+    return decode
 
 
 def correct(fn: Decode) -> str | None:

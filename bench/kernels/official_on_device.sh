@@ -4,9 +4,12 @@
 #
 #   bench/kernels/official_on_device.sh SDIST_DIR OUT_DIR [STEPS]
 #
-# SDIST_DIR holds deepinfer_gemm-*.tar.gz and deepinfer_flashmla-*.tar.gz, and the elfutils headers
+# SDIST_DIR holds deepinfer_gemm-*.tar.gz (or a DeepGEMM wheel built earlier) and either the SGLang
+# FlashMLA fork's wheel (sgl_flash_mla-*.whl: FlashMLA's Hopper dense decode, prebuilt) or
+# deepinfer_flashmla-*.tar.gz (1.0, which has none), and the elfutils headers
 # DeepGEMM's build includes (libdw-dev and libelf-dev .debs; the device image lacks them: it loads
-# libdw only at run time, for stack traces); docs/kernels.md says how to fetch them. STEPS (default "build test bench") picks what runs. A wheel built earlier
+# libdw only at run time, for stack traces); docs/kernels.md says how to fetch them. STEPS (default "build test bench"; "mla" adds
+# bench/kernels/bench_mla_gluon.py with MLA_ARGS) picks what runs. A wheel built earlier
 # (SDIST_DIR/deep_gemm-*.whl) is installed instead of building again, and a DeepGEMM JIT cache
 # (SDIST_DIR/deepgemm-jit.tgz) is restored, so that a second run spends no time compiling. The
 # extension is compiled by `CXX`, the system g++ by default (an image's own g++ wrapper linked parts of
@@ -30,7 +33,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 if [[ $STEPS == *build* ]]; then
   if ls "$SDISTS"/deep*gemm-*.whl >/dev/null 2>&1; then
     cp "$SDISTS"/deep*gemm-*.whl /tmp/wheels/
-  else
+  elif ls "$SDISTS"/deepinfer_gemm-*.tar.gz >/dev/null 2>&1; then
     start=$(date +%s)
     for deb in "$SDISTS"/*.deb; do dpkg -x "$deb" /tmp/elfutils; done
     export CPATH=/tmp/elfutils/usr/include
@@ -42,15 +45,23 @@ if [[ $STEPS == *build* ]]; then
     tail -n 5 "$OUT/deepgemm-build.log"
     cp /tmp/wheels/*.whl "$OUT/" 2>/dev/null
   fi
-  python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/wheels/*.whl
-  # FlashMLA: its setup.py checks the compiler first, so a failure shows at once.
-  mkdir -p /tmp/src && tar xzf "$SDISTS"/deepinfer_flashmla-*.tar.gz -C /tmp/src
-  (cd /tmp/src/deepinfer_flashmla-* && timeout 120 python3 -m pip wheel --no-deps --no-build-isolation \
-    --no-cache-dir -w /tmp/wheels-flashmla . >"$OUT/flashmla-build.log" 2>&1)
-  echo "FlashMLA build rc=$?"
-  grep -m 3 -E "AssertionError|error:|Error" "$OUT/flashmla-build.log"
+  if ls /tmp/wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/wheels/*.whl
+  fi
+  if ls "$SDISTS"/sgl_flash_mla-*.whl >/dev/null 2>&1; then
+    # The SGLang fork's prebuilt wheel: its legacy extension keeps FlashMLA's Hopper dense decode.
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site "$SDISTS"/sgl_flash_mla-*.whl
+    python3 -c 'import flash_mla; print("flash_mla", flash_mla.__version__, "legacy", flash_mla.has_legacy())'
+  elif ls "$SDISTS"/deepinfer_flashmla-*.tar.gz >/dev/null 2>&1; then
+    # FlashMLA: its setup.py checks the compiler first, so a failure shows at once.
+    mkdir -p /tmp/src && tar xzf "$SDISTS"/deepinfer_flashmla-*.tar.gz -C /tmp/src
+    (cd /tmp/src/deepinfer_flashmla-* && timeout 120 python3 -m pip wheel --no-deps --no-build-isolation \
+      --no-cache-dir -w /tmp/wheels-flashmla . >"$OUT/flashmla-build.log" 2>&1)
+    echo "FlashMLA build rc=$?"
+    grep -m 3 -E "AssertionError|error:|Error" "$OUT/flashmla-build.log"
+  fi
 fi
-python3 -c 'import deep_gemm; print("deep_gemm", deep_gemm.__version__, "imports")'
+python3 -c 'import deep_gemm; print("deep_gemm", deep_gemm.__version__, "imports")' 2>&1 | tail -n 1
 
 if [[ $STEPS == *test* ]]; then
   start=$(date +%s)
@@ -64,5 +75,10 @@ fi
 if [[ $STEPS == *bench* ]]; then
   timeout "${BENCH_SECONDS:-400}" python3 bench/kernels/bench_kernels.py ${BENCH_ARGS:-} \
     --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+fi
+if [[ $STEPS == *mla* ]]; then
+  # MLA decode: FlashMLA (when installed above) beside our kernels and the HBM copy rate.
+  timeout "${BENCH_SECONDS:-400}" python3 bench/kernels/bench_mla_gluon.py ${MLA_ARGS:-} \
+    --out "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench_mla.log" | grep -E "^(HBM|CHECK|MLA|FlashMLA)"
 fi
 tar czf "$OUT/deepgemm-jit.tgz" -C /tmp deepgemm-jit

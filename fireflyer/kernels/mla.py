@@ -122,19 +122,7 @@ def mla_decode(
         schedule = None if schedules is None else schedules.get(balanced_parts(q), PAGE)
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, softmax_scale, schedule=schedule)
     if chosen == "official":
-        import flash_mla
+        from fireflyer.kernels.mla_official import mla_decode_official
 
-        meta, splits = flash_mla.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
-        out, lse = flash_mla.flash_mla_with_kvcache(
-            q,
-            kv_cache,
-            block_table,
-            cache_seqlens,
-            D_V,
-            meta,
-            splits,
-            softmax_scale=softmax_scale,
-            causal=True,
-        )
-        return out, lse
+        return mla_decode_official(q, kv_cache, block_table, cache_seqlens, softmax_scale)
     return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, softmax_scale)

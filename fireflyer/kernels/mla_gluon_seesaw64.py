@@ -70,18 +70,18 @@ if HAVE_GLUON:
         return gl.load(table + first + tile, mask=tile < n_tiles, other=0)
 
     @gluon.jit
-    def _scores(q_lo, q_hi, q_rope, kv_half, kv_rope, ready, tile, s_zero, W: gl.constexpr):
+    def _scores(q_half, q_rope_buf, kv_half, kv_rope, ready, tile, s_zero, W: gl.constexpr):
         """S(tile) = Q·K(tile)ᵀ over the rope, this warpgroup's half, then the other's."""
         stage = tile % 2
         phase = (tile // 2) & 1
         own = kv_half.index(stage * 2 + W)
         other = kv_half.index(stage * 2 + 1 - W)
-        if W == 0:
-            q_own = q_lo
-            q_other = q_hi
-        else:
-            q_own = q_hi
-            q_other = q_lo
+        # An index the compiler cannot fold (tile < 2³⁰): the Q descriptors are then built per
+        # tile instead of being held, 36 of them, in registers through the loop.
+        opaque = tile >> 30
+        q_own = q_half.index(W + opaque)
+        q_other = q_half.index(1 - W + opaque)
+        q_rope = q_rope_buf.index(opaque)
         mbarrier.wait(ready.index(stage * 2 + W), phase)
         s = warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma(q_own, own.permute((1, 0)), s, is_async=True)
@@ -91,7 +91,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _seesaw64_half(
-        out_at, lse_at, half_desc, rope_desc, q_lo, q_hi, q_rope, kv_half, kv_rope, ready, p_smem, stats,
+        out_at, lse_at, half_desc, rope_desc, q_half, q_rope, kv_half, kv_rope, ready, p_smem, stats,
         full, table, pid_m, seqlen, first, n_tiles, scale_log2, S_Q: gl.constexpr, H_Q: gl.constexpr,
         DIRECT: gl.constexpr, W: gl.constexpr,
     ):  # fmt: skip
@@ -129,7 +129,7 @@ if HAVE_GLUON:
             block_4 = _block(table, first, t + 4, n_tiles)
             s = s_zero
             if t < n_tiles:
-                s = _scores(q_lo, q_hi, q_rope, kv_half, kv_rope, ready, t, s_zero, W)
+                s = _scores(q_half, q_rope, kv_half, kv_rope, ready, t, s_zero, W)
 
             # The other warpgroup's tile t-1: its P and the row statistics after it.
             m_prev = gl.full([BLOCK_M_C], float("-inf"), gl.float32, layout=rows_l)
@@ -223,9 +223,9 @@ if HAVE_GLUON:
         qr_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, D_ROPE_C], gl.bfloat16)
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M_C, TILE], gl.bfloat16)
         stats_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        q_lo = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, HALF_V], q_sl)
-        q_hi = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, HALF_V], q_sl)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M_C, D_ROPE_C], qr_sl)
+        # Q's columns 0–255 and 256–511, and its rope part.
+        q_half = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M_C, HALF_V], q_sl)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_M_C, D_ROPE_C], qr_sl)
         # Index stage·2 + half.
         kv_half = gl.allocate_shared_memory(gl.bfloat16, [4, TILE, HALF_V], half_desc.layout)
         kv_rope = gl.allocate_shared_memory(gl.bfloat16, [2, TILE, D_ROPE_C], rope_desc.layout)
@@ -245,9 +245,9 @@ if HAVE_GLUON:
         q_base = Q + pid_b * stride_qb + q_rows[:, None] * (D_V_C + D_ROPE_C)
         offs_h = gl.arange(0, HALF_V, layout=gl.SliceLayout(0, q_layout))[None, :]
         offs_r = gl.arange(0, D_ROPE_C, layout=gl.SliceLayout(0, q_layout))[None, :]
-        q_lo.store(gl.load(q_base + offs_h, mask=q_ok, other=0.0))
-        q_hi.store(gl.load(q_base + HALF_V + offs_h, mask=q_ok, other=0.0))
-        q_rope.store(gl.load(q_base + D_V_C + offs_r, mask=q_ok, other=0.0))
+        q_half.index(0).store(gl.load(q_base + offs_h, mask=q_ok, other=0.0))
+        q_half.index(1).store(gl.load(q_base + HALF_V + offs_h, mask=q_ok, other=0.0))
+        q_rope.index(0).store(gl.load(q_base + D_V_C + offs_r, mask=q_ok, other=0.0))
         fence_async_shared()
         gl.thread_barrier()
 
@@ -259,10 +259,10 @@ if HAVE_GLUON:
         # fmt: off
         gl.warp_specialize(
             [
-                (_seesaw64_half, (out_at, lse_at, half_desc, rope_desc, q_lo, q_hi, q_rope, kv_half,
+                (_seesaw64_half, (out_at, lse_at, half_desc, rope_desc, q_half, q_rope, kv_half,
                                   kv_rope, ready, p_smem, stats, full, table, pid_m, seqlen, first, n_tiles,
                                   scale_log2, S_Q, H_Q, direct, 0)),
-                (_seesaw64_half, (out_at, lse_at, half_desc, rope_desc, q_lo, q_hi, q_rope, kv_half,
+                (_seesaw64_half, (out_at, lse_at, half_desc, rope_desc, q_half, q_rope, kv_half,
                                   kv_rope, ready, p_smem, stats, full, table, pid_m, seqlen, first, n_tiles,
                                   scale_log2, S_Q, H_Q, direct, 1)),
             ],

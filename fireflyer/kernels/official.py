@@ -12,7 +12,9 @@ applies.
 - DeepGEMM (`deep_gemm`): kernels for SM90 and SM100 only.
 - FlashMLA (`flash_mla`): releases from 1.0 on (PyPI `deepinfer-flashmla`) have dropped Hopper
   and the dense paged decode of DeepSeek-V3 that `fireflyer.kernels.mla` calls (they keep sparse
-  decode with V4.1's cache on SM100), so they never run our op.
+  decode with V4.1's cache on SM100), so they never run our op. The SGLang fork
+  (`sgl-flash-mla`, also numbered 1.0) keeps those kernels in a second, "legacy" extension, which
+  `fireflyer.kernels.mla_official` calls; its probe checks that the wheel was built with it.
 
 docs/kernels.md says how to build them and what was seen when they were built on an H200.
 """
@@ -36,8 +38,22 @@ PROBE_SECONDS = 120.0
 # which loads the extension (every call of its own needs CUDA tensors of a decode).
 PROBES = {
     "deep_gemm": "import deep_gemm\ndeep_gemm.get_num_sms()\nprint(deep_gemm.__version__)",
-    "flash_mla": "import flash_mla\nprint(flash_mla.__version__)",
+    "flash_mla": (
+        "import flash_mla\n"
+        "assert getattr(flash_mla, 'has_legacy', lambda: True)(), "
+        "'flash_mla was built without its legacy extension (the Hopper dense decode)'\n"
+        "print(flash_mla.__version__)"
+    ),
 }
+# FlashMLA forks that keep the Hopper dense decode, dropped upstream in 1.0, beside 1.x kernels.
+FLASH_MLA_WITH_LEGACY = frozenset({"sgl-flash-mla"})
+
+
+@functools.cache
+def installed_distribution(module: str) -> str | None:
+    """The name of the distribution that provides `module` (without importing it), or None."""
+    found = importlib.metadata.packages_distributions().get(module, [])
+    return found[0] if found else None
 
 
 @functools.cache
@@ -76,13 +92,16 @@ def probe_failure(code: str, env: dict[str, str] | None = None, timeout: float =
     return lines[-1][:200] if lines else f"exited with status {done.returncode}"
 
 
-def version_failure(module: str, version: str) -> str | None:
+def version_failure(module: str, version: str, distribution: str | None = None) -> str | None:
     """A release known not to run our ops, or None."""
     major = version.split(".")[0]
     if module == "flash_mla" and major.isdigit() and int(major) >= 1:
+        if distribution is not None and distribution.lower().replace("_", "-") in FLASH_MLA_WITH_LEGACY:
+            return None
         return (
             f"flash_mla {version} has no Hopper kernels and no dense paged decode "
-            "(both dropped in 1.0); fireflyer's MLA decode needs an earlier release"
+            "(both dropped in 1.0); fireflyer's MLA decode needs an earlier release "
+            "or the sgl-flash-mla wheel, which keeps them"
         )
     return None
 
@@ -110,4 +129,6 @@ def _unavailable_on_cuda(module: str, index: int) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed"
         version = "unknown"  # importable from a source tree without package metadata
-    return version_failure(module, version) or _probe(module)
+    # Only FlashMLA's rule depends on which distribution provides the module.
+    distribution = installed_distribution(module) if module == "flash_mla" else None
+    return version_failure(module, version, distribution) or _probe(module)

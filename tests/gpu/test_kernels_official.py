@@ -7,17 +7,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fireflyer.kernels import fp8, official  # noqa: E402
+from fireflyer.kernels import fp8, mla, official  # noqa: E402
 
 
-def _deepgemm_skip_reason() -> str | None:
+def _skip_reason(module: str) -> str | None:
     if not torch.cuda.is_available():
         return "needs CUDA"
-    return official.unavailable("deep_gemm", torch.device("cuda", 0))
+    return official.unavailable(module, torch.device("cuda", 0))
 
 
 pytestmark = [pytest.mark.gpu]
-needs_deepgemm = pytest.mark.skipif(_deepgemm_skip_reason() is not None, reason=str(_deepgemm_skip_reason()))
+needs_deepgemm = pytest.mark.skipif(
+    _skip_reason("deep_gemm") is not None, reason=str(_skip_reason("deep_gemm"))
+)
+needs_flashmla = pytest.mark.skipif(
+    _skip_reason("flash_mla") is not None, reason=str(_skip_reason("flash_mla"))
+)
 
 
 @needs_deepgemm
@@ -47,8 +52,53 @@ def test_autotune_measures_deepgemm_beside_the_others(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flashmla_1_0_is_never_a_candidate_for_our_decode() -> None:
+def test_flashmla_1_0_is_never_a_candidate_for_our_decode_unless_it_keeps_the_legacy_kernels() -> None:
     why = official.unavailable("flash_mla", torch.device("cuda", 0))
     version = official.installed_version("flash_mla")
-    if version is not None and version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 1:
+    fork = (official.installed_distribution("flash_mla") or "").replace(
+        "_", "-"
+    ) in official.FLASH_MLA_WITH_LEGACY
+    if (
+        version is not None
+        and version.split(".")[0].isdigit()
+        and int(version.split(".")[0]) >= 1
+        and not fork
+    ):
         assert why is not None and "dense paged decode" in why
+
+
+@needs_flashmla
+@pytest.mark.parametrize(
+    "b,s_q,h_q,seqlens",
+    [
+        (3, 1, 64, [700, 1, 4095]),
+        (3, 2, 128, [63, 2000, 1]),  # the last sequence is shorter than s_q: one query sees nothing
+        (8, 1, 128, [8192] * 8),  # DeepSeek-V3 decode shape
+    ],
+)
+def test_flashmla_decode_matches_the_reference(b: int, s_q: int, h_q: int, seqlens: list[int]) -> None:
+    g = torch.Generator(device="cuda").manual_seed(b)
+    pages = -(-max(seqlens) // mla.PAGE)
+    q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(b * pages, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    table = torch.randperm(b * pages, device="cuda", generator=g).to(torch.int32).view(b, pages)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    scale = 192**-0.5
+    out, lse = mla.mla_decode(q, kv, table, lens, scale, backend="official")
+    ref_out, ref_lse = mla.mla_decode_reference(q, kv, table, lens, scale)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert fp8.calc_diff(out, ref_out) <= 5e-6
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)  # −inf where no key is visible
+
+
+@needs_flashmla
+def test_autotune_measures_flashmla_beside_the_others(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fireflyer.kernels import autotune
+
+    monkeypatch.setenv("FIREFLYER_CACHE_DIR", str(tmp_path))
+    table = autotune.table_for(torch.device("cuda", 0), force=True)
+    for klass, entry in table["ops"]["mla"].items():
+        assert "official" in entry["microseconds"], (klass, entry)
+        assert entry["microseconds"][entry["choice"]] == min(entry["microseconds"].values())

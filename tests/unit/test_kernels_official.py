@@ -31,20 +31,25 @@ def test_a_probe_that_hangs_is_stopped() -> None:
 
 
 @pytest.mark.parametrize(
-    "module,version,excluded",
+    "module,version,distribution,excluded",
     [
-        ("flash_mla", "1.0.0", True),
-        ("flash_mla", "1.2", True),
-        ("flash_mla", "0.9.1", False),
-        ("flash_mla", "unknown", False),
-        ("deep_gemm", "2.8.2", False),
+        ("flash_mla", "1.0.0", "deepinfer-flashmla", True),
+        ("flash_mla", "1.2", None, True),
+        ("flash_mla", "0.9.1", "flash-mla", False),
+        ("flash_mla", "unknown", None, False),
+        # The SGLang fork keeps the Hopper dense decode in its legacy extension.
+        ("flash_mla", "1.0.0", "sgl-flash-mla", False),
+        ("flash_mla", "1.0.0", "sgl_flash_mla", False),
+        ("deep_gemm", "2.8.2", "deepinfer-gemm", False),
     ],
 )
-def test_flashmla_from_1_0_cannot_run_our_decode(module: str, version: str, excluded: bool) -> None:
-    why = official.version_failure(module, version)
+def test_flashmla_from_1_0_cannot_run_our_decode_unless_it_keeps_the_legacy_kernels(
+    module: str, version: str, distribution: str | None, excluded: bool
+) -> None:
+    why = official.version_failure(module, version, distribution)
     assert (why is not None) == excluded
     if excluded:
-        assert "dense paged decode" in str(why)
+        assert "dense paged decode" in str(why) and "sgl-flash-mla" in str(why)
 
 
 def test_nothing_official_runs_without_cuda() -> None:
