@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fireflyer.kernels.backend import has_module  # noqa: E402
+from fireflyer.kernels.backend import Backend, gluon_unavailable, has_module  # noqa: E402
 from fireflyer.kernels.fp8 import calc_diff  # noqa: E402
 from fireflyer.workloads.model.init import init_checkpoint  # noqa: E402
 from fireflyer.workloads.model.loader import load_model  # noqa: E402
@@ -131,8 +131,11 @@ def test_batched_graph_decode_matches_each_request_alone(
     """24 concurrent greedy requests of unequal lengths, decoded from CUDA graphs (length-balanced
     MLA runs or uniform splits): the logits every token was picked from agree with those of the
     request run alone and eagerly on the same tokens. Logits, not tokens: the tiny checkpoint's
-    random weights give near-ties, which batch-dependent GEMM choices flip."""
-    model = load_model(checkpoint, device="cuda")
+    random weights give near-ties, which batch-dependent GEMM choices flip. Attention runs our
+    kernels, whose length-balanced runs this checks: FlashMLA, which `auto` may pick when it is
+    installed, schedules its own splits and is checked in test_kernels_official.py."""
+    ours: Backend = "gluon" if gluon_unavailable("mla", torch.device("cuda")) is None else "triton"
+    model = load_model(checkpoint, device="cuda", backends=Backends(attention=ours))
     prompts = _prompts(24, 900, seed=1)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     seen = _spy_on_sampled_logits(monkeypatch)
