@@ -42,6 +42,58 @@ if HAVE_GLUON:
     HALF_V = gl.constexpr(256)  # O columns per warpgroup
 
     @gluon.jit
+    def _softmax_turn(
+        s, m_prev, l_prev, t, first, n_tiles, seqlen, offs_n, query_pos, scale_log2, BLOCK_N: gl.constexpr
+    ):  # fmt: skip
+        """Tile t's scores (all masked on a phantom turn, t = n_tiles) → P, the new row max, the
+        rescale of what came before, and the new row sum."""
+        s = s * scale_log2
+        pos = (first + t) * BLOCK_N + offs_n
+        visible = gl.where(t < n_tiles, seqlen, 0)
+        s = gl.where((pos[None, :] < visible) & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
+        m_new = gl.maximum(m_prev, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_prev - m_safe)
+        p = gl.exp2(s - m_safe[:, None])
+        return p, m_new, alpha, l_prev * alpha + gl.sum(p, 1)
+
+    @gluon.jit
+    def _hand_over(p_smem, stats, full_own, p, m_new, l_new, alpha):
+        """Tile t's P and row statistics to the other warpgroup: every warp has read tile t-1's
+        before any overwrites them."""
+        gl.thread_barrier()
+        p_smem.store(p.to(gl.bfloat16))
+        stats.index(0).store(m_new)
+        stats.index(1).store(l_new)
+        stats.index(2).store(alpha)
+        gl.thread_barrier()
+        mbarrier.arrive(full_own, count=1)
+
+    @gluon.jit
+    def _write_half(
+        out_at, lse_at, acc, m_i, l_i, rows, pid_m, o_layout: gl.constexpr, S_Q: gl.constexpr,
+        H_Q: gl.constexpr, DIRECT: gl.constexpr, WHICH: gl.constexpr,
+    ):  # fmt: skip
+        """O[:, WHICH·256 : +256] normalised, at out_at, and (warpgroup 0) the lse at lse_at: with
+        DIRECT the final output and natural-log lse in [b, h_q, s_q], else a split's partials."""
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        lse = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
+        o_rows_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+        out = acc / gl.convert_layout(l_safe, o_rows_l)[:, None]
+        o_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=o_rows_l)
+        o_cols = WHICH * HALF_V + gl.arange(0, HALF_V, layout=gl.SliceLayout(0, o_layout))
+        op = out_at + o_rows[:, None] * D_V_C + o_cols[None, :]
+        row_ok = rows < S_Q * H_Q
+        if DIRECT:
+            if WHICH == 0:
+                gl.store(lse_at + (rows % H_Q) * S_Q + rows // H_Q, lse * LN2, mask=row_ok)
+            gl.store(op, out.to(out_at.dtype.element_ty), mask=(o_rows < S_Q * H_Q)[:, None])
+        else:
+            if WHICH == 0:
+                gl.store(lse_at + rows, lse, mask=row_ok)
+            gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
+
+    @gluon.jit
     def _turn(
         q_nope, q_rope, kv_nope, kv_rope, ready, empty, p_smem, stats, full_own, full_other, acc,
         s_zero, offs_n, query_pos, seqlen, first, n_tiles, t, scale_log2, s_layout: gl.constexpr,
@@ -72,24 +124,10 @@ if HAVE_GLUON:
             alpha_prev = stats.index(2).load(rows_l)
             p_prev = p_smem.load(s_layout)
 
-        s = s * scale_log2
-        pos = (first + t) * BLOCK_N + offs_n
-        visible = gl.where(t < n_tiles, seqlen, 0)
-        s = gl.where((pos[None, :] < visible) & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
-        m_new = gl.maximum(m_prev, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_prev - m_safe)
-        p = gl.exp2(s - m_safe[:, None])
-        l_new = l_prev * alpha + gl.sum(p, 1)
-
-        # Hand tile t over: every warp has read tile t-1's buffers before any overwrites them.
-        gl.thread_barrier()
-        p_smem.store(p.to(gl.bfloat16))
-        stats.index(0).store(m_new)
-        stats.index(1).store(l_new)
-        stats.index(2).store(alpha)
-        gl.thread_barrier()
-        mbarrier.arrive(full_own, count=1)
+        p, m_new, alpha, l_new = _softmax_turn(
+            s, m_prev, l_prev, t, first, n_tiles, seqlen, offs_n, query_pos, scale_log2, BLOCK_N
+        )
+        _hand_over(p_smem, stats, full_own, p, m_new, l_new, alpha)
 
         # O (relative to the max after tile t-2) += tile t-1 and tile t, at the max after tile t.
         acc = acc * gl.convert_layout(alpha_prev * alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -137,23 +175,10 @@ if HAVE_GLUON:
                 scale_log2, s_layout, o_layout, p_layout, BLOCK_N, STAGES, WHICH,
             )  # fmt: skip
 
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        lse = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
-        o_rows_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-        out = acc / gl.convert_layout(l_safe, o_rows_l)[:, None]
-        o_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=o_rows_l)
-        o_cols = WHICH * HALF_V + gl.arange(0, HALF_V, layout=gl.SliceLayout(0, o_layout))
-        op = OP + pid_b * stride_opb + pid_s * stride_ops + o_rows[:, None] * D_V_C + o_cols[None, :]
-        row_ok = rows < S_Q * H_Q
-        if DIRECT:
-            if WHICH == 0:
-                lse_at = (rows % H_Q) * S_Q + rows // H_Q
-                gl.store(LP + pid_b * stride_lpb + lse_at, lse * LN2, mask=row_ok)
-            gl.store(op, out.to(OP.dtype.element_ty), mask=(o_rows < S_Q * H_Q)[:, None])
-        else:
-            if WHICH == 0:
-                gl.store(LP + pid_b * stride_lpb + pid_s * stride_lps + rows, lse, mask=row_ok)
-            gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
+        # With one split the split strides are 0: these are the sequence's output and lse.
+        out_at = OP + pid_b * stride_opb + pid_s * stride_ops
+        lse_at = LP + pid_b * stride_lpb + pid_s * stride_lps
+        _write_half(out_at, lse_at, acc, m_i, l_i, rows, pid_m, o_layout, S_Q, H_Q, DIRECT, WHICH)
 
     @gluon.jit
     def mla_seesaw_kernel(

@@ -42,9 +42,9 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from fireflyer.kernels.mla_gluon_parts import BLOCK_M_C, D_ROPE_C, D_V_C, LN2, PAGE_C, _split_tiles
+    from fireflyer.kernels.mla_gluon_parts import BLOCK_M_C, D_ROPE_C, D_V_C, PAGE_C, _split_tiles
+    from fireflyer.kernels.mla_gluon_seesaw import HALF_V, _hand_over, _softmax_turn, _write_half
 
-    HALF_V = gl.constexpr(256)  # O columns per warpgroup, and the latent columns of one half
     TILE = gl.constexpr(64)  # KV tokens per tile: one page
     MATH_REGS = gl.constexpr(256)  # the worker warpgroup's registers (256 threads in all)
 
@@ -142,27 +142,13 @@ if HAVE_GLUON:
                 l_prev = stats.index(1).load(rows_l)
                 alpha_prev = stats.index(2).load(rows_l)
 
-            s = s * scale_log2
-            pos = (first + t) * TILE + offs_n
-            visible = gl.where(t < n_tiles, seqlen, 0)
-            s = gl.where((pos[None, :] < visible) & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
-            m_new = gl.maximum(m_prev, gl.max(s, 1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_prev - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            l_new = l_prev * alpha + gl.sum(p, 1)
+            p, m_new, alpha, l_new = _softmax_turn(
+                s, m_prev, l_prev, t, first, n_tiles, seqlen, offs_n, query_pos, scale_log2, TILE
+            )
             # P(t-1) only now, so that it is not live through the softmax.
             if t > 0:
                 p_prev = p_smem.load(s_layout)
-
-            # Hand tile t over: every warp has read tile t-1's buffers before any overwrites them.
-            gl.thread_barrier()
-            p_smem.store(p.to(gl.bfloat16))
-            stats.index(0).store(m_new)
-            stats.index(1).store(l_new)
-            stats.index(2).store(alpha)
-            gl.thread_barrier()
-            mbarrier.arrive(full.index(W), count=1)
+            _hand_over(p_smem, stats, full.index(W), p, m_new, l_new, alpha)
 
             # O (relative to the max after tile t-2) += tile t-1 and tile t, at the max after t.
             # Tile t-1 lies in the other stage; before the first turn there is none, and the
@@ -189,22 +175,7 @@ if HAVE_GLUON:
             m_i = m_new
             l_i = l_new
 
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        lse = gl.where(l_i == 0.0, float("-inf"), m_i + gl.log2(l_safe))
-        o_rows_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-        out = acc / gl.convert_layout(l_safe, o_rows_l)[:, None]
-        o_rows = pid_m * BLOCK_M_C + gl.arange(0, BLOCK_M_C, layout=o_rows_l)
-        o_cols = W * HALF_V + gl.arange(0, HALF_V, layout=gl.SliceLayout(0, o_layout))
-        op = out_at + o_rows[:, None] * D_V_C + o_cols[None, :]
-        row_ok = rows < S_Q * H_Q
-        if DIRECT:
-            if W == 0:
-                gl.store(lse_at + (rows % H_Q) * S_Q + rows // H_Q, lse * LN2, mask=row_ok)
-            gl.store(op, out.to(out_at.dtype.element_ty), mask=(o_rows < S_Q * H_Q)[:, None])
-        else:
-            if W == 0:
-                gl.store(lse_at + rows, lse, mask=row_ok)
-            gl.store(op, out, mask=(o_rows < S_Q * H_Q)[:, None])
+        _write_half(out_at, lse_at, acc, m_i, l_i, rows, pid_m, o_layout, S_Q, H_Q, DIRECT, W)
 
     @gluon.jit
     def mla_seesaw64_kernel(

@@ -38,15 +38,21 @@ def test_deepgemm_dense_matches_the_reference(m: int, n: int, k: int) -> None:
     assert fp8.calc_diff(out, fp8.gemm_fp8_reference(a, a_scale, b, b_scale)) <= 1e-4
 
 
-@needs_deepgemm
-def test_autotune_measures_deepgemm_beside_the_others(
-    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "op",
+    [
+        pytest.param("gemm", marks=needs_deepgemm, id="deepgemm"),
+        pytest.param("mla", marks=needs_flashmla, id="flashmla"),
+    ],
+)
+def test_autotune_measures_the_official_library_beside_the_others(
+    op: str, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fireflyer.kernels import autotune
 
     monkeypatch.setenv("FIREFLYER_CACHE_DIR", str(tmp_path))
     table = autotune.table_for(torch.device("cuda", 0), force=True)
-    for klass, entry in table["ops"]["gemm"].items():
+    for klass, entry in table["ops"][op].items():
         assert "official" in entry["microseconds"], (klass, entry)
         assert entry["microseconds"][entry["choice"]] == min(entry["microseconds"].values())
 
@@ -55,15 +61,9 @@ def test_autotune_measures_deepgemm_beside_the_others(
 def test_flashmla_1_0_is_never_a_candidate_for_our_decode_unless_it_keeps_the_legacy_kernels() -> None:
     why = official.unavailable("flash_mla", torch.device("cuda", 0))
     version = official.installed_version("flash_mla")
-    fork = (official.installed_distribution("flash_mla") or "").replace(
-        "_", "-"
-    ) in official.FLASH_MLA_WITH_LEGACY
-    if (
-        version is not None
-        and version.split(".")[0].isdigit()
-        and int(version.split(".")[0]) >= 1
-        and not fork
-    ):
+    # The rule itself is unit-tested (tests/unit/test_kernels_official.py); here, that it applies.
+    distribution = official.installed_distribution("flash_mla")
+    if version is not None and official.version_failure("flash_mla", version, distribution) is not None:
         assert why is not None and "dense paged decode" in why
 
 
@@ -89,16 +89,3 @@ def test_flashmla_decode_matches_the_reference(b: int, s_q: int, h_q: int, seqle
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert fp8.calc_diff(out, ref_out) <= 5e-6
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)  # −inf where no key is visible
-
-
-@needs_flashmla
-def test_autotune_measures_flashmla_beside_the_others(
-    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from fireflyer.kernels import autotune
-
-    monkeypatch.setenv("FIREFLYER_CACHE_DIR", str(tmp_path))
-    table = autotune.table_for(torch.device("cuda", 0), force=True)
-    for klass, entry in table["ops"]["mla"].items():
-        assert "official" in entry["microseconds"], (klass, entry)
-        assert entry["microseconds"][entry["choice"]] == min(entry["microseconds"].values())
