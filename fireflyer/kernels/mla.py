@@ -10,6 +10,7 @@ the last s_q positions of the sequence and attend causally.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -91,11 +92,15 @@ def mla_decode(
     softmax_scale: float,
     backend: Backend = "auto",
     schedules: StepSchedules | None = None,
+    official_schedules: dict[int, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged MLA decode. softmax_scale is always explicit (DeepSeek-V3: 192^-0.5 × its YaRN
     factor, not 576^-0.5). A uint8 cache is the FP8 layout (fireflyer.kernels.mla_fp8).
     `schedules`: the step's length-balanced schedules (mla_schedule), for a batch of unequal
-    lengths; the Gluon and Triton kernels then attend balanced runs instead of uniform splits."""
+    lengths; the Gluon and Triton kernels then attend balanced runs instead of uniform splits.
+    `official_schedules`: where FlashMLA's split schedules for these lengths are kept, by query
+    rows, when the official library runs; the layers of one decode step pass the same dict, so
+    the first makes the schedule and the others reuse it."""
     if kv_cache.dtype == torch.uint8:
         from fireflyer.kernels.mla_fp8 import mla_decode_fp8
 
@@ -124,5 +129,7 @@ def mla_decode(
     if chosen == "official":
         from fireflyer.kernels.mla_official import mla_decode_official
 
-        return mla_decode_official(q, kv_cache, block_table, cache_seqlens, softmax_scale)
+        return mla_decode_official(
+            q, kv_cache, block_table, cache_seqlens, softmax_scale, schedules=official_schedules
+        )
     return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, softmax_scale)

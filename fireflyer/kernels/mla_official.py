@@ -65,8 +65,16 @@ def mla_decode_official(
     block_table: torch.Tensor,
     cache_seqlens: torch.Tensor,
     softmax_scale: float,
+    schedules: dict[int, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mla.mla_decode`'s contract through the installed FlashMLA."""
+    """`mla.mla_decode`'s contract through the installed FlashMLA. `schedules`: split schedules
+    over these lengths by query rows (s_q·h_q), filled here at first use and reused after."""
     import flash_mla
 
-    return decode_with(flash_mla, q, kv_cache, block_table, cache_seqlens, softmax_scale)
+    schedule = None
+    if schedules is not None:
+        rows = q.shape[1] * q.shape[2]
+        if rows not in schedules:
+            schedules[rows] = new_schedule(flash_mla, cache_seqlens, rows)
+        schedule = schedules[rows]
+    return decode_with(flash_mla, q, kv_cache, block_table, cache_seqlens, softmax_scale, schedule)

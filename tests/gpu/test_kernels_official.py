@@ -89,3 +89,37 @@ def test_flashmla_decode_matches_the_reference(b: int, s_q: int, h_q: int, seqle
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert fp8.calc_diff(out, ref_out) <= 5e-6
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)  # −inf where no key is visible
+
+
+@needs_flashmla
+def test_flashmla_schedule_shared_by_a_graphed_steps_layers_follows_new_lengths() -> None:
+    """The engine's decode graph: the first layer makes FlashMLA's schedule, the others reuse it.
+    Replayed over other lengths, every layer must attend the new ones."""
+    b, s_q, h_q, layers, pages = 4, 1, 128, 3, 40
+    g = torch.Generator(device="cuda").manual_seed(7)
+    shape = (b, s_q, h_q, mla.D_QK)
+    qs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(layers)]
+    kv = torch.randn(b * pages, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16, generator=g)
+    table = torch.randperm(b * pages, device="cuda", generator=g).to(torch.int32).view(b, pages)
+    lens = torch.tensor([100, 2500, 64, 1], dtype=torch.int32, device="cuda")
+    scale = 192**-0.5
+
+    def step() -> list[torch.Tensor]:
+        shared: dict[int, object] = {}
+        return [
+            mla.mla_decode(q, kv, table, lens, scale, backend="official", official_schedules=shared)[0]
+            for q in qs
+        ]
+
+    step()  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for new_lengths in ([2560, 7, 1300, 640], [1, 1, 2559, 90]):
+        lens.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        for q, out in zip(qs, outs, strict=True):
+            ref, _ = mla.mla_decode_reference(q, kv, table, lens, scale)
+            assert fp8.calc_diff(out, ref) <= 5e-6

@@ -69,8 +69,10 @@ def test_the_table_key_changes_when_a_library_is_installed(monkeypatch: pytest.M
     bare = autotune._device_key.__wrapped__(0)
     monkeypatch.setattr(official, "installed_version", lambda m: "2.8.2" if m == "deep_gemm" else None)
     with_deepgemm = autotune._device_key.__wrapped__(0)
-    assert bare != with_deepgemm and with_deepgemm.endswith("-deep_gemm2.8.2")
+    assert bare != with_deepgemm and with_deepgemm.endswith(f"-deep_gemm2.8.2-m{autotune.METHOD}")
     assert bare.startswith("NVIDIA_H200-sm90-torch")
+    monkeypatch.setattr(autotune, "METHOD", autotune.METHOD + 1)
+    assert autotune._device_key.__wrapped__(0) != with_deepgemm  # a new measuring method measures again
 
 
 def test_auto_asks_the_installed_libraries_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,9 @@ releases define it (what the calls take and return), and the GPU test
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import sys
+from importlib.machinery import ModuleSpec
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -106,3 +108,36 @@ def test_a_shared_schedule_is_used_instead_of_a_new_one() -> None:
     for _ in range(3):  # the layers of one decode step
         decode_with(fork, q, kv, table, lens, 0.125, schedule=shared)  # type: ignore[arg-type]
     assert made == [1] and passed == [shared] * 3
+
+
+def test_the_layers_of_one_decode_step_share_flashmlas_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mla.mla_decode(backend="official")` with a step's `official_schedules`: the first layer
+    makes FlashMLA's schedule, the others reuse it; the next step (a new dict) makes its own."""
+    made: list[object] = []
+    passed: list[object] = []
+
+    def get_mla_metadata(*args: Any, **kwargs: Any) -> tuple[object, None]:
+        made.append(object())
+        return made[-1], None
+
+    def flash_mla_with_kvcache(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        passed.append(args[5])
+        return _flashmla_result(args[0])
+
+    fork = ModuleType("flash_mla")
+    fork.__spec__ = ModuleSpec("flash_mla", None)
+    fork.has_legacy = lambda: True  # type: ignore[attr-defined]
+    fork.get_mla_metadata = get_mla_metadata  # type: ignore[attr-defined]
+    fork.flash_mla_with_kvcache = flash_mla_with_kvcache  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_mla", fork)
+    q, kv, table, lens = _inputs()
+    for step in range(2):
+        shared: dict[int, Any] = {}
+        for _layer in range(3):
+            _, lse = mla.mla_decode(q, kv, table, lens, 0.125, backend="official", official_schedules=shared)
+            assert bool(torch.isneginf(lse[0, :, 0]).all())
+        assert len(made) == step + 1 and list(shared.values()) == [made[-1]]
+    assert passed == [made[0]] * 3 + [made[1]] * 3
+    # Without a step's dict (a lone call) every call makes its own.
+    mla.mla_decode(q, kv, table, lens, 0.125, backend="official")
+    assert len(made) == 3 and passed[-1] is made[2]

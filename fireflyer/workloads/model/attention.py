@@ -168,6 +168,7 @@ class MLA(nn.Module):
             self.scale,
             backend=self.attention_backend,
             schedules=meta.decode_schedules,
+            official_schedules=meta.decode_official_schedules,
         )
         return torch.einsum("bhr,hvr->bhv", out[:, 0].to(q_nope.dtype), self.w_uv)
 
