@@ -9,7 +9,8 @@
 set -u
 OUT_DIR=$(realpath -m "${1:-${OUT:-/tmp/gluon-profile}}")
 mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$(pwd)
+# /tmp/site: where official_on_device.sh installs FlashMLA, for the FlashMLA cases.
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 METRICS=sm__throughput.avg.pct_of_peak_sustained_elapsed
 METRICS+=,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed
@@ -31,6 +32,15 @@ METRICS+=,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio
 METRICS+=,smsp__average_warp_latency_issue_stalled_lg_throttle.ratio
 METRICS+=,smsp__cycles_active.avg
 METRICS+=,launch__registers_per_thread,launch__grid_size,launch__block_size,gpu__time_duration.sum
+# Shared-memory bank traffic (wgmma operand reads and TMA writes included): kept only where this
+# ncu knows the metric, so a missing one does not fail the whole run.
+KNOWN=$("$NCU" --query-metrics 2>/dev/null)
+for optional in l1tex__data_bank_reads l1tex__data_bank_writes smsp__inst_executed; do
+  if grep -q "^$optional " <<<"$KNOWN"; then
+    if [ "$optional" = smsp__inst_executed ]; then METRICS+=,$optional.sum
+    else METRICS+=,$optional.avg.pct_of_peak_sustained_elapsed; fi
+  else echo "ncu lacks $optional: not measured"; fi
+done
 for case in ${CASES:-mla_compute gemm_gluon_4096 gemm_cublas_4096 mla_memory_4k}; do
   start=$(date +%s)
   timeout 60 "$NCU" --clock-control none --nvtx --nvtx-include "profile/" --metrics "$METRICS" \
