@@ -47,15 +47,13 @@ BLOCK_M = 64  # query rows per program: one wgmma M tile
 # (`mla_gluon_seesaw`) instead of splitting every tile between them. With a loader warp (SEESAW 1)
 # it needs 32-token tiles: with 64 there is room for two stages only and the turns wait for their
 # loads. SEESAW 2 (`mla_gluon_seesaw64`) runs 64-token tiles without a loader warp: each
-# warpgroup refills the parts of the two stages it has finished reading. LAZY: the running max
-# moves only when it must, and only then is O rescaled (`mla_gluon_parts._lazy_softmax_step`).
+# warpgroup refills the parts of the two stages it has finished reading.
 CONFIGS: dict[str, dict[str, int]] = {
     "n64s2": {"BLOCK_N": 64, "STAGES": 2},
     "n32s3": {"BLOCK_N": 32, "STAGES": 3},
     "n32s4": {"BLOCK_N": 32, "STAGES": 4},
     "w32s4": {"BLOCK_N": 32, "STAGES": 4, "SEESAW": 1},
     "w64s2": {"BLOCK_N": 64, "STAGES": 2, "SEESAW": 2},
-    "n64s2l": {"BLOCK_N": 64, "STAGES": 2, "LAZY": 1},
 }
 CONFIG = CONFIGS["n64s2"]
 LOADER_REGS = 40
@@ -114,7 +112,6 @@ if HAVE_GLUON:
         NUM_SPLITS: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
-        LAZY: gl.constexpr,
     ):
         pid_m = gl.program_id(0)
         pid_s = gl.program_id(1)
@@ -149,7 +146,6 @@ if HAVE_GLUON:
                         BLOCK_N,
                         STAGES,
                         NUM_SPLITS == 1,
-                        LAZY,
                     ),
                 ),
                 (
@@ -258,7 +254,6 @@ def mla_decode_gluon(
 
     cfg = {**CONFIG, **(config or {})}
     block_n, stages, seesaw = cfg["BLOCK_N"], cfg["STAGES"], bool(cfg.get("SEESAW", 0))
-    lazy = bool(cfg.get("LAZY", 0))
     if PAGE % block_n or block_n < 16:
         raise ValueError(f"mla_decode_gluon: BLOCK_N must divide {PAGE} and be ≥ 16, got {block_n}")
     b, s_q, h_q, _ = q.shape
@@ -285,9 +280,9 @@ def mla_decode_gluon(
         runs_args = (
             q, nope_desc, rope_desc, block_table, cache_seqlens, schedule.runs, schedule.split_offset,
             schedule.first_run, out, lse, softmax_scale * LOG2E, q.stride(0), block_table.stride(0),
-            s_q, h_q, block_n, stages, lazy,
+            s_q, h_q, block_n, stages,
         )  # fmt: skip
-        _launch(mla_runs_kernel, device, (m_tiles, schedule.parts), runs_args, num_warps=8, constexprs=5)
+        _launch(mla_runs_kernel, device, (m_tiles, schedule.parts), runs_args, num_warps=8, constexprs=4)
         return combine_splits(out, lse, s_q, h_q, q.dtype, schedule)
     if splits is None:
         splits = one_wave_splits(b * m_tiles, _sm_count(device), block_table.shape[1] * (PAGE // block_n))
@@ -332,7 +327,7 @@ def mla_decode_gluon(
 
         _launch(mla_seesaw_kernel, device, (m_tiles, splits, b), args, num_warps=4, constexprs=5)
     else:
-        _launch(_mla_gluon_partial, device, (m_tiles, splits, b), (*args, lazy), num_warps=8, constexprs=6)
+        _launch(_mla_gluon_partial, device, (m_tiles, splits, b), args, num_warps=8, constexprs=5)
     if splits == 1:
         return out, lse
     return combine_splits(out, lse, s_q, h_q, q.dtype)

@@ -30,9 +30,6 @@ D_ROPE_C = gl.constexpr(D_ROPE)
 LOADER_REGS_C = gl.constexpr(LOADER_REGS)
 BLOCK_M_C = gl.constexpr(BLOCK_M)
 LN2 = gl.constexpr(math.log(2.0))
-# LAZY: the running max moves only when a row's tile max passes it by more than this (log2
-# units), so P stays ≤ 2^8 and most tiles skip the accumulator's rescale.
-LAZY_SLACK = gl.constexpr(8.0)
 
 
 @gluon.jit
@@ -123,33 +120,6 @@ def _softmax_step(
 
 
 @gluon.jit
-def _lazy_softmax_step(
-    s, acc, m_i, l_i, offs_n, query_pos, seqlen, tile, scale_log2, o_layout: gl.constexpr,
-    p_layout: gl.constexpr, BLOCK_N: gl.constexpr, S_Q: gl.constexpr,
-):  # fmt: skip
-    """`_softmax_step` that masks only the tiles reaching past a query's position and rescales the
-    accumulator only when some row's max grew by more than LAZY_SLACK: both decisions are uniform
-    across the warpgroups, so interior tiles skip 3 and most tiles skip 128 instructions a thread.
-    Returns (P as the PV operand, the accumulator, max, sum)."""
-    s = s * scale_log2
-    if (tile + 1) * BLOCK_N > seqlen - S_Q + 1:
-        pos = tile * BLOCK_N + offs_n
-        keep = (pos[None, :] < seqlen) & (pos[None, :] <= query_pos[:, None])
-        s = gl.where(keep, s, float("-inf"))
-    m_tile = gl.max(s, 1)
-    grew = gl.max(gl.where(m_tile > m_i + LAZY_SLACK, 1, 0), 0)
-    if grew > 0:
-        m_new = gl.maximum(m_i, m_tile)
-        alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
-        l_i = l_i * alpha
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        m_i = m_new
-    p = gl.exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-    l_i = l_i + gl.sum(p, 1)
-    return gl.convert_layout(p.to(gl.bfloat16), p_layout), acc, m_i, l_i
-
-
-@gluon.jit
 def _attend(
     Q,
     out_at,
@@ -173,12 +143,11 @@ def _attend(
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
     DIRECT: gl.constexpr,
-    LAZY: gl.constexpr,
 ):
     """Math partition (two warpgroups): Q of sequence pid_b into shared memory, then the
     online softmax over its KV tiles [first, first + n_tiles), which the ring holds from its
     k0-th use on; writes the normalised output at out_at and the log2-sum-exp at lse_at (or,
-    DIRECT, the final output and natural-log lse of the sequence). LAZY: `_lazy_softmax_step`."""
+    DIRECT, the final output and natural-log lse of the sequence)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
     )
@@ -206,16 +175,10 @@ def _attend(
         s = warpgroup_mma(q_nope, k_nope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma(q_rope, kv_rope.index(stage).permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        if LAZY:
-            p_op, acc, m_i, l_i = _lazy_softmax_step(
-                s, acc, m_i, l_i, offs_n, query_pos, seqlen, first + i, scale_log2, o_layout, p_layout,
-                BLOCK_N, S_Q,
-            )  # fmt: skip
-        else:
-            p_op, alpha_o, m_i, l_i = _softmax_step(
-                s, m_i, l_i, offs_n, query_pos, seqlen, first + i, scale_log2, o_layout, p_layout, BLOCK_N
-            )
-            acc = acc * alpha_o[:, None]
+        p_op, alpha_o, m_i, l_i = _softmax_step(
+            s, m_i, l_i, offs_n, query_pos, seqlen, first + i, scale_log2, o_layout, p_layout, BLOCK_N
+        )
+        acc = acc * alpha_o[:, None]
         acc = warpgroup_mma(p_op, k_nope, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         # Both warpgroups are done reading this stage before the loader refills it.

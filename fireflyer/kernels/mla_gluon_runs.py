@@ -39,7 +39,7 @@ if HAVE_GLUON:
     def _attend_run(
         Q, OP, LP, q_nope, q_rope, kv_nope, kv_rope, ready, empty, pid_m, pid_r, RUNS, SEQ, OFFSET,
         FIRST_RUN, scale_log2, stride_qb, S_Q: gl.constexpr, H_Q: gl.constexpr,
-        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LAZY: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ):  # fmt: skip
         """Math partition: each sequence of the run in turn, into its partial slot."""
         k = 0
@@ -50,7 +50,7 @@ if HAVE_GLUON:
                 _attend(
                     Q, OP + slot * (S_Q * H_Q * D_V_C), LP + slot * (S_Q * H_Q), q_nope, q_rope,
                     kv_nope, kv_rope, ready, empty, pid_m, seq, seqlen, first, n_tiles, k,
-                    scale_log2, stride_qb, S_Q, H_Q, BLOCK_N, STAGES, False, LAZY,
+                    scale_log2, stride_qb, S_Q, H_Q, BLOCK_N, STAGES, False,
                 )  # fmt: skip
                 k += n_tiles
 
@@ -74,7 +74,7 @@ if HAVE_GLUON:
     def mla_runs_kernel(
         Q, nope_desc, rope_desc, BT, SEQ, RUNS, OFFSET, FIRST_RUN, OP, LP, scale_log2, stride_qb,
         stride_btb, S_Q: gl.constexpr, H_Q: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, LAZY: gl.constexpr,
+        STAGES: gl.constexpr,
     ):  # fmt: skip
         """Grid (query tiles, runs); launched with num_warps=8 (the two math warpgroups)."""
         pid_m = gl.program_id(0)
@@ -86,7 +86,7 @@ if HAVE_GLUON:
             [
                 (_attend_run, (Q, OP, LP, q_nope, q_rope, kv_nope, kv_rope, ready, empty, pid_m, pid_r,
                                RUNS, SEQ, OFFSET, FIRST_RUN, scale_log2, stride_qb, S_Q, H_Q, BLOCK_N,
-                               STAGES, LAZY)),
+                               STAGES)),
                 (_load_run, (nope_desc, rope_desc, kv_nope, kv_rope, ready, empty, BT, pid_r, RUNS, SEQ,
                              stride_btb, BLOCK_N, STAGES)),
             ],
