@@ -54,8 +54,10 @@ PROBE_SHAPES = {
     "mla": ((3, 1, 4, 192), (5, 2, 16, 320)),
 }
 # Raised when what a candidate's timed call includes changes, so cached tables are measured again
-# (2: FlashMLA's split schedule shared across calls, as a decode step's layers share it).
-METHOD = 2
+# (2: FlashMLA's split schedule shared across calls, as a decode step's layers share it; 3: the
+# best of ROUNDS interleaved rounds).
+METHOD = 3
+ROUNDS = 3
 CANDIDATES = {"gemm": ("official", "cublas", "gluon", "triton"), "mla": ("official", "gluon", "triton")}
 STATIC_ORDER = ("official", "triton", "torch")
 
@@ -250,22 +252,38 @@ def _wrong_on_probes(op: str, candidate: str, device: torch.device) -> str | Non
 def _measure_class(
     op: str, shapes: tuple[tuple[int, ...], ...], device: torch.device, excluded: dict[str, str]
 ) -> ClassResult:
-    """`excluded`: candidates already known not to run or not to be correct here, with why."""
+    """`excluded`: candidates already known not to run or not to be correct here, with why.
+    Each candidate's time is the geometric mean over the shapes of its best of ROUNDS rounds,
+    the candidates taking turns within a round: one slow moment of the device (a clock
+    change, another process) then costs a candidate one sample, not its place."""
+    failed = dict(excluded)
+    calls: dict[str, list[Callable[[], torch.Tensor]]] = {}
+    for candidate in CANDIDATES[op]:
+        if candidate in failed:
+            continue
+        try:
+            calls[candidate] = [_checked_call(op, shape, candidate, device) for shape in shapes]
+        except Exception as exc:  # a backend that fails here is simply not chosen
+            failed[candidate] = str(exc).splitlines()[0][:200]
+    best = {candidate: [math.inf] * len(shapes) for candidate in calls}
+    for _ in range(ROUNDS):
+        for candidate, candidate_calls in calls.items():
+            if candidate in failed:
+                continue
+            try:
+                for i, call in enumerate(candidate_calls):
+                    best[candidate][i] = min(best[candidate][i], _time(call))
+            except Exception as exc:
+                failed[candidate] = str(exc).splitlines()[0][:200]
     result = ClassResult()
     for candidate in CANDIDATES[op]:
-        if candidate in excluded:
-            result.candidates[candidate] = Measurement(error=excluded[candidate])
-            continue
-        seconds = []
-        try:
-            for shape in shapes:
-                seconds.append(_time(_checked_call(op, shape, candidate, device)))
-        except Exception as exc:  # a backend that fails here is simply not chosen
-            result.candidates[candidate] = Measurement(error=str(exc).splitlines()[0][:200])
-            continue
-        result.candidates[candidate] = Measurement(
-            seconds=math.exp(sum(map(math.log, seconds)) / len(seconds))
-        )
+        if candidate in failed:
+            result.candidates[candidate] = Measurement(error=failed[candidate])
+        else:
+            seconds = best[candidate]
+            result.candidates[candidate] = Measurement(
+                seconds=math.exp(sum(map(math.log, seconds)) / len(seconds))
+            )
     return result
 
 

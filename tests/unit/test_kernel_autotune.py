@@ -228,3 +228,34 @@ def test_cublas_operands_are_padded_to_four_k_blocks_without_changing_the_produc
     deep = fp8.quantize_per_token_group(torch.randn(2, 512, generator=g))
     weight = fp8.quantize_per_block(torch.randn(128, 512, generator=g))
     assert fp8.pad_k_to_four_blocks(*deep, *weight)[0] is deep[0]  # four blocks already
+
+
+def test_a_candidate_slowed_once_is_still_chosen_and_one_that_fails_later_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rounds of turns, best of each: the fast backend measured once at a slow moment still wins;
+    a backend that fails in a later round is out with its reason."""
+    timings = {"gluon": iter([9e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]), "triton": iter([2e-3] * 6)}
+    calls: list[str] = []
+
+    def checked_call(op: str, shape: tuple[int, ...], candidate: str, device: torch.device) -> object:
+        if candidate == "official":
+            raise ValueError("wrong result on (1, 2): diff 1.0e+00")
+        return candidate
+
+    def time(call: object) -> float:
+        calls.append(str(call))
+        if call == "cublas" and len([c for c in calls if c == "cublas"]) > 2:
+            raise RuntimeError("device lost\nmore lines")
+        return next(timings[str(call)]) if str(call) in timings else 5e-4
+
+    monkeypatch.setattr(autotune, "_checked_call", checked_call)
+    monkeypatch.setattr(autotune, "_time", time)
+    result = autotune._measure_class("gemm", ((1, 2), (3, 4)), torch.device("cpu"), {})
+    measured = {name: m.seconds for name, m in result.candidates.items() if m.error is None}
+    assert measured == {"gluon": pytest.approx(1e-3), "triton": pytest.approx(2e-3)}
+    assert result.candidates["cublas"].error == "device lost"
+    assert result.candidates["official"].error == "wrong result on (1, 2): diff 1.0e+00"
+    assert list(result.candidates) == list(autotune.CANDIDATES["gemm"])  # the table's order
+    # The candidates take turns within each round.
+    assert calls[:6] == ["cublas", "cublas", "gluon", "gluon", "triton", "triton"]
