@@ -32,8 +32,8 @@ METRICS+=,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio
 METRICS+=,smsp__average_warp_latency_issue_stalled_lg_throttle.ratio
 METRICS+=,smsp__cycles_active.avg
 METRICS+=,launch__registers_per_thread,launch__grid_size,launch__block_size,gpu__time_duration.sum
-# Shared-memory bank traffic (wgmma operand reads and TMA writes included): kept only where this
-# ncu knows the metric, so a missing one does not fail the whole run.
+# Shared-memory bank traffic and the instruction count: kept only where this ncu knows the
+# metric, so a missing one does not fail the whole run.
 KNOWN=$("$NCU" --query-metrics 2>/dev/null)
 for optional in l1tex__data_bank_reads l1tex__data_bank_writes smsp__inst_executed; do
   if grep -q "^$optional " <<<"$KNOWN"; then
