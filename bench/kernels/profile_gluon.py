@@ -27,12 +27,18 @@ from fireflyer.kernels.mla_gluon import CONFIGS, mla_decode_gluon
 SCALE = 192**-0.5
 
 
-def mla_case(s_q: int, h_q: int, s_k: int, b: int = 128, config: str | None = None) -> Callable[[], object]:
+def mla_operands(s_q: int, h_q: int, s_k: int, b: int) -> tuple[torch.Tensor, ...]:
+    """Queries, a paged BF16 cache, its block table and the lengths: b sequences of s_k tokens."""
     pages = s_k // mla.PAGE
     q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(b * pages, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16)
     table = torch.randperm(b * pages, device="cuda").to(torch.int32).view(b, pages)
     lens = torch.full((b,), s_k, dtype=torch.int32, device="cuda")
+    return q, kv, table, lens
+
+
+def mla_case(s_q: int, h_q: int, s_k: int, b: int = 128, config: str | None = None) -> Callable[[], object]:
+    q, kv, table, lens = mla_operands(s_q, h_q, s_k, b)
     cfg = CONFIGS[config] if config else None
     return lambda: mla_decode_gluon(q, kv, table, lens, SCALE, config=cfg)
 
@@ -42,11 +48,7 @@ def flashmla_case(s_q: int, h_q: int, s_k: int, b: int = 128) -> Callable[[], ob
 
     from fireflyer.kernels.mla_official import decode_with, new_schedule
 
-    pages = s_k // mla.PAGE
-    q = torch.randn(b, s_q, h_q, mla.D_QK, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(b * pages, mla.PAGE, 1, mla.D_QK, device="cuda", dtype=torch.bfloat16)
-    table = torch.randperm(b * pages, device="cuda").to(torch.int32).view(b, pages)
-    lens = torch.full((b,), s_k, dtype=torch.int32, device="cuda")
+    q, kv, table, lens = mla_operands(s_q, h_q, s_k, b)
     schedule = new_schedule(flash_mla, lens, s_q * h_q)
     return lambda: decode_with(flash_mla, q, kv, table, lens, SCALE, schedule)
 

@@ -225,6 +225,11 @@ def _available(op: str, candidate: str, device: torch.device) -> str | None:
     return None
 
 
+def _reason(exc: Exception) -> str:
+    """What the table says of a candidate that failed: the first line of its error, shortened."""
+    return str(exc).splitlines()[0][:200]
+
+
 def _checked_call(
     op: str, shape: tuple[int, ...], candidate: str, device: torch.device
 ) -> Callable[[], torch.Tensor]:
@@ -245,7 +250,7 @@ def _wrong_on_probes(op: str, candidate: str, device: torch.device) -> str | Non
         for shape in PROBE_SHAPES[op]:
             _checked_call(op, shape, candidate, device)
     except Exception as exc:
-        return str(exc).splitlines()[0][:200]
+        return _reason(exc)
     return None
 
 
@@ -264,7 +269,7 @@ def _measure_class(
         try:
             calls[candidate] = [_checked_call(op, shape, candidate, device) for shape in shapes]
         except Exception as exc:  # a backend that fails here is simply not chosen
-            failed[candidate] = str(exc).splitlines()[0][:200]
+            failed[candidate] = _reason(exc)
     best = {candidate: [math.inf] * len(shapes) for candidate in calls}
     for _ in range(ROUNDS):
         for candidate, candidate_calls in calls.items():
@@ -274,16 +279,14 @@ def _measure_class(
                 for i, call in enumerate(candidate_calls):
                     best[candidate][i] = min(best[candidate][i], _time(call))
             except Exception as exc:
-                failed[candidate] = str(exc).splitlines()[0][:200]
+                failed[candidate] = _reason(exc)
     result = ClassResult()
     for candidate in CANDIDATES[op]:
-        if candidate in failed:
-            result.candidates[candidate] = Measurement(error=failed[candidate])
-        else:
-            seconds = best[candidate]
-            result.candidates[candidate] = Measurement(
-                seconds=math.exp(sum(map(math.log, seconds)) / len(seconds))
-            )
+        result.candidates[candidate] = (
+            Measurement(error=failed[candidate])
+            if candidate in failed
+            else Measurement(seconds=math.exp(sum(map(math.log, best[candidate])) / len(shapes)))
+        )
     return result
 
 
