@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,16 +16,11 @@ import torch.multiprocessing as mp
 from fireflyer.kernels.ep import Dispatcher
 from fireflyer.kernels.fp8 import dequantize_per_token_group, quantize_per_token_group
 from fireflyer.workloads.process_exit import exit_process
+from tests.ports import free_port
 
 HIDDEN = 256
 TOKENS = 24
 TOP_K = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 DEVICE = torch.device("cpu")  # set per process: cuda:<rank> under NCCL
@@ -63,7 +57,7 @@ def _worker(
 def _spawn(
     world: int, body: Callable[..., None], *args: Any, backend: str = "gloo", transport: str = "portable"
 ) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), body, args, backend, transport), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), body, args, backend, transport), nprocs=world, join=True)
 
 
 def _dispatcher(num_experts: int, phy2log: list[int] | None = None, **kwargs: Any) -> Dispatcher:

@@ -5,7 +5,6 @@ and agree with finite differences of the distributed loss."""
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -17,17 +16,12 @@ import torch.multiprocessing as mp
 from fireflyer.kernels import ep_autograd
 from fireflyer.kernels.ep import Dispatcher
 from fireflyer.workloads.process_exit import exit_process
+from tests.ports import free_port
 
 HIDDEN = 16
 TOKENS = 10
 EXPERTS = 4
 TOP_K = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _worker(
@@ -48,7 +42,7 @@ def _worker(
 
 
 def _spawn(world: int, backend: str, body: Callable[..., None], *args: Any) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), backend, body, args), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), backend, body, args), nprocs=world, join=True)
 
 
 def _inputs(rank: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ an executed timeline follows its schedule."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from fireflyer.workloads.train import parallel, schedules
 from fireflyer.workloads.train.config import TrainConfig
 from fireflyer.workloads.train.layout import stage_dir
 from fireflyer.workloads.train.trainer import Trainer
+from tests.ports import free_port
 from tests.workloads.train_support import REPO, config, read_log, train_argv, train_env
 
 CPU = parallel.Rank(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -42,12 +42,6 @@ def pipeline_config(model: Path, data: Path, **overrides: Any) -> TrainConfig:
         "checkpoint_every": 0,
     }
     return config(model, data, **(base | overrides))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_ranks(

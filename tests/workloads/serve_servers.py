@@ -34,7 +34,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,6 +53,7 @@ from fireflyer.workloads.serve.engine import EngineConfig, LLMEngine
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
 from fireflyer.workloads.serve.types import SamplingParams
 from fireflyer.workloads.threads import single_intra_op_thread
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-e2e"  # the main server's --served-model-name
@@ -69,12 +69,6 @@ FINISHED_LENGTH = 'fireflyer_serve_requests_total{finish_reason="length"}'
 
 
 # -- servers -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:

@@ -5,7 +5,6 @@ one process hosting every expert computes."""
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import pytest
@@ -18,15 +17,10 @@ from fireflyer.kernels.ep import Dispatcher
 from fireflyer.workloads.model import moe
 from fireflyer.workloads.model.config import ModelConfig
 from fireflyer.workloads.process_exit import exit_process
+from tests.ports import free_port
 from tests.workloads.moe_config import CONFIG
 
 TOKENS = {0: 40, 1: 0, 2: 300}  # per rank; a rank may have no tokens this step
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _moe(config: ModelConfig, hosted: range) -> moe.MoE:
@@ -103,7 +97,7 @@ def test_expert_parallel_moe_equals_one_rank_with_every_expert(fp8_weights: bool
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
     world = 2
-    port = _free_port()
+    port = free_port()
     processes = [
         context.Process(target=_worker, args=(rank, world, port, fp8_weights, mode, errors))
         for rank in range(world)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 from fireflyer.workloads.preflight import PreflightError, join_unit
 from fireflyer.workloads.preflight.launch import RankJob, run_rank
 from fireflyer.workloads.preflight.unit import Unit, ranks_text
+from tests.ports import free_addr
 
 REPO = Path(__file__).resolve().parents[2]
 PODS = ("pod-a", "pod-b", "pod-c")
@@ -27,12 +27,6 @@ SUMMARY = re.compile(
     r" [\d.]+ s\); all-to-all of 8 MiB per rank: min ([\d.]+) GB/s \(rank \d, pod-[abc]\),"
     r" median ([\d.]+), max ([\d.]+) GB/s; no floor; [\d.]+ s"
 )
-
-
-def _free_addr() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def _preflight(addr: str, *flags: str, log: Path | None = None) -> subprocess.Popen[str]:
@@ -61,7 +55,7 @@ def test_two_ranks_of_one_pod_pass_and_report_their_bandwidth(tmp_path: Path) ->
     log = tmp_path / "termination-log"
     log.write_text("")
     code, out, err = _finish(
-        _preflight(_free_addr(), "--gpus-per-node", "2", "--timeout", "30", "--name", "pod-a", log=log)
+        _preflight(free_addr(), "--gpus-per-node", "2", "--timeout", "30", "--name", "pod-a", log=log)
     )
     assert code == 0, err
     summary = SUMMARY.fullmatch(out.strip())
@@ -73,7 +67,7 @@ def test_two_ranks_of_one_pod_pass_and_report_their_bandwidth(tmp_path: Path) ->
 
 
 def test_a_rank_that_never_starts_is_named_within_the_timeout(tmp_path: Path) -> None:
-    addr = _free_addr()
+    addr = free_addr()
     in_pod = tmp_path / "termination-log"
     in_pod.write_text("")
     not_in_pod = tmp_path / "absent" / "termination-log"
@@ -150,7 +144,7 @@ def verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str | N
     """Each scenario's verdict on ranks 0-2 (None: the rank left none)."""
     tmp = tmp_path_factory.mktemp("units")
     outs = {s: [tmp / f"{s}-{r}.txt" for r in range(3)] for s in SCENARIOS}
-    addrs = {s: _free_addr() for s in SCENARIOS}
+    addrs = {s: free_addr() for s in SCENARIOS}
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_rank, args=(r, [(addrs[s], s, str(outs[s][r])) for s in SCENARIOS]))
@@ -228,7 +222,7 @@ def test_a_rank_lost_inside_the_dispatch_is_named_by_the_others(
 
 
 def test_a_rank_that_cannot_reach_rank_0_names_it_and_its_address() -> None:
-    addr = _free_addr()  # nothing listens there
+    addr = free_addr()  # nothing listens there
     started = time.monotonic()
     with pytest.raises(PreflightError) as failure:
         join_unit(addr, 1, 2, timeout=1.0, name="pod-b")
@@ -257,7 +251,7 @@ def _join_in_threads(addr: str, world: int, ranks: range, timeout: float) -> dic
 
 
 def test_joined_ranks_share_names_and_a_store_for_the_process_group() -> None:
-    results = _join_in_threads(_free_addr(), 2, range(2), timeout=10.0)
+    results = _join_in_threads(free_addr(), 2, range(2), timeout=10.0)
     units = [results[r] for r in range(2)]
     assert all(isinstance(u, Unit) for u in units), units
     a, b = (u for u in units if isinstance(u, Unit))
@@ -271,7 +265,7 @@ def test_joined_ranks_share_names_and_a_store_for_the_process_group() -> None:
 
 
 def test_a_missing_rank_fails_the_join_on_every_rank_that_came() -> None:
-    results = _join_in_threads(_free_addr(), 3, range(2), timeout=1.0)
+    results = _join_in_threads(free_addr(), 3, range(2), timeout=1.0)
     expected = "preflight failed: rank 2 of 3 did not join within 1 s (ranks 0-1 joined: pod-a, pod-b)"
     assert [str(results[r]) for r in range(2)] == [expected, expected]
     assert all(isinstance(results[r], PreflightError) for r in range(2))

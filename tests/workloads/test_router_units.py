@@ -22,6 +22,7 @@ from fireflyer.operator.inference import children
 from fireflyer.operator.inference.pairing import pairing_revision
 from fireflyer.workloads.router.backends import read_backends_file
 from fireflyer.workloads.serve.tokenizer import ServeTokenizer
+from tests.ports import free_port
 from tests.workloads.api_engine import anyio_backend as anyio_backend
 from tests.workloads.api_engine import sse_events
 from tests.workloads.api_engine import tokenizer as tokenizer
@@ -40,7 +41,7 @@ from tests.workloads.router_harness import (
     without_ids,
     write_units,
 )
-from tests.workloads.serve_servers import REPO, Server, _die_with_parent, free_port, logs_on_failure
+from tests.workloads.serve_servers import REPO, Server, _die_with_parent, logs_on_failure
 from tests.workloads.serve_servers import checkpoint as checkpoint
 
 pytestmark = pytest.mark.anyio

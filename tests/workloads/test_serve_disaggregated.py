@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
 from tests.workloads.serve_servers import (
     REPO,
     Server,
     _die_with_parent,
     assert_matches,
-    free_port,
     logs_on_failure,
     metrics,
     random_prompt,

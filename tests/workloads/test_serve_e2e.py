@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from fireflyer.workloads.serve.types import BLOCK_TOKENS
+from tests.ports import free_port
 from tests.workloads.serve_servers import (
     FINISHED_LENGTH,
     GEN,
@@ -26,7 +27,6 @@ from tests.workloads.serve_servers import (
     Server,
     assert_error,
     assert_matches,
-    free_port,
     logs_on_failure,
     metrics,
     random_prompt,

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
 from tests.workloads.serve_servers import (
     Server,
     assert_matches,
     client,
-    free_port,
     logs_on_failure,
     random_prompt,
     run_all,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,6 +24,7 @@ from fireflyer.workloads.threads import single_intra_op_thread
 from fireflyer.workloads.train import parallel
 from fireflyer.workloads.train.data import write_shards
 from fireflyer.workloads.train.trainer import Trainer
+from tests.ports import free_port
 from tests.workloads.train_support import (
     REPO,
     config,
@@ -44,12 +44,6 @@ KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "seconds"}
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cli")
     return tiny_model(root), pattern_data(root)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def in_process_losses(cfg: Any) -> list[float]:

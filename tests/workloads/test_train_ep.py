@@ -20,9 +20,9 @@ from fireflyer.workloads.model.model import Parallel
 from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.export import serving_tensors
 from fireflyer.workloads.train.layout import Layout
+from tests.ports import free_port
 from tests.workloads.pipeline_support import (
     assert_same_weights,
-    free_port,
     logged_losses,
     pipeline_config,
     reference,

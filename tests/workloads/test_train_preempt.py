@@ -16,7 +16,8 @@ import pytest
 
 from fireflyer.storage import checkpoint
 from fireflyer.workloads.train.config import TrainConfig
-from tests.workloads.test_train_cli import free_port, in_process_losses
+from tests.ports import free_port
+from tests.workloads.test_train_cli import in_process_losses
 from tests.workloads.train_support import (
     REPO,
     config,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +24,10 @@ from fireflyer.workloads.train.config import TrainConfig, TrainError
 from fireflyer.workloads.train.parallel import Rank
 from fireflyer.workloads.train.trainer import Trainer
 from fireflyer.workloads.train.zero import ShardedAdamW, shard_bounds
+from tests.ports import free_port
 from tests.workloads.pipeline_support import (
     CPU,
     assert_same_weights,
-    free_port,
     logged_losses,
     pipeline_config,
     reference,
@@ -90,9 +89,7 @@ def _compare_with_adamw(rank: int, world: int, port: int) -> None:
 
 
 def test_sharded_adamw_is_adamw_on_the_averaged_gradients() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     # Forked: the children need no second import of torch.
     mp.start_processes(_compare_with_adamw, args=(2, port), nprocs=2, join=True, start_method="fork")
 
