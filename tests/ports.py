@@ -8,7 +8,6 @@ by explicit binds, so it stays free until its server listens.
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 # test control planes' (tests.conftest.TEST_PORT_BASE, 27380 and up).
 _LOWEST, _HIGHEST = 12000, 26000
 _given: set[int] = set()
-_random = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
+_random = random.SystemRandom()  # independent of any seed a test sets
 
 
 def _ephemeral_low() -> int:
@@ -30,6 +29,10 @@ def _ephemeral_low() -> int:
 def free_port() -> int:
     """A loopback port that is free now and is not one the kernel hands to outgoing connections."""
     highest = min(_HIGHEST, _ephemeral_low() - 1)
+    if highest < _LOWEST:  # a machine whose ephemeral range starts this low: take one from it
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
     for _ in range(500):
         port = _random.randint(_LOWEST, highest)
         if port in _given:
