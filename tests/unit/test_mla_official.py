@@ -89,30 +89,9 @@ def test_a_release_before_1_0_takes_its_split_schedule() -> None:
     assert bool(torch.isneginf(lse[0, :, 0]).all())
 
 
-def test_a_shared_schedule_is_used_instead_of_a_new_one() -> None:
-    made: list[int] = []
-    passed: list[Any] = []
-
-    def get_mla_metadata(*args: Any, **kwargs: Any) -> tuple[object, None]:
-        made.append(1)
-        return object(), None
-
-    def flash_mla_with_kvcache(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        passed.append(args[5])
-        return _flashmla_result(args[0])
-
-    fork = SimpleNamespace(has_legacy=lambda: True, get_mla_metadata=get_mla_metadata)
-    fork.flash_mla_with_kvcache = flash_mla_with_kvcache
-    q, kv, table, lens = _inputs()
-    shared = new_schedule(fork, lens, S_Q * H_Q)  # type: ignore[arg-type]
-    for _ in range(3):  # the layers of one decode step
-        decode_with(fork, q, kv, table, lens, 0.125, schedule=shared)  # type: ignore[arg-type]
-    assert made == [1] and passed == [shared] * 3
-
-
-def test_the_layers_of_one_decode_step_share_flashmlas_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`mla.mla_decode(backend="official")` with a step's `official_schedules`: the first layer
-    makes FlashMLA's schedule, the others reuse it; the next step (a new dict) makes its own."""
+def _recording_fork() -> tuple[ModuleType, list[object], list[object]]:
+    """A stand-in `flash_mla` (the fork's interface) that records the schedules it makes and the
+    schedule each decode call is passed."""
     made: list[object] = []
     passed: list[object] = []
 
@@ -129,6 +108,22 @@ def test_the_layers_of_one_decode_step_share_flashmlas_schedule(monkeypatch: pyt
     fork.has_legacy = lambda: True  # type: ignore[attr-defined]
     fork.get_mla_metadata = get_mla_metadata  # type: ignore[attr-defined]
     fork.flash_mla_with_kvcache = flash_mla_with_kvcache  # type: ignore[attr-defined]
+    return fork, made, passed
+
+
+def test_a_shared_schedule_is_used_instead_of_a_new_one() -> None:
+    fork, made, passed = _recording_fork()
+    q, kv, table, lens = _inputs()
+    shared = new_schedule(fork, lens, S_Q * H_Q)  # type: ignore[arg-type]
+    for _ in range(3):  # the layers of one decode step
+        decode_with(fork, q, kv, table, lens, 0.125, schedule=shared)  # type: ignore[arg-type]
+    assert made == [shared] and passed == [shared] * 3
+
+
+def test_the_layers_of_one_decode_step_share_flashmlas_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mla.mla_decode(backend="official")` with a step's `official_schedules`: the first layer
+    makes FlashMLA's schedule, the others reuse it; the next step (a new dict) makes its own."""
+    fork, made, passed = _recording_fork()
     monkeypatch.setitem(sys.modules, "flash_mla", fork)
     q, kv, table, lens = _inputs()
     for step in range(2):
